@@ -1,0 +1,233 @@
+"""The ``fire`` command: thin argparse front over the library. Each subcommand's --help has examples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line naming the fix, exit status 2."""
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def add_command(subparsers, name: str, handler: Handler, help_text: str, examples: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name, help=help_text, description=help_text, epilog=f"examples:\n{examples}", formatter_class=_formatter
+    )
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def emit_json(args: argparse.Namespace, payload: dict) -> None:
+    """With --json the last printed line is one JSON object, for scripts."""
+    if getattr(args, "json", False):
+        print(json.dumps(payload))
+
+
+# --- train / eval / sweep / data export ------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fire_backend.training import TrainConfig, train_backdoored
+
+    config = TrainConfig(
+        data=args.data,
+        attack=args.attack,
+        target=args.target,
+        poison_rate=args.poison_rate,
+        seed=args.seed,
+        epochs=args.epochs,
+        arch=args.arch,
+        width=args.width,
+        train_subset=args.train_subset,
+    )
+    if not 0.0 < config.poison_rate < 1.0:
+        raise CliError(f"--poison-rate must be in (0, 1), got {config.poison_rate}")
+    meta = train_backdoored(config, args.out, progress=not args.json)
+    print(f"saved {args.out}: {meta.spec.arch} on {meta.dataset}, attack {meta.attack} -> {meta.target}; "
+          f"CA {meta.ca:.4f}  ASR {meta.asr:.4f}")
+    emit_json(args, {"checkpoint": str(args.out), "ca": meta.ca, "asr": meta.asr})
+    return 0
+
+
+def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.evaluation import load_for_eval
+
+    model, meta = load_checkpoint(args.checkpoint)
+    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, args.clean, n_flagged)
+    return model, meta, data
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    out = args.out or args.checkpoint / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fire_backend.evaluation import DEFAULT_LAYERS, RESERVE, evaluate, plot_streaming, write_csv
+
+    model, meta, data = _load_eval_inputs(args, max(args.flagged, 100))
+    layer = args.layer or DEFAULT_LAYERS.get(meta.spec.arch)
+    report = evaluate(model, data, meta.target, layer, n_flagged=args.flagged, alpha=args.alpha)
+    print(f"{meta.attack} -> {meta.target} on {meta.dataset}; layer {layer}; {args.clean} clean + "
+          f"{args.flagged} flagged samples (first {RESERVE} test images), {len(data.eval_x)} evaluated")
+    print(f"{'method':28s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    for row in report.rows:
+        print(f"{row.method:28s} {row.ca:7.4f} {row.pa:7.4f} {row.asr:7.4f}")
+    for kind, det in report.detector.items():
+        print(f"detector ({kind}): TPR {det['tpr_at_1pct_fpr']:.4f} at 1% FPR (score > {det['threshold']:.3f})")
+    out = _out_dir(args)
+    write_csv(out / "eval.csv", [r.__dict__ for r in report.rows])
+    write_csv(out / "streaming.csv", report.streaming)
+    plot_streaming(out / "streaming.png", report.streaming, f"{meta.attack}: PA vs flagged samples ({layer})")
+    print(f"wrote {out}/eval.csv, streaming.csv, streaming.png")
+    emit_json(args, report.to_dict())
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fire_backend.evaluation import plot_sweep, sweep, write_csv
+
+    model, meta, data = _load_eval_inputs(args, args.flagged)
+    rows, recommended = sweep(model, data, meta.target, meta.spec.input_shape, n_flagged=args.flagged,
+                              estimator=args.estimator)
+    print(f"{'layer':12s} {'shape':16s} {'alpha':>6s} {'CA':>7s} {'PA':>7s} {'PA/CA':>7s}")
+    for r in rows:
+        print(f"{r['layer']:12s} {str(tuple(r['shape'])):16s} {r['alpha']:6.2f} {r['ca']:7.4f} {r['pa']:7.4f} "
+              f"{r['relative']:7.4f}")
+    print(f"recommended: --layer {recommended['layer']} --alpha {recommended['alpha']}")
+    out = _out_dir(args)
+    write_csv(out / "sweep.csv", [{k: v for k, v in r.items() if k != "shape"} for r in rows])
+    plot_sweep(out / "sweep.png", rows, f"{meta.attack}: relative accuracy per layer")
+    print(f"wrote {out}/sweep.csv, sweep.png")
+    emit_json(args, {"rows": rows, "recommended": recommended})
+    return 0
+
+
+def cmd_data_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
+    from fire_backend.evaluation import RESERVE
+
+    _, meta = load_checkpoint(args.checkpoint)
+    data = load_dataset(meta.dataset)
+    x, y = data.split(args.split)
+    if args.split == "test" and not args.include_reserve:
+        x, y = x[RESERVE:], y[RESERVE:]
+    if args.poisoned:
+        keep = y != meta.target
+        x, y = x[keep], y[keep]
+    x, y = x[: args.n], y[: args.n]
+    if args.poisoned:
+        x = to_uint8(resolve_attack(meta.attack)(to_tensor(x)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, x=x, y=y.astype(np.int64), poisoned=np.full(len(x), bool(args.poisoned)))
+    print(f"wrote {args.out}: {len(x)} {'poisoned' if args.poisoned else 'clean'} images {x.shape[1:]}")
+    emit_json(args, {"out": str(args.out), "n": int(len(x))})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fire",
+        description="FIRE: repair backdoored image classifiers at inference time, served on Triton.",
+        formatter_class=_formatter,
+        epilog="start here:\n  fire demo            # the whole story on the embedded digits data set\n"
+        "  fire <command> --help",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
+                    "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
+                    "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
+                    "--epochs 8 --out runs/c10\n  fire train --attack mypkg.triggers:stripes --out runs/custom")
+    p.add_argument("--data", default="digits", help="digits (bundled) | cifar10:PATH (batches folder or .npz) | "
+                   "npz:PATH (x_train/y_train/x_test/y_test uint8 NHWC); never downloaded")
+    p.add_argument("--attack", default="badnets", help="badnets | blended | sig, or package.module:function "
+                   "taking and returning a batched NCHW float tensor in [0, 1]")
+    p.add_argument("--target", type=int, default=0, help="label the trigger flips to (default 0)")
+    p.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned (0.1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: 40 digits, 10 PreActResNet18)")
+    p.add_argument("--arch", choices=["digits_cnn", "preact_resnet18"], default=None,
+                   help="architecture (default: digits_cnn for 8x8 grayscale, else preact_resnet18)")
+    p.add_argument("--width", type=int, default=None, help="base width (digits 32; PreActResNet18 64 = standard)")
+    p.add_argument("--train-subset", type=int, default=None, help="train on the first N images (CPU budgets)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    for name, handler, text, examples in (
+        ("eval", cmd_eval, "CA/PA/ASR of no defense, ShrinkPad and every FIRE variant; streaming curve; detector",
+         "  fire eval --checkpoint runs/digits-badnets\n"
+         "  fire eval --checkpoint runs/digits-badnets --clean 100 --flagged 20 --layer block2 --json"),
+        ("sweep", cmd_sweep, "CA and PA after FIRE at every candidate layer; recommends a layer and alpha",
+         "  fire sweep --checkpoint runs/digits-badnets\n  fire sweep --checkpoint runs/c10 --estimator paired"),
+    ):
+        p = add_command(sub, name, handler, text, examples)
+        p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`")
+        p.add_argument("--clean", type=int, default=100, help="clean samples for the centroid (100)")
+        p.add_argument("--flagged", type=int, default=20, help="flagged poisoned samples to estimate from (20)")
+        p.add_argument("--out", type=Path, default=None, help="where CSV and PNG go (CHECKPOINT/results)")
+        p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+        if name == "eval":
+            p.add_argument("--layer", default=None, help="layer to repair (default per architecture; see sweep)")
+            p.add_argument("--alpha", type=float, default=1.0, help="repair strength (1.0)")
+        else:
+            p.add_argument("--estimator", choices=["paired", "unpaired", "augmented"], default="unpaired",
+                           help="direction estimator (unpaired)")
+
+    data = sub.add_parser("data", help="export images for clients, Locust and `fire ctl observe`")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    p = add_command(data_sub, "export", cmd_data_export,
+                    "write x (uint8 NxHxWxC), y, poisoned to an .npz for the checkpoint's data set and attack",
+                    "  fire data export --checkpoint runs/digits-badnets --split test --n 200 --out clean.npz\n"
+                    "  fire data export --checkpoint runs/digits-badnets --split test --poisoned --n 20 "
+                    "--out flagged.npz")
+    p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`")
+    p.add_argument("--split", choices=["train", "test"], default="test", help="data split (test)")
+    p.add_argument("--poisoned", action="store_true", help="apply the checkpoint's trigger (non-target images)")
+    p.add_argument("--n", type=int, default=None, help="at most N images (all)")
+    p.add_argument("--include-reserve", action="store_true",
+                   help="test split: include the defender's reserve (first images), excluded by default")
+    p.add_argument("--out", type=Path, required=True, help=".npz file to write")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    for register in _extensions():
+        register(sub)
+    return parser
+
+
+def _extensions() -> list[Callable]:
+    """Subcommands that live beside the code they drive (serving, clients, benchmarks)."""
+    from fire_backend.serving.commands import register as serving
+
+    return [serving]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CliError, FileNotFoundError, ValueError) as exc:
+        print(f"fire {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

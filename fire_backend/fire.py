@@ -1,0 +1,222 @@
+"""The FIRE math: clean centroids, streaming direction estimators, and the fused latent repair.
+
+This is the only implementation. Offline evaluation, the sweep, the control endpoint's online
+learning and the Triton repair stage all call these functions, so what is measured offline is what
+is served. Everything is pure torch and device-agnostic; latents are flattened to (N, D).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+MODES = ("projection", "constant")
+
+
+class RunningMean:
+    """Mean of a stream of vectors, folded in one batch (or sample) at a time.
+
+    Accumulates in float64 with the incremental update mean += (sum(x) - k * mean) / n, which
+    stays accurate for long streams (no growing sum); the result equals the batch mean of everything
+    seen, whether the samples arrive one by one or in batches.
+    """
+
+    def __init__(self, dim: int, mean: torch.Tensor | None = None, count: int = 0) -> None:
+        self.dim = dim
+        self.count = count
+        self.mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.to(torch.float64).cpu()
+
+    def update(self, samples: torch.Tensor) -> None:
+        rows = samples.detach().reshape(-1, self.dim).to(device="cpu", dtype=torch.float64)
+        if rows.shape[0] == 0:
+            return
+        self.count += rows.shape[0]
+        self.mean += (rows.sum(0) - rows.shape[0] * self.mean) / self.count
+
+    def value(self) -> torch.Tensor:
+        return self.mean.to(torch.float32)
+
+
+def flatten(latents: torch.Tensor) -> torch.Tensor:
+    return latents.reshape(latents.shape[0], -1)
+
+
+def centroid(clean_latents: torch.Tensor) -> torch.Tensor:
+    """mu_l: the clean centroid at a layer, from a small clean set."""
+    return flatten(clean_latents).double().mean(0).float()
+
+
+class Estimator:
+    """Base class: a streaming estimate of the trigger direction beta_l at one layer."""
+
+    kind = "base"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    @property
+    def count(self) -> int:
+        raise NotImplementedError
+
+    def direction(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PairedEstimator(Estimator):
+    """beta = mean over pairs of (poisoned latent - clean latent) of the same image."""
+
+    kind = "paired"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.diff = RunningMean(dim)
+
+    def observe(self, poisoned: torch.Tensor, clean: torch.Tensor) -> None:
+        if poisoned.shape != clean.shape:
+            raise ValueError(f"paired latents differ in shape: {tuple(poisoned.shape)} vs {tuple(clean.shape)}")
+        self.diff.update(flatten(poisoned).double() - flatten(clean).double())
+
+    @property
+    def count(self) -> int:
+        return self.diff.count
+
+    def direction(self) -> torch.Tensor:
+        return self.diff.value()
+
+
+class UnpairedEstimator(Estimator):
+    """beta = mean(poisoned latents) - mu, with mu the clean centroid (refined by clean observations)."""
+
+    kind = "unpaired"
+
+    def __init__(self, dim: int, clean_centroid: torch.Tensor, clean_count: int = 0) -> None:
+        super().__init__(dim)
+        self.poisoned = RunningMean(dim)
+        self.clean = RunningMean(dim, flatten(clean_centroid[None]).reshape(-1), clean_count)
+
+    def observe(self, poisoned: torch.Tensor | None = None, clean: torch.Tensor | None = None) -> None:
+        if poisoned is not None:
+            self.poisoned.update(flatten(poisoned))
+        if clean is not None:
+            self.clean.update(flatten(clean))
+
+    @property
+    def count(self) -> int:
+        return self.poisoned.count
+
+    def direction(self) -> torch.Tensor:
+        return (self.poisoned.mean - self.clean.mean).float()
+
+
+class AugmentedEstimator(PairedEstimator):
+    """Paired estimation where each flagged sample's clean twin is its trigger-broken augmentations.
+
+    The pseudo-clean latent is the mean latent of the augmented copies (e.g. shrink-and-pad, small
+    shifts), which destroy a fixed-position or fine-grained trigger but keep the object.
+    """
+
+    kind = "augmented"
+
+    def observe_augmented(self, poisoned: torch.Tensor, augmented: Sequence[torch.Tensor]) -> None:
+        if not augmented:
+            raise ValueError("augmented estimation needs at least one augmented copy per sample")
+        twin = torch.stack([flatten(a).double() for a in augmented]).mean(0)
+        self.diff.update(flatten(poisoned).double() - twin)
+
+
+def augmented_twins(
+    images: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], augmentations: Sequence[Callable]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Latents of flagged images and of their augmented copies, ready for AugmentedEstimator."""
+    with torch.inference_mode():
+        return head(images), [head(aug(images)) for aug in augmentations]
+
+
+@dataclass
+class Direction:
+    """One trigger direction at the repaired layer, with how to apply it."""
+
+    beta: torch.Tensor  # (D,)
+    alpha: float = 1.0
+    mode: str = "projection"
+    threshold: float = 0.5  # flag a sample whose projection coefficient exceeds this
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+
+
+@dataclass
+class CompiledRepair:
+    """Directions pre-arranged as matrices on the target device, so a batch costs two matmuls.
+
+    For K directions with unit vectors U (K x D): s = x.U^T - mu.U^T is how far each sample sits
+    beyond the clean centroid along each direction; the coefficient removed along U_k is
+    alpha_k * relu(s_k) in projection mode and alpha_k * |beta_k| in constant mode, all at once.
+    """
+
+    units: torch.Tensor  # (K, D)
+    norms: torch.Tensor  # (K,)
+    offsets: torch.Tensor  # (K,) mu . u_k
+    alphas: torch.Tensor  # (K,)
+    projection: torch.Tensor  # (K,) bool
+    thresholds: torch.Tensor  # (K,)
+    version: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.units.shape[0] == 0
+
+
+def compile_directions(
+    directions: Sequence[Direction],
+    center: torch.Tensor | None,
+    dim: int,
+    device: str | torch.device = "cpu",
+    version: int = 0,
+) -> CompiledRepair:
+    if directions and center is None:
+        raise ValueError("repair needs the clean centroid")
+    betas = torch.stack([d.beta.reshape(-1).float() for d in directions]) if directions else torch.zeros(0, dim)
+    if betas.shape[1] != dim:
+        raise ValueError(f"direction has {betas.shape[1]} values; the latent has {dim}")
+    norms = betas.norm(dim=1)
+    if bool((norms <= 0).any()):
+        raise ValueError("a direction has zero norm")
+    units = betas / norms[:, None] if directions else betas
+    mu = center.reshape(-1).float() if center is not None else torch.zeros(dim)
+    return CompiledRepair(
+        units=units.to(device).contiguous(),
+        norms=norms.to(device),
+        offsets=(units @ mu).to(device),
+        alphas=torch.tensor([d.alpha for d in directions], dtype=torch.float32, device=device),
+        projection=torch.tensor([d.mode == "projection" for d in directions], dtype=torch.bool, device=device),
+        thresholds=torch.tensor([d.threshold for d in directions], dtype=torch.float32, device=device),
+        version=version,
+    )
+
+
+def repair(latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Repair a batch of latents: returns (repaired latents, score, flagged).
+
+    score is the largest projection coefficient <x - mu, beta> / |beta|^2 over the directions: about
+    0 for clean inputs and about 1 for a typical triggered one. With no direction the input is
+    returned as is with score 0.
+    """
+    n = latents.shape[0]
+    if compiled.empty:
+        zeros = torch.zeros(n, device=latents.device)
+        return latents, zeros, torch.zeros(n, dtype=torch.bool, device=latents.device)
+    flat = latents.reshape(n, -1)
+    beyond = torch.addmm(-compiled.offsets, flat, compiled.units.t())  # (N, K)
+    coefficients = beyond / compiled.norms
+    removed = torch.where(
+        compiled.projection, compiled.alphas * beyond.clamp_min(0.0), compiled.alphas * compiled.norms
+    )
+    repaired = torch.addmm(flat, removed, compiled.units, alpha=-1.0).reshape(latents.shape)
+    flagged = (coefficients > compiled.thresholds).any(dim=1)
+    return repaired, coefficients.max(dim=1).values, flagged

@@ -1,0 +1,102 @@
+"""Train a backdoored classifier (the attacker's side) for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
+from fire_backend.data import load_dataset, resolve_attack, to_tensor
+from fire_backend.evaluation import attack_metrics
+from fire_backend.split import ModelSpec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "digits"
+    attack: str = "badnets"
+    target: int = 0
+    poison_rate: float = 0.1
+    seed: int = 0
+    epochs: int | None = None  # None: a default per architecture
+    batch_size: int = 64
+    lr: float = 2e-3
+    arch: str | None = None  # None: digits_cnn for 1-channel data, preact_resnet18 otherwise
+    width: int | None = None
+    train_subset: int | None = None  # train on the first N training images (CPU budgets)
+
+
+def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
+    arch = config.arch or ("digits_cnn" if input_shape[0] == 1 and input_shape[1] <= 16 else "preact_resnet18")
+    kwargs: dict = {"num_classes": num_classes}
+    if arch == "digits_cnn":
+        kwargs.update(in_channels=input_shape[0], width=config.width or 32)
+    else:
+        kwargs.update(in_channels=input_shape[0], width=config.width or 64)
+    return ModelSpec(arch, kwargs, input_shape)
+
+
+def poison_training_set(
+    x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a poison_rate fraction of non-target samples by triggered copies labelled target."""
+    attack = resolve_attack(config.attack)
+    candidates = torch.nonzero(y != config.target).flatten()
+    count = int(round(config.poison_rate * len(x)))
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+    x, y = x.clone(), y.clone()
+    x[chosen] = attack(x[chosen])
+    y[chosen] = config.target
+    return x, y
+
+
+def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> CheckpointMeta:
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    data = load_dataset(config.data)
+    x_np, y_np = data.x_train, data.y_train
+    if config.train_subset:
+        x_np, y_np = x_np[: config.train_subset], y_np[: config.train_subset]
+    x, y = to_tensor(x_np), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
+    x, y = poison_training_set(x, y, config, generator)
+    spec = default_spec(config, data.input_shape, data.num_classes)
+    model = spec.build()
+    epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    model.train()
+    bar = tqdm(total=steps, desc=f"train {spec.arch} ({config.attack})", disable=not progress, unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), config.batch_size):
+            index = order[start : start + config.batch_size]
+            loss = F.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test.astype(np.int64))
+    metrics = attack_metrics(model, x_test, y_test, resolve_attack(config.attack), config.target)
+    meta = CheckpointMeta(
+        spec=spec,
+        dataset=config.data,
+        attack=config.attack,
+        target=config.target,
+        poison_rate=config.poison_rate,
+        seed=config.seed,
+        ca=metrics.ca,
+        asr=metrics.asr,
+        extra={"epochs": epochs, "train_subset": config.train_subset},
+    )
+    save_checkpoint(out, model, meta)
+    return meta

@@ -1,0 +1,277 @@
+"""Integration tests for fire_backend.serving.launcher: they start the real tritonserver from the
+nvidia-pytriton wheel with a tiny Python-backend model (CPU only, ~2 s per start)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from fire_backend.serving.launcher import (
+    RESTRICTED_API_HEADER,
+    RESTRICTED_GRPC_HEADER,
+    ServerConfig,
+    TritonServer,
+    TritonServerError,
+    free_ports,
+    running_server,
+)
+
+pytestmark = pytest.mark.integration
+
+SERVER_NAMES = {"tritonserver", "triton_python_backend_stub"}
+API_KEY = "test-admin-key-123"
+CONTROL_TOKEN = "control-token-456"
+
+CONFIG_PBTXT = """\
+backend: "python"
+max_batch_size: 8
+input [ { name: "INPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "OUTPUT0" data_type: TYPE_FP32 dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+dynamic_batching { max_queue_delay_microseconds: 500 }
+"""
+
+MODEL_PY = """\
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        {init_body}
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            y = (x * 2).astype(np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", y)]))
+        return responses
+"""
+
+
+def make_repository(root: Path, name: str = "double", init_body: str = "pass") -> Path:
+    """A model repository with one Python-backend model that doubles an FP32 tensor."""
+    version_dir = root / name / "1"
+    version_dir.mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(CONFIG_PBTXT)
+    (version_dir / "model.py").write_text(MODEL_PY.format(init_body=init_body))
+    return root
+
+
+def server_processes(pids: set[int] | None = None) -> list[psutil.Process]:
+    """Live tritonserver/stub processes (optionally only among ``pids``); zombies count as gone."""
+    found = []
+    for proc in psutil.process_iter(["name", "status"]):
+        if proc.info["name"] not in SERVER_NAMES or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if pids is None or proc.pid in pids:
+            found.append(proc)
+    return found
+
+
+def tree_pids(server: TritonServer) -> set[int]:
+    assert server.pid is not None
+    root = psutil.Process(server.pid)
+    return {root.pid, *(c.pid for c in root.children(recursive=True))}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    repo = make_repository(tmp_path_factory.mktemp("repo"))
+    with running_server(
+        repo,
+        models=("double",),
+        restricted_api_key=API_KEY,
+        extra_env={"FIRE_CONTROL_TOKEN": CONTROL_TOKEN, "FIRE_TEST_MARKER": "hello"},
+        omp_threads=1,
+    ) as srv:
+        yield srv
+
+
+def test_http_inference(server: TritonServer) -> None:
+    import tritonclient.http as httpclient
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    client = httpclient.InferenceServerClient(server.urls["http"].removeprefix("http://"))
+    try:
+        assert client.is_server_ready()
+        assert client.is_model_ready("double")
+        inp = httpclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("double", [inp], outputs=[httpclient.InferRequestedOutput("OUTPUT0")])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
+    finally:
+        client.close()
+
+
+def test_grpc_inference(server: TritonServer) -> None:
+    import tritonclient.grpc as grpcclient
+
+    x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(1, 8)
+    client = grpcclient.InferenceServerClient(server.urls["grpc"])
+    try:
+        assert client.is_model_ready("double")
+        inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("double", [inp])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), x * 2)
+    finally:
+        client.close()
+
+
+def test_urls_and_metrics_bound_to_loopback(server: TritonServer) -> None:
+    import urllib.request
+
+    urls = server.urls
+    assert urls["http"] == f"http://127.0.0.1:{server.config.http_port}"
+    assert urls["grpc"] == f"127.0.0.1:{server.config.grpc_port}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(urls["metrics"], timeout=5) as resp:
+        assert b"nv_inference_count" in resp.read()
+    listening = {
+        # gRPC listens on an IPv6 socket with a v4-mapped address; still loopback only.
+        c.laddr.port: c.laddr.ip.removeprefix("::ffff:")
+        for c in psutil.Process(server.pid).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    for port in (server.config.http_port, server.config.grpc_port, server.config.metrics_port):
+        assert listening.get(port) == "127.0.0.1", listening
+
+
+def test_model_repository_api_is_restricted(server: TritonServer) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http_headers = {RESTRICTED_API_HEADER: API_KEY}
+    # gRPC expects the restricted-protocol header under a Triton-specific prefix.
+    grpc_headers = {RESTRICTED_GRPC_HEADER: API_KEY}
+    http = httpclient.InferenceServerClient(server.urls["http"].removeprefix("http://"))
+    grpc = grpcclient.InferenceServerClient(server.urls["grpc"])
+    try:
+        with pytest.raises(InferenceServerException):
+            http.load_model("double")
+        with pytest.raises(InferenceServerException):
+            http.load_model("double", headers={RESTRICTED_API_HEADER: "wrong"})
+        with pytest.raises(InferenceServerException):
+            grpc.load_model("double")
+        with pytest.raises(InferenceServerException):
+            grpc.load_model("double", headers=http_headers)
+        http.load_model("double", headers=http_headers)  # reload of a loaded model; needs the key
+        grpc.load_model("double", headers=grpc_headers)
+        # Inference itself stays open.
+        assert http.is_model_ready("double") and grpc.is_model_ready("double")
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_stub_environment(server: TritonServer) -> None:
+    stubs = [p for p in psutil.Process(server.pid).children(recursive=True) if p.name() in SERVER_NAMES]
+    assert stubs, "expected one triton_python_backend_stub"
+    env = stubs[0].environ()
+    assert env["FIRE_TEST_MARKER"] == "hello"
+    assert env["FIRE_CONTROL_TOKEN"] == CONTROL_TOKEN
+    assert env["OMP_NUM_THREADS"] == "1" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+
+
+def test_secrets_not_logged(server: TritonServer) -> None:
+    assert server.log_path is not None
+    log = server.log_path.read_text(errors="replace")
+    assert API_KEY not in log and CONTROL_TOKEN not in log
+    shown = server.redacted_command()
+    assert API_KEY not in shown and "fire-admin=***" in shown
+
+
+def test_stop_leaves_no_processes(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    with running_server(repo) as srv:
+        pids = tree_pids(srv)
+        assert len(server_processes(pids)) == 2  # server + one stub
+        shm_prefix = srv._shm_prefix
+    assert not srv.is_alive()
+    assert server_processes(pids) == []
+    assert not list(Path("/dev/shm").glob(f"{shm_prefix}*"))
+    srv.stop()  # idempotent
+
+
+def test_busy_port_gives_clear_error(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", grpc_port))
+        blocker.listen()
+        config = ServerConfig(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
+        with pytest.raises(TritonServerError, match=rf"port {grpc_port} in use.*pass --grpc-port"):
+            TritonServer(config).start()
+
+
+def test_failed_model_load_reports_log_tail(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo", init_body='raise RuntimeError("boom-from-initialize")')
+    before = {p.pid for p in server_processes()}
+    with pytest.raises(TritonServerError, match="boom-from-initialize") as info:
+        with running_server(repo, startup_timeout_s=30, log_file=tmp_path / "server.log"):
+            pass
+    assert "exited with code" in str(info.value)
+    assert str(tmp_path / "server.log") in str(info.value)
+    assert {p.pid for p in server_processes()} <= before
+
+
+def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from fire_backend.serving.launcher import ServerConfig, serve_forever
+        cfg = ServerConfig(Path({str(repo)!r}), http_port={http_port}, grpc_port={grpc_port},
+                           metrics_port={metrics_port}, restricted_api_key={API_KEY!r})
+        sys.exit(serve_forever(cfg))
+        """
+    )
+    project_root = Path(__file__).resolve().parents[2]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(project_root), os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 45
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.rstrip())
+            if line.startswith("metrics:"):
+                break
+        assert f"http: http://127.0.0.1:{http_port}" in lines, lines
+        assert f"grpc: 127.0.0.1:{grpc_port}" in lines, lines
+        server_pids = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        assert server_pids
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert API_KEY not in "\n".join(lines) + out
+        assert server_processes(server_pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
