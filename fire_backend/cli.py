@@ -212,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extensions() -> list[Callable]:
     """Subcommands that live beside the code they drive (serving, clients, benchmarks)."""
+    from fire_backend.client_commands import register as client
     from fire_backend.serving.commands import register as serving
 
-    return [serving]
+    return [serving, client]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

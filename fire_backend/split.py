@@ -109,8 +109,12 @@ def load_part(path: Path, device: str | torch.device = "cpu") -> tuple[Part, dic
         raise ValueError(f"{path}: not a fire-backend model part (format {payload.get('format')!r})")
     spec = ModelSpec.from_dict(payload["spec"])
     model = spec.build()
-    head, tail = split(model, payload["layer"])
-    part = head if payload["role"] == "head" else tail
+    role = payload["role"]
+    if role == "full":
+        part = Part(model, 0, len(stage_names(model)))
+    else:
+        head, tail = split(model, payload["layer"])
+        part = head if role == "head" else tail
     expected = set(part.own_state_dict())
     given = set(payload["state_dict"])
     if expected != given:

@@ -1,0 +1,75 @@
+"""The artifacts a served repository loads: model halves, serving settings and the direction store.
+
+``fire repo build`` writes them; every Triton stage reads them through this module, so the layout is
+defined once. Nothing here imports Triton.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HEAD_FILE = "head.pt"
+TAIL_FILE = "tail.pt"
+FULL_FILE = "full.pt"
+SETTINGS_FILE = "serving.json"
+STORE_DIR = "store"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what the control endpoint accepts (a pushed or learned set outside them is refused)."""
+
+    max_direction_norm: float = 1e4
+    max_alpha: float = 10.0
+    max_directions: int = 8
+    max_observe_images: int = 256
+    max_request_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What the stages need to know about the split model (written once, read by every stage)."""
+
+    layer: str
+    input_shape: tuple[int, int, int]
+    latent_shape: tuple[int, ...]
+    num_classes: int
+    arch: str
+    attack: str = ""
+    target: int = -1
+    dataset: str = ""
+    default_alpha: float = 1.0
+    default_threshold: float = 0.5
+    estimator: str = "unpaired"
+    publish_every: int = 1
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def latent_dim(self) -> int:
+        dim = 1
+        for size in self.latent_shape:
+            dim *= size
+        return dim
+
+    def write(self, directory: Path) -> None:
+        (directory / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> ServingSettings:
+        data = json.loads((directory / SETTINGS_FILE).read_text())
+        data["input_shape"] = tuple(data["input_shape"])
+        data["latent_shape"] = tuple(data["latent_shape"])
+        data["limits"] = Limits(**data.get("limits", {}))
+        return cls(**data)
+
+
+def resolve_artifacts(model_repository: str, configured: str) -> Path:
+    """A stage's ``artifacts_dir`` parameter, relative paths taken from the repository root."""
+    path = Path(configured).expanduser()
+    if not path.is_absolute():
+        path = Path(model_repository).resolve().parent / path
+    if not (path / SETTINGS_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; build the repository with `fire repo build`")
+    return path

@@ -1,0 +1,211 @@
+"""Write a Triton model repository for any supported checkpoint and split layer.
+
+The repository holds the ensemble ``fire_ensemble`` (head -> FIRE repair -> tail), the comparison
+``undefended_ensemble`` (head -> tail), the unsplit ``fire_monolithic`` model, and ``fire_control``,
+plus an ``artifacts/`` directory with the model halves, serving settings, clean centroid and the
+direction store. Configs carry the model's own input/latent shapes and batch sizes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fire_backend.checkpoint import load_checkpoint
+from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, batched, load_for_eval
+from fire_backend.fire import Direction, UnpairedEstimator
+from fire_backend.serving.artifacts import (
+    FULL_FILE,
+    HEAD_FILE,
+    STORE_DIR,
+    TAIL_FILE,
+    ServingSettings,
+)
+from fire_backend.split import Part, candidate_layers, save_part, split
+from fire_backend.store import DirectionSet, DirectionStore, EstimatorState
+
+CENTROID_FILE = "centroid.npz"
+ENSEMBLE = "fire_ensemble"
+UNDEFENDED = "undefended_ensemble"
+STAGES = {  # model name -> class in fire_backend.serving.triton_models
+    "fire_head": "HeadModel",
+    "fire_repair": "RepairModel",
+    "fire_tail": "TailModel",
+    "fire_monolithic": "MonolithicModel",
+    "fire_control": "ControlModel",
+}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """Knobs of the generated configs (the defaults suit 2 CPU cores)."""
+
+    max_batch_size: int = 64
+    gpu: bool = False
+    head_instances: int = 1
+    repair_instances: int = 2
+    tail_instances: int = 1
+    torch_threads: int = 1
+    head_queue_delay_us: int = 200
+    repair_queue_delay_us: int = 0
+    tail_queue_delay_us: int = 0
+    flag_threshold: float = 0.5
+    alpha: float = 1.0
+    publish_every: int = 1
+    clean_samples: int = 100
+
+
+def _dims(shape) -> str:
+    return "[ " + ", ".join(str(int(s)) for s in shape) + " ]"
+
+
+def _io(kind: str, name: str, dtype: str, dims, optional: bool = False) -> str:
+    flag = "\n  optional: true" if optional else ""
+    return f'{kind} {{\n  name: "{name}"\n  data_type: {dtype}\n  dims: {_dims(dims)}{flag}\n}}'
+
+
+def _params(values: dict[str, str]) -> str:
+    return "\n".join(
+        f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in values.items()
+    )
+
+
+def _stage_config(name: str, options: RepositoryOptions, inputs: list[str], outputs: list[str], instances: int,
+                  delay_us: int, extra_params: dict[str, str] | None = None) -> str:
+    kind = "KIND_GPU" if options.gpu else "KIND_CPU"
+    params = {"artifacts_dir": "artifacts", "torch_threads": str(options.torch_threads), **(extra_params or {})}
+    if options.gpu:
+        # Let GPU tensors reach the stage as they are (DLPack), instead of a copy to host memory.
+        params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
+    batching = f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}"
+    return "\n".join([
+        f'name: "{name}"', 'backend: "python"', f"max_batch_size: {options.max_batch_size}",
+        *inputs, *outputs,
+        f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
+        batching, _params(params), "",
+    ])
+
+
+def _ensemble_config(name: str, options: RepositoryOptions, settings: ServingSettings, defended: bool) -> str:
+    c_in = _io("input", "IMAGE", "TYPE_FP32", settings.input_shape)
+    outs = [_io("output", "LOGITS", "TYPE_FP32", [settings.num_classes]), _io("output", "LABEL", "TYPE_INT64", [1])]
+    if defended:
+        outs += [_io("output", "REPAIR_SCORE", "TYPE_FP32", [1]), _io("output", "FLAGGED", "TYPE_BOOL", [1]),
+                 _io("output", "DIRECTION_VERSION", "TYPE_INT64", [1])]
+
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+        ins = "\n".join(f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
+        outs_ = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+        return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}\n{outs_}\n    }}'
+
+    steps = [step("fire_head", {"IMAGE": "IMAGE"}, {"LATENT": "latent"})]
+    if defended:
+        steps.append(step("fire_repair", {"LATENT": "latent"}, {
+            "REPAIRED": "repaired", "REPAIR_SCORE": "REPAIR_SCORE", "FLAGGED": "FLAGGED",
+            "DIRECTION_VERSION": "DIRECTION_VERSION"}))
+    steps.append(step("fire_tail", {"LATENT": "repaired" if defended else "latent"},
+                      {"LOGITS": "LOGITS", "LABEL": "LABEL"}))
+    return "\n".join([
+        f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {options.max_batch_size}", c_in, *outs,
+        "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}", "",
+    ])
+
+
+def _control_config(settings: ServingSettings) -> str:
+    return "\n".join([
+        'name: "fire_control"', 'backend: "python"', "max_batch_size: 0",
+        _io("input", "REQUEST", "TYPE_STRING", [1]),
+        _io("input", "TOKEN", "TYPE_STRING", [1]),
+        _io("input", "IMAGES", "TYPE_UINT8", [-1, *settings.input_shape[1:], settings.input_shape[0]], optional=True),
+        _io("output", "RESPONSE", "TYPE_STRING", [1]),
+        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
+        _params({"artifacts_dir": "artifacts", "torch_threads": "1"}), "",
+    ])
+
+
+def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> None:
+    """The config.pbtxt and thin model.py of every model (no weights)."""
+    latent = settings.latent_shape
+    image_in = _io("input", "IMAGE", "TYPE_FP32", settings.input_shape)
+    latent_in = _io("input", "LATENT", "TYPE_FP32", latent)
+    logits = [_io("output", "LOGITS", "TYPE_FP32", [settings.num_classes]), _io("output", "LABEL", "TYPE_INT64", [1])]
+    configs = {
+        "fire_head": _stage_config("fire_head", options, [image_in], [_io("output", "LATENT", "TYPE_FP32", latent)],
+                                   options.head_instances, options.head_queue_delay_us),
+        "fire_repair": _stage_config("fire_repair", options, [latent_in], [
+            _io("output", "REPAIRED", "TYPE_FP32", latent), _io("output", "REPAIR_SCORE", "TYPE_FP32", [1]),
+            _io("output", "FLAGGED", "TYPE_BOOL", [1]), _io("output", "DIRECTION_VERSION", "TYPE_INT64", [1])],
+            options.repair_instances, options.repair_queue_delay_us),
+        "fire_tail": _stage_config("fire_tail", options, [latent_in], logits, options.tail_instances,
+                                   options.tail_queue_delay_us),
+        "fire_monolithic": _stage_config("fire_monolithic", options, [image_in], logits, 1,
+                                         options.head_queue_delay_us),
+        "fire_control": _control_config(settings),
+        ENSEMBLE: _ensemble_config(ENSEMBLE, options, settings, defended=True),
+        UNDEFENDED: _ensemble_config(UNDEFENDED, options, settings, defended=False),
+    }
+    for name, text in configs.items():
+        directory = out / name
+        (directory / "1").mkdir(parents=True, exist_ok=True)
+        (directory / "config.pbtxt").write_text(text)
+        if name in STAGES:
+            (directory / "1" / "model.py").write_text(
+                f'"""Triton entry point of {name}; the logic lives in fire_backend (see triton_models)."""\n\n'
+                f"from fire_backend.serving.triton_models import {STAGES[name]} as TritonPythonModel  # noqa: F401\n"
+            )
+
+
+def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flagged: int | None = None,
+                     options: RepositoryOptions | None = None) -> ServingSettings:
+    """Split the checkpoint at ``layer`` and write a servable repository to ``out``.
+
+    The clean centroid comes from ``options.clean_samples`` images of the defender's reserve. With
+    ``flagged``, the store starts at version 1: an unpaired estimate from that many flagged poisoned
+    reserve images; without it, at version 0 (no direction), to be learned online.
+    """
+    options = options or RepositoryOptions()
+    model, meta = load_checkpoint(checkpoint)
+    layer = layer or DEFAULT_LAYERS.get(meta.spec.arch)
+    shapes = dict(candidate_layers(model, meta.spec.input_shape))
+    if layer not in shapes:
+        raise ValueError(f"cannot split after {layer!r}; candidate layers: {', '.join(shapes)}")
+    settings = ServingSettings(
+        layer=layer, input_shape=meta.spec.input_shape, latent_shape=shapes[layer],
+        num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
+        target=meta.target, dataset=meta.dataset, default_alpha=options.alpha,
+        default_threshold=options.flag_threshold, publish_every=options.publish_every,
+    )
+    artifacts = out / "artifacts"
+    if artifacts.exists():
+        shutil.rmtree(artifacts)
+    artifacts.mkdir(parents=True)
+    head, tail = split(model, layer)
+    names = [n for n, _ in model.stages()]
+    save_part(head, meta.spec, layer, "head", artifacts / HEAD_FILE)
+    save_part(tail, meta.spec, layer, "tail", artifacts / TAIL_FILE)
+    save_part(Part(model, 0, len(names)), meta.spec, layer, "full", artifacts / FULL_FILE)
+    settings.write(artifacts)
+
+    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
+    view = LayerView(model, layer, data)
+    np.savez(artifacts / CENTROID_FILE, center=view.mu.numpy(), count=np.array(len(data.clean)))
+    store = DirectionStore(artifacts / STORE_DIR).ensure()
+    if flagged:
+        estimator = UnpairedEstimator(view.dim, view.mu, len(data.clean))
+        estimator.observe(poisoned=batched(view.head, data.flagged[:flagged]))
+        direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
+        ds = DirectionSet(view.mu.numpy(), [direction], EstimatorState.of(estimator))
+        store.commit(ds, action="build", actor="fire repo build", note={"flagged": flagged})
+    else:
+        store.initialize()
+    write_configs(out, settings, options)
+    return settings
+
+
+def load_centroid(artifacts: Path) -> tuple[torch.Tensor, int]:
+    with np.load(artifacts / CENTROID_FILE) as data:
+        return torch.from_numpy(data["center"].copy()), int(data["count"])

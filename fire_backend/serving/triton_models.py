@@ -1,0 +1,42 @@
+"""``TritonPythonModel`` classes for the repository's thin ``model.py`` files.
+
+Only importable inside Triton's Python-backend stub (it imports ``triton_python_backend_utils``);
+all logic is in :mod:`fire_backend.serving.stages` and :mod:`fire_backend.serving.control`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from fire_backend.serving import stages
+
+
+class _Model:
+    stage_class: type = stages.Stage
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.stage = self.stage_class(args, pb_utils)
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        return self.stage.execute(requests)
+
+    def finalize(self) -> None:
+        self.stage.finalize()
+
+
+class HeadModel(_Model):
+    stage_class = stages.HeadStage
+
+
+class RepairModel(_Model):
+    stage_class = stages.RepairStage
+
+
+class TailModel(_Model):
+    stage_class = stages.TailStage
+
+
+class MonolithicModel(_Model):
+    stage_class = stages.MonolithicStage
