@@ -213,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable]:
     """Subcommands that live beside the code they drive (serving, clients, benchmarks)."""
     from fire_backend.client_commands import register as client
+    from fire_backend.control_client import register as control
     from fire_backend.serving.commands import register as serving
 
-    return [serving, client]
+    return [serving, control, client]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

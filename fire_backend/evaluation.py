@@ -25,7 +25,7 @@ from fire_backend.fire import (
     compile_directions,
     repair,
 )
-from fire_backend.split import Part, candidate_layers, split
+from fire_backend.split import candidate_layers, split
 
 RESERVE = 200
 ESTIMATORS = ("paired", "unpaired", "augmented")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_backend.fire import MODES, Direction, RunningMean, UnpairedEstimator
+from fire_backend.fire import MODES, AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
 
 LOG = logging.getLogger("fire_backend.store")
 MAGIC = "fire-backend/direction-set/v1"
@@ -48,25 +48,44 @@ class StoreError(Exception):
 
 @dataclass
 class EstimatorState:
-    """Streaming estimator state carried by a version, so online learning survives restarts."""
+    """Streaming estimator state carried by a version, so online learning survives restarts.
+
+    ``poisoned_mean``/``poisoned_count`` are the unpaired estimator's poisoned mean, or the
+    augmented estimator's mean (poisoned - pseudo-clean twin) difference; ``clean_mean`` is the clean
+    centroid, refined by clean observations.
+    """
 
     kind: str  # "unpaired" | "augmented"
-    poisoned_mean: np.ndarray  # float64 (D,): mean of poisoned latents (unpaired) or of differences
+    poisoned_mean: np.ndarray  # float64 (D,)
     poisoned_count: int
-    clean_mean: np.ndarray  # float64 (D,): clean centroid refined by clean observations
+    clean_mean: np.ndarray  # float64 (D,)
     clean_count: int
 
     @classmethod
-    def of(cls, estimator: UnpairedEstimator) -> EstimatorState:
-        return cls("unpaired", estimator.poisoned.mean.numpy().copy(), estimator.poisoned.count,
-                   estimator.clean.mean.numpy().copy(), estimator.clean.count)
+    def of(cls, estimator: UnpairedEstimator | AugmentedEstimator, clean: RunningMean | None = None) -> EstimatorState:
+        if isinstance(estimator, UnpairedEstimator):
+            poisoned, clean = estimator.poisoned, estimator.clean
+        else:
+            if clean is None:
+                raise ValueError("the augmented estimator's state needs the clean centroid")
+            poisoned = estimator.diff
+        return cls(estimator.kind, poisoned.mean.numpy().copy(), poisoned.count, clean.mean.numpy().copy(),
+                   clean.count)
 
-    def restore(self) -> UnpairedEstimator:
-        """The live estimator to keep folding observations into."""
+    def restore(self) -> tuple[UnpairedEstimator | AugmentedEstimator, RunningMean]:
+        """The live estimator to keep folding observations into, and the clean centroid's running mean."""
         dim = self.poisoned_mean.size
-        estimator = UnpairedEstimator(dim, torch.from_numpy(self.clean_mean), self.clean_count)
-        estimator.poisoned = RunningMean(dim, torch.from_numpy(self.poisoned_mean), self.poisoned_count)
-        return estimator
+        clean = RunningMean(dim, torch.from_numpy(self.clean_mean), self.clean_count)
+        poisoned = RunningMean(dim, torch.from_numpy(self.poisoned_mean), self.poisoned_count)
+        if self.kind == "unpaired":
+            estimator = UnpairedEstimator(dim, clean.value())
+            estimator.clean, estimator.poisoned = clean, poisoned
+            return estimator, clean
+        if self.kind == "augmented":
+            augmented = AugmentedEstimator(dim)
+            augmented.diff = poisoned
+            return augmented, clean
+        raise ValueError(f"unknown estimator kind {self.kind!r}")
 
 
 @dataclass
@@ -160,6 +179,7 @@ class DirectionStore:
         self.history_path = self.root / "history.jsonl"
         self.current_path = self.root / "CURRENT"
         self.instances_dir = self.root / "instances"
+        self._lock_depth = 0
 
     # -- layout ---------------------------------------------------------------------------
     def ensure(self) -> DirectionStore:
@@ -172,13 +192,25 @@ class DirectionStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise writers (control instances, CLI tools, other servers on a shared volume)."""
-        self.ensure()
-        with open(self.root / ".lock", "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        """Serialise writers (control instances, CLI tools, other servers on a shared volume).
+
+        Re-entrant for this object, so a read-modify-commit sequence can hold it across commit().
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
             try:
                 yield
             finally:
+                self._lock_depth -= 1
+            return
+        self.ensure()
+        with open(self.root / ".lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- versions -------------------------------------------------------------------------

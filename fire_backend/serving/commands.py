@@ -7,10 +7,8 @@ import os
 import secrets
 from pathlib import Path
 
+from fire_backend.serving.control import TOKEN_ENV, TOKEN_FILE_ENV
 from fire_backend.serving.repository import RepositoryOptions, build_repository
-
-TOKEN_ENV = "FIRE_CONTROL_TOKEN"
-TOKEN_FILE_ENV = "FIRE_CONTROL_TOKEN_FILE"
 
 
 def cache_dir() -> Path:

@@ -83,7 +83,7 @@ class ServerConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
-    #: models loaded at start (explicit model control); empty means all models in the repository.
+    #: models loaded at start (explicit model control); empty means every */config.pbtxt in the repository.
     models: tuple[str, ...] = ()
     log_verbose: int = 0
     #: OMP/MKL threads per process (server and every stub); small boxes thrash with the default.
@@ -123,6 +123,18 @@ class ServerConfig:
 # --------------------------------------------------------------------------------------------------
 # ports
 # --------------------------------------------------------------------------------------------------
+
+
+def repository_models(repository: Path) -> tuple[str, ...]:
+    """Every model directory (one with a config.pbtxt) in a repository.
+
+    Used instead of ``--load-model=*`` because a FIRE repository also holds a non-model
+    ``artifacts/`` directory, which '*' would try (and fail) to load.
+    """
+    names = tuple(sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt")))
+    if not names:
+        raise TritonServerError(f"{repository}: no models (no */config.pbtxt); build one with `fire repo build`")
+    return names
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -381,7 +393,7 @@ class TritonServer:
             # A unique shm prefix keeps concurrent servers (parallel tests) from colliding in /dev/shm.
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
-        args += [f"--load-model={m}" for m in (c.models or ("*",))]
+        args += [f"--load-model={m}" for m in (c.models or repository_models(Path(c.repository)))]
         if c.restricted_api_key:
             value = f"{RESTRICTED_APIS}:{RESTRICTED_API_HEADER}={c.restricted_api_key}"
             args += [f"--http-restricted-api={value}", f"--grpc-restricted-protocol={value}"]

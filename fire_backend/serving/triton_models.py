@@ -10,7 +10,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.serving import stages
+from fire_backend.serving import control, stages
 
 
 class _Model:
@@ -40,3 +40,7 @@ class TailModel(_Model):
 
 class MonolithicModel(_Model):
     stage_class = stages.MonolithicStage
+
+
+class ControlModel(_Model):
+    stage_class = control.ControlStage

@@ -1,0 +1,86 @@
+"""The `fire` command line: help texts, argument errors, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fire_backend.cli import build_parser, main
+
+HELP_OPTIONS = {
+    (): ["train", "eval", "sweep", "data"],
+    ("train",): ["--data", "--attack", "--target", "--poison-rate", "--seed", "--epochs", "--arch", "--width",
+                 "--train-subset", "--out", "--json", "examples:"],
+    ("eval",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--layer", "--alpha", "examples:"],
+    ("sweep",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--estimator", "examples:"],
+    ("data",): ["export"],
+    ("data", "export"): ["--checkpoint", "--split", "--poisoned", "--n", "--include-reserve", "--out", "--json",
+                         "examples:"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS), ids=lambda c: " ".join(c) or "fire")
+def test_help_exits_zero_and_lists_options(command: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fire")
+    for option in HELP_OPTIONS[command]:
+        assert option in out, option
+
+
+def test_sweep_help_does_not_offer_eval_only_options(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    out = capsys.readouterr().out
+    assert "--layer" not in out and "--alpha" not in out
+
+
+@pytest.mark.skipif(shutil.which("fire") is None, reason="console script not installed")
+def test_console_script_help() -> None:
+    result = subprocess.run(["fire", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "train" in result.stdout and "eval" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["train"], ["eval"], ["sweep", "--estimator", "magic", "--checkpoint", "x"], ["train", "--arch", "vgg",
+                                                                                          "--out", "x"],
+     ["data", "export", "--checkpoint", "x"], ["bogus"]],
+)
+def test_usage_errors_exit_two(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "usage: fire" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["sweep"], ["data", "export", "--out", "x.npz"]])
+def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, command: list[str],
+                                                capsys: pytest.CaptureFixture) -> None:
+    assert main([*command, "--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fire {command[0]}: error:") and "not a checkpoint" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5", "-0.1"])
+def test_train_rejects_bad_poison_rate_before_training(tmp_path: Path, rate: str,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--poison-rate", rate, "--out", str(tmp_path / "run")]) == 2
+    assert "--poison-rate" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["eval", "--checkpoint", "c"])
+    assert (args.clean, args.flagged, args.alpha, args.layer, args.json) == (100, 20, 1.0, None, False)
+    args = build_parser().parse_args(["sweep", "--checkpoint", "c"])
+    assert args.estimator == "unpaired"
+    args = build_parser().parse_args(["train", "--out", "o"])
+    assert (args.data, args.attack, args.target, args.poison_rate) == ("digits", "badnets", 0, 0.1)
