@@ -60,6 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
+    if args.flagged < 1 or args.clean < 1:
+        raise CliError("--clean and --flagged must be at least 1")
     from fire_backend.checkpoint import load_checkpoint
     from fire_backend.evaluation import load_for_eval
 

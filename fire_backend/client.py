@@ -16,6 +16,7 @@ no torch, so Locust workers stay small.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,11 +209,34 @@ def load_pngs(paths: Sequence[Path | str]) -> Images:
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise ValueError(f"images differ in size/channels {sorted(shapes)}: resize them to the model's input first")
-    return Images(np.stack(arrays), source=", ".join(str(p) for p in paths))
+    source = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return Images(np.stack(arrays), source=source)
 
 
-def load_digits(n: int | None = None, offset: int = RESERVE) -> Images:
-    """The embedded 8x8 digits test split (scikit-learn), skipping the defender's reserve, as uint8 NHWC."""
+def _cache_dir() -> Path:
+    # Same place as fire_backend.serving.commands.cache_dir() (which imports torch).
+    import os
+
+    base = os.environ.get("FIRE_BACKEND_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fire-backend"
+    )
+    return Path(base)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_test_split() -> tuple[np.ndarray, np.ndarray]:
+    """The digits test split, cached as .npz per scikit-learn version (importing scikit-learn takes seconds,
+    which would stall a Locust worker's event loop)."""
+    import os
+    from importlib.metadata import version
+
+    cache = _cache_dir() / f"digits-test-sklearn-{version('scikit-learn')}.npz"
+    if cache.is_file():
+        try:
+            with np.load(cache, allow_pickle=False) as data:
+                return _frozen(data["x"]), _frozen(data["y"])
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: recompute
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -221,6 +245,25 @@ def load_digits(n: int | None = None, offset: int = RESERVE) -> Images:
     y = bunch.target.astype(np.int64)
     _, x_test, _, y_test = train_test_split(x, y, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED,
                                             stratify=y)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x_test, y=y_test)
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only cache: fine, just slower next time
+    return _frozen(x_test), _frozen(y_test)
+
+
+def _frozen(arr: np.ndarray) -> np.ndarray:
+    arr = np.ascontiguousarray(arr)
+    arr.flags.writeable = False
+    return arr
+
+
+def load_digits(n: int | None = None, offset: int = RESERVE) -> Images:
+    """The embedded 8x8 digits test split (scikit-learn), skipping the defender's reserve, as uint8 NHWC."""
+    x_test, y_test = _digits_test_split()  # shared, read-only
     end = len(x_test) if n is None else offset + n
     if n is not None and (n < 1 or end > len(x_test)):
         raise ValueError(f"the digits test split has {len(x_test) - offset} images after the reserve, asked for {n}")
@@ -348,9 +391,10 @@ class FireClient:
     # -- errors ----------------------------------------------------------------------------------
 
     def _unreachable(self, exc: BaseException) -> ServerUnreachable:
+        reason = _short(exc).rsplit(": ", 1)[-1]  # gRPC: "... Failed to connect to remote host: Connection refused"
         return ServerUnreachable(
-            f"cannot reach {self.endpoint.address} ({self.protocol}): is `fire serve` running? pass --url "
-            f"(e.g. --url {self.protocol}://127.0.0.1:{DEFAULT_PORTS[self.protocol]}) [{_short(exc)}]"
+            f"cannot reach {self.endpoint.address}: is `fire serve` running? pass --url "
+            f"(e.g. --url {self.protocol}://127.0.0.1:{DEFAULT_PORTS[self.protocol]}) [{self.protocol}: {reason}]"
         )
 
     def _translate(self, exc: BaseException, model: str | None = None) -> FireClientError:
@@ -390,6 +434,12 @@ class FireClient:
             return bool(self._client.is_server_ready())
         except Exception:
             return False
+
+    def server_metadata(self) -> dict[str, Any]:
+        """{'name': 'triton', 'version': '2.51.0', 'extensions': [...]}."""
+        if self.protocol == "grpc":
+            return dict(self._call(self._client.get_server_metadata, as_json=True))
+        return dict(self._call(self._client.get_server_metadata))
 
     def model_info(self, model: str = DEFAULT_MODEL) -> ModelInfo:
         """Max batch size, per-sample input shape and output names, from the model's config (cached)."""

@@ -181,8 +181,9 @@ def cmd_ctl(args: argparse.Namespace) -> int:
                                            estimator=args.estimator, publish_every=args.publish_every)
                 result = total
                 if not args.json:
-                    print(f"observed {len(images)} {'clean' if args.clean else 'flagged poisoned'} images: live version "
-                          f"{result['version']} ({result['poisoned_count']} poisoned, {result['clean_count']} clean)")
+                    kind = "clean" if args.clean else "flagged poisoned"
+                    print(f"observed {len(images)} {kind} images: live version {result['version']} "
+                          f"({result['poisoned_count']} poisoned, {result['clean_count']} clean)")
         except Exception as exc:
             message = str(exc)
             if "UNAVAILABLE" in message or "onnection refused" in message:

@@ -105,8 +105,8 @@ class DefenderData:
 def defender_data(
     x: np.ndarray, y: np.ndarray, attack: Attack, target: int, n_clean: int, n_flagged: int
 ) -> DefenderData:
-    if n_clean > RESERVE or n_flagged > RESERVE:
-        raise ValueError(f"at most {RESERVE} clean and {RESERVE} flagged samples (the defender's reserve)")
+    if not (1 <= n_clean <= RESERVE and 0 <= n_flagged <= RESERVE):
+        raise ValueError(f"need 1 to {RESERVE} clean and 0 to {RESERVE} flagged samples (the defender's reserve)")
     if len(x) <= RESERVE:
         raise ValueError(f"the test split needs more than {RESERVE} images, has {len(x)}")
     xt, yt = to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64))

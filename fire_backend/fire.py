@@ -29,7 +29,10 @@ class RunningMean:
         self.mean = torch.zeros(dim, dtype=torch.float64) if mean is None else mean.to(torch.float64).cpu()
 
     def update(self, samples: torch.Tensor) -> None:
-        rows = samples.detach().reshape(-1, self.dim).to(device="cpu", dtype=torch.float64)
+        samples = samples.detach()
+        rows = (samples[None] if samples.dim() == 1 else samples.flatten(1)).to(device="cpu", dtype=torch.float64)
+        if rows.shape[1] != self.dim:
+            raise ValueError(f"samples have {rows.shape[1]} values each; this estimate is over {self.dim}")
         if rows.shape[0] == 0:
             return
         self.count += rows.shape[0]
@@ -40,7 +43,8 @@ class RunningMean:
 
 
 def flatten(latents: torch.Tensor) -> torch.Tensor:
-    return latents.reshape(latents.shape[0], -1)
+    """(N, ...) -> (N, D); also for an empty batch."""
+    return latents.flatten(1)
 
 
 def centroid(clean_latents: torch.Tensor) -> torch.Tensor:
@@ -181,9 +185,14 @@ def compile_directions(
 ) -> CompiledRepair:
     if directions and center is None:
         raise ValueError("repair needs the clean centroid")
+    for d in directions:
+        if d.beta.numel() != dim:
+            raise ValueError(f"direction {d.name!r} has {d.beta.numel()} values; the latent has {dim}")
+        if not bool(torch.isfinite(d.beta).all()):
+            raise ValueError(f"direction {d.name!r} has NaN or Inf values")
+    if center is not None and (center.numel() != dim or not bool(torch.isfinite(center).all())):
+        raise ValueError(f"the centroid must be {dim} finite values")
     betas = torch.stack([d.beta.reshape(-1).float() for d in directions]) if directions else torch.zeros(0, dim)
-    if betas.shape[1] != dim:
-        raise ValueError(f"direction has {betas.shape[1]} values; the latent has {dim}")
     norms = betas.norm(dim=1)
     if bool((norms <= 0).any()):
         raise ValueError("a direction has zero norm")
@@ -211,7 +220,7 @@ def repair(latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tenso
     if compiled.empty:
         zeros = torch.zeros(n, device=latents.device)
         return latents, zeros, torch.zeros(n, dtype=torch.bool, device=latents.device)
-    flat = latents.reshape(n, -1)
+    flat = latents.flatten(1)
     beyond = torch.addmm(-compiled.offsets, flat, compiled.units.t())  # (N, K)
     coefficients = beyond / compiled.norms
     removed = torch.where(

@@ -109,7 +109,9 @@ def load_part(path: Path, device: str | torch.device = "cpu") -> tuple[Part, dic
         raise ValueError(f"{path}: not a fire-backend model part (format {payload.get('format')!r})")
     spec = ModelSpec.from_dict(payload["spec"])
     model = spec.build()
-    role = payload["role"]
+    role = payload.get("role")
+    if role not in ("head", "tail", "full"):
+        raise ValueError(f"{path}: unknown part role {role!r}")
     if role == "full":
         part = Part(model, 0, len(stage_names(model)))
     else:
@@ -119,7 +121,10 @@ def load_part(path: Path, device: str | torch.device = "cpu") -> tuple[Part, dic
     given = set(payload["state_dict"])
     if expected != given:
         raise ValueError(f"{path}: weights do not match the {payload['role']} of {spec.arch} at {payload['layer']}")
-    model.load_state_dict(payload["state_dict"], strict=False)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit {spec.arch} {spec.kwargs}: {exc}") from None
     part.to(device).eval()
     meta = {"role": payload["role"], "layer": payload["layer"], "spec": spec}
     return part, meta

@@ -40,7 +40,7 @@ class PreActResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
-        for index, (p, stride) in enumerate(zip(planes, [1, 2, 2, 2])):
+        for index, (p, stride) in enumerate(zip(planes, [1, 2, 2, 2], strict=True)):
             blocks = nn.Sequential(PreActBlock(in_planes, p, stride), PreActBlock(p, p, 1))
             setattr(self, f"layer{index + 1}", blocks)
             in_planes = p

@@ -25,7 +25,7 @@ class Limits:
     max_alpha: float = 10.0
     max_directions: int = 8
     max_observe_images: int = 256
-    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

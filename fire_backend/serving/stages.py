@@ -223,7 +223,7 @@ class RepairStage(Stage):
         bypass = [wants_bypass(r) for r in requests]
         fixed_parts, raw_parts = repaired.split(sizes), latents.split(sizes)
         return {
-            "REPAIRED": [raw if skip else fixed for raw, fixed, skip in zip(raw_parts, fixed_parts, bypass)],
+            "REPAIRED": [raw if skip else fixed for raw, fixed, skip in zip(raw_parts, fixed_parts, bypass, strict=True)],
             "REPAIR_SCORE": score[:, None].split(sizes),
             "FLAGGED": flagged[:, None].split(sizes),
             "DIRECTION_VERSION": version.split(sizes),

@@ -1,4 +1,4 @@
-"""Acceptance on the embedded digits data: real backdoored models, `fire eval`, `fire sweep`, `fire data export`.
+"""Digits acceptance: real backdoored models through `fire eval`, `fire sweep` and `fire data export`.
 
 The models are trained once per session by the ``digits_checkpoint`` fixture in tests/conftest.py
 (about 20 s each on 2 cores; FIRE_TEST_CACHE=DIR keeps them between runs).
@@ -30,8 +30,21 @@ def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 
 
 def eval_report(capsys, checkpoint: Path, out: Path) -> dict:
-    return run_json(capsys, ["eval", "--checkpoint", str(checkpoint), "--clean", "100", "--flagged", "20",
-                             "--out", str(out), "--json"])
+    return run_json(
+        capsys,
+        [
+            "eval",
+            "--checkpoint",
+            str(checkpoint),
+            "--clean",
+            "100",
+            "--flagged",
+            "20",
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
@@ -44,8 +57,9 @@ def test_backdoor_is_planted(digits_checkpoints: dict[str, Path], attack: str) -
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_fire_eval_repairs_the_backdoor(digits_checkpoints: dict[str, Path], attack: str, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture) -> None:
+def test_fire_eval_repairs_the_backdoor(
+    digits_checkpoints: dict[str, Path], attack: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     report = eval_report(capsys, digits_checkpoints[attack], tmp_path)
     rows = {row["method"]: row for row in report["rows"]}
     with capsys.disabled():
@@ -56,8 +70,9 @@ def test_fire_eval_repairs_the_backdoor(digits_checkpoints: dict[str, Path], att
             print(f"  detector {kind}: TPR {det['tpr_at_1pct_fpr']:.4f} at 1% FPR")
     undefended = rows["undefended"]
     assert undefended["ca"] >= 0.95 and undefended["asr"] >= 0.90
-    expected = {"undefended", "shrinkpad"} | {f"fire-{k}-{m}" for k in ("paired", "unpaired", "augmented")
-                                              for m in ("constant", "projection")}
+    expected = {"undefended", "shrinkpad"} | {
+        f"fire-{k}-{m}" for k in ("paired", "unpaired", "augmented") for m in ("constant", "projection")
+    }
     assert set(rows) == expected
     for method in ("fire-unpaired-projection", "fire-paired-projection"):
         row = rows[method]
@@ -74,10 +89,12 @@ def test_fire_eval_repairs_the_backdoor(digits_checkpoints: dict[str, Path], att
 
 
 @pytest.mark.parametrize("attack", ATTACKS)
-def test_fire_sweep_covers_every_candidate_layer(digits_checkpoints: dict[str, Path], attack: str,
-                                                 tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    result = run_json(capsys, ["sweep", "--checkpoint", str(digits_checkpoints[attack]), "--out", str(tmp_path),
-                               "--json"])
+def test_fire_sweep_covers_every_candidate_layer(
+    digits_checkpoints: dict[str, Path], attack: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    result = run_json(
+        capsys, ["sweep", "--checkpoint", str(digits_checkpoints[attack]), "--out", str(tmp_path), "--json"]
+    )
     layers = [row["layer"] for row in result["rows"]]
     assert layers == ["block1", "block2", "block3", "fc1"]
     shapes = {row["layer"]: tuple(row["shape"]) for row in result["rows"]}
@@ -87,8 +104,12 @@ def test_fire_sweep_covers_every_candidate_layer(digits_checkpoints: dict[str, P
     assert recommended["alpha"] in (0.5, 1.0, 1.5, 2.0, 3.0)
     pick = next(row for row in result["rows"] if row["layer"] == recommended["layer"])
     with capsys.disabled():
-        print(f"\n{attack} sweep: " + ", ".join(f"{r['layer']} a={r['alpha']} PA {r['pa']:.3f} CA {r['ca']:.3f}"
-                                                  for r in result["rows"]))
+        print(
+            f"\n{attack} sweep: "
+            + ", ".join(
+                f"{r['layer']} a={r['alpha']} PA {r['pa']:.3f} CA {r['ca']:.3f}" for r in result["rows"]
+            )
+        )
         print(f"  recommended {recommended}")
     assert pick["ca"] >= recommended["undefended_ca"] - 0.01
     assert pick["pa"] >= 0.90
@@ -109,15 +130,30 @@ def test_sig_figures(digits_checkpoint, tmp_path: Path, capsys: pytest.CaptureFi
 
 
 @pytest.mark.parametrize("split", ["test", "train"])
-def test_data_export_writes_uint8_nhwc(digits_checkpoints: dict[str, Path], tmp_path: Path, split: str,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_data_export_writes_uint8_nhwc(
+    digits_checkpoints: dict[str, Path], tmp_path: Path, split: str, capsys: pytest.CaptureFixture
+) -> None:
     checkpoint = digits_checkpoints["badnets"]
     digits = load_dataset("digits")
     x_all, y_all = digits.split(split)
     skip = RESERVE if split == "test" else 0
 
-    clean = run_json(capsys, ["data", "export", "--checkpoint", str(checkpoint), "--split", split, "--n", "50",
-                              "--out", str(tmp_path / "clean.npz"), "--json"])
+    clean = run_json(
+        capsys,
+        [
+            "data",
+            "export",
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            split,
+            "--n",
+            "50",
+            "--out",
+            str(tmp_path / "clean.npz"),
+            "--json",
+        ],
+    )
     assert clean["n"] == 50
     with np.load(tmp_path / "clean.npz") as data:
         assert set(data.files) == {"x", "y", "poisoned"}
@@ -127,8 +163,21 @@ def test_data_export_writes_uint8_nhwc(digits_checkpoints: dict[str, Path], tmp_
         assert np.array_equal(data["x"], x_all[skip : skip + 50])
         assert np.array_equal(data["y"], y_all[skip : skip + 50])
 
-    run_json(capsys, ["data", "export", "--checkpoint", str(checkpoint), "--split", split, "--poisoned",
-                      "--out", str(tmp_path / "poisoned.npz"), "--json"])
+    run_json(
+        capsys,
+        [
+            "data",
+            "export",
+            "--checkpoint",
+            str(checkpoint),
+            "--split",
+            split,
+            "--poisoned",
+            "--out",
+            str(tmp_path / "poisoned.npz"),
+            "--json",
+        ],
+    )
     with np.load(tmp_path / "poisoned.npz") as data:
         x, y = data["x"], data["y"]
         assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (8, 8, 1)
@@ -138,7 +187,20 @@ def test_data_export_writes_uint8_nhwc(digits_checkpoints: dict[str, Path], tmp_
         assert np.array_equal(x, to_uint8(resolve_attack("badnets")(to_tensor(originals))))
 
     if split == "test":
-        run_json(capsys, ["data", "export", "--checkpoint", str(checkpoint), "--include-reserve", "--n", "3",
-                          "--out", str(tmp_path / "reserve.npz"), "--json"])
+        run_json(
+            capsys,
+            [
+                "data",
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--include-reserve",
+                "--n",
+                "3",
+                "--out",
+                str(tmp_path / "reserve.npz"),
+                "--json",
+            ],
+        )
         with np.load(tmp_path / "reserve.npz") as data:
             assert np.array_equal(data["x"], x_all[:3])

@@ -1,4 +1,4 @@
-"""A user-supplied trigger for tests: importable as ``fire_test_triggers:stripes`` with tests/unit on sys.path."""
+"""A user-supplied trigger for tests: `fire_test_triggers:stripes` (with tests/unit on sys.path)."""
 
 from __future__ import annotations
 

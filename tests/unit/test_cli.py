@@ -12,13 +12,33 @@ from fire_backend.cli import build_parser, main
 
 HELP_OPTIONS = {
     (): ["train", "eval", "sweep", "data"],
-    ("train",): ["--data", "--attack", "--target", "--poison-rate", "--seed", "--epochs", "--arch", "--width",
-                 "--train-subset", "--out", "--json", "examples:"],
+    ("train",): [
+        "--data",
+        "--attack",
+        "--target",
+        "--poison-rate",
+        "--seed",
+        "--epochs",
+        "--arch",
+        "--width",
+        "--train-subset",
+        "--out",
+        "--json",
+        "examples:",
+    ],
     ("eval",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--layer", "--alpha", "examples:"],
     ("sweep",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--estimator", "examples:"],
     ("data",): ["export"],
-    ("data", "export"): ["--checkpoint", "--split", "--poisoned", "--n", "--include-reserve", "--out", "--json",
-                         "examples:"],
+    ("data", "export"): [
+        "--checkpoint",
+        "--split",
+        "--poisoned",
+        "--n",
+        "--include-reserve",
+        "--out",
+        "--json",
+        "examples:",
+    ],
 }
 
 
@@ -49,9 +69,15 @@ def test_console_script_help() -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [[], ["train"], ["eval"], ["sweep", "--estimator", "magic", "--checkpoint", "x"], ["train", "--arch", "vgg",
-                                                                                          "--out", "x"],
-     ["data", "export", "--checkpoint", "x"], ["bogus"]],
+    [
+        [],
+        ["train"],
+        ["eval"],
+        ["sweep", "--estimator", "magic", "--checkpoint", "x"],
+        ["train", "--arch", "vgg", "--out", "x"],
+        ["data", "export", "--checkpoint", "x"],
+        ["bogus"],
+    ],
 )
 def test_usage_errors_exit_two(argv: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as info:
@@ -61,8 +87,9 @@ def test_usage_errors_exit_two(argv: list[str], capsys: pytest.CaptureFixture) -
 
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep"], ["data", "export", "--out", "x.npz"]])
-def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, command: list[str],
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_missing_checkpoint_is_a_one_line_error(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture
+) -> None:
     assert main([*command, "--checkpoint", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"fire {command[0]}: error:") and "not a checkpoint" in err
@@ -70,8 +97,9 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path: Path, command: list[st
 
 
 @pytest.mark.parametrize("rate", ["0", "1.5", "-0.1"])
-def test_train_rejects_bad_poison_rate_before_training(tmp_path: Path, rate: str,
-                                                        capsys: pytest.CaptureFixture) -> None:
+def test_train_rejects_bad_poison_rate_before_training(
+    tmp_path: Path, rate: str, capsys: pytest.CaptureFixture
+) -> None:
     assert main(["train", "--poison-rate", rate, "--out", str(tmp_path / "run")]) == 2
     assert "--poison-rate" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

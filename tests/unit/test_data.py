@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fire_backend.data import ATTACKS, Dataset, load_dataset, resolve_attack, to_tensor, to_uint8

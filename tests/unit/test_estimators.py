@@ -17,7 +17,9 @@ from fire_backend.fire import (
 )
 
 N, D = 200, 64
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,8 +129,6 @@ def test_counts_accumulate_and_empty_batches_are_ignored() -> None:
     assert torch.equal(mean.value(), torch.ones(3))
 
 
-@pytest.mark.xfail(reason="library bug: fire.flatten does latents.reshape(0, -1) on an empty batch, which torch "
-                   "rejects (RuntimeError), so observe()/repair() crash on zero samples", strict=False)
 def test_estimators_accept_an_empty_batch() -> None:
     paired = PairedEstimator(3)
     paired.observe(torch.ones(0, 3), torch.zeros(0, 3))
@@ -156,12 +156,15 @@ def chunked(draw, max_rows: int = 40):
     rows = draw(st.integers(1, max_rows))
     cuts = sorted(draw(st.lists(st.integers(0, rows), max_size=8)))
     bounds = [0, *cuts, rows]
-    return rows, list(zip(bounds[:-1], bounds[1:]))
+    return rows, list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def stream_data(rows: int, seed: int, dtype: torch.dtype, dim: int = 6):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, dim, generator=g, dtype=dtype) * 3 + 5, torch.randn(rows, dim, generator=g, dtype=dtype))
+    return (
+        torch.randn(rows, dim, generator=g, dtype=dtype) * 3 + 5,
+        torch.randn(rows, dim, generator=g, dtype=dtype),
+    )
 
 
 @SETTINGS
@@ -205,7 +208,11 @@ def test_estimators_stream_equals_batch(split, seed: int, dtype: torch.dtype) ->
         unpaired_stream.observe(poisoned=poisoned[a:b])
         unpaired_stream.observe(clean=clean[a:b])
         aug_stream.observe_augmented(poisoned[a:b], [t[a:b] for t in twins])
-    for batch, stream in ((paired_batch, paired_stream), (unpaired_batch, unpaired_stream), (aug_batch, aug_stream)):
+    for batch, stream in (
+        (paired_batch, paired_stream),
+        (unpaired_batch, unpaired_stream),
+        (aug_batch, aug_stream),
+    ):
         assert batch.count == stream.count == rows
         compare(stream.direction(), batch.direction())
     # the float64 accumulators themselves agree to 1e-10 (1e-6 relative for float32 inputs)
@@ -215,7 +222,9 @@ def test_estimators_stream_equals_batch(split, seed: int, dtype: torch.dtype) ->
     assert torch.allclose(unpaired_stream.poisoned.mean, unpaired_batch.poisoned.mean, **tol)
     assert torch.allclose(unpaired_stream.clean.mean, unpaired_batch.clean.mean, **tol)
     compare(paired_stream.direction(), (poisoned.double() - clean.double()).mean(0))
-    compare(unpaired_stream.direction(), poisoned.double().mean(0) - (mu.double() + clean.double().mean(0)) / 2)
+    compare(
+        unpaired_stream.direction(), poisoned.double().mean(0) - (mu.double() + clean.double().mean(0)) / 2
+    )
 
 
 @SETTINGS
@@ -223,7 +232,7 @@ def test_estimators_stream_equals_batch(split, seed: int, dtype: torch.dtype) ->
 def test_paired_one_sample_at_a_time_float64(seed: int) -> None:
     poisoned, clean = stream_data(30, seed, torch.float64)
     stream, batch = PairedEstimator(6), PairedEstimator(6)
-    for p, c in zip(poisoned, clean):
+    for p, c in zip(poisoned, clean, strict=True):
         stream.observe(p[None], c[None])
     batch.observe(poisoned, clean)
     assert stream.count == 30
@@ -240,8 +249,6 @@ def test_running_mean_long_stream_stays_accurate() -> None:
     assert torch.allclose(mean.mean, x.mean(0), rtol=0, atol=1e-9)
 
 
-@pytest.mark.xfail(reason="library bug: RunningMean.update reshapes any tensor to (-1, dim), so latents of the "
-                   "wrong width are silently regrouped into rows instead of rejected", strict=False)
 def test_running_mean_rejects_rows_of_the_wrong_width() -> None:
     mean = RunningMean(4)
     with pytest.raises(ValueError):

@@ -20,7 +20,9 @@ from fire_backend.split import (
 
 SPECS = {
     "digits_cnn": ModelSpec("digits_cnn", {"in_channels": 1, "num_classes": 10, "width": 8}, (1, 8, 8)),
-    "preact_resnet18": ModelSpec("preact_resnet18", {"in_channels": 3, "num_classes": 10, "width": 8}, (3, 32, 32)),
+    "preact_resnet18": ModelSpec(
+        "preact_resnet18", {"in_channels": 3, "num_classes": 10, "width": 8}, (3, 32, 32)
+    ),
 }
 DIGITS_LAYERS = ["block1", "block2", "block3", "fc1"]
 RESNET_LAYERS = ["conv1", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)), "avgpool"]
@@ -104,8 +106,16 @@ def test_candidate_layers_restores_training_mode() -> None:
     assert not model.training
 
 
-@pytest.mark.parametrize("arch,bad", [("digits_cnn", "block9"), ("digits_cnn", "fc2"), ("preact_resnet18", "layer1"),
-                                      ("preact_resnet18", "linear"), ("preact_resnet18", "")])
+@pytest.mark.parametrize(
+    "arch,bad",
+    [
+        ("digits_cnn", "block9"),
+        ("digits_cnn", "fc2"),
+        ("preact_resnet18", "layer1"),
+        ("preact_resnet18", "linear"),
+        ("preact_resnet18", ""),
+    ],
+)
 def test_split_rejects_bad_layer_listing_candidates(arch: str, bad: str) -> None:
     model = SPECS[arch].build()
     with pytest.raises(ValueError) as info:
@@ -158,7 +168,13 @@ def test_preact_resnet18_standard_width_has_backdoorbench_keys() -> None:
     model = PreActResNet18()  # width 64: the standard network
     state = model.state_dict()
     keys = set(state)
-    for key in ("conv1.weight", "layer1.0.bn1.weight", "layer2.0.shortcut.0.weight", "linear.weight", "linear.bias"):
+    for key in (
+        "conv1.weight",
+        "layer1.0.bn1.weight",
+        "layer2.0.shortcut.0.weight",
+        "linear.weight",
+        "linear.bias",
+    ):
         assert key in keys
     assert {key.split(".")[0] for key in keys} == {"conv1", "layer1", "layer2", "layer3", "layer4", "linear"}
     assert keys == backdoorbench_keys()
@@ -171,7 +187,9 @@ def test_preact_resnet18_standard_width_has_backdoorbench_keys() -> None:
 
 
 def test_preact_resnet18_loads_a_foreign_state_dict_strictly() -> None:
-    source = {k: torch.randn_like(v.float()).to(v.dtype) for k, v in PreActResNet18(width=8).state_dict().items()}
+    source = {
+        k: torch.randn_like(v.float()).to(v.dtype) for k, v in PreActResNet18(width=8).state_dict().items()
+    }
     model = PreActResNet18(width=8)
     model.load_state_dict(source, strict=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.items())
@@ -185,8 +203,16 @@ def test_digits_cnn_defaults() -> None:
 # --- part files ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch,layer", [("digits_cnn", "block2"), ("digits_cnn", "fc1"), ("preact_resnet18", "conv1"),
-                                        ("preact_resnet18", "layer3.0"), ("preact_resnet18", "avgpool")])
+@pytest.mark.parametrize(
+    "arch,layer",
+    [
+        ("digits_cnn", "block2"),
+        ("digits_cnn", "fc1"),
+        ("preact_resnet18", "conv1"),
+        ("preact_resnet18", "layer3.0"),
+        ("preact_resnet18", "avgpool"),
+    ],
+)
 def test_save_and_load_part_round_trip_is_exact(tmp_path: Path, arch: str, layer: str) -> None:
     spec = SPECS[arch]
     model = trained_like(spec, seed=3)
@@ -222,7 +248,9 @@ def test_load_part_rejects_weights_that_do_not_match(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not match"):
         load_part(tmp_path / "extra.pt")
 
-    missing = dict(payload, state_dict={k: v for k, v in payload["state_dict"].items() if k != "block2.0.weight"})
+    missing = dict(
+        payload, state_dict={k: v for k, v in payload["state_dict"].items() if k != "block2.0.weight"}
+    )
     torch.save(missing, tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="do not match"):
         load_part(tmp_path / "missing.pt")

@@ -65,30 +65,58 @@ def test_poison_training_set_flips_only_non_target_samples() -> None:
     changed = (px != x).flatten(1).any(1)
     assert int(changed.sum()) == 20
     assert (y[changed] != 2).all() and (py[changed] == 2).all()
-    assert torch.equal(py[~changed], y[~changed]) and torch.equal(px[changed], resolve_attack("badnets")(x[changed]))
-    assert torch.equal(x, torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0)))  # input untouched
+    assert torch.equal(py[~changed], y[~changed]) and torch.equal(
+        px[changed], resolve_attack("badnets")(x[changed])
+    )
+    assert torch.equal(
+        x, torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    )  # input untouched
 
 
 def test_default_spec_picks_the_architecture() -> None:
     assert default_spec(TrainConfig(), (1, 8, 8), 10).arch == "digits_cnn"
     spec = default_spec(TrainConfig(), (3, 32, 32), 10)
-    assert spec.arch == "preact_resnet18" and spec.kwargs == {"num_classes": 10, "in_channels": 3, "width": 64}
+    assert spec.arch == "preact_resnet18" and spec.kwargs == {
+        "num_classes": 10,
+        "in_channels": 3,
+        "width": 64,
+    }
     assert default_spec(TrainConfig(arch="preact_resnet18", width=8), (1, 8, 8), 4).kwargs["width"] == 8
 
 
 def test_train_with_a_user_attack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(HERE))
-    meta = train_backdoored(TrainConfig(attack="fire_test_triggers:stripes", epochs=1, train_subset=64, width=4),
-                            tmp_path / "custom", progress=False)
+    meta = train_backdoored(
+        TrainConfig(attack="fire_test_triggers:stripes", epochs=1, train_subset=64, width=4),
+        tmp_path / "custom",
+        progress=False,
+    )
     assert meta.attack == "fire_test_triggers:stripes"
     assert load_checkpoint(tmp_path / "custom")[1].attack == meta.attack
 
 
 def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out, meta = tiny_checkpoint
-    assert main(["data", "export", "--checkpoint", str(out), "--n", "7", "--out", str(tmp_path / "c.npz"),
-                 "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"out": str(tmp_path / "c.npz"), "n": 7}
+    assert (
+        main(
+            [
+                "data",
+                "export",
+                "--checkpoint",
+                str(out),
+                "--n",
+                "7",
+                "--out",
+                str(tmp_path / "c.npz"),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+        "out": str(tmp_path / "c.npz"),
+        "n": 7,
+    }
     with np.load(tmp_path / "c.npz") as clean:
         assert clean["x"].dtype == np.uint8 and clean["x"].shape == (7, 8, 8, 1)
         assert clean["y"].dtype == np.int64 and not clean["poisoned"].any()
@@ -96,8 +124,22 @@ def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixt
 
         digits = load_dataset("digits")
         assert np.array_equal(clean["x"], digits.x_test[RESERVE : RESERVE + 7])  # reserve excluded
-    assert main(["data", "export", "--checkpoint", str(out), "--poisoned", "--n", "5", "--out",
-                 str(tmp_path / "p.npz")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "export",
+                "--checkpoint",
+                str(out),
+                "--poisoned",
+                "--n",
+                "5",
+                "--out",
+                str(tmp_path / "p.npz"),
+            ]
+        )
+        == 0
+    )
     with np.load(tmp_path / "p.npz") as poisoned:
         assert poisoned["x"].shape == (5, 8, 8, 1) and poisoned["poisoned"].all()
         assert (poisoned["y"] != meta.target).all()

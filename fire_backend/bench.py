@@ -1,0 +1,379 @@
+"""``fire bench``: the cost of FIRE on the real server, measured with Locust.
+
+Starts tritonserver on a repository (default: the digits demo), then for every concurrency level runs Locust
+headless (``loadtest/locustfile.py``, one subprocess per run) against ``fire_ensemble``, ``undefended_ensemble``
+and ``fire_monolithic`` in turn -- interleaved, so drift (thermal, background load) hits all three alike.
+Each run sends the locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
+
+Latency is per sample: a request's latency divided by its image count, exact (from Locust's ``--latency-file``,
+not its rounded histogram); throughput is samples/s. The first ``warmup`` seconds of each run are left out of
+both. Results: a table on stdout, ``bench.json``, ``bench.csv`` and ``bench.png`` in ``--out``, Locust's own
+CSV/logs under ``--out/raw``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: (row name, model) in the order they run at each concurrency.
+TARGETS = (("fire", "fire_ensemble"), ("undefended", "undefended_ensemble"), ("monolithic", "fire_monolithic"))
+#: everything the three targets need (fire_control is not an inference model).
+SERVER_MODELS = ("fire_head", "fire_repair", "fire_tail", "fire_monolithic", "fire_ensemble", "undefended_ensemble")
+TRAFFIC_IMAGES = 400
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    repository: Path | None = None
+    concurrency: tuple[int, ...] = (1, 16)
+    duration_s: float = 15.0
+    batch: int = 1
+    out: Path = Path("bench-results")
+    protocol: str = "grpc"
+    warmup_s: float = 2.0
+    locustfile: Path | None = None
+    quiet: bool = False
+
+
+@dataclass
+class BenchRow:
+    target: str
+    concurrency: int
+    samples_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    model: str = ""
+    batch: int = 1
+    requests: int = 0
+    samples: int = 0
+    failures: int = 0
+    mean_ms: float = 0.0
+    window_s: float = 0.0
+
+
+@dataclass
+class BenchReport:
+    machine: dict
+    rows: list[BenchRow]
+    ratios: list[dict] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"machine": self.machine, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios,
+                "settings": self.settings}
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 1,16, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"expected positive integers like 1,16, got {text!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def machine_info(server_version: str | None = None) -> dict:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "cpu_model": _cpu_model(),
+        "gpu": ", ".join(gpus) if gpus else None,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "tritonserver": server_version,
+        "tritonclient": _version("tritonclient"),
+        "locust": _version("locust"),
+    }
+
+
+def describe_machine(m: dict) -> str:
+    gpu = f"GPU {m['gpu']}" if m.get("gpu") else "no GPU"
+    return (f"{m['cores']} cores ({m['cpu_model']}), {gpu}, Python {m['python']}, torch {m['torch']}, "
+            f"tritonserver {m.get('tritonserver') or '?'}, locust {m.get('locust') or '?'}")
+
+
+# --------------------------------------------------------------------------------------------------
+# traffic and runs
+# --------------------------------------------------------------------------------------------------
+
+
+def default_locustfile() -> Path:
+    path = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: loadtest/locustfile.py is not next to the fire_backend package "
+                                "(installed from a wheel?): pass --locustfile")
+    return path
+
+
+def write_traffic(repository: Path, out: Path) -> tuple[Path, Path | None, int]:
+    """clean.npz and poisoned.npz for the repository's data set and attack, from the evaluation images (after the
+    defender's reserve), like `fire data export`. Returns (clean, poisoned or None, target)."""
+    from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
+    from fire_backend.evaluation import RESERVE
+    from fire_backend.serving.artifacts import ServingSettings
+
+    settings = ServingSettings.read(repository / "artifacts")
+    if not settings.dataset:
+        raise ValueError(f"{repository}: serving settings name no data set: cannot make bench traffic")
+    x, y = load_dataset(settings.dataset).split("test")
+    x, y = x[RESERVE:], y[RESERVE:]
+    out.mkdir(parents=True, exist_ok=True)
+    clean = out / "clean.npz"
+    n = min(TRAFFIC_IMAGES, len(x))
+    np.savez(clean, x=x[:n], y=y[:n].astype(np.int64), poisoned=np.zeros(n, bool))
+    poisoned = None
+    if settings.attack:
+        keep = y != settings.target
+        xp, yp = x[keep][:TRAFFIC_IMAGES], y[keep][:TRAFFIC_IMAGES]
+        xp = to_uint8(resolve_attack(settings.attack)(to_tensor(xp)))
+        poisoned = out / "poisoned.npz"
+        np.savez(poisoned, x=xp, y=yp.astype(np.int64), poisoned=np.ones(len(xp), bool))
+    return clean, poisoned, max(settings.target, 0)
+
+
+def _run_locust(config: BenchConfig, locustfile: Path, url: str, model: str, users: int, prefix: Path,
+                traffic: tuple[Path, Path | None, int]) -> Path:
+    clean, poisoned, target = traffic
+    latency_file = prefix.with_name(prefix.name + "_latency.csv")
+    latency_file.unlink(missing_ok=True)
+    run_time = config.duration_s + config.warmup_s
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(users), "-r", str(users),
+        "-t", f"{run_time:g}s", "--host", url, "--model", model, "--batch", str(config.batch),
+        "--clean-npz", str(clean), "--target", str(target), "--csv", str(prefix),
+        "--latency-file", str(latency_file), "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "2",
+    ]
+    if poisoned is not None:
+        cmd += ["--poisoned-npz", str(poisoned)]
+    log = prefix.with_name(prefix.name + ".log")
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, timeout=run_time + 120, check=False)
+    if not latency_file.is_file():
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"locust run for {model} at {users} users wrote no latencies (exit {proc.returncode}); "
+                           f"log {log}:\n{tail}")
+    return latency_file
+
+
+def summarize(latency_file: Path, warmup_s: float) -> dict:
+    """Per-sample percentiles and samples/s over requests that started after the warm-up."""
+    data = np.loadtxt(latency_file, delimiter=",", skiprows=1, ndmin=2)
+    start, latency, n = data[:, 0], data[:, 1], data[:, 2].astype(np.int64)
+    keep = start >= start.min() + warmup_s
+    if keep.sum() < 10:  # too short to drop a warm-up: keep everything
+        keep = np.ones_like(keep)
+    start, latency, n = start[keep], latency[keep], n[keep]
+    per_sample = np.repeat(latency / n, n)
+    window = float((start + latency / 1000.0).max() - start.min())
+    return {
+        "requests": int(len(n)), "samples": int(n.sum()), "window_s": window,
+        "samples_per_s": float(n.sum() / window) if window > 0 else 0.0,
+        "p50_ms": float(np.percentile(per_sample, 50)), "p95_ms": float(np.percentile(per_sample, 95)),
+        "p99_ms": float(np.percentile(per_sample, 99)), "mean_ms": float(per_sample.mean()),
+    }
+
+
+def _failures(prefix: Path, model: str) -> int:
+    stats = prefix.with_name(prefix.name + "_stats.csv")
+    if not stats.is_file():
+        return 0
+    with stats.open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("Name") == model:
+                return int(row.get("Failure Count") or 0)
+    return 0
+
+
+def ratios(rows: Sequence[BenchRow]) -> list[dict]:
+    """Per concurrency: FIRE's throughput and p50/p95 latency relative to undefended and monolithic."""
+    out = []
+    by_key = {(r.target, r.concurrency): r for r in rows}
+    for c in sorted({r.concurrency for r in rows}):
+        fire = by_key.get(("fire", c))
+        if fire is None:
+            continue
+        entry: dict = {"concurrency": c}
+        for other in ("undefended", "monolithic"):
+            base = by_key.get((other, c))
+            if base is None:
+                continue
+            entry[f"throughput_fire_vs_{other}"] = fire.samples_per_s / base.samples_per_s if base.samples_per_s \
+                else None
+            entry[f"p50_fire_vs_{other}"] = fire.p50_ms / base.p50_ms if base.p50_ms else None
+            entry[f"p95_fire_vs_{other}"] = fire.p95_ms / base.p95_ms if base.p95_ms else None
+        out.append(entry)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# output
+# --------------------------------------------------------------------------------------------------
+
+
+def format_table(report: BenchReport) -> str:
+    lines = [f"machine: {describe_machine(report.machine)}",
+             f"per-sample latency (request latency / images per request), batch {report.settings.get('batch')}, "
+             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run",
+             f"{'target':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
+             f"{'requests':>9s} {'failures':>8s}"]
+    for r in report.rows:
+        lines.append(f"{r.target:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} "
+                     f"{r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d}")
+    lines.append("FIRE relative to      throughput   p50 latency   p95 latency")
+
+    def fmt(v):
+        return f"{v:.3f}" if v is not None else "-"
+
+    for entry in report.ratios:
+        for other in ("undefended", "monolithic"):
+            if f"throughput_fire_vs_{other}" in entry:
+                lines.append(f"  {other:11s} c={entry['concurrency']:<4d} {fmt(entry[f'throughput_fire_vs_{other}']):>10s} "
+                             f"{fmt(entry[f'p50_fire_vs_{other}']):>13s} {fmt(entry[f'p95_fire_vs_{other}']):>13s}")
+    return "\n".join(lines)
+
+
+def write_outputs(report: BenchReport, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    with (out / "bench.csv").open("w", newline="") as handle:
+        names = list(asdict(report.rows[0]).keys()) if report.rows else ["target"]
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        for row in report.rows:
+            writer.writerow(asdict(row))
+    plot(report, out / "bench.png")
+    return [out / "bench.json", out / "bench.csv", out / "bench.png"]
+
+
+def plot(report: BenchReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({r.concurrency for r in report.rows})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(TARGETS)
+    for i, (target, _) in enumerate(TARGETS):
+        rows = {r.concurrency: r for r in report.rows if r.target == target}
+        xs = np.arange(len(levels)) + (i - (len(TARGETS) - 1) / 2) * width
+        ax1.bar(xs, [rows[c].samples_per_s if c in rows else 0 for c in levels], width, label=target)
+        p50 = [rows[c].p50_ms if c in rows else np.nan for c in levels]
+        p95 = [rows[c].p95_ms if c in rows else np.nan for c in levels]
+        bars = ax2.bar(xs, p50, width, label=f"{target} p50")
+        ax2.scatter(xs, p95, marker="_", s=200, color=bars.patches[0].get_facecolor(), zorder=3,
+                    label=f"{target} p95")
+    for ax, title, unit in ((ax1, "throughput", "samples/s"), (ax2, "per-sample latency (bar p50, tick p95)", "ms")):
+        ax.set_xticks(np.arange(len(levels)), [f"{c} user{'s' if c > 1 else ''}" for c in levels])
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    ax1.legend()
+    ax2.legend(fontsize=7, ncol=2)
+    m = report.machine
+    fig.suptitle(f"fire bench, batch {report.settings.get('batch')}: {m['cores']} cores, "
+                 f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------------------------------
+
+
+def run_bench(config: BenchConfig) -> BenchReport:
+    from fire_backend.client import FireClient
+    from fire_backend.serving.commands import demo_repository
+    from fire_backend.serving.launcher import running_server
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    locustfile = (config.locustfile or default_locustfile()).resolve()
+    if not locustfile.is_file():
+        raise FileNotFoundError(f"{locustfile}: no such Locust file")
+    repository = (config.repository or demo_repository(progress=not config.quiet)).resolve()
+    if not (repository / "fire_ensemble" / "config.pbtxt").is_file():
+        raise ValueError(f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
+    out = config.out
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    traffic = write_traffic(repository, out / "data")
+    rows: list[BenchRow] = []
+    say(f"fire bench: {repository}, concurrency {','.join(map(str, config.concurrency))}, "
+        f"{config.duration_s:g} s per run (+{config.warmup_s:g} s warm-up), batch {config.batch}, {config.protocol}")
+    started = time.time()
+    with running_server(repository, models=SERVER_MODELS) as server:
+        url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
+        with FireClient(url) as client:
+            server_version = client.server_metadata().get("version")
+            for _, model in TARGETS:  # load check and first-call warm-up, outside the measured runs
+                client.infer_batches(np.zeros((config.batch, *client.model_info(model).input_shape), np.float32),
+                                     config.batch, model)
+        say(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at {url}")
+        for users in config.concurrency:
+            for target, model in TARGETS:
+                prefix = raw / f"{target}-c{users}"
+                latency_file = _run_locust(config, locustfile, url, model, users, prefix, traffic)
+                stats = summarize(latency_file, config.warmup_s)
+                row = BenchRow(target=target, concurrency=users, model=model, batch=config.batch,
+                               failures=_failures(prefix, model), **stats)
+                rows.append(row)
+                say(f"  {target:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} ms, "
+                    f"p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, "
+                    f"{row.failures} failures)")
+    machine = machine_info(server_version)
+    settings = {"repository": str(repository), "concurrency": list(config.concurrency),
+                "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
+                "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started}
+    report = BenchReport(machine=machine, rows=rows, ratios=ratios(rows), settings=settings)
+    print(format_table(report))
+    paths = write_outputs(report, out)
+    say(f"wrote {', '.join(str(p) for p in paths)}")
+    return report

@@ -1,0 +1,73 @@
+"""Real tritonserver fixtures shared by the integration tests (one server per scenario per session)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fire_backend.data import load_dataset, resolve_attack, to_tensor
+from fire_backend.evaluation import RESERVE
+from fire_backend.serving.launcher import TritonServer, running_server
+from fire_backend.serving.repository import build_repository
+
+
+@dataclass
+class Served:
+    server: TritonServer
+    repository: Path
+    checkpoint: Path
+    token: str
+
+    @property
+    def grpc(self) -> str:
+        return self.server.urls["grpc"]
+
+    @property
+    def http(self) -> str:
+        return self.server.urls["http"].removeprefix("http://")
+
+
+@dataclass
+class EvalImages:
+    """The evaluation images of the digits test split (the defender's reserve excluded)."""
+
+    clean: np.ndarray  # float32 NCHW
+    labels: np.ndarray
+    poisoned: np.ndarray  # non-target images with the trigger
+    poisoned_labels: np.ndarray  # their true labels
+    target: int
+
+
+@pytest.fixture(scope="session")
+def badnets_eval() -> EvalImages:
+    data = load_dataset("digits")
+    x, y = to_tensor(data.x_test[RESERVE:]), data.y_test[RESERVE:]
+    keep = y != 0
+    poisoned = resolve_attack("badnets")(x[keep])
+    return EvalImages(x.numpy(), y, poisoned.numpy(), y[keep], 0)
+
+
+def _serve(tmp_path_factory, checkpoint: Path, name: str, flagged: int | None) -> Iterator[Served]:
+    repository = tmp_path_factory.mktemp(name) / "repository"
+    build_repository(checkpoint, repository, flagged=flagged)
+    token = secrets.token_urlsafe(16)
+    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token},
+                        restricted_api_key=secrets.token_urlsafe(16)) as server:
+        yield Served(server, repository, checkpoint, token)
+
+
+@pytest.fixture(scope="session")
+def defended(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
+    """BadNets digits model served with a direction estimated offline from 20 flagged samples."""
+    yield from _serve(tmp_path_factory, digits_checkpoint("badnets"), "defended", flagged=20)
+
+
+@pytest.fixture(scope="session")
+def learning(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
+    """BadNets digits model served with no direction yet (2 repair instances), for control tests."""
+    yield from _serve(tmp_path_factory, digits_checkpoint("badnets"), "learning", flagged=None)

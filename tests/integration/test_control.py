@@ -1,0 +1,237 @@
+"""Control endpoint on the real tritonserver: live pushes, online learning, auth, validation, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from helpers import infer, labels
+from tritonclient.utils import InferenceServerException
+
+from fire_backend.control_client import ControlClient
+from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
+from fire_backend.evaluation import RESERVE
+from fire_backend.serving.artifacts import ServingSettings
+from fire_backend.serving.launcher import running_server
+from fire_backend.store import DirectionStore
+
+pytestmark = pytest.mark.integration
+
+
+def flagged_images(n: int) -> np.ndarray:
+    """Poisoned images from the defender's reserve (disjoint from the evaluation images)."""
+    data = load_dataset("digits")
+    x, y = data.x_test[:RESERVE], data.y_test[:RESERVE]
+    return to_uint8(resolve_attack("badnets")(to_tensor(x[y != 0][:n])))
+
+
+def store_snapshot(repository) -> tuple:
+    store = DirectionStore(repository / "artifacts" / "store")
+    files = sorted(p.name for p in store.versions_dir.iterdir())
+    return store.read_pointer(), store.history_path.read_bytes(), files
+
+
+def random_direction(dim: int, seed: int, scale: float = 1.0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"beta": (rng.standard_normal(dim) * scale).astype(np.float32).tolist(), "name": f"op-{seed}"}
+
+
+@pytest.fixture
+def ctl(learning):
+    with ControlClient(learning.grpc, learning.token) as client:
+        client.rollback(0)
+        yield client
+
+
+def test_observing_20_flagged_samples_repairs_served_traffic(ctl, learning, badnets_eval):
+    ev = badnets_eval
+    with grpcclient.InferenceServerClient(learning.grpc) as c:
+        undefended_ca = (labels(c, ev.clean, "undefended_ensemble") == ev.labels).mean()
+        pa_before = (labels(c, ev.poisoned) == ev.poisoned_labels).mean()
+        assert ctl.status()["version"] == 0
+        result = ctl.observe(flagged_images(20))
+        assert result["poisoned_count"] == 20 and len(result["versions"]) == 20  # republished after each
+        time.sleep(0.15)
+        pa_after = (labels(c, ev.poisoned) == ev.poisoned_labels).mean()
+        ca_after = (labels(c, ev.clean) == ev.labels).mean()
+        version = infer(c, ev.clean[:2])["DIRECTION_VERSION"].reshape(-1)
+    print(f"served PA {pa_before:.3f} -> {pa_after:.3f}; CA {ca_after:.4f} (undefended {undefended_ca:.4f})")
+    assert pa_before < 0.1
+    assert pa_after >= 0.9
+    assert ca_after >= undefended_ca - 0.01
+    assert (version == result["version"]).all()
+    status = ctl.status()
+    assert status["estimator"]["poisoned_count"] == 20
+    assert {i["version"] for i in status["instances"]} == {result["version"]}
+    assert len(status["instances"]) == 2
+
+
+def test_augmented_estimator_and_clean_observations(ctl, learning):
+    clean = load_dataset("digits").x_test[:50]
+    r = ctl.observe(clean, clean=True)
+    assert r["clean_count"] == 150 and r["poisoned_count"] == 0
+    r = ctl.observe(flagged_images(5), estimator="augmented", publish_every=5)
+    assert r["poisoned_count"] == 5 and len(r["versions"]) == 1
+    with pytest.raises(InferenceServerException, match="live estimate is 'augmented'"):
+        ctl.observe(flagged_images(2), estimator="unpaired")
+
+
+def test_push_reaches_every_instance_within_100ms(ctl, learning, badnets_eval):
+    dim = ServingSettings.read(learning.repository / "artifacts").latent_dim
+    records: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with grpcclient.InferenceServerClient(learning.grpc) as c:
+            while not stop.is_set():
+                sent = time.monotonic()
+                records.append((sent, int(infer(c, badnets_eval.clean[:2])["DIRECTION_VERSION"][0, 0])))
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        pushes = []
+        for seed in range(5):
+            time.sleep(0.3)
+            began = time.monotonic()
+            version = ctl.push([random_direction(dim, seed, 0.01)])["version"]
+            pushes.append((began, time.monotonic(), version))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    # Requests sent from 100 ms after a push returned until the next push began carry its version.
+    for (_, returned, version), nxt in zip(pushes, [*pushes[1:], (float("inf"), None, None)], strict=True):
+        late = [v for sent, v in records if returned + 0.1 < sent < nxt[0]]
+        assert late and all(v == version for v in late), (version, late[:10])
+    instances = ctl.status()["instances"]
+    assert len(instances) == 2 and {i["version"] for i in instances} == {pushes[-1][2]}
+
+
+def test_100_pushes_under_load_lose_nothing(ctl, learning, badnets_eval):
+    dim = ServingSettings.read(learning.repository / "artifacts").latent_dim
+    failures: list[Exception] = []
+    mixed: list[list[int]] = []
+    served = [0]
+    stop = threading.Event()
+
+    def client_loop(k: int) -> None:
+        with grpcclient.InferenceServerClient(learning.grpc) as c:
+            while not stop.is_set():
+                try:
+                    versions = infer(c, badnets_eval.clean[k * 8 : k * 8 + 8])["DIRECTION_VERSION"].reshape(-1)
+                except Exception as exc:
+                    failures.append(exc)
+                    continue
+                served[0] += 1
+                if len(set(versions.tolist())) != 1:
+                    mixed.append(versions.tolist())
+
+    threads = [threading.Thread(target=client_loop, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        versions = [ctl.push([random_direction(dim, 100 + i, 0.01)])["version"] for i in range(100)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert mixed == []
+    assert served[0] > 50
+    assert versions == sorted(versions) and len(set(versions)) == 100
+
+
+@pytest.mark.parametrize("case", ["no_token", "wrong_token", "nan", "wrong_shape", "oversized", "bad_alpha",
+                                  "bad_images", "too_many_images", "unknown_action", "bad_rollback"])
+def test_rejected_actions_change_nothing(ctl, learning, case):
+    dim = ServingSettings.read(learning.repository / "artifacts").latent_dim
+    ctl.push([random_direction(dim, 7, 0.01)])
+    before = store_snapshot(learning.repository)
+    live = ctl.status()["version"]
+    good = random_direction(dim, 8, 0.01)
+    client = ctl
+    if case in ("no_token", "wrong_token"):
+        client = ControlClient(learning.grpc, "" if case == "no_token" else learning.token + "x")
+    action, images, expected = {
+        "no_token": (lambda c: c.push([good]), None, "permission denied"),
+        "wrong_token": (lambda c: c.push([good]), None, "permission denied"),
+        "nan": (lambda c: c.push([{**good, "beta": [float("nan")] * dim}]), None, "NaN"),
+        "wrong_shape": (lambda c: c.push([{**good, "beta": good["beta"][:-1]}]), None, f"latent has {dim}"),
+        "oversized": (lambda c: c.push([{**good, "beta": [0.01] * (dim * 4000)}]), None, "bytes"),
+        "bad_alpha": (lambda c: c.push([{**good, "alpha": 1e9}]), None, "alpha"),
+        "bad_images": (lambda c: c.observe(np.zeros((2, 8, 8, 3), np.uint8)), None, "unexpected shape for input"),
+        "too_many_images": (lambda c: c.observe(np.zeros((300, 8, 8, 1), np.uint8)), None, "1 to 256"),
+        "unknown_action": (lambda c: c.call({"action": "format-disk"}), None, "unknown action"),
+        "bad_rollback": (lambda c: c.rollback(99999), None, "never committed"),
+    }[case]
+    with pytest.raises(InferenceServerException) as info:
+        action(client)
+    assert expected.lower() in str(info.value).lower(), str(info.value)
+    assert learning.token not in str(info.value)
+    assert ctl.status()["version"] == live
+    assert store_snapshot(learning.repository) == before
+    if client is not ctl:
+        client.close()
+
+
+def test_history_records_every_change_without_secrets(ctl, learning):
+    history = ctl.history()["history"]
+    assert history[-1]["action"] == "rollback" and history[-1]["live"] == 0
+    assert all(e["actor"].startswith("tok-") or e["actor"] == "fire repo build" for e in history)
+    text = (learning.repository / "artifacts" / "store" / "history.jsonl").read_text()
+    assert learning.token not in text
+    log = learning.server.log_path.read_text() if learning.server.log_path else ""
+    assert learning.token not in log
+
+
+def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, learning, badnets_eval):
+    repository = tmp_path / "repository"
+    shutil.copytree(learning.repository, repository)
+    dim = ServingSettings.read(repository / "artifacts").latent_dim
+    token = "crash-test-token"
+    acknowledged: list[int] = []
+    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
+        stop = threading.Event()
+
+        def stream() -> None:
+            with ControlClient(server.urls["grpc"], token, timeout_s=10) as c:
+                i = 0
+                while not stop.is_set():
+                    try:
+                        if i % 3 == 2:
+                            acknowledged.append(c.observe(flagged_images(3))["version"])
+                        else:
+                            acknowledged.append(c.push([random_direction(dim, 1000 + i, 0.01)])["version"])
+                    except Exception:
+                        return
+                    i += 1
+
+        worker = threading.Thread(target=stream)
+        worker.start()
+        time.sleep(2.0)
+        os.kill(server.pid, signal.SIGKILL)
+        stop.set()
+        worker.join(timeout=30)
+    assert acknowledged, "no action was acknowledged before the kill"
+    store = DirectionStore(repository / "artifacts" / "store")
+    # Simulate a torn write as well: a partial, newer version file that was never committed.
+    (store.versions_dir / f"{max(acknowledged) + 50:08d}.fire").write_bytes(b'{"magic": "x"}\n\x00\x01')
+    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
+        with grpcclient.InferenceServerClient(server.urls["grpc"]) as c:
+            served = int(infer(c, badnets_eval.clean[:2])["DIRECTION_VERSION"][0, 0])
+    history = store.history()
+    committed = [e["live"] for e in history]
+    assert served >= max(acknowledged)
+    assert served == committed[-1]
+    store.read_version(served)  # verifies the checksum
+    assert json.loads(store.current_path.read_text())["version"] == served
