@@ -1,0 +1,144 @@
+"""loadtest/locustfile.py: real Locust (headless subprocesses) against the real tritonserver, on loopback.
+
+One server per module on a repository built with --flagged 20, so FIRE repairs from the first request. Every
+Locust run is bounded (-t plus a subprocess timeout).
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fire_backend.cli import main as fire_main
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
+SERVER_MODELS = ("fire_head", "fire_repair", "fire_tail", "fire_monolithic", "fire_ensemble", "undefended_ensemble")
+RUN_SECONDS = 10
+DEFENSE_COLUMNS = {"traffic", "requests", "samples", "ca_or_pa", "asr", "flagged_rate"}
+
+
+def badnets_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's digits BadNets checkpoint (tests/conftest.py), else one trained here."""
+    for name in ("digits_checkpoint", "digits_checkpoints"):
+        try:
+            found = request.getfixturevalue(name)
+        except pytest.FixtureLookupError:
+            continue
+        return found("badnets") if callable(found) else found["badnets"]
+    from fire_backend.training import TrainConfig, train_backdoored
+
+    out = tmp_path_factory.mktemp("loadtest-ckpt") / "digits-badnets"
+    train_backdoored(TrainConfig(attack="badnets"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(request, tmp_path_factory) -> Path:
+    return badnets_checkpoint(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def traffic(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("loadtest-data")
+    paths = {"clean": out / "clean.npz", "poisoned": out / "poisoned.npz"}
+    for kind, path in paths.items():
+        argv = ["data", "export", "--checkpoint", str(checkpoint), "--split", "test", "--n", "200",
+                "--out", str(path)] + (["--poisoned"] if kind == "poisoned" else [])
+        assert fire_main(argv) == 0
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint: Path, tmp_path_factory) -> Iterator:
+    from fire_backend.serving.launcher import running_server
+    from fire_backend.serving.repository import build_repository
+
+    repo = tmp_path_factory.mktemp("loadtest-repo") / "repo"
+    build_repository(checkpoint, repo, flagged=20)
+    with running_server(repo, models=SERVER_MODELS) as srv:
+        yield srv
+
+
+def locust(args: list[str], timeout: float = RUN_SECONDS + 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--loglevel", "INFO", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def headless(server, traffic, prefix: Path, *extra: str, protocol: str = "grpc", users: int = 4) -> dict:
+    host = server.urls["http"] if protocol == "http" else f"grpc://{server.urls['grpc']}"
+    proc = locust(["--headless", "-u", str(users), "-r", str(users), "-t", f"{RUN_SECONDS}s", "--host", host,
+                   "--clean-npz", str(traffic["clean"]), "--poisoned-npz", str(traffic["poisoned"]),
+                   "--target", "0", "--csv", str(prefix), "--only-summary", *extra])
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    stats = {row["Name"]: row for row in read_csv(Path(f"{prefix}_stats.csv"))}
+    defense = {row["traffic"]: row for row in read_csv(Path(f"{prefix}_defense.csv"))}
+    return {"stats": stats, "defense": defense, "log": log}
+
+
+def read_csv(path: Path) -> list[dict]:
+    assert path.is_file(), f"{path} was not written"
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_help_lists_the_fire_options():
+    # Locust answers `locust -f FILE --help` before it imports FILE (locust issue #2917), so custom options
+    # only show through the locustfile's own entry point.
+    proc = subprocess.run([sys.executable, str(LOCUSTFILE), "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--clean-npz", "--poisoned-npz", "--poison-ratio", "--target", "--batch", "--bypass",
+                   "--model", "--protocol", "--step-users"):
+        assert option in proc.stdout, option
+
+
+def test_fire_repairs_poisoned_traffic(server, traffic, tmp_path):
+    run = headless(server, traffic, tmp_path / "fire", "--batch", "4", "--html", str(tmp_path / "report.html"))
+    stats, defense = run["stats"], run["defense"]
+    model = stats["fire_ensemble"]
+    per_sample = stats["fire_ensemble/per-sample"]
+    assert int(model["Request Count"]) > 50 and float(model["Requests/s"]) > 0
+    assert int(model["Failure Count"]) == 0 and int(per_sample["Failure Count"]) == 0
+    assert int(per_sample["Request Count"]) == 4 * int(model["Request Count"])  # one entry per sample
+
+    assert DEFENSE_COLUMNS <= set(defense["clean"])
+    clean, poisoned = defense["clean"], defense["poisoned"]
+    assert int(clean["requests"]) + int(poisoned["requests"]) == int(model["Request Count"])
+    assert int(poisoned["requests"]) > 0
+    assert 0.05 < int(poisoned["requests"]) / int(model["Request Count"]) < 0.45  # the 80/20 mix
+    assert float(clean["ca_or_pa"]) >= 0.95
+    assert float(poisoned["ca_or_pa"]) >= 0.9, defense  # PA with FIRE
+    assert float(poisoned["asr"]) <= 0.1
+    assert float(poisoned["flagged_rate"]) >= 0.9 and float(clean["flagged_rate"]) <= 0.1
+    assert "fire-defense" in (tmp_path / "report.html").read_text()
+
+
+def test_bypass_lets_the_attack_through(server, traffic, tmp_path):
+    run = headless(server, traffic, tmp_path / "bypass", "--bypass", "--poison-ratio", "0.5", protocol="http")
+    assert int(run["stats"]["fire_ensemble"]["Failure Count"]) == 0
+    poisoned = run["defense"]["poisoned"]
+    assert int(poisoned["samples"]) > 0
+    assert float(poisoned["asr"]) >= 0.9, run["defense"]  # the model is backdoored: FIRE did the work above
+    assert float(poisoned["ca_or_pa"]) <= 0.1
+
+
+def test_distributed_counters_reach_the_master(server, traffic, tmp_path):
+    run = headless(server, traffic, tmp_path / "dist", "--processes", "2")
+    assert "2 workers connected" in run["log"]
+    model = run["stats"]["fire_ensemble"]
+    defense = run["defense"]
+    assert int(model["Failure Count"]) == 0 and int(model["Request Count"]) > 50
+    # Locust's own counts and the defense counts travel in the same worker reports: they must agree exactly.
+    assert int(defense["clean"]["requests"]) + int(defense["poisoned"]["requests"]) == int(model["Request Count"])
+    assert int(defense["clean"]["samples"]) + int(defense["poisoned"]["samples"]) == \
+        int(run["stats"]["fire_ensemble/per-sample"]["Request Count"])
+    assert float(defense["poisoned"]["ca_or_pa"]) >= 0.9
