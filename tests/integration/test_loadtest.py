@@ -7,6 +7,7 @@ Locust run is bounded (-t plus a subprocess timeout).
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -76,10 +77,13 @@ def headless(server, traffic, prefix: Path, *extra: str, protocol: str = "grpc",
     host = server.urls["http"] if protocol == "http" else f"grpc://{server.urls['grpc']}"
     proc = locust(["--headless", "-u", str(users), "-r", str(users), "-t", f"{RUN_SECONDS}s", "--host", host,
                    "--clean-npz", str(traffic["clean"]), "--poisoned-npz", str(traffic["poisoned"]),
-                   "--target", "0", "--csv", str(prefix), "--only-summary", *extra])
+                   "--target", "0", "--csv", str(prefix), "--json-file", str(prefix), "--only-summary", *extra])
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    stats = {row["Name"]: row for row in read_csv(Path(f"{prefix}_stats.csv"))}
+    # Final counts from --json-file (written at shutdown, like the defense CSV); the _stats.csv is rewritten
+    # once a second and can miss the last requests.
+    stats = {entry["name"]: entry for entry in json.loads(Path(f"{prefix}.json").read_text())}
+    assert read_csv(Path(f"{prefix}_stats.csv"))
     defense = {row["traffic"]: row for row in read_csv(Path(f"{prefix}_defense.csv"))}
     return {"stats": stats, "defense": defense, "log": log}
 
@@ -106,15 +110,16 @@ def test_fire_repairs_poisoned_traffic(server, traffic, tmp_path):
     stats, defense = run["stats"], run["defense"]
     model = stats["fire_ensemble"]
     per_sample = stats["fire_ensemble/per-sample"]
-    assert int(model["Request Count"]) > 50 and float(model["Requests/s"]) > 0
-    assert int(model["Failure Count"]) == 0 and int(per_sample["Failure Count"]) == 0
-    assert int(per_sample["Request Count"]) == 4 * int(model["Request Count"])  # one entry per sample
+    requests = model["num_requests"]
+    assert requests > 50 and model["last_request_timestamp"] > model["start_time"]  # nonzero throughput
+    assert model["num_failures"] == 0 and per_sample["num_failures"] == 0
+    assert per_sample["num_requests"] == 4 * requests  # one entry per sample
+    assert abs(per_sample["total_response_time"] - model["total_response_time"]) < 1e-3 * requests  # latency / 4
 
     assert DEFENSE_COLUMNS <= set(defense["clean"])
     clean, poisoned = defense["clean"], defense["poisoned"]
-    assert int(clean["requests"]) + int(poisoned["requests"]) == int(model["Request Count"])
-    assert int(poisoned["requests"]) > 0
-    assert 0.05 < int(poisoned["requests"]) / int(model["Request Count"]) < 0.45  # the 80/20 mix
+    assert int(clean["requests"]) + int(poisoned["requests"]) == requests
+    assert 0.05 < int(poisoned["requests"]) / requests < 0.45  # the 80/20 mix
     assert float(clean["ca_or_pa"]) >= 0.95
     assert float(poisoned["ca_or_pa"]) >= 0.9, defense  # PA with FIRE
     assert float(poisoned["asr"]) <= 0.1
@@ -124,7 +129,7 @@ def test_fire_repairs_poisoned_traffic(server, traffic, tmp_path):
 
 def test_bypass_lets_the_attack_through(server, traffic, tmp_path):
     run = headless(server, traffic, tmp_path / "bypass", "--bypass", "--poison-ratio", "0.5", protocol="http")
-    assert int(run["stats"]["fire_ensemble"]["Failure Count"]) == 0
+    assert run["stats"]["fire_ensemble"]["num_failures"] == 0
     poisoned = run["defense"]["poisoned"]
     assert int(poisoned["samples"]) > 0
     assert float(poisoned["asr"]) >= 0.9, run["defense"]  # the model is backdoored: FIRE did the work above
@@ -136,9 +141,9 @@ def test_distributed_counters_reach_the_master(server, traffic, tmp_path):
     assert "2 workers connected" in run["log"]
     model = run["stats"]["fire_ensemble"]
     defense = run["defense"]
-    assert int(model["Failure Count"]) == 0 and int(model["Request Count"]) > 50
+    assert model["num_failures"] == 0 and model["num_requests"] > 50
     # Locust's own counts and the defense counts travel in the same worker reports: they must agree exactly.
-    assert int(defense["clean"]["requests"]) + int(defense["poisoned"]["requests"]) == int(model["Request Count"])
+    assert int(defense["clean"]["requests"]) + int(defense["poisoned"]["requests"]) == model["num_requests"]
     assert int(defense["clean"]["samples"]) + int(defense["poisoned"]["samples"]) == \
-        int(run["stats"]["fire_ensemble/per-sample"]["Request Count"])
+        run["stats"]["fire_ensemble/per-sample"]["num_requests"]
     assert float(defense["poisoned"]["ca_or_pa"]) >= 0.9
