@@ -52,7 +52,7 @@ def measure(name: str, model: torch.nn.Module, layer: str, input_shape, batch: i
                 repair(latents, compiled)
             for _ in range(repeats):  # interleaved so drift hits both equally
                 head_times += timed(lambda: head(x), 1)
-                repair_times += timed(lambda: repair(latents, compiled), 1)
+                repair_times += timed(lambda c=compiled: repair(latents, c), 1)
             head_ms, repair_ms = statistics.median(head_times) * 1e3, statistics.median(repair_times) * 1e3
             results["head_ms"] = head_ms
             results[f"repair_ms_k{k}"] = repair_ms

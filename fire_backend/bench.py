@@ -254,10 +254,16 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _load(settings: dict) -> str:
+    values = [settings.get("loadavg_1m_start"), settings.get("loadavg_1m_end")]
+    return " -> ".join(f"{v:.2f}" for v in values if v is not None) or "?"
+
+
 def format_table(report: BenchReport) -> str:
     lines = [f"machine: {describe_machine(report.machine)}",
              f"per-sample latency (request latency / images per request), batch {report.settings.get('batch')}, "
-             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run",
+             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run; Locust on the same "
+             f"machine; 1-min load average {_load(report.settings)}",
              f"{'target':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
              f"{'requests':>9s} {'failures':>8s}"]
     for r in report.rows:
@@ -271,8 +277,8 @@ def format_table(report: BenchReport) -> str:
     for entry in report.ratios:
         for other in ("undefended", "monolithic"):
             if f"throughput_fire_vs_{other}" in entry:
-                lines.append(f"  {other:11s} c={entry['concurrency']:<4d} {fmt(entry[f'throughput_fire_vs_{other}']):>10s} "
-                             f"{fmt(entry[f'p50_fire_vs_{other}']):>13s} {fmt(entry[f'p95_fire_vs_{other}']):>13s}")
+                throughput, p50, p95 = (fmt(entry[f"{k}_fire_vs_{other}"]) for k in ("throughput", "p50", "p95"))
+                lines.append(f"  {other:11s} c={entry['concurrency']:<4d} {throughput:>10s} {p50:>13s} {p95:>13s}")
     return "\n".join(lines)
 
 
@@ -338,7 +344,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
     locustfile = (config.locustfile or default_locustfile()).resolve()
     if not locustfile.is_file():
         raise FileNotFoundError(f"{locustfile}: no such Locust file")
-    repository = (config.repository or demo_repository(progress=not config.quiet)).resolve()
+    repository = (config.repository or demo_repository(progress=not config.quiet and sys.stderr.isatty())).resolve()
     if not (repository / "fire_ensemble" / "config.pbtxt").is_file():
         raise ValueError(f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
     out = config.out
@@ -349,6 +355,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
     say(f"fire bench: {repository}, concurrency {','.join(map(str, config.concurrency))}, "
         f"{config.duration_s:g} s per run (+{config.warmup_s:g} s warm-up), batch {config.batch}, {config.protocol}")
     started = time.time()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with running_server(repository, models=SERVER_MODELS) as server:
         url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
         with FireClient(url) as client:
@@ -371,7 +378,10 @@ def run_bench(config: BenchConfig) -> BenchReport:
     machine = machine_info(server_version)
     settings = {"repository": str(repository), "concurrency": list(config.concurrency),
                 "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
-                "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started}
+                "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started,
+                # load generator and server share this machine; other load skews the numbers
+                "loadavg_1m_start": load_start,
+                "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     report = BenchReport(machine=machine, rows=rows, ratios=ratios(rows), settings=settings)
     print(format_table(report))
     paths = write_outputs(report, out)

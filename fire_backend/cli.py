@@ -142,6 +142,14 @@ def cmd_data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fire_backend.demo import run_demo
+
+    summary = run_demo(args.out, flagged=args.flagged, load_seconds=args.load_seconds, users=args.users)
+    emit_json(args, summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fire",
@@ -207,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help=".npz file to write")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
+    p = add_command(sub, "demo", cmd_demo, "the whole story on the embedded digits data set, served for real",
+                    "  fire demo\n  fire demo --flagged 10 --load-seconds 30 --out demo-results")
+    p.add_argument("--out", type=Path, default=Path("demo-results"), help="where the PNG and JSON go")
+    p.add_argument("--flagged", type=int, default=20, help="flagged samples to observe online (20)")
+    p.add_argument("--load-seconds", type=int, default=15, help="duration of the Locust load (15)")
+    p.add_argument("--users", type=int, default=8, help="Locust users (8)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
+
     for register in _extensions():
         register(sub)
     return parser
@@ -216,9 +232,10 @@ def _extensions() -> list[Callable]:
     """Subcommands that live beside the code they drive (serving, clients, benchmarks)."""
     from fire_backend.client_commands import register as client
     from fire_backend.control_client import register as control
+    from fire_backend.import_commands import register as importer
     from fire_backend.serving.commands import register as serving
 
-    return [serving, control, client]
+    return [serving, control, client, importer]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

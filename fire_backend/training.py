@@ -29,6 +29,7 @@ class TrainConfig:
     arch: str | None = None  # None: digits_cnn for 1-channel data, preact_resnet18 otherwise
     width: int | None = None
     train_subset: int | None = None  # train on the first N training images (CPU budgets)
+    augment: bool | None = None  # random crop + flip; None: on for preact_resnet18 (CIFAR-style), off for digits
 
 
 def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
@@ -39,6 +40,20 @@ def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_cla
     else:
         kwargs.update(in_channels=input_shape[0], width=config.width or 64)
     return ModelSpec(arch, kwargs, input_shape)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """The standard CIFAR augmentation, per image: a random crop of the zero-padded image, then a coin-flip mirror."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    top = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    left = torch.randint(0, 2 * pad + 1, (n, 1, 1, 1), generator=generator)
+    rows = top + torch.arange(h).view(1, 1, h, 1)
+    cols = left + torch.arange(w).view(1, 1, 1, w)
+    out = padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
 
 
 def poison_training_set(
@@ -67,6 +82,7 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
     spec = default_spec(config, data.input_shape, data.num_classes)
     model = spec.build()
     epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
+    augment = config.augment if config.augment is not None else spec.arch == "preact_resnet18"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
@@ -76,7 +92,8 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), config.batch_size):
             index = order[start : start + config.batch_size]
-            loss = F.cross_entropy(model(x[index]), y[index])
+            batch = random_crop_flip(x[index], generator) if augment else x[index]
+            loss = F.cross_entropy(model(batch), y[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -96,7 +113,7 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         seed=config.seed,
         ca=metrics.ca,
         asr=metrics.asr,
-        extra={"epochs": epochs, "train_subset": config.train_subset},
+        extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if augment else {})},
     )
     save_checkpoint(out, model, meta)
     return meta

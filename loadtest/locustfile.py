@@ -414,7 +414,10 @@ def _on_init(environment, web_ui=None, **_kw) -> None:
     if not isinstance(runner, WorkerRunner) and {FireGrpcUser, FireHttpUser} <= set(user_classes):
         # Both users available and none picked on the command line: the host scheme (or --protocol) decides.
         # Only master/local filter: the master dispatches users by class name, workers keep both.
-        wanted = FireGrpcUser if host_protocol(environment.host, options.protocol) == "grpc" else FireHttpUser
+        protocol = host_protocol(environment.host, options.protocol)
+        if options.protocol not in ("auto", protocol):
+            LOGGER.warning("--host %s is %s: ignoring --protocol %s", environment.host, protocol, options.protocol)
+        wanted = FireGrpcUser if protocol == "grpc" else FireHttpUser
         user_classes[:] = [u for u in user_classes if u in (wanted,) or not issubclass(u, FireUser)]
     if isinstance(runner, WorkerRunner):
         environment.events.report_to_master.add_listener(_report_to_master)

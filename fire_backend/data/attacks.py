@@ -49,9 +49,14 @@ ATTACKS: dict[str, Attack] = {"badnets": badnets, "blended": blended, "sig": sig
 
 
 def resolve_attack(name: str) -> Attack:
-    """A built-in name, or ``package.module:function`` for a user-supplied trigger."""
+    """A built-in name, ``package.module:function`` for a user-supplied trigger, or ``stored:PATH`` for an
+    attack's own poisoned test images (``fire import backdoorbench``)."""
     if name in ATTACKS:
         return ATTACKS[name]
+    if name.startswith("stored:"):
+        from fire_backend.backdoorbench import stored_attack
+
+        return stored_attack(name.removeprefix("stored:"))
     module_name, sep, attr = name.partition(":")
     if not sep or not attr:
         raise ValueError(

@@ -4,15 +4,37 @@ Written from the published architecture (He et al., "Identity Mappings in Deep R
 the attribute names (conv1, layer1..layer4 with bn1/conv1/bn2/conv2/shortcut.0, avgpool, linear)
 follow BackdoorBench's ``models/preact_resnet.py`` so ``load_state_dict`` matches key for key.
 ``width`` scales every stage (64 is the standard network) so a narrow copy trains on a CPU.
+``mean``/``std`` (optional) standardize the [0, 1] input inside the first convolution, for weights
+trained on normalized images (BackdoorBench's pipeline); they are not part of the state dict.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fire_backend.models.stages import Chain, Flatten
+
+
+class NormalizedConv2d(nn.Conv2d):
+    """A convolution that first standardizes its input per channel: conv((x - mean) / std).
+
+    Keeps the convolution's own parameter names (so state dicts load unchanged); mean and std are
+    non-persistent buffers, rebuilt from the model's constructor arguments.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if len(mean) != self.in_channels or len(std) != self.in_channels or min(std) <= 0:
+            raise ValueError(f"need {self.in_channels} means and {self.in_channels} positive stds, got {mean}, {std}")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.mean) / self.std)
 
 
 class PreActBlock(nn.Module):
@@ -35,9 +57,21 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        width: int = 64,
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std for input normalization, or neither")
+        if mean is None:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = NormalizedConv2d(mean, std, in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
         for index, (p, stride) in enumerate(zip(planes, [1, 2, 2, 2], strict=True)):

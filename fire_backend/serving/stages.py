@@ -221,9 +221,9 @@ class RepairStage(Stage):
         repaired, score, flagged = repair(latents, self.compiled)
         version = torch.full((latents.shape[0], 1), self.follower.version, dtype=torch.int64, device=latents.device)
         bypass = [wants_bypass(r) for r in requests]
-        fixed_parts, raw_parts = repaired.split(sizes), latents.split(sizes)
+        parts = zip(latents.split(sizes), repaired.split(sizes), bypass, strict=True)
         return {
-            "REPAIRED": [raw if skip else fixed for raw, fixed, skip in zip(raw_parts, fixed_parts, bypass, strict=True)],
+            "REPAIRED": [raw if skip else fixed for raw, fixed, skip in parts],
             "REPAIR_SCORE": score[:, None].split(sizes),
             "FLAGGED": flagged[:, None].split(sizes),
             "DIRECTION_VERSION": version.split(sizes),

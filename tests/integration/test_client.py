@@ -1,12 +1,14 @@
 """fire_backend.client and `fire infer` against the real tritonserver (gRPC and HTTP).
 
-One server per module on a repository built with --flagged 20 (FIRE has a direction from the start).
+The server: a repository built with --flagged 20 (FIRE has a direction from the start), the session's `defended`
+server when tests/integration/conftest.py provides it, else one for this module.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,24 +30,49 @@ N_IMAGES = 12
 integration = pytest.mark.integration
 
 
-def badnets_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's digits BadNets checkpoint (tests/conftest.py), else one trained here."""
-    for name in ("digits_checkpoint", "digits_checkpoints"):
-        try:
-            found = request.getfixturevalue(name)
-        except pytest.FixtureLookupError:
-            continue
-        return found("badnets") if callable(found) else found["badnets"]
-    from fire_backend.training import TrainConfig, train_backdoored
-
-    out = tmp_path_factory.mktemp("client-ckpt") / "digits-badnets"
-    train_backdoored(TrainConfig(attack="badnets"), out, progress=False)
-    return out
+@dataclass(frozen=True)
+class Target:
+    checkpoint: Path
+    urls: dict  # protocol -> URL for FireClient / Locust --host
 
 
 @pytest.fixture(scope="module")
-def checkpoint(request, tmp_path_factory) -> Path:
-    return badnets_checkpoint(request, tmp_path_factory)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A BadNets digits model served with a direction from 20 flagged samples (FIRE repairs from the start).
+
+    Shares the session's `defended` server (tests/integration/conftest.py) when there is one; otherwise starts
+    its own for this module, on the session's `digits_checkpoint` or a model trained here.
+    """
+    try:
+        defended = request.getfixturevalue("defended")
+    except pytest.FixtureLookupError:
+        defended = None
+    if defended is not None:
+        yield Target(defended.checkpoint, _urls(defended.server))
+        return
+    from fire_backend.serving.launcher import running_server
+    from fire_backend.serving.repository import build_repository
+
+    try:
+        checkpoint = request.getfixturevalue("digits_checkpoint")("badnets")
+    except pytest.FixtureLookupError:
+        from fire_backend.training import TrainConfig, train_backdoored
+
+        checkpoint = tmp_path_factory.mktemp("client-ckpt") / "digits-badnets"
+        train_backdoored(TrainConfig(attack="badnets"), checkpoint, progress=False)
+    repo = tmp_path_factory.mktemp("client-repo") / "repo"
+    build_repository(checkpoint, repo, flagged=20)
+    with running_server(repo, models=SERVER_MODELS) as server:
+        yield Target(checkpoint, _urls(server))
+
+
+def _urls(server) -> dict:
+    return {"grpc": f"grpc://{server.urls['grpc']}", "http": server.urls["http"]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(served: Target) -> Path:
+    return served.checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -58,21 +85,6 @@ def exported(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
                 "--out", str(path)] + (["--poisoned"] if kind == "poisoned" else [])
         assert fire_main(argv) == 0
     return paths
-
-
-@pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory) -> Iterator:
-    from fire_backend.serving.launcher import running_server
-    from fire_backend.serving.repository import build_repository
-
-    repo = tmp_path_factory.mktemp("client-repo") / "repo"
-    build_repository(checkpoint, repo, flagged=20)
-    with running_server(repo, models=SERVER_MODELS) as srv:
-        yield srv
-
-
-def url_of(server, protocol: str) -> str:
-    return server.urls["http"] if protocol == "http" else f"grpc://{server.urls['grpc']}"
 
 
 def offline_labels(checkpoint: Path, x_uint8: np.ndarray) -> np.ndarray:
@@ -121,7 +133,7 @@ def test_conversion_matches_the_library():
     np.testing.assert_array_equal(digits.y, data.y_test[RESERVE:])
     x = to_model_input(digits.x[:5])
     assert x.dtype == np.float32 and x.shape == (5, 1, 8, 8)
-    np.testing.assert_allclose(x, to_tensor(digits.x[:5]).numpy(), atol=1e-7)
+    np.testing.assert_allclose(x, to_tensor(digits.x[:5].copy()).numpy(), atol=1e-7)
     np.testing.assert_array_equal(to_model_input(x), x)  # float NCHW passes through
     with pytest.raises(ValueError):
         to_model_input(x * 2)  # outside [0, 1]
@@ -134,10 +146,10 @@ def test_conversion_matches_the_library():
 
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_fire_infer_labels_match_offline_model(server, checkpoint, exported, capsys, protocol):
+def test_fire_infer_labels_match_offline_model(served, checkpoint, exported, capsys, protocol):
     clean = load_npz(exported["clean"])
     expected = offline_labels(checkpoint, clean.x)
-    code, payload, err = run_infer(capsys, ["--url", url_of(server, protocol), "--npz", str(exported["clean"]),
+    code, payload, err = run_infer(capsys, ["--url", served.urls[protocol], "--npz", str(exported["clean"]),
                                             "--batch", "5", "--json"])
     assert code == 0, err
     assert payload["n"] == N_IMAGES and payload["requests"] == 3
@@ -147,7 +159,7 @@ def test_fire_infer_labels_match_offline_model(server, checkpoint, exported, cap
     assert not any(r["flagged"] for r in payload["results"])  # clean images are not flagged
 
     for model in ("undefended_ensemble", "fire_monolithic"):
-        code, payload, err = run_infer(capsys, ["--url", url_of(server, protocol), "--npz", str(exported["clean"]),
+        code, payload, err = run_infer(capsys, ["--url", served.urls[protocol], "--npz", str(exported["clean"]),
                                                 "--model", model, "--json"])
         assert code == 0, err
         assert [r["label"] for r in payload["results"]] == expected.tolist()
@@ -156,11 +168,11 @@ def test_fire_infer_labels_match_offline_model(server, checkpoint, exported, cap
 
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_bypass_skips_the_repair(server, checkpoint, exported, capsys, protocol):
+def test_bypass_skips_the_repair(served, checkpoint, exported, capsys, protocol):
     poisoned = load_npz(exported["poisoned"])
     attacked = offline_labels(checkpoint, poisoned.x)
     assert (attacked == 0).mean() >= 0.9  # the backdoor works offline
-    url = url_of(server, protocol)
+    url = served.urls[protocol]
     code, bypassed, err = run_infer(capsys, ["--url", url, "--npz", str(exported["poisoned"]), "--bypass", "--json"])
     assert code == 0, err
     assert [r["label"] for r in bypassed["results"]] == attacked.tolist()
@@ -172,10 +184,10 @@ def test_bypass_skips_the_repair(server, checkpoint, exported, capsys, protocol)
 
 
 @integration
-def test_client_result_fields(server, exported):
+def test_client_result_fields(served, exported):
     x = load_npz(exported["poisoned"]).x
     for protocol in ("grpc", "http"):
-        with FireClient(url_of(server, protocol)) as client:
+        with FireClient(served.urls[protocol]) as client:
             fire = client.infer(x)
             assert fire.labels.shape == (N_IMAGES,) and fire.logits.shape == (N_IMAGES, 10)
             assert fire.flagged.dtype == bool and fire.scores.dtype == np.float32

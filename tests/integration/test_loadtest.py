@@ -1,7 +1,8 @@
 """loadtest/locustfile.py: real Locust (headless subprocesses) against the real tritonserver, on loopback.
 
-One server per module on a repository built with --flagged 20, so FIRE repairs from the first request. Every
-Locust run is bounded (-t plus a subprocess timeout).
+The server: a repository built with --flagged 20, so FIRE repairs from the first request (the session's `defended`
+server when tests/integration/conftest.py provides it, else one for this module). Every Locust run is bounded (-t
+plus a subprocess timeout).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,24 +28,49 @@ RUN_SECONDS = 10
 DEFENSE_COLUMNS = {"traffic", "requests", "samples", "ca_or_pa", "asr", "flagged_rate"}
 
 
-def badnets_checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's digits BadNets checkpoint (tests/conftest.py), else one trained here."""
-    for name in ("digits_checkpoint", "digits_checkpoints"):
-        try:
-            found = request.getfixturevalue(name)
-        except pytest.FixtureLookupError:
-            continue
-        return found("badnets") if callable(found) else found["badnets"]
-    from fire_backend.training import TrainConfig, train_backdoored
-
-    out = tmp_path_factory.mktemp("loadtest-ckpt") / "digits-badnets"
-    train_backdoored(TrainConfig(attack="badnets"), out, progress=False)
-    return out
+@dataclass(frozen=True)
+class Target:
+    checkpoint: Path
+    urls: dict  # protocol -> URL for FireClient / Locust --host
 
 
 @pytest.fixture(scope="module")
-def checkpoint(request, tmp_path_factory) -> Path:
-    return badnets_checkpoint(request, tmp_path_factory)
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A BadNets digits model served with a direction from 20 flagged samples (FIRE repairs from the start).
+
+    Shares the session's `defended` server (tests/integration/conftest.py) when there is one; otherwise starts
+    its own for this module, on the session's `digits_checkpoint` or a model trained here.
+    """
+    try:
+        defended = request.getfixturevalue("defended")
+    except pytest.FixtureLookupError:
+        defended = None
+    if defended is not None:
+        yield Target(defended.checkpoint, _urls(defended.server))
+        return
+    from fire_backend.serving.launcher import running_server
+    from fire_backend.serving.repository import build_repository
+
+    try:
+        checkpoint = request.getfixturevalue("digits_checkpoint")("badnets")
+    except pytest.FixtureLookupError:
+        from fire_backend.training import TrainConfig, train_backdoored
+
+        checkpoint = tmp_path_factory.mktemp("loadtest-ckpt") / "digits-badnets"
+        train_backdoored(TrainConfig(attack="badnets"), checkpoint, progress=False)
+    repo = tmp_path_factory.mktemp("loadtest-repo") / "repo"
+    build_repository(checkpoint, repo, flagged=20)
+    with running_server(repo, models=SERVER_MODELS) as server:
+        yield Target(checkpoint, _urls(server))
+
+
+def _urls(server) -> dict:
+    return {"grpc": f"grpc://{server.urls['grpc']}", "http": server.urls["http"]}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(served: Target) -> Path:
+    return served.checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +84,13 @@ def traffic(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory) -> Iterator:
-    from fire_backend.serving.launcher import running_server
-    from fire_backend.serving.repository import build_repository
-
-    repo = tmp_path_factory.mktemp("loadtest-repo") / "repo"
-    build_repository(checkpoint, repo, flagged=20)
-    with running_server(repo, models=SERVER_MODELS) as srv:
-        yield srv
-
-
 def locust(args: list[str], timeout: float = RUN_SECONDS + 60) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--loglevel", "INFO", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def headless(server, traffic, prefix: Path, *extra: str, protocol: str = "grpc", users: int = 4) -> dict:
-    host = server.urls["http"] if protocol == "http" else f"grpc://{server.urls['grpc']}"
+def headless(served: Target, traffic, prefix: Path, *extra: str, protocol: str = "grpc", users: int = 4) -> dict:
+    host = served.urls[protocol]
     proc = locust(["--headless", "-u", str(users), "-r", str(users), "-t", f"{RUN_SECONDS}s", "--host", host,
                    "--clean-npz", str(traffic["clean"]), "--poisoned-npz", str(traffic["poisoned"]),
                    "--target", "0", "--csv", str(prefix), "--json-file", str(prefix), "--only-summary", *extra])
@@ -105,8 +121,8 @@ def test_help_lists_the_fire_options():
         assert option in proc.stdout, option
 
 
-def test_fire_repairs_poisoned_traffic(server, traffic, tmp_path):
-    run = headless(server, traffic, tmp_path / "fire", "--batch", "4", "--html", str(tmp_path / "report.html"))
+def test_fire_repairs_poisoned_traffic(served, traffic, tmp_path):
+    run = headless(served, traffic, tmp_path / "fire", "--batch", "4", "--html", str(tmp_path / "report.html"))
     stats, defense = run["stats"], run["defense"]
     model = stats["fire_ensemble"]
     per_sample = stats["fire_ensemble/per-sample"]
@@ -127,8 +143,8 @@ def test_fire_repairs_poisoned_traffic(server, traffic, tmp_path):
     assert "fire-defense" in (tmp_path / "report.html").read_text()
 
 
-def test_bypass_lets_the_attack_through(server, traffic, tmp_path):
-    run = headless(server, traffic, tmp_path / "bypass", "--bypass", "--poison-ratio", "0.5", protocol="http")
+def test_bypass_lets_the_attack_through(served, traffic, tmp_path):
+    run = headless(served, traffic, tmp_path / "bypass", "--bypass", "--poison-ratio", "0.5", protocol="http")
     assert run["stats"]["fire_ensemble"]["num_failures"] == 0
     poisoned = run["defense"]["poisoned"]
     assert int(poisoned["samples"]) > 0
@@ -136,8 +152,8 @@ def test_bypass_lets_the_attack_through(server, traffic, tmp_path):
     assert float(poisoned["ca_or_pa"]) <= 0.1
 
 
-def test_distributed_counters_reach_the_master(server, traffic, tmp_path):
-    run = headless(server, traffic, tmp_path / "dist", "--processes", "2")
+def test_distributed_counters_reach_the_master(served, traffic, tmp_path):
+    run = headless(served, traffic, tmp_path / "dist", "--processes", "2")
     assert "2 workers connected" in run["log"]
     model = run["stats"]["fire_ensemble"]
     defense = run["defense"]
