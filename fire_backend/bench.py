@@ -61,6 +61,8 @@ class BenchRow:
     failures: int = 0
     mean_ms: float = 0.0
     window_s: float = 0.0
+    #: CPU used during the run by processes other than the server and Locust, in cores (shared-machine noise).
+    other_load_cores: float | None = None
 
 
 @dataclass
@@ -175,6 +177,49 @@ def write_traffic(repository: Path, out: Path) -> tuple[Path, Path | None, int]:
     return clean, poisoned, max(settings.target, 0)
 
 
+class CpuMeter:
+    """CPU seconds the whole machine spent busy vs. what the server tree and our Locust children used.
+
+    The difference is other work on the machine; reported per run so a noisy neighbour is visible in the table.
+    """
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+
+    def _ours(self) -> float:
+        import psutil
+
+        total = 0.0
+        try:
+            root = psutil.Process(self.server_pid)
+            for proc in [root, *root.children(recursive=True)]:
+                try:
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+        except (psutil.Error, ValueError, TypeError):
+            pass
+        t = os.times()  # reaped children: the Locust subprocesses
+        return total + t.children_user + t.children_system
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()  # guest time is already inside user; steal is not ours to spend
+        return sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
+
+    def start(self) -> None:
+        self._t0, self._busy0, self._ours0 = time.monotonic(), self._busy(), self._ours()
+
+    def other_cores(self) -> float | None:
+        wall = time.monotonic() - self._t0
+        if wall <= 0:
+            return None
+        return max(0.0, (self._busy() - self._busy0) - (self._ours() - self._ours0)) / wall
+
+
 def _run_locust(config: BenchConfig, locustfile: Path, url: str, model: str, users: int, prefix: Path,
                 traffic: tuple[Path, Path | None, int]) -> Path:
     clean, poisoned, target = traffic
@@ -254,6 +299,10 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _cores(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
 def _load(settings: dict) -> str:
     values = [settings.get("loadavg_1m_start"), settings.get("loadavg_1m_end")]
     return " -> ".join(f"{v:.2f}" for v in values if v is not None) or "?"
@@ -265,10 +314,11 @@ def format_table(report: BenchReport) -> str:
              f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run; Locust on the same "
              f"machine; 1-min load average {_load(report.settings)}",
              f"{'target':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
-             f"{'requests':>9s} {'failures':>8s}"]
+             f"{'requests':>9s} {'failures':>8s} {'other load':>10s}"]
     for r in report.rows:
         lines.append(f"{r.target:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} "
-                     f"{r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d}")
+                     f"{r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} {_cores(r.other_load_cores):>10s}")
+    lines.append("(other load: cores busy with processes other than tritonserver and Locust during the run)")
     lines.append("FIRE relative to      throughput   p50 latency   p95 latency")
 
     def fmt(v):
@@ -367,14 +417,17 @@ def run_bench(config: BenchConfig) -> BenchReport:
         for users in config.concurrency:
             for target, model in TARGETS:
                 prefix = raw / f"{target}-c{users}"
+                meter = CpuMeter(server.pid)
+                meter.start()
                 latency_file = _run_locust(config, locustfile, url, model, users, prefix, traffic)
+                other = meter.other_cores()
                 stats = summarize(latency_file, config.warmup_s)
                 row = BenchRow(target=target, concurrency=users, model=model, batch=config.batch,
-                               failures=_failures(prefix, model), **stats)
+                               failures=_failures(prefix, model), other_load_cores=other, **stats)
                 rows.append(row)
                 say(f"  {target:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} ms, "
                     f"p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, "
-                    f"{row.failures} failures)")
+                    f"{row.failures} failures; other load {_cores(other)} cores)")
     machine = machine_info(server_version)
     settings = {"repository": str(repository), "concurrency": list(config.concurrency),
                 "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
