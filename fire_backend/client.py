@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from fire_backend.defaults import RESERVE, cache_dir, digits_split
+
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 DEFAULT_URL = "grpc://127.0.0.1:8001"
@@ -42,12 +44,6 @@ OUTPUT_FIELDS = {
     "DIRECTION_VERSION": "versions",
 }
 
-# The embedded digits split, as fire_backend.data.datasets and fire_backend.evaluation define it (those import
-# torch, this module must not); tests/integration/test_client.py checks the two agree.
-DIGITS_TEST_SIZE = 600
-DIGITS_SPLIT_SEED = 0
-#: the first RESERVE test images are the defender's (fire_backend.evaluation.RESERVE); clients skip them.
-RESERVE = 200
 
 
 class FireClientError(Exception):
@@ -213,16 +209,6 @@ def load_pngs(paths: Sequence[Path | str]) -> Images:
     return Images(np.stack(arrays), source=source)
 
 
-def _cache_dir() -> Path:
-    # Same place as fire_backend.serving.commands.cache_dir() (which imports torch).
-    import os
-
-    base = os.environ.get("FIRE_BACKEND_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fire-backend"
-    )
-    return Path(base)
-
-
 @functools.lru_cache(maxsize=1)
 def _digits_test_split() -> tuple[np.ndarray, np.ndarray]:
     """The digits test split, cached as .npz per scikit-learn version (importing scikit-learn takes seconds,
@@ -230,21 +216,14 @@ def _digits_test_split() -> tuple[np.ndarray, np.ndarray]:
     import os
     from importlib.metadata import version
 
-    cache = _cache_dir() / f"digits-test-sklearn-{version('scikit-learn')}.npz"
+    cache = cache_dir() / f"digits-test-sklearn-{version('scikit-learn')}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as data:
                 return _frozen(data["x"]), _frozen(data["y"])
         except (OSError, ValueError, KeyError):
             pass  # damaged: recompute
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_digits()
-    x = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    y = bunch.target.astype(np.int64)
-    _, x_test, _, y_test = train_test_split(x, y, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED,
-                                            stratify=y)
+    _, _, x_test, y_test = digits_split()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fire_backend.data import Attack, load_dataset, resolve_attack, to_tensor
+from fire_backend.defaults import RESERVE
 from fire_backend.fire import (
     AugmentedEstimator,
     Direction,
@@ -27,7 +28,6 @@ from fire_backend.fire import (
 )
 from fire_backend.split import candidate_layers, split
 
-RESERVE = 200
 ESTIMATORS = ("paired", "unpaired", "augmented")
 DEFAULT_LAYERS = {"digits_cnn": "block2", "preact_resnet18": "layer4.0"}
 ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)

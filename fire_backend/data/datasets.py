@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DIGITS_TEST_SIZE = 600
-DIGITS_SPLIT_SEED = 0
+from fire_backend.defaults import digits_split
 
 
 @dataclass(frozen=True)
@@ -58,16 +57,7 @@ def _check_images(name: str, x: np.ndarray, y: np.ndarray) -> None:
 
 def load_digits() -> Dataset:
     """scikit-learn's bundled 8x8 digits, scaled to uint8, with a fixed stratified split."""
-    from sklearn.datasets import load_digits as sk_digits
-    from sklearn.model_selection import train_test_split
-
-    bunch = sk_digits()
-    x = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED, stratify=y
-    )
-    return Dataset("digits", x_tr, y_tr, x_te, y_te)
+    return Dataset("digits", *digits_split())
 
 
 def load_npz(path: Path) -> Dataset:

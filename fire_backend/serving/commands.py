@@ -7,15 +7,9 @@ import os
 import secrets
 from pathlib import Path
 
+from fire_backend.defaults import cache_dir
 from fire_backend.serving.control import TOKEN_ENV, TOKEN_FILE_ENV
 from fire_backend.serving.repository import RepositoryOptions, build_repository
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("FIRE_BACKEND_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fire-backend"
-    )
-    return Path(base)
 
 
 def demo_repository(progress: bool = True) -> Path:

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
 from fire_backend.data import ATTACKS, Dataset, load_dataset, resolve_attack, to_tensor, to_uint8
-from fire_backend.data.datasets import DIGITS_TEST_SIZE, load_cifar10_folder, load_digits, load_npz
+from fire_backend.data.datasets import load_cifar10_folder, load_digits, load_npz
+from fire_backend.defaults import DIGITS_TEST_SIZE
 
 HERE = Path(__file__).resolve().parent
 
