@@ -60,6 +60,22 @@ def measure(name: str, model: torch.nn.Module, layer: str, input_shape, batch: i
     return results
 
 
+def version_switch_cost(dim: int, repeats: int = 50) -> float:
+    """Milliseconds for a repair instance to pick up a new version: stat, read, verify checksum, compile."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = DirectionStore(Path(tmp))
+        follower = StoreFollower(store)
+        center = torch.zeros(dim).numpy()
+        total = 0.0
+        for _ in range(repeats):
+            store.commit(DirectionSet(center, [Direction(torch.randn(dim))]), "bench")
+            start = time.perf_counter()
+            assert follower.poll()
+            compile_directions(follower.current.directions.directions, torch.from_numpy(center), dim)
+            total += time.perf_counter() - start
+        return total / repeats * 1e3
+
+
 def version_check_cost(repeats: int = 20000) -> float:
     """Microseconds per StoreFollower.poll() when nothing changed (the per-batch cost)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +104,7 @@ def main() -> None:
         measure("digits_cnn", DigitsCNN(), "block2", (1, 8, 8), args.batch, args.repeats * 10),
     ]
     poll_us = version_check_cost()
+    switch_ms = {dim: version_switch_cost(dim) for dim in (1024, 16384)}
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}")
     print(f"{'model':16s} {'layer':9s} {'D':>6s} {'head ms':>9s} {'repair ms (K=1)':>16s} {'ratio':>7s} "
           f"{'repair ms (K=4)':>16s} {'ratio':>7s}")
@@ -95,8 +112,10 @@ def main() -> None:
         print(f"{r['model']:16s} {r['layer']:9s} {r['latent_dim']:6d} {r['head_ms']:9.3f} {r['repair_ms_k1']:16.4f} "
               f"{r['ratio_k1']:7.2%} {r['repair_ms_k4']:16.4f} {r['ratio_k4']:7.2%}")
     print(f"version check per batch (StoreFollower.poll, unchanged): {poll_us:.2f} us")
+    for dim, ms in switch_ms.items():
+        print(f"switch to a new version (read, verify, compile), D={dim}: {ms:.3f} ms")
     if args.json:
-        print(json.dumps({"rows": rows, "poll_us": poll_us}))
+        print(json.dumps({"rows": rows, "poll_us": poll_us, "switch_ms": switch_ms}))
 
 
 if __name__ == "__main__":
