@@ -67,6 +67,19 @@ def defended(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iter
     yield from _serve(tmp_path_factory, digits_checkpoint("badnets"), "defended", flagged=20)
 
 
+@dataclass(frozen=True)
+class Target:
+    """A served checkpoint as clients address it (URLs with scheme, for FireClient and Locust --host)."""
+
+    checkpoint: Path
+    urls: dict
+
+
+@pytest.fixture(scope="session")
+def served(defended: Served) -> Target:
+    return Target(defended.checkpoint, {"grpc": f"grpc://{defended.grpc}", "http": defended.server.urls["http"]})
+
+
 @pytest.fixture(scope="session")
 def learning(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
     """BadNets digits model served with no direction yet (2 repair instances), for control tests."""

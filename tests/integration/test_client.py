@@ -7,8 +7,6 @@ server when tests/integration/conftest.py provides it, else one for this module.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,53 +23,12 @@ from fire_backend.client import (
     to_model_input,
 )
 
-SERVER_MODELS = ("fire_head", "fire_repair", "fire_tail", "fire_monolithic", "fire_ensemble", "undefended_ensemble")
 N_IMAGES = 12
 integration = pytest.mark.integration
 
 
-@dataclass(frozen=True)
-class Target:
-    checkpoint: Path
-    urls: dict  # protocol -> URL for FireClient / Locust --host
-
-
 @pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """A BadNets digits model served with a direction from 20 flagged samples (FIRE repairs from the start).
-
-    Shares the session's `defended` server (tests/integration/conftest.py) when there is one; otherwise starts
-    its own for this module, on the session's `digits_checkpoint` or a model trained here.
-    """
-    try:
-        defended = request.getfixturevalue("defended")
-    except pytest.FixtureLookupError:
-        defended = None
-    if defended is not None:
-        yield Target(defended.checkpoint, _urls(defended.server))
-        return
-    from fire_backend.serving.launcher import running_server
-    from fire_backend.serving.repository import build_repository
-
-    try:
-        checkpoint = request.getfixturevalue("digits_checkpoint")("badnets")
-    except pytest.FixtureLookupError:
-        from fire_backend.training import TrainConfig, train_backdoored
-
-        checkpoint = tmp_path_factory.mktemp("client-ckpt") / "digits-badnets"
-        train_backdoored(TrainConfig(attack="badnets"), checkpoint, progress=False)
-    repo = tmp_path_factory.mktemp("client-repo") / "repo"
-    build_repository(checkpoint, repo, flagged=20)
-    with running_server(repo, models=SERVER_MODELS) as server:
-        yield Target(checkpoint, _urls(server))
-
-
-def _urls(server) -> dict:
-    return {"grpc": f"grpc://{server.urls['grpc']}", "http": server.urls["http"]}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(served: Target) -> Path:
+def checkpoint(served) -> Path:
     return served.checkpoint
 
 

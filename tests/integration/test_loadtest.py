@@ -11,8 +11,6 @@ import csv
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,53 +21,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = ROOT / "loadtest" / "locustfile.py"
-SERVER_MODELS = ("fire_head", "fire_repair", "fire_tail", "fire_monolithic", "fire_ensemble", "undefended_ensemble")
 RUN_SECONDS = 10
 DEFENSE_COLUMNS = {"traffic", "requests", "samples", "ca_or_pa", "asr", "flagged_rate"}
 
 
-@dataclass(frozen=True)
-class Target:
-    checkpoint: Path
-    urls: dict  # protocol -> URL for FireClient / Locust --host
-
-
 @pytest.fixture(scope="module")
-def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """A BadNets digits model served with a direction from 20 flagged samples (FIRE repairs from the start).
-
-    Shares the session's `defended` server (tests/integration/conftest.py) when there is one; otherwise starts
-    its own for this module, on the session's `digits_checkpoint` or a model trained here.
-    """
-    try:
-        defended = request.getfixturevalue("defended")
-    except pytest.FixtureLookupError:
-        defended = None
-    if defended is not None:
-        yield Target(defended.checkpoint, _urls(defended.server))
-        return
-    from fire_backend.serving.launcher import running_server
-    from fire_backend.serving.repository import build_repository
-
-    try:
-        checkpoint = request.getfixturevalue("digits_checkpoint")("badnets")
-    except pytest.FixtureLookupError:
-        from fire_backend.training import TrainConfig, train_backdoored
-
-        checkpoint = tmp_path_factory.mktemp("loadtest-ckpt") / "digits-badnets"
-        train_backdoored(TrainConfig(attack="badnets"), checkpoint, progress=False)
-    repo = tmp_path_factory.mktemp("loadtest-repo") / "repo"
-    build_repository(checkpoint, repo, flagged=20)
-    with running_server(repo, models=SERVER_MODELS) as server:
-        yield Target(checkpoint, _urls(server))
-
-
-def _urls(server) -> dict:
-    return {"grpc": f"grpc://{server.urls['grpc']}", "http": server.urls["http"]}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(served: Target) -> Path:
+def checkpoint(served) -> Path:
     return served.checkpoint
 
 
@@ -89,7 +46,7 @@ def locust(args: list[str], timeout: float = RUN_SECONDS + 60) -> subprocess.Com
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def headless(served: Target, traffic, prefix: Path, *extra: str, protocol: str = "grpc", users: int = 4) -> dict:
+def headless(served, traffic, prefix: Path, *extra: str, protocol: str = "grpc", users: int = 4) -> dict:
     host = served.urls[protocol]
     proc = locust(["--headless", "-u", str(users), "-r", str(users), "-t", f"{RUN_SECONDS}s", "--host", host,
                    "--clean-npz", str(traffic["clean"]), "--poisoned-npz", str(traffic["poisoned"]),
