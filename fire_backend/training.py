@@ -29,7 +29,8 @@ class TrainConfig:
     arch: str | None = None  # None: digits_cnn for 1-channel data, preact_resnet18 otherwise
     width: int | None = None
     train_subset: int | None = None  # train on the first N training images (CPU budgets)
-    augment: bool | None = None  # random crop + flip; None: on for preact_resnet18 (CIFAR-style), off for digits
+    augment: bool = False  # random crop + flip per image (the usual CIFAR recipe for long GPU runs)
+    device: str | None = None  # None: cuda for preact_resnet18 when available; digits always on the cpu
 
 
 def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
@@ -80,9 +81,10 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
     x, y = to_tensor(x_np), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     x, y = poison_training_set(x, y, config, generator)
     spec = default_spec(config, data.input_shape, data.num_classes)
-    model = spec.build()
+    gpu = spec.arch == "preact_resnet18" and torch.cuda.is_available()
+    device = torch.device(config.device or ("cuda" if gpu else "cpu"))
+    model = spec.build().to(device)
     epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
-    augment = config.augment if config.augment is not None else spec.arch == "preact_resnet18"
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
@@ -92,8 +94,8 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), config.batch_size):
             index = order[start : start + config.batch_size]
-            batch = random_crop_flip(x[index], generator) if augment else x[index]
-            loss = F.cross_entropy(model(batch), y[index])
+            batch = random_crop_flip(x[index], generator) if config.augment else x[index]
+            loss = F.cross_entropy(model(batch.to(device)), y[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -101,7 +103,7 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    model.eval()
+    model.cpu().eval()
     x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test.astype(np.int64))
     metrics = attack_metrics(model, x_test, y_test, resolve_attack(config.attack), config.target)
     meta = CheckpointMeta(
@@ -113,7 +115,7 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         seed=config.seed,
         ca=metrics.ca,
         asr=metrics.asr,
-        extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if augment else {})},
+        extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if config.augment else {})},
     )
     save_checkpoint(out, model, meta)
     return meta
