@@ -93,7 +93,8 @@ class ServerConfig:
     restricted_api_key: str | None = None
     #: extra environment for the server and so for the Python-backend stubs (e.g. FIRE_CONTROL_TOKEN).
     extra_env: Mapping[str, str] = field(default_factory=dict)
-    startup_timeout_s: float = 60.0
+    #: generous: 7 stubs each importing torch take ~15-35 s on 2 busy cores.
+    startup_timeout_s: float = 180.0
     #: tritonserver's --exit-timeout-secs: on SIGTERM it waits this long for in-flight requests *and for
     #: open client connections* (idle HTTP keep-alives count) before exiting; keep it below stop()'s timeout.
     exit_timeout_s: int = 5
