@@ -1,0 +1,47 @@
+"""Write a shuffled (optionally smaller) copy of a CIFAR-10 .npz for `fire train --data npz:OUT`.
+
+The shared ../shared/data/cifar10.npz is sorted by class (its first 5,000 training and first 1,000 test
+images are all airplanes). fire takes the *first* N training images for --train-subset and the *first*
+200 test images as the defender's reserve, so both need the images in random order: this script applies
+one fixed permutation (seeded) to each split and keeps the first --train / --test images of it.
+
+    python scripts/cifar_subset.py ../shared/data/cifar10.npz runs/cifar/c10.npz                 # shuffle only
+    python scripts/cifar_subset.py ../shared/data/cifar10.npz runs/cifar/c10-15k.npz --train 15000 --test 2200
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def shuffled_subset(source: Path, out: Path, train: int | None = None, test: int | None = None, seed: int = 0) -> Path:
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    rng = np.random.default_rng(seed)
+    result = {}
+    for split, keep in (("train", train), ("test", test)):
+        order = rng.permutation(len(arrays[f"y_{split}"]))[:keep]
+        result[f"x_{split}"] = arrays[f"x_{split}"][order]
+        result[f"y_{split}"] = arrays[f"y_{split}"][order].astype(np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **result)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="x_train/y_train/x_test/y_test .npz (uint8 NHWC)")
+    parser.add_argument("out", type=Path, help=".npz to write")
+    parser.add_argument("--train", type=int, default=None, help="keep this many training images (all)")
+    parser.add_argument("--test", type=int, default=None, help="keep this many test images (all)")
+    parser.add_argument("--seed", type=int, default=0, help="permutation seed (0)")
+    args = parser.parse_args()
+    shuffled_subset(args.source, args.out, args.train, args.test, args.seed)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Reproduces docs/results/: CIFAR-10 figures and tables from `fire sweep` and `fire eval` on the
+# CPU-sized PreActResNet18s of tests/slow/test_cifar.py (width 8, 5 epochs, 12,000 training images,
+# 2,200 test images of which the first 200 are the defender's reserve; target 0; 50 flagged samples).
+#
+#   scripts/make_figures.sh                  # about 5 minutes of training per model on 2 busy CPU cores
+#   RUNS=/tmp/c10 OUT=/tmp/results scripts/make_figures.sh
+#
+# Per attack (badnets, blended, sig) it writes to $OUT/<attack>/:
+#   sweep.csv, sweep.png          relative accuracy PA/CA per candidate layer (unpaired FIRE, best alpha)
+#   eval.csv                      CA/PA/ASR: undefended, ShrinkPad, FIRE paired/unpaired/augmented x constant/projection
+#   streaming.csv, streaming.png  PA vs flagged samples: FIRE unpaired, FIRE guided by ShrinkPad-transformed
+#                                 images (augmented), ShrinkPad as a flat reference
+#   sweep.txt, eval.txt           the commands' printed tables
+# and $OUT/summary.csv (all eval rows). Trained weights stay in $RUNS (ignored by git).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CIFAR=${CIFAR:-../shared/data/cifar10.npz}
+RUNS=${RUNS:-runs/cifar-small}
+OUT=${OUT:-docs/results}
+TRAIN=${TRAIN:-12000}
+TEST=${TEST:-2200}
+WIDTH=${WIDTH:-8}
+EPOCHS=${EPOCHS:-5}
+ATTACKS=${ATTACKS:-badnets blended sig}
+
+DATA="$RUNS/cifar10-$TRAIN-$TEST.npz"
+[ -f "$DATA" ] || python scripts/cifar_subset.py "$CIFAR" "$DATA" --train "$TRAIN" --test "$TEST"
+
+for attack in $ATTACKS; do
+    checkpoint="$RUNS/$attack"
+    [ -f "$checkpoint/meta.json" ] || python scripts/train_cifar.py --data "npz:$DATA" --attack "$attack" \
+        --target 0 --width "$WIDTH" --epochs "$EPOCHS" --batch-size 128 --out "$checkpoint"
+    mkdir -p "$OUT/$attack"
+    fire sweep --checkpoint "$checkpoint" --clean 100 --flagged 50 --out "$OUT/$attack" | tee "$OUT/$attack/sweep.txt"
+    fire eval --checkpoint "$checkpoint" --clean 100 --flagged 50 --out "$OUT/$attack" | tee "$OUT/$attack/eval.txt"
+done
+python scripts/summarize_results.py "$OUT"
