@@ -12,6 +12,7 @@
 #   streaming.csv, streaming.png  PA vs flagged samples: FIRE unpaired, FIRE guided by ShrinkPad-transformed
 #                                 images (augmented), ShrinkPad as a flat reference
 #   sweep.txt, eval.txt           the commands' printed tables
+#   recommended/                  eval.csv, streaming.csv/png, eval.txt at the sweep's recommended layer and alpha
 # and $OUT/summary.csv (all eval rows). Trained weights stay in $RUNS (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,10 @@ for attack in $ATTACKS; do
     mkdir -p "$OUT/$attack"
     fire sweep --checkpoint "$checkpoint" --clean 100 --flagged 50 --out "$OUT/$attack" | tee "$OUT/$attack/sweep.txt"
     fire eval --checkpoint "$checkpoint" --clean 100 --flagged 50 --out "$OUT/$attack" | tee "$OUT/$attack/eval.txt"
+    # again at the layer and alpha the sweep recommends (slow when that is an early layer: the tail is the network)
+    mkdir -p "$OUT/$attack/recommended"
+    read -r layer alpha < <(awk '/^recommended:/ {print $3, $5}' "$OUT/$attack/sweep.txt")
+    fire eval --checkpoint "$checkpoint" --clean 100 --flagged 50 --layer "$layer" --alpha "$alpha" \
+        --out "$OUT/$attack/recommended" | tee "$OUT/$attack/recommended/eval.txt"
 done
 python scripts/summarize_results.py "$OUT"

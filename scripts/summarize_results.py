@@ -16,20 +16,32 @@ def read(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def layer_of(directory: Path) -> str:
+    """The repaired layer, from the first line `fire eval` printed (eval.txt)."""
+    text = directory / "eval.txt"
+    if text.is_file():
+        for part in text.read_text().splitlines()[0].split(";"):
+            if part.strip().startswith("layer "):
+                return part.strip().split()[1]
+    return ""
+
+
 def main(root: Path) -> None:
     attacks = sorted(p.name for p in root.iterdir() if (p / "eval.csv").is_file())
     rows = []
     for attack in attacks:
-        for row in read(root / attack / "eval.csv"):
-            rows.append({"attack": attack, **row})
+        for directory in (root / attack, root / attack / "recommended"):
+            if (directory / "eval.csv").is_file():
+                layer = layer_of(directory)
+                rows.extend({"attack": attack, "layer": layer, **row} for row in read(directory / "eval.csv"))
     with (root / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["attack", "method", "ca", "pa", "asr"])
+        writer = csv.DictWriter(handle, fieldnames=["attack", "layer", "method", "ca", "pa", "asr"])
         writer.writeheader()
         writer.writerows(rows)
-    print("| attack | method | CA | PA | ASR |\n|---|---|---|---|---|")
+    print("| attack | layer | method | CA | PA | ASR |\n|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['attack']} | {row['method']} | {float(row['ca']):.4f} | {float(row['pa']):.4f} | "
-              f"{float(row['asr']):.4f} |")
+        print(f"| {row['attack']} | {row['layer']} | {row['method']} | {float(row['ca']):.4f} | "
+              f"{float(row['pa']):.4f} | {float(row['asr']):.4f} |")
     for attack in attacks:
         sweep = root / attack / "sweep.csv"
         if sweep.is_file():

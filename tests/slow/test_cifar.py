@@ -5,13 +5,14 @@ That file is sorted by class, so the models train on a fixed random subset of it
 scripts/cifar_subset.py): TRAIN_SUBSET training images and TEST_SUBSET test images (the first 200 the
 defender's reserve, the rest evaluated). The models (width WIDTH, EPOCHS epochs, no augmentation: it
 costs CA and plants a weaker BadNets backdoor in so few epochs) are trained once per module, about a
-minute and a half each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs. CA/PA/ASR are
-printed. The full-size recipe for a GPU machine is scripts/train_cifar_full.sh.
+minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs. CA/PA/ASR are printed.
+The full-size recipe for a GPU machine is scripts/train_cifar_full.sh.
 
-Blended (a 20% blend of a noise image) costs these small models accuracy by itself: a model without the
-Blended backdoor classifies Blended images about 18% (relative) worse than clean ones, so PA >= 0.85 x CA
-sits at the ceiling of any repair. The test measures that ceiling with the BadNets model, checks FIRE's
-CA drop and ASR strictly, and marks the PA ratio as an expected failure when it falls short (printed).
+Each model goes through `fire eval` at the default layer (all methods, streaming curve, files), then FIRE's
+projection repair is checked at a layer chosen from `fire sweep` (docs/results/*/sweep.csv): for BadNets
+the default layer4.0 (every block but the last works, PA/CA 0.97-0.99); for Blended and SIG conv1, the
+sweep's pick: their additive, image-wide triggers are a clean direction right after the first convolution
+but not deeper (PA/CA about 0.68 and 0.61 at layer4.0).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ TRAIN_SUBSET, TEST_SUBSET = 12000, 2200
 WIDTH, EPOCHS, BATCH = 8, 5, 128
 TARGET = 0
 FLAGGED = 50  # flagged poisoned samples FIRE may learn from
-LAYER = None  # None: the default layer for preact_resnet18 (evaluation.DEFAULT_LAYERS)
+# Layer per attack from `fire sweep` on these models (all layers: docs/results/<attack>/sweep.csv).
+SWEEP_LAYER = {"badnets": "layer4.0", "blended": "conv1", "sig": "conv1"}
 
 
 def shuffled_subset(source: Path, out: Path, train: int, test: int, seed: int = 0) -> None:
@@ -97,11 +99,8 @@ def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 
 
 def fire_eval(capsys: pytest.CaptureFixture, checkpoint: Path, out: Path) -> dict:
-    argv = ["eval", "--checkpoint", str(checkpoint), "--clean", "100", "--flagged", str(FLAGGED),
-            "--out", str(out), "--json"]
-    if LAYER:
-        argv += ["--layer", LAYER]
-    return run_json(capsys, argv)
+    return run_json(capsys, ["eval", "--checkpoint", str(checkpoint), "--clean", "100", "--flagged", str(FLAGGED),
+                             "--out", str(out), "--json"])
 
 
 def print_report(attack: str, checkpoint: Path, report: dict) -> dict[str, dict]:
@@ -119,20 +118,31 @@ def print_report(attack: str, checkpoint: Path, report: dict) -> dict[str, dict]
     return rows
 
 
-def trigger_only_accuracy(checkpoint: Path, attack: str) -> float:
-    """Accuracy on the attack's triggered (non-target) evaluation images of a model *without* that backdoor:
-    what the trigger's perturbation alone leaves, an upper bound for PA after any repair."""
-    import torch
-
-    from fire_backend.data import load_dataset, resolve_attack, to_tensor
-    from fire_backend.evaluation import RESERVE, batched
+def repair_at(checkpoint: Path, layer: str) -> dict[str, dict]:
+    """Undefended and FIRE projection (alpha 1, FLAGGED flagged samples) figures at ``layer``, as `fire eval`
+    computes them (same defender data and evaluation split), without its streaming curve."""
+    from fire_backend.evaluation import LayerView, load_for_eval
+    from fire_backend.fire import Direction
 
     model, meta = load_checkpoint(checkpoint)
-    data = load_dataset(meta.dataset)
-    x, y = to_tensor(data.x_test[RESERVE:]), torch.from_numpy(data.y_test[RESERVE:])
-    keep = y != TARGET
-    pred = batched(model, resolve_attack(attack)(x[keep])).argmax(1)
-    return float((pred == y[keep]).float().mean())
+    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, 100, FLAGGED)
+    view = LayerView(model, layer, data)
+    rows = {"undefended": view.metrics([], meta.target)[0]}
+    for kind in ("unpaired", "paired"):
+        direction = Direction(view.estimate(kind, FLAGGED), alpha=1.0, mode="projection")
+        rows[f"fire-{kind}-projection"] = view.metrics([direction], meta.target)[0]
+    return {name: {"ca": m.ca, "pa": m.pa, "asr": m.asr} for name, m in rows.items()}
+
+
+def check_cli_report(report: dict, out: Path) -> None:
+    rows = {row["method"]: row for row in report["rows"]}
+    assert {"undefended", "shrinkpad", "fire-unpaired-projection", "fire-augmented-projection"} <= set(rows)
+    for row in rows.values():
+        assert 0.0 <= row["ca"] <= 1.0 and 0.0 <= row["pa"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
+    points = {p["flagged"]: p for p in report["streaming"]}
+    assert max(points) == 100 and FLAGGED in points
+    for name in ("eval.csv", "streaming.csv", "streaming.png"):
+        assert (out / name).is_file()
 
 
 @pytest.mark.parametrize("attack", ["badnets", "blended"])
@@ -141,38 +151,36 @@ def test_fire_repairs_cifar_backdoor(
 ) -> None:
     checkpoint = cifar_checkpoint(attack)
     report = fire_eval(capsys, checkpoint, tmp_path)
+    layer = SWEEP_LAYER[attack]
+    rows = report_rows = {row["method"]: row for row in report["rows"]}
+    if layer != report["layer"]:
+        rows = repair_at(checkpoint, layer)
     with capsys.disabled():
-        rows = print_report(attack, checkpoint, report)
+        print_report(attack, checkpoint, report)
+        if rows is not report_rows:
+            print(f"  at the sweep's layer {layer}:")
+            for name, row in rows.items():
+                print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    check_cli_report(report, tmp_path)
     undefended = rows["undefended"]
     assert undefended["ca"] >= 0.5, "the small model should still classify CIFAR-10"
     assert undefended["asr"] >= 0.9, "the backdoor should be planted"
     fire = rows["fire-unpaired-projection"]
+    assert fire["pa"] >= 0.85 * undefended["ca"], fire
     assert fire["ca"] >= undefended["ca"] - 0.01, fire
     assert fire["asr"] <= 0.1, fire
-    points = {p["flagged"]: p for p in report["streaming"]}
-    assert max(points) == 100 and FLAGGED in points
-    for name in ("eval.csv", "streaming.csv", "streaming.png"):
-        assert (tmp_path / name).is_file()
-    ratio = fire["pa"] / undefended["ca"]
-    if attack == "badnets":
-        assert ratio >= 0.85, fire
-        return
-    other = "blended" if attack == "badnets" else "badnets"
-    ceiling = trigger_only_accuracy(cifar_checkpoint(other), attack)
-    with capsys.disabled():
-        print(f"  PA/CA {ratio:.3f}; the {other} model (no {attack} backdoor) scores {ceiling:.4f} on {attack} "
-              f"images: ceiling PA/CA about {ceiling / undefended['ca']:.3f}")
-    assert fire["pa"] >= 0.75 * ceiling, "FIRE should recover most of what the trigger's perturbation leaves"
-    if ratio < 0.85:
-        pytest.xfail(f"{attack}: PA/CA {ratio:.3f} < 0.85 on a width-{WIDTH} CPU model; the {attack} perturbation "
-                     f"alone caps PA near {ceiling:.3f} (CA {undefended['ca']:.3f})")
 
 
 def test_sig_is_reported(cifar_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """SIG (a global sinusoid, no patch): the figures are printed; only their sanity is checked."""
     checkpoint = cifar_checkpoint("sig")
     report = fire_eval(capsys, checkpoint, tmp_path)
+    rows = repair_at(checkpoint, SWEEP_LAYER["sig"])
     with capsys.disabled():
         print_report("sig", checkpoint, report)
-    for row in report["rows"]:
+        print(f"  at the sweep's layer {SWEEP_LAYER['sig']}:")
+        for name, row in rows.items():
+            print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    check_cli_report(report, tmp_path)
+    for row in rows.values():
         assert 0.0 <= row["ca"] <= 1.0 and 0.0 <= row["pa"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
