@@ -1,7 +1,7 @@
 """``fire bench``: the cost of FIRE on the real server, measured with Locust.
 
 Starts tritonserver on a repository (default: the digits demo), then for every concurrency level runs Locust
-headless (``loadtest/locustfile.py``, one subprocess per run) against ``fire_ensemble``, ``undefended_ensemble``
+headless (the package's locustfile, one subprocess per run) against ``fire_ensemble``, ``undefended_ensemble``
 and ``fire_monolithic`` in turn -- interleaved, so drift (thermal, background load) hits all three alike.
 Each run sends the locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
 
@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fire_backend.loadtest import LOCUSTFILE
 
 #: (row name, model) in the order they run at each concurrency.
 TARGETS = (("fire", "fire_ensemble"), ("undefended", "undefended_ensemble"), ("monolithic", "fire_monolithic"))
@@ -141,14 +143,6 @@ def describe_machine(m: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 # traffic and runs
 # --------------------------------------------------------------------------------------------------
-
-
-def default_locustfile() -> Path:
-    path = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: loadtest/locustfile.py is not next to the fire_backend package "
-                                "(installed from a wheel?): pass --locustfile")
-    return path
 
 
 def write_traffic(repository: Path, out: Path) -> tuple[Path, Path | None, int]:
@@ -391,7 +385,7 @@ def run_bench(config: BenchConfig) -> BenchReport:
     def say(text: str) -> None:
         print(text, flush=True)
 
-    locustfile = (config.locustfile or default_locustfile()).resolve()
+    locustfile = (config.locustfile or LOCUSTFILE).resolve()
     if not locustfile.is_file():
         raise FileNotFoundError(f"{locustfile}: no such Locust file")
     repository = (config.repository or demo_repository(progress=not config.quiet and sys.stderr.isatty())).resolve()

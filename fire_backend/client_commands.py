@@ -145,7 +145,7 @@ def register(sub) -> None:
     p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="client protocol (grpc)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured warm-up seconds per target (2)")
     p.add_argument("--locustfile", type=Path, default=None,
-                   help="Locust file (default: loadtest/locustfile.py of this source tree)")
+                   help="Locust file (default: the one installed with fire_backend, as loadtest/locustfile.py)")
     p.add_argument("--out", type=Path, default=Path("bench-results"),
                    help="where bench.json, bench.csv, bench.png and raw Locust output go (./bench-results)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")

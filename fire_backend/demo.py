@@ -24,11 +24,10 @@ from fire_backend.client import FireClient
 from fire_backend.control_client import ControlClient
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
 from fire_backend.evaluation import RESERVE
+from fire_backend.loadtest import LOCUSTFILE
 from fire_backend.serving.commands import cache_dir, demo_repository
 from fire_backend.serving.launcher import running_server
 from fire_backend.serving.repository import build_repository
-
-LOCUSTFILE = Path(__file__).resolve().parent.parent / "loadtest" / "locustfile.py"
 
 
 @dataclass

@@ -67,17 +67,6 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_help_lists_the_fire_options():
-    # Locust answers `locust -f FILE --help` before it imports FILE (locust issue #2917), so custom options
-    # only show through the locustfile's own entry point.
-    proc = subprocess.run([sys.executable, str(LOCUSTFILE), "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert proc.returncode == 0, proc.stderr
-    for option in ("--clean-npz", "--poisoned-npz", "--poison-ratio", "--target", "--batch", "--bypass",
-                   "--model", "--protocol", "--step-users"):
-        assert option in proc.stdout, option
-
-
 def test_fire_repairs_poisoned_traffic(served, traffic, tmp_path):
     run = headless(served, traffic, tmp_path / "fire", "--batch", "4", "--html", str(tmp_path / "report.html"))
     stats, defense = run["stats"], run["defense"]
@@ -120,3 +109,16 @@ def test_distributed_counters_reach_the_master(served, traffic, tmp_path):
     assert int(defense["clean"]["samples"]) + int(defense["poisoned"]["samples"]) == \
         run["stats"]["fire_ensemble/per-sample"]["num_requests"]
     assert float(defense["poisoned"]["ca_or_pa"]) >= 0.9
+
+
+def test_step_load_adds_users_each_step(served, traffic, tmp_path):
+    prefix = tmp_path / "step"
+    proc = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", f"{LOCUSTFILE},{LOCUSTFILE.with_name('stepload.py')}", "--headless",
+         "--host", served.urls["grpc"], "--clean-npz", str(traffic["clean"]), "--step-users", "2", "--step-time", "3",
+         "--step-count", "2", "--csv", str(prefix), "--csv-full-history", "--only-summary"],
+        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    history = read_csv(Path(f"{prefix}_stats_history.csv"))
+    users = [int(row["User Count"]) for row in history if row["Name"] == "Aggregated"]
+    assert 2 in users and max(users) == 4, users  # 2 users, then 4, then the shape stops the test
