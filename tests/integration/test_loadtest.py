@@ -41,8 +41,9 @@ def traffic(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def locust(args: list[str], timeout: float = RUN_SECONDS + 60) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--loglevel", "INFO", *args]
+def locust(args: list[str], files: tuple[Path, ...] = (LOCUSTFILE,),
+           timeout: float = RUN_SECONDS + 60) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "locust", "-f", ",".join(map(str, files)), "--loglevel", "INFO", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -113,11 +114,9 @@ def test_distributed_counters_reach_the_master(served, traffic, tmp_path):
 
 def test_step_load_adds_users_each_step(served, traffic, tmp_path):
     prefix = tmp_path / "step"
-    proc = subprocess.run(
-        [sys.executable, "-m", "locust", "-f", f"{LOCUSTFILE},{LOCUSTFILE.with_name('stepload.py')}", "--headless",
-         "--host", served.urls["grpc"], "--clean-npz", str(traffic["clean"]), "--step-users", "2", "--step-time", "3",
-         "--step-count", "2", "--csv", str(prefix), "--csv-full-history", "--only-summary"],
-        cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    proc = locust(["--headless", "--host", served.urls["grpc"], "--clean-npz", str(traffic["clean"]),
+                   "--step-users", "2", "--step-time", "3", "--step-count", "2", "--csv", str(prefix),
+                   "--csv-full-history", "--only-summary"], files=(LOCUSTFILE, LOCUSTFILE.with_name("stepload.py")))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     history = read_csv(Path(f"{prefix}_stats_history.csv"))
     users = [int(row["User Count"]) for row in history if row["Name"] == "Aggregated"]
