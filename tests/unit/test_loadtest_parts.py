@@ -145,9 +145,10 @@ def run(cmd: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, check=False, env=env)
 
 
-@pytest.mark.parametrize("entry", ["script", "module"])
-def test_locust_help_lists_the_fire_options(entry):
-    locust = [str(LOCUST)] if entry == "script" else [sys.executable, "-m", "locust"]
+@pytest.mark.parametrize("locust", [[str(LOCUST)], [sys.executable, "-m", "locust"],
+                                    [sys.executable, "-X", "utf8", "-B", "-m", "locust"]],
+                         ids=["script", "module", "module-after-interpreter-options"])
+def test_locust_help_lists_the_fire_options(locust):
     proc = run([*locust, "-f", "loadtest/locustfile.py", "--help"])
     assert proc.returncode == 0, proc.stderr
     for text in (*GROUPS, *FIRE_OPTIONS, "--headless"):  # ours, next to Locust's own
