@@ -9,3 +9,5 @@ from pathlib import Path
 
 #: the Locust entry point that ships with the package (`fire bench` and `fire demo` run it; works from a wheel)
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+#: a request of n images is also logged n times under MODEL + this name, with response time / n
+PER_SAMPLE_SUFFIX = "/per-sample"

@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from fire_backend.client import InferResult
+from fire_backend.wire.client import InferResult
 
 TRAFFIC_KINDS = ("clean", "poisoned")
 COUNTERS = ("requests", "samples", "correct", "non_target", "target_hits", "flagged", "flag_known")
@@ -23,6 +23,8 @@ COUNTERS = ("requests", "samples", "correct", "non_target", "target_hits", "flag
 CSV_COLUMNS = ("traffic", "requests", "samples", "ca_or_pa", "asr", "flagged_rate", *COUNTERS[2:])
 #: key of the worker -> master report entry
 REPORT_KEY = "fire_defense"
+#: ``--csv PREFIX`` writes the table to PREFIX + this
+DEFENSE_CSV_SUFFIX = "_defense.csv"
 WEB_UI_KEY = "fire-defense"
 
 

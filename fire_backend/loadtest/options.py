@@ -6,7 +6,7 @@ Registered on Locust's ``init_command_line_parser`` event by ``users``; ``--help
 
 from __future__ import annotations
 
-from fire_backend.client import DEFAULT_MODEL, MODELS
+from fire_backend.wire.names import BYPASS_PARAMETER, DEFAULT_MODEL, INFERENCE_MODELS
 
 #: the option groups, as --help shows them
 GROUPS = ("FIRE traffic mix", "FIRE attack and model", "FIRE protocol", "FIRE step load")
@@ -29,9 +29,10 @@ def add_options(parser, **_kw) -> None:
          help="fraction of requests that carry poisoned images (0.2: an 80/20 clean/poisoned mix)")
     _add(mix, "--batch", type=int, default=1, metavar="N", help="images per request (1; at most 64)")
     _add(attack, "--target", type=int, default=0, metavar="T", help="attack target label, for ASR (0)")
-    _add(attack, "--model", default=DEFAULT_MODEL, metavar="NAME", help=f"{' | '.join(MODELS)} ({DEFAULT_MODEL})")
+    _add(attack, "--model", default=DEFAULT_MODEL, metavar="NAME",
+         help=f"{' | '.join(INFERENCE_MODELS)} ({DEFAULT_MODEL})")
     _add(attack, "--bypass", action="store_true", default=False,
-         help="send fire_bypass=true: fire_ensemble skips the repair (measures the bare attack)")
+         help=f"send {BYPASS_PARAMETER}=true: {DEFAULT_MODEL} skips the repair (measures the bare attack)")
     _add(protocol, "--protocol", choices=["auto", "grpc", "http"], default="auto",
          help="auto (default): from the --host scheme, grpc://H:P or http://H:P; a bare H:P is gRPC")
     _add(protocol, "--request-timeout", type=float, default=30.0, metavar="S", help="seconds per request (30)")

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fire_backend.client import PROTOCOLS, load_digits, load_npz
+from fire_backend.wire.endpoints import url_scheme
+from fire_backend.wire.images import load_digits, load_npz
 
 LOGGER = logging.getLogger("fire.loadtest")
 
@@ -72,7 +73,7 @@ def traffic_for(options) -> Traffic:
 
 def host_protocol(host: str | None, protocol: str = "auto") -> str:
     """Which protocol --host and --protocol select: the URL scheme wins; a bare HOST:PORT is gRPC unless told."""
-    scheme, sep, _ = (host or "").partition("://")
-    if sep and scheme.lower() in PROTOCOLS:
-        return scheme.lower()
+    scheme = url_scheme(host)
+    if scheme is not None:
+        return scheme
     return "grpc" if protocol in ("auto", "", None) else protocol

@@ -25,8 +25,9 @@ import numpy as np
 from locust import User, constant, events, task
 from locust.runners import MasterRunner, WorkerRunner
 
-from fire_backend.client import FireClient, FireClientError, init_grpc_gevent, load_digits, parse_url
+from fire_backend.loadtest import PER_SAMPLE_SUFFIX
 from fire_backend.loadtest.defense import (
+    DEFENSE_CSV_SUFFIX,
     REPORT_KEY,
     DefenseStats,
     defense_csv,
@@ -36,9 +37,12 @@ from fire_backend.loadtest.defense import (
 )
 from fire_backend.loadtest.options import add_options, parsed_options
 from fire_backend.loadtest.traffic import host_protocol, traffic_for
+from fire_backend.wire.client import FireClient, init_grpc_gevent
+from fire_backend.wire.endpoints import parse_url
+from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.images import load_digits
 
 LOGGER = logging.getLogger("fire.loadtest")
-PER_SAMPLE_SUFFIX = "/per-sample"
 
 DEFENSE = DefenseStats()
 #: (start time, latency ms, images) per request, for --latency-file
@@ -201,7 +205,7 @@ def _on_quit(**_kw) -> None:
                 defense_table(rows))
     prefix = getattr(options, "csv_prefix", None)
     if prefix:
-        path = Path(f"{prefix}_defense.csv")
+        path = Path(f"{prefix}{DEFENSE_CSV_SUFFIX}")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(defense_csv(rows))
 

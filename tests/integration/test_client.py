@@ -1,4 +1,4 @@
-"""fire_backend.client and `fire infer` against the real tritonserver (gRPC and HTTP).
+"""fire_backend.wire.client and `fire infer` against the real tritonserver (gRPC and HTTP).
 
 The server: a repository built with --flagged 20 (FIRE has a direction from the start), the session's `defended`
 server when tests/integration/conftest.py provides it, else one for this module.
@@ -13,15 +13,10 @@ import numpy as np
 import pytest
 
 from fire_backend.cli import main as fire_main
-from fire_backend.client import (
-    FireClient,
-    FireClientError,
-    ServerUnreachable,
-    load_digits,
-    load_npz,
-    parse_url,
-    to_model_input,
-)
+from fire_backend.wire.client import FireClient
+from fire_backend.wire.endpoints import parse_url
+from fire_backend.wire.errors import FireClientError, ServerUnreachable
+from fire_backend.wire.images import load_digits, load_npz, to_model_input
 
 N_IMAGES = 12
 integration = pytest.mark.integration
@@ -159,7 +154,7 @@ def test_client_result_fields(served, exported):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_names_the_fix(capsys, protocol):
-    from fire_backend.serving.launcher import free_port
+    from fire_backend.serving.ports import free_port
 
     port = free_port()
     code, _, err = run_infer(capsys, ["--url", f"{protocol}://127.0.0.1:{port}", "--digits", "2"])

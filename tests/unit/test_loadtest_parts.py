@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fire_backend.client import InferResult
 from fire_backend.loadtest.defense import CSV_COLUMNS, DefenseStats, defense_csv
 from fire_backend.loadtest.locust_help import locust_arguments
 from fire_backend.loadtest.options import GROUPS, add_options
 from fire_backend.loadtest.traffic import Pool, Traffic, host_protocol
+from fire_backend.wire.client import InferResult
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUST = Path(sys.executable).with_name("locust")  # the console script, as users type it

@@ -1,0 +1,91 @@
+"""The operator's client of the control endpoint (model ``fire_control``): status, history, push, observe, rollback.
+
+Talks to the server's own gRPC or HTTP endpoint; the token travels only in the request (see
+:mod:`fire_backend.wire.token` for where it is read). Errors arrive as FireClientError, translated once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fire_backend.wire.connection import Connection
+from fire_backend.wire.names import DEFAULT_URL, FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
+
+
+class ControlClient(Connection):
+    """The control actions over one connection to ``url`` (``grpc://H:P``, ``http://H:P`` or bare ``H:P``)."""
+
+    def __init__(self, url: str = DEFAULT_URL, token: str = "", timeout_s: float = 60.0) -> None:
+        super().__init__(url, timeout_s=timeout_s)
+        self.token = token
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def call(self, request: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
+        """Send one JSON action (with images for ``observe``); the server's JSON answer."""
+        inputs = [self.tensor(name, np.array([text.encode()], dtype=np.object_), "BYTES")
+                  for name, text in ((REQUEST, json.dumps(request)), (TOKEN, self.token))]
+        if images is not None:
+            inputs.append(self.tensor(IMAGES, np.ascontiguousarray(images, dtype=np.uint8), "UINT8"))
+        result = self.request(FIRE_CONTROL, inputs)
+        raw = result.as_numpy(RESPONSE).reshape(-1)[0]
+        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+
+    def status(self) -> dict[str, Any]:
+        return self.call({"action": "status"})
+
+    def history(self) -> dict[str, Any]:
+        return self.call({"action": "history"})
+
+    def rollback(self, version: int) -> dict[str, Any]:
+        return self.call({"action": "rollback", "version": version})
+
+    def push(self, directions: list[dict[str, Any]], center: list[float] | None = None) -> dict[str, Any]:
+        return self.call({"action": "push", "directions": directions, "center": center})
+
+    def observe(self, images: np.ndarray, clean: bool = False, estimator: str | None = None,
+                publish_every: int | None = None) -> dict[str, Any]:
+        request: dict[str, Any] = {"action": "observe", "clean": clean}
+        if estimator:
+            request["estimator"] = estimator
+        if publish_every:
+            request["publish_every"] = publish_every
+        return self.call(request, images)
+
+
+def read_direction_file(path: Path) -> tuple[list[dict[str, Any]], list[float] | None]:
+    """An .npz with ``beta`` (D or K x D, or K x latent shape) and optional per-direction ``alpha``,
+    ``mode``, ``threshold``, ``name`` arrays and a ``center``."""
+    with np.load(path, allow_pickle=False) as data:
+        if "beta" not in data.files:
+            raise ValueError(f"{path}: needs an array 'beta' (has {', '.join(data.files)})")
+        beta = np.asarray(data["beta"], dtype=np.float32)
+        betas = beta.reshape(1, -1) if beta.ndim == 1 else beta.reshape(beta.shape[0], -1)
+        count = len(betas)
+
+        def column(name: str) -> list | None:
+            if name not in data.files:
+                return None
+            values = np.atleast_1d(data[name]).tolist()
+            if len(values) != count:
+                raise ValueError(f"{path}: '{name}' has {len(values)} entries for {count} directions")
+            return values
+
+        alphas, modes, thresholds, names = (column(n) for n in ("alpha", "mode", "threshold", "name"))
+        center = data["center"].astype(np.float32).reshape(-1).tolist() if "center" in data.files else None
+    directions = []
+    for i in range(count):
+        entry: dict[str, Any] = {"beta": betas[i].tolist(), "name": names[i] if names else f"pushed-{i}"}
+        if alphas:
+            entry["alpha"] = float(alphas[i])
+        if modes:
+            entry["mode"] = str(modes[i])
+        if thresholds:
+            entry["threshold"] = float(thresholds[i])
+        directions.append(entry)
+    return directions, center

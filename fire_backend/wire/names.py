@@ -1,0 +1,53 @@
+"""Every name two processes must agree on: models, tensors, the bypass parameter, protocols and ports.
+
+The model repository's configs, the Triton stages, both clients and the Locust users all take their names
+from here, so a rename is one edit. Plain constants: importing this module imports nothing.
+"""
+
+from __future__ import annotations
+
+# -- models ------------------------------------------------------------------------------------------
+#: head -> FIRE repair -> tail, the defended ensemble
+FIRE_ENSEMBLE = "fire_ensemble"
+#: head -> tail, the same halves without the repair
+UNDEFENDED_ENSEMBLE = "undefended_ensemble"
+#: the unsplit model in one stage (the benchmarks' reference)
+FIRE_MONOLITHIC = "fire_monolithic"
+#: the control endpoint: push / observe / status / history / rollback
+FIRE_CONTROL = "fire_control"
+FIRE_HEAD = "fire_head"
+FIRE_REPAIR = "fire_repair"
+FIRE_TAIL = "fire_tail"
+#: the models an inference client may address (fire_control is not one)
+INFERENCE_MODELS = (FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC)
+DEFAULT_MODEL = FIRE_ENSEMBLE
+
+# -- tensors -----------------------------------------------------------------------------------------
+#: float32 N x C x H x W in [0, 1]: the input of the ensembles, the head and the monolithic model
+IMAGE = "IMAGE"
+LOGITS = "LOGITS"
+LABEL = "LABEL"
+#: largest projection coefficient over the live directions (about 0 clean, about 1 triggered)
+REPAIR_SCORE = "REPAIR_SCORE"
+FLAGGED = "FLAGGED"
+#: the direction-set version that repaired the sample
+DIRECTION_VERSION = "DIRECTION_VERSION"
+#: the head's output and the repair's input
+LATENT = "LATENT"
+#: the repair's output and the tail's input
+REPAIRED = "REPAIRED"
+#: fire_control's inputs (a JSON request, the control token, optional uint8 N x H x W x C images) and output
+REQUEST = "REQUEST"
+TOKEN = "TOKEN"
+IMAGES = "IMAGES"
+RESPONSE = "RESPONSE"
+
+#: request parameter that makes fire_ensemble keep that request's latent unrepaired (scores still computed)
+BYPASS_PARAMETER = "fire_bypass"
+
+# -- endpoints ---------------------------------------------------------------------------------------
+PROTOCOLS = ("grpc", "http")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+DEFAULT_METRICS_PORT = 8002
+DEFAULT_URL = f"grpc://{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
