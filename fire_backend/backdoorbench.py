@@ -31,8 +31,6 @@ types allow-listed); a file that needs anything else is refused unless the calle
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +40,12 @@ import numpy as np
 import torch
 
 from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
-from fire_backend.data import Dataset, load_dataset, resolve_attack, to_tensor, to_uint8
+from fire_backend.data import Dataset, load_dataset, resolve_attack, to_tensor
+from fire_backend.data.stored import STORED_PREFIX, write_stored_set
 from fire_backend.models import PreActResNet18
 from fire_backend.split import ModelSpec
 
 POISONED_FILE = "poisoned_test.npz"
-STORED_PREFIX = "stored:"
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 # BackdoorBench model_name -> fire architecture. Only PreActResNet18 has fire's stage structure.
 SUPPORTED_MODELS = {"preactresnet18": "preact_resnet18"}
@@ -61,7 +59,6 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 # Median per-image mean |poisoned - clean| (in [0, 1]) above which the pairing with --data looks wrong.
 PAIRING_WARNING = 0.15
-DIGEST_SIZE = 16
 
 
 # --- reading the file -------------------------------------------------------------------------
@@ -331,58 +328,9 @@ def parse_poisoned_test(bd_test: Any, shape: tuple[int, int, int], base: Path) -
                        np.asarray(index, np.int64))
 
 
-def image_digest(image: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=DIGEST_SIZE).digest()
-
-
 def write_poisoned_set(path: Path, poisoned: PoisonedSet, clean_x: np.ndarray) -> None:
-    """``x`` (uint8 NHWC), ``y`` (true labels), ``index`` and ``key`` (digest of each clean original)."""
-    keys = np.frombuffer(b"".join(image_digest(img) for img in clean_x), dtype=np.uint8).reshape(-1, DIGEST_SIZE)
-    np.savez_compressed(path, x=poisoned.x, y=poisoned.y, index=poisoned.index, key=keys)
-
-
-class StoredAttack:
-    """Replaces each clean image of the stored set by the attacker's poisoned copy; others pass unchanged.
-
-    Images are matched by content (a digest of the uint8 image), so this works wherever the clean test
-    images flow: the defender's reserve, the evaluation split, exports. Images of the target class (which
-    an all-to-one attack does not poison) and unknown images come back as they are.
-    """
-
-    def __init__(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: stored poisoned set not found (written by `fire import backdoorbench`)")
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"x", "y", "index", "key"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path}: not a stored poisoned set (missing {sorted(missing)})")
-            self.x, self.y, self.index, keys = data["x"], data["y"], data["index"], data["key"]
-        if self.x.dtype != np.uint8 or self.x.ndim != 4 or keys.shape != (len(self.x), DIGEST_SIZE):
-            raise ValueError(f"{path}: malformed stored poisoned set")
-        self.path = path
-        self.rows = {bytes(k): i for i, k in enumerate(keys)}
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        images = to_uint8(x.detach().cpu())
-        rows = [self.rows.get(image_digest(img), -1) for img in images]
-        hits = [i for i, r in enumerate(rows) if r >= 0]
-        out = x.clone()
-        if hits:
-            out[hits] = to_tensor(self.x[[rows[i] for i in hits]]).to(device=x.device, dtype=x.dtype)
-        return out
-
-    def __repr__(self) -> str:
-        return f"StoredAttack({str(self.path)!r}, {len(self.x)} images)"
-
-
-@functools.lru_cache(maxsize=8)
-def _stored(path: str) -> StoredAttack:
-    return StoredAttack(Path(path))
-
-
-def stored_attack(path: str | Path) -> StoredAttack:
-    """The ``stored:PATH`` trigger (cached per file)."""
-    return _stored(str(Path(path).expanduser().resolve()))
+    """The poisoned test set as a ``stored:`` attack reads it (see :mod:`fire_backend.data.stored`)."""
+    write_stored_set(path, poisoned.x, poisoned.y, poisoned.index, clean_x)
 
 
 # --- the import --------------------------------------------------------------------------------
@@ -505,7 +453,6 @@ def import_backdoorbench(
         clean, uncovered, change, warnings = _check_pairing(poisoned, dataset, target)
         path = (out / POISONED_FILE).resolve()
         write_poisoned_set(path, poisoned, clean)
-        _stored.cache_clear()
         attack_name = f"{STORED_PREFIX}{path}"
         stored = len(poisoned.x)
         extra.update(poisoned_test=stored, uncovered_non_target=uncovered, pairing_change=round(change, 4))

@@ -14,21 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
-
-def shuffled_subset(source: Path, out: Path, train: int | None = None, test: int | None = None, seed: int = 0) -> Path:
-    with np.load(source, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    rng = np.random.default_rng(seed)
-    result = {}
-    for split, keep in (("train", train), ("test", test)):
-        order = rng.permutation(len(arrays[f"y_{split}"]))[:keep]
-        result[f"x_{split}"] = arrays[f"x_{split}"][order]
-        result[f"y_{split}"] = arrays[f"y_{split}"][order].astype(np.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **result)
-    return out
+from fire_backend.data.datasets import shuffled_subset
 
 
 def main() -> None:

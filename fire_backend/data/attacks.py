@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from fire_backend.data.stored import STORED_PREFIX, stored_attack
+
 Attack = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -53,10 +55,8 @@ def resolve_attack(name: str) -> Attack:
     attack's own poisoned test images (``fire import backdoorbench``)."""
     if name in ATTACKS:
         return ATTACKS[name]
-    if name.startswith("stored:"):
-        from fire_backend.backdoorbench import stored_attack
-
-        return stored_attack(name.removeprefix("stored:"))
+    if name.startswith(STORED_PREFIX):
+        return stored_attack(name.removeprefix(STORED_PREFIX))
     module_name, sep, attr = name.partition(":")
     if not sep or not attr:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,15 +61,20 @@ def load_digits() -> Dataset:
     return Dataset("digits", *digits_split())
 
 
+def read_arrays(path: Path, names: Sequence[str], what: str = ".npz file") -> dict[str, np.ndarray]:
+    """The named arrays of an .npz (nothing unpickled); errors name the file and what it should have been."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    with np.load(path, allow_pickle=False) as data:
+        missing = set(names) - set(data.files)
+        if missing:
+            raise ValueError(f"{path}: not a {what}: missing arrays {sorted(missing)} (has {sorted(data.files)})")
+        return {k: data[k] for k in names}
+
+
 def load_npz(path: Path) -> Dataset:
     """Arrays x_train/y_train/x_test/y_test (uint8 NHWC), as in the shared CIFAR-10 file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such .npz file")
-    with np.load(path, allow_pickle=False) as data:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)} (has {sorted(data.files)})")
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    arrays = read_arrays(path, ("x_train", "y_train", "x_test", "y_test"))
     for part in ("train", "test"):
         _check_images(f"{path}:{part}", arrays[f"x_{part}"], arrays[f"y_{part}"])
     return Dataset(
@@ -113,3 +119,21 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "cifar10":
         return load_npz(path) if path.suffix == ".npz" else load_cifar10_folder(path)
     raise ValueError(f"unknown data set kind {kind!r}: use digits, cifar10:PATH or npz:PATH")
+
+
+def shuffled_subset(source: Path, out: Path, train: int | None = None, test: int | None = None,
+                    seed: int = 0) -> Path:
+    """Write a copy of an x_train/y_train/x_test/y_test .npz with each split in a fixed random order (seeded),
+    keeping its first ``train``/``test`` images: for files sorted by class (the shared CIFAR-10 copy), where
+    "the first N" images would all be of one class."""
+    with np.load(source, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    rng = np.random.default_rng(seed)
+    result = {}
+    for split, keep in (("train", train), ("test", test)):
+        order = rng.permutation(len(arrays[f"y_{split}"]))[:keep]
+        result[f"x_{split}"] = arrays[f"x_{split}"][order]
+        result[f"y_{split}"] = arrays[f"y_{split}"][order].astype(np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **result)
+    return out

@@ -1,8 +1,8 @@
 """CIFAR-10 acceptance: small PreActResNet18s backdoored with BadNets, Blended and SIG, repaired by FIRE.
 
 Needs ../shared/data/cifar10.npz (relative to the project root); skipped with the reason when absent.
-That file is sorted by class, so the models train on a fixed random subset of it (see
-scripts/cifar_subset.py): TRAIN_SUBSET training images and TEST_SUBSET test images (the first 200 the
+That file is sorted by class, so the models train on a fixed random subset of it (shuffled_subset, as
+scripts/cifar_subset.py writes it): TRAIN_SUBSET training images and TEST_SUBSET test images (the first 200 the
 defender's reserve, the rest evaluated). The models (width WIDTH, EPOCHS epochs, no augmentation: it
 costs CA and plants a weaker BadNets backdoor in so few epochs) are trained once per module, about a
 minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs. CA/PA/ASR are printed.
@@ -23,11 +23,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
+from fire_backend.data.datasets import shuffled_subset
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +39,6 @@ TARGET = 0
 FLAGGED = 50  # flagged poisoned samples FIRE may learn from
 # Layer per attack from `fire sweep` on these models (all layers: docs/results/<attack>/sweep.csv).
 SWEEP_LAYER = {"badnets": "layer4.0", "blended": "conv1", "sig": "conv1"}
-
-
-def shuffled_subset(source: Path, out: Path, train: int, test: int, seed: int = 0) -> None:
-    """Same permutation as scripts/cifar_subset.py: the shared file is sorted by class."""
-    with np.load(source, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    rng = np.random.default_rng(seed)
-    result = {}
-    for split, keep in (("train", train), ("test", test)):
-        order = rng.permutation(len(arrays[f"y_{split}"]))[:keep]
-        result[f"x_{split}"] = arrays[f"x_{split}"][order]
-        result[f"y_{split}"] = arrays[f"y_{split}"][order].astype(np.int64)
-    np.savez(out, **result)
 
 
 @pytest.fixture(scope="module")

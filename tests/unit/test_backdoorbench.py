@@ -23,11 +23,11 @@ from fire_backend.backdoorbench import (
     POISONED_FILE,
     import_backdoorbench,
     load_attack_result,
-    stored_attack,
 )
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import resolve_attack, to_tensor, to_uint8
+from fire_backend.data.stored import stored_attack
 from fire_backend.evaluation import RESERVE, batched
 from fire_backend.models import PreActResNet18
 from fire_backend.serving.artifacts import HEAD_FILE, TAIL_FILE

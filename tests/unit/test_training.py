@@ -12,13 +12,12 @@ import torch
 from fire_backend.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import resolve_attack, to_tensor
+from fire_backend.data.augment import shrink_pad, shrinkpad_defense
 from fire_backend.evaluation import (
     RESERVE,
     accuracy_figures,
     defender_data,
     detector_tpr,
-    shrink_pad,
-    shrinkpad_defense,
 )
 from fire_backend.training import TrainConfig, default_spec, poison_training_set, train_backdoored
 
