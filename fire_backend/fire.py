@@ -2,14 +2,16 @@
 
 This is the only implementation. Offline evaluation, the sweep, the control endpoint's online
 learning and the Triton repair stage all call these functions, so what is measured offline is what
-is served. Everything is pure torch and device-agnostic; latents are flattened to (N, D).
+is served. Everything is pure torch and device-agnostic (estimator state is frozen to numpy arrays for the
+store); latents are flattened to (N, D).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 MODES = ("projection", "constant")
@@ -113,6 +115,16 @@ class UnpairedEstimator(Estimator):
     def direction(self) -> torch.Tensor:
         return (self.poisoned.mean - self.clean.mean).float()
 
+    def state(self) -> EstimatorState:
+        """What a store version keeps so that learning resumes where it stopped (the clean centroid included)."""
+        return EstimatorState.of(self.kind, self.poisoned, self.clean)
+
+    @classmethod
+    def from_state(cls, state: EstimatorState) -> UnpairedEstimator:
+        estimator = cls(state.dim, torch.from_numpy(state.clean_mean), state.clean_count)
+        estimator.poisoned = state.running_poisoned()
+        return estimator
+
 
 class AugmentedEstimator(PairedEstimator):
     """Paired estimation where each flagged sample's clean twin is its trigger-broken augmentations.
@@ -129,13 +141,52 @@ class AugmentedEstimator(PairedEstimator):
         twin = torch.stack([flatten(a).double() for a in augmented]).mean(0)
         self.diff.update(flatten(poisoned).double() - twin)
 
+    def state(self, clean: RunningMean) -> EstimatorState:
+        """What a store version keeps: the mean (poisoned - twin) difference and the separately kept centroid."""
+        return EstimatorState.of(self.kind, self.diff, clean)
 
-def augmented_twins(
-    images: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], augmentations: Sequence[Callable]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Latents of flagged images and of their augmented copies, ready for AugmentedEstimator."""
-    with torch.inference_mode():
-        return head(images), [head(aug(images)) for aug in augmentations]
+    @classmethod
+    def from_state(cls, state: EstimatorState) -> AugmentedEstimator:
+        estimator = cls(state.dim)
+        estimator.diff = state.running_poisoned()
+        return estimator
+
+
+@dataclass
+class EstimatorState:
+    """A streaming estimate frozen as arrays (stored with each version), so online learning survives restarts.
+
+    ``poisoned_mean``/``poisoned_count`` are the unpaired estimator's poisoned mean, or the augmented
+    estimator's mean (poisoned - pseudo-clean twin) difference; ``clean_mean`` is the clean centroid, refined
+    by clean observations.
+    """
+
+    kind: str  # "unpaired" | "augmented"
+    poisoned_mean: np.ndarray  # float64 (D,)
+    poisoned_count: int
+    clean_mean: np.ndarray  # float64 (D,)
+    clean_count: int
+
+    @classmethod
+    def of(cls, kind: str, poisoned: RunningMean, clean: RunningMean) -> EstimatorState:
+        return cls(kind, poisoned.mean.numpy().copy(), poisoned.count, clean.mean.numpy().copy(), clean.count)
+
+    @property
+    def dim(self) -> int:
+        return int(self.poisoned_mean.size)
+
+    def running_poisoned(self) -> RunningMean:
+        return RunningMean(self.dim, torch.from_numpy(self.poisoned_mean), self.poisoned_count)
+
+    def restore(self) -> tuple[UnpairedEstimator | AugmentedEstimator, RunningMean]:
+        """The live estimator to keep folding observations into, and the clean centroid's running mean."""
+        if self.kind == "unpaired":
+            unpaired = UnpairedEstimator.from_state(self)
+            return unpaired, unpaired.clean
+        if self.kind == "augmented":
+            clean = RunningMean(self.dim, torch.from_numpy(self.clean_mean), self.clean_count)
+            return AugmentedEstimator.from_state(self), clean
+        raise ValueError(f"unknown estimator kind {self.kind!r}")
 
 
 @dataclass
@@ -169,7 +220,6 @@ class CompiledRepair:
     projection: torch.Tensor  # (K,) bool
     thresholds: torch.Tensor  # (K,)
     version: int = 0
-    meta: dict = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:

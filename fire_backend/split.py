@@ -43,7 +43,6 @@ class Part(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int) -> None:
         super().__init__()
         self.model = model
-        self.start, self.stop = start, stop
         self._steps = [module for _, module in model.stages()[start:stop]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_backend.fire import MODES, AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
+from fire_backend.fire import MODES, Direction, EstimatorState
 
 LOG = logging.getLogger("fire_backend.store")
 MAGIC = "fire-backend/direction-set/v1"
@@ -44,48 +44,6 @@ MAGIC = "fire-backend/direction-set/v1"
 
 class StoreError(Exception):
     """A store operation could not be carried out; the store is unchanged."""
-
-
-@dataclass
-class EstimatorState:
-    """Streaming estimator state carried by a version, so online learning survives restarts.
-
-    ``poisoned_mean``/``poisoned_count`` are the unpaired estimator's poisoned mean, or the
-    augmented estimator's mean (poisoned - pseudo-clean twin) difference; ``clean_mean`` is the clean
-    centroid, refined by clean observations.
-    """
-
-    kind: str  # "unpaired" | "augmented"
-    poisoned_mean: np.ndarray  # float64 (D,)
-    poisoned_count: int
-    clean_mean: np.ndarray  # float64 (D,)
-    clean_count: int
-
-    @classmethod
-    def of(cls, estimator: UnpairedEstimator | AugmentedEstimator, clean: RunningMean | None = None) -> EstimatorState:
-        if isinstance(estimator, UnpairedEstimator):
-            poisoned, clean = estimator.poisoned, estimator.clean
-        else:
-            if clean is None:
-                raise ValueError("the augmented estimator's state needs the clean centroid")
-            poisoned = estimator.diff
-        return cls(estimator.kind, poisoned.mean.numpy().copy(), poisoned.count, clean.mean.numpy().copy(),
-                   clean.count)
-
-    def restore(self) -> tuple[UnpairedEstimator | AugmentedEstimator, RunningMean]:
-        """The live estimator to keep folding observations into, and the clean centroid's running mean."""
-        dim = self.poisoned_mean.size
-        clean = RunningMean(dim, torch.from_numpy(self.clean_mean), self.clean_count)
-        poisoned = RunningMean(dim, torch.from_numpy(self.poisoned_mean), self.poisoned_count)
-        if self.kind == "unpaired":
-            estimator = UnpairedEstimator(dim, clean.value())
-            estimator.clean, estimator.poisoned = clean, poisoned
-            return estimator, clean
-        if self.kind == "augmented":
-            augmented = AugmentedEstimator(dim)
-            augmented.diff = poisoned
-            return augmented, clean
-        raise ValueError(f"unknown estimator kind {self.kind!r}")
 
 
 @dataclass

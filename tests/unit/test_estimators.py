@@ -12,7 +12,6 @@ from fire_backend.fire import (
     PairedEstimator,
     RunningMean,
     UnpairedEstimator,
-    augmented_twins,
     centroid,
 )
 
@@ -95,16 +94,6 @@ def test_estimator_input_errors() -> None:
         PairedEstimator(4).observe(torch.zeros(3, 4), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least one"):
         AugmentedEstimator(4).observe_augmented(torch.zeros(3, 4), [])
-
-
-def test_augmented_twins_runs_head_on_each_augmentation() -> None:
-    images = torch.rand(3, 1, 4, 4)
-    head = torch.nn.Flatten()
-    latents, twins = augmented_twins(images, head, [lambda x: x * 0, lambda x: x + 1])
-    assert torch.equal(latents, images.reshape(3, -1))
-    assert len(twins) == 2
-    assert torch.equal(twins[0], torch.zeros(3, 16))
-    assert torch.equal(twins[1], images.reshape(3, -1) + 1)
 
 
 def test_counts_accumulate_and_empty_batches_are_ignored() -> None:

@@ -1,0 +1,203 @@
+"""The direction store without Triton: commits, torn history lines, checksum failures, concurrent writers, rollback,
+the follower a repair instance uses, and the estimator state a version carries."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fire_backend.fire import AugmentedEstimator, Direction, EstimatorState, RunningMean, UnpairedEstimator
+from fire_backend.store import DirectionSet, DirectionStore, StoreError, StoreFollower, validate_direction_set
+
+DIM = 6
+
+
+def direction_set(seed: int, estimator: EstimatorState | None = None) -> DirectionSet:
+    rng = np.random.default_rng(seed)
+    beta = torch.from_numpy(rng.standard_normal(DIM).astype(np.float32))
+    return DirectionSet(rng.standard_normal(DIM).astype(np.float32), [Direction(beta, 0.5, name=f"d{seed}")],
+                        estimator)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> DirectionStore:
+    store = DirectionStore(tmp_path / "store").ensure()
+    store.initialize()
+    return store
+
+
+def files(store: DirectionStore) -> dict[str, bytes]:
+    return {str(p.relative_to(store.root)): p.read_bytes() for p in sorted(store.root.rglob("*")) if p.is_file()}
+
+
+def test_a_new_store_is_version_0(store: DirectionStore) -> None:
+    assert store.live_version() == 0 and store.history() == [] and store.read_pointer() == (0, "")
+
+
+def test_commit_round_trips_the_direction_set(store: DirectionStore) -> None:
+    ds = direction_set(1)
+    number = store.commit(ds, "push", "tok-x", {"directions": 1})
+    assert number == 1 and store.live_version() == 1
+    version = store.read_version(1)
+    np.testing.assert_array_equal(version.directions.center, ds.center)
+    assert torch.equal(version.directions.directions[0].beta, ds.directions[0].beta)
+    assert version.directions.directions[0].alpha == 0.5 and version.directions.directions[0].name == "d1"
+    (entry,) = store.history()
+    assert entry["action"] == "push" and entry["actor"] == "tok-x" and entry["directions"] == 1
+    assert store.read_pointer() == (1, version.sha256) == (1, entry["sha256"])
+
+
+def test_a_torn_history_line_is_skipped_and_the_next_commit_starts_a_fresh_line(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    # A crash in the middle of committing version 2: its file was written, its history line only half.
+    store.version_path(2).write_bytes(store.version_path(1).read_bytes())
+    with store.history_path.open("ab") as handle:
+        handle.write(b'{"action": "push", "version": 2, "li')
+    assert [e["version"] for e in store.history()] == [1]
+    assert store.live_version() == 1
+    assert store.commit(direction_set(2), "push") == 3  # version 2's number stays burnt: never reused
+    assert [e["version"] for e in store.history()] == [1, 3]
+    assert store.history_path.read_bytes().count(b"\n") == 3  # the torn line was closed, not glued to the next
+
+
+def test_an_edited_history_line_fails_its_checksum(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    lines = store.history_path.read_text().splitlines()
+    forged = json.loads(lines[1])
+    forged["live"] = 1  # tampered without recomputing the line checksum
+    store.history_path.write_text(lines[0] + "\n" + json.dumps(forged) + "\n")
+    assert [e["version"] for e in store.history()] == [1]
+
+
+def test_a_corrupt_version_is_never_served(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    path = store.version_path(2)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # one flipped bit of the payload
+    path.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="checksum mismatch"):
+        store.read_version(2)
+    assert store.live_version() == 1  # falls back to the previous committed version
+    follower = StoreFollower(store)
+    assert follower.poll() is False and follower.version == 0  # CURRENT names 2, which does not verify
+    store.repair_pointer()
+    assert store.read_pointer()[0] == 1
+    assert follower.poll() is True and follower.version == 1
+
+
+def test_a_partial_version_file_is_not_a_version(store: DirectionStore) -> None:
+    store.version_path(5).write_bytes(b'{"magic": "x"}\n\x00\x01')
+    with pytest.raises(StoreError):
+        store.read_version(5)
+    with pytest.raises(StoreError, match="does not exist"):
+        store.read_version(9)
+
+
+def test_a_crash_between_history_and_pointer_is_repaired(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    sha = store.read_pointer()[1]
+    store.current_path.write_text(json.dumps({"version": 0, "sha256": ""}))  # the pointer was not rewritten
+    store.repair_pointer()
+    assert store.read_pointer() == (1, sha)
+
+
+def test_rollback(store: DirectionStore) -> None:
+    for seed in (1, 2, 3):
+        store.commit(direction_set(seed), "push")
+    assert store.rollback(1, "tok-op") == 1
+    assert store.live_version() == 1 and store.read_pointer() == (1, store.read_version(1).sha256)
+    assert store.history()[-1] == {**store.history()[-1], "action": "rollback", "version": 1, "live": 1}
+    assert store.commit(direction_set(4), "push") == 4  # numbers keep growing after a rollback
+    assert store.rollback(0) == 0 and store.live_version() == 0 and store.read_pointer() == (0, "")
+
+
+def test_rollback_to_an_uncommitted_version_changes_nothing(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    before = files(store)
+    with pytest.raises(StoreError, match="never committed"):
+        store.rollback(7)
+    assert files(store) == before
+
+
+def _commit_many(root: str, worker: int, count: int, queue) -> None:
+    store = DirectionStore(Path(root))
+    queue.put([store.commit(direction_set(100 * worker + i), "push", f"worker-{worker}") for i in range(count)])
+
+
+def test_concurrent_writers_each_get_a_distinct_version(store: DirectionStore) -> None:
+    workers, count = 4, 8
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=_commit_many, args=(str(store.root), w, count, queue)) for w in range(workers)]
+    for p in processes:
+        p.start()
+    numbers = [n for _ in processes for n in queue.get(timeout=120)]
+    for p in processes:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(numbers) == list(range(1, workers * count + 1))  # every commit landed, none shared a number
+    history = store.history()
+    assert sorted(e["version"] for e in history) == sorted(numbers)
+    for entry in history:  # each history line names the version its writer wrote
+        version = store.read_version(entry["version"])
+        assert version.sha256 == entry["sha256"] and version.header["actor"] == entry["actor"]
+    assert store.live_version() == history[-1]["version"]
+
+
+def test_the_follower_sees_each_new_version_once(store: DirectionStore) -> None:
+    follower = StoreFollower(store)
+    assert follower.poll() is False and follower.current is None  # version 0: nothing to apply
+    store.commit(direction_set(1), "push")
+    assert follower.poll() is True and follower.version == 1
+    assert follower.poll() is False
+    store.rollback(0)
+    assert follower.poll() is True and follower.version == 0 and follower.current is None
+
+
+@pytest.mark.parametrize("kind", ["unpaired", "augmented"])
+def test_estimator_state_survives_a_version(store: DirectionStore, kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    center = torch.randn(DIM, generator=g)
+    if kind == "unpaired":
+        estimator, clean = UnpairedEstimator(DIM, center, clean_count=5), None
+        estimator.observe(poisoned=torch.randn(3, DIM, generator=g), clean=torch.randn(2, DIM, generator=g))
+        state = estimator.state()
+    else:
+        estimator, clean = AugmentedEstimator(DIM), RunningMean(DIM, center, 5)
+        estimator.observe_augmented(torch.randn(3, DIM, generator=g), [torch.randn(3, DIM, generator=g)])
+        state = estimator.state(clean)
+    store.commit(direction_set(1, state), "observe")
+    restored, centroid = store.read_version(1).directions.estimator.restore()
+    assert type(restored) is type(estimator) and restored.count == 3
+    assert torch.equal(restored.direction(), estimator.direction())
+    assert centroid.count == (7 if kind == "unpaired" else 5)
+    more = torch.randn(2, DIM, generator=g)  # learning goes on where it stopped
+    if kind == "unpaired":
+        restored.observe(poisoned=more)
+        estimator.observe(poisoned=more)
+    else:
+        restored.observe_augmented(more, [more * 0])
+        estimator.observe_augmented(more, [more * 0])
+    torch.testing.assert_close(restored.direction(), estimator.direction())
+
+
+def test_validation_rejects_what_a_repair_must_never_apply() -> None:
+    ds = direction_set(1)
+    validate_direction_set(ds, DIM, 1e4, 10.0, 8)
+    bad = [
+        (DirectionSet(ds.center[:-1], ds.directions), "center has shape"),
+        (DirectionSet(ds.center, [Direction(torch.full((DIM,), float("nan")))]), "NaN"),
+        (DirectionSet(ds.center, [Direction(torch.ones(DIM), alpha=50.0)]), "alpha"),
+        (DirectionSet(ds.center, [Direction(torch.zeros(DIM))]), "norm"),
+        (DirectionSet(ds.center, [Direction(torch.ones(DIM))] * 9), "at most 8"),
+    ]
+    for candidate, message in bad:
+        with pytest.raises(ValueError, match=message):
+            validate_direction_set(candidate, DIM, 1e4, 10.0, 8)
