@@ -1,4 +1,4 @@
-"""The artifacts a served repository loads: model halves, serving settings and the direction store.
+"""The artifacts a served repository loads: model halves, serving settings, clean centroid, direction store.
 
 ``fire repo build`` writes them; every Triton stage reads them through this module, so the layout is
 defined once. Nothing here imports Triton.
@@ -10,10 +10,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from fire_backend.wire.names import FIRE_ENSEMBLE
+
+#: the artifacts folder beside the models of a repository (each stage's ``artifacts_dir`` parameter)
+ARTIFACTS_DIR = "artifacts"
 HEAD_FILE = "head.pt"
 TAIL_FILE = "tail.pt"
 FULL_FILE = "full.pt"
 SETTINGS_FILE = "serving.json"
+#: the clean centroid the store starts from (version 0) and its sample count
+CENTROID_FILE = "centroid.npz"
 STORE_DIR = "store"
 
 
@@ -65,6 +73,17 @@ class ServingSettings:
         return cls(**data)
 
 
+def is_fire_repository(repository: Path) -> bool:
+    return (repository / FIRE_ENSEMBLE / "config.pbtxt").is_file()
+
+
+def require_fire_repository(repository: Path) -> Path:
+    """``repository`` if it is one ``fire repo build`` wrote; else a ValueError naming the fix."""
+    if not is_fire_repository(repository):
+        raise ValueError(f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
+    return repository
+
+
 def resolve_artifacts(model_repository: str, configured: str) -> Path:
     """A stage's ``artifacts_dir`` parameter, relative paths taken from the repository root."""
     path = Path(configured).expanduser()
@@ -73,3 +92,13 @@ def resolve_artifacts(model_repository: str, configured: str) -> Path:
     if not (path / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; build the repository with `fire repo build`")
     return path
+
+
+def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:
+    np.savez(artifacts / CENTROID_FILE, center=np.asarray(center, dtype=np.float32), count=np.array(count))
+
+
+def load_centroid(artifacts: Path) -> tuple[np.ndarray, int]:
+    """The clean centroid (float32, flattened latent) and how many clean samples it averages."""
+    with np.load(artifacts / CENTROID_FILE) as data:
+        return data["center"].copy(), int(data["count"])

@@ -12,31 +12,48 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, batched, load_for_eval
 from fire_backend.fire import Direction, UnpairedEstimator
 from fire_backend.serving.artifacts import (
+    ARTIFACTS_DIR,
     FULL_FILE,
     HEAD_FILE,
     STORE_DIR,
     TAIL_FILE,
     ServingSettings,
+    save_centroid,
 )
 from fire_backend.split import Part, candidate_layers, save_part, split
-from fire_backend.store import DirectionSet, DirectionStore, EstimatorState
+from fire_backend.store import DirectionSet, DirectionStore
+from fire_backend.wire.names import (
+    DIRECTION_VERSION,
+    FIRE_CONTROL,
+    FIRE_ENSEMBLE,
+    FIRE_HEAD,
+    FIRE_MONOLITHIC,
+    FIRE_REPAIR,
+    FIRE_TAIL,
+    FLAGGED,
+    IMAGE,
+    IMAGES,
+    LABEL,
+    LATENT,
+    LOGITS,
+    REPAIR_SCORE,
+    REPAIRED,
+    REQUEST,
+    RESPONSE,
+    TOKEN,
+    UNDEFENDED_ENSEMBLE,
+)
 
-CENTROID_FILE = "centroid.npz"
-ENSEMBLE = "fire_ensemble"
-UNDEFENDED = "undefended_ensemble"
 STAGES = {  # model name -> class in fire_backend.serving.triton_models
-    "fire_head": "HeadModel",
-    "fire_repair": "RepairModel",
-    "fire_tail": "TailModel",
-    "fire_monolithic": "MonolithicModel",
-    "fire_control": "ControlModel",
+    FIRE_HEAD: "HeadModel",
+    FIRE_REPAIR: "RepairModel",
+    FIRE_TAIL: "TailModel",
+    FIRE_MONOLITHIC: "MonolithicModel",
+    FIRE_CONTROL: "ControlModel",
 }
 
 
@@ -68,6 +85,16 @@ def _io(kind: str, name: str, dtype: str, dims, optional: bool = False) -> str:
     return f'{kind} {{\n  name: "{name}"\n  data_type: {dtype}\n  dims: {_dims(dims)}{flag}\n}}'
 
 
+def _logits_outputs(settings: ServingSettings) -> list[str]:
+    return [_io("output", LOGITS, "TYPE_FP32", [settings.num_classes]), _io("output", LABEL, "TYPE_INT64", [1])]
+
+
+def _score_outputs() -> list[str]:
+    """The repair's per-sample outputs, which fire_ensemble passes on."""
+    return [_io("output", REPAIR_SCORE, "TYPE_FP32", [1]), _io("output", FLAGGED, "TYPE_BOOL", [1]),
+            _io("output", DIRECTION_VERSION, "TYPE_INT64", [1])]
+
+
 def _params(values: dict[str, str]) -> str:
     return "\n".join(
         f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}' for k, v in values.items()
@@ -77,7 +104,7 @@ def _params(values: dict[str, str]) -> str:
 def _stage_config(name: str, options: RepositoryOptions, inputs: list[str], outputs: list[str], instances: int,
                   delay_us: int, extra_params: dict[str, str] | None = None) -> str:
     kind = "KIND_GPU" if options.gpu else "KIND_CPU"
-    params = {"artifacts_dir": "artifacts", "torch_threads": str(options.torch_threads), **(extra_params or {})}
+    params = {"artifacts_dir": ARTIFACTS_DIR, "torch_threads": str(options.torch_threads), **(extra_params or {})}
     if options.gpu:
         # Let GPU tensors reach the stage as they are (DLPack), instead of a copy to host memory.
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
@@ -91,24 +118,21 @@ def _stage_config(name: str, options: RepositoryOptions, inputs: list[str], outp
 
 
 def _ensemble_config(name: str, options: RepositoryOptions, settings: ServingSettings, defended: bool) -> str:
-    c_in = _io("input", "IMAGE", "TYPE_FP32", settings.input_shape)
-    outs = [_io("output", "LOGITS", "TYPE_FP32", [settings.num_classes]), _io("output", "LABEL", "TYPE_INT64", [1])]
+    c_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
+    outs = _logits_outputs(settings)
     if defended:
-        outs += [_io("output", "REPAIR_SCORE", "TYPE_FP32", [1]), _io("output", "FLAGGED", "TYPE_BOOL", [1]),
-                 _io("output", "DIRECTION_VERSION", "TYPE_INT64", [1])]
+        outs += _score_outputs()
 
     def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
         ins = "\n".join(f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
         outs_ = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
         return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}\n{outs_}\n    }}'
 
-    steps = [step("fire_head", {"IMAGE": "IMAGE"}, {"LATENT": "latent"})]
+    steps = [step(FIRE_HEAD, {IMAGE: IMAGE}, {LATENT: "latent"})]
     if defended:
-        steps.append(step("fire_repair", {"LATENT": "latent"}, {
-            "REPAIRED": "repaired", "REPAIR_SCORE": "REPAIR_SCORE", "FLAGGED": "FLAGGED",
-            "DIRECTION_VERSION": "DIRECTION_VERSION"}))
-    steps.append(step("fire_tail", {"LATENT": "repaired" if defended else "latent"},
-                      {"LOGITS": "LOGITS", "LABEL": "LABEL"}))
+        steps.append(step(FIRE_REPAIR, {LATENT: "latent"}, {
+            REPAIRED: "repaired", REPAIR_SCORE: REPAIR_SCORE, FLAGGED: FLAGGED, DIRECTION_VERSION: DIRECTION_VERSION}))
+    steps.append(step(FIRE_TAIL, {LATENT: "repaired" if defended else "latent"}, {LOGITS: LOGITS, LABEL: LABEL}))
     return "\n".join([
         f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {options.max_batch_size}", c_in, *outs,
         "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}", "",
@@ -117,36 +141,35 @@ def _ensemble_config(name: str, options: RepositoryOptions, settings: ServingSet
 
 def _control_config(settings: ServingSettings) -> str:
     return "\n".join([
-        'name: "fire_control"', 'backend: "python"', "max_batch_size: 0",
-        _io("input", "REQUEST", "TYPE_STRING", [1]),
-        _io("input", "TOKEN", "TYPE_STRING", [1]),
-        _io("input", "IMAGES", "TYPE_UINT8", [-1, *settings.input_shape[1:], settings.input_shape[0]], optional=True),
-        _io("output", "RESPONSE", "TYPE_STRING", [1]),
+        f'name: "{FIRE_CONTROL}"', 'backend: "python"', "max_batch_size: 0",
+        _io("input", REQUEST, "TYPE_STRING", [1]),
+        _io("input", TOKEN, "TYPE_STRING", [1]),
+        _io("input", IMAGES, "TYPE_UINT8", [-1, *settings.input_shape[1:], settings.input_shape[0]], optional=True),
+        _io("output", RESPONSE, "TYPE_STRING", [1]),
         "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
-        _params({"artifacts_dir": "artifacts", "torch_threads": "1"}), "",
+        _params({"artifacts_dir": ARTIFACTS_DIR, "torch_threads": "1"}), "",
     ])
 
 
 def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> None:
     """The config.pbtxt and thin model.py of every model (no weights)."""
     latent = settings.latent_shape
-    image_in = _io("input", "IMAGE", "TYPE_FP32", settings.input_shape)
-    latent_in = _io("input", "LATENT", "TYPE_FP32", latent)
-    logits = [_io("output", "LOGITS", "TYPE_FP32", [settings.num_classes]), _io("output", "LABEL", "TYPE_INT64", [1])]
+    image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
+    latent_in = _io("input", LATENT, "TYPE_FP32", latent)
+    logits = _logits_outputs(settings)
     configs = {
-        "fire_head": _stage_config("fire_head", options, [image_in], [_io("output", "LATENT", "TYPE_FP32", latent)],
-                                   options.head_instances, options.head_queue_delay_us),
-        "fire_repair": _stage_config("fire_repair", options, [latent_in], [
-            _io("output", "REPAIRED", "TYPE_FP32", latent), _io("output", "REPAIR_SCORE", "TYPE_FP32", [1]),
-            _io("output", "FLAGGED", "TYPE_BOOL", [1]), _io("output", "DIRECTION_VERSION", "TYPE_INT64", [1])],
-            options.repair_instances, options.repair_queue_delay_us),
-        "fire_tail": _stage_config("fire_tail", options, [latent_in], logits, options.tail_instances,
-                                   options.tail_queue_delay_us),
-        "fire_monolithic": _stage_config("fire_monolithic", options, [image_in], logits, 1,
-                                         options.head_queue_delay_us),
-        "fire_control": _control_config(settings),
-        ENSEMBLE: _ensemble_config(ENSEMBLE, options, settings, defended=True),
-        UNDEFENDED: _ensemble_config(UNDEFENDED, options, settings, defended=False),
+        FIRE_HEAD: _stage_config(FIRE_HEAD, options, [image_in], [_io("output", LATENT, "TYPE_FP32", latent)],
+                                 options.head_instances, options.head_queue_delay_us),
+        FIRE_REPAIR: _stage_config(FIRE_REPAIR, options, [latent_in],
+                                   [_io("output", REPAIRED, "TYPE_FP32", latent), *_score_outputs()],
+                                   options.repair_instances, options.repair_queue_delay_us),
+        FIRE_TAIL: _stage_config(FIRE_TAIL, options, [latent_in], logits, options.tail_instances,
+                                 options.tail_queue_delay_us),
+        FIRE_MONOLITHIC: _stage_config(FIRE_MONOLITHIC, options, [image_in], logits, 1,
+                                       options.head_queue_delay_us),
+        FIRE_CONTROL: _control_config(settings),
+        FIRE_ENSEMBLE: _ensemble_config(FIRE_ENSEMBLE, options, settings, defended=True),
+        UNDEFENDED_ENSEMBLE: _ensemble_config(UNDEFENDED_ENSEMBLE, options, settings, defended=False),
     }
     for name, text in configs.items():
         directory = out / name
@@ -179,7 +202,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flag
         target=meta.target, dataset=meta.dataset, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, publish_every=options.publish_every,
     )
-    artifacts = out / "artifacts"
+    artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
         shutil.rmtree(artifacts)
     artifacts.mkdir(parents=True)
@@ -192,20 +215,16 @@ def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flag
 
     data = load_for_eval(model, meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
     view = LayerView(model, layer, data)
-    np.savez(artifacts / CENTROID_FILE, center=view.mu.numpy(), count=np.array(len(data.clean)))
+    save_centroid(artifacts, view.mu.numpy(), len(data.clean))
     store = DirectionStore(artifacts / STORE_DIR).ensure()
     if flagged:
         estimator = UnpairedEstimator(view.dim, view.mu, len(data.clean))
         estimator.observe(poisoned=batched(view.head, data.flagged[:flagged]))
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
-        ds = DirectionSet(view.mu.numpy(), [direction], EstimatorState.of(estimator))
+        ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
         store.commit(ds, action="build", actor="fire repo build", note={"flagged": flagged})
     else:
         store.initialize()
     write_configs(out, settings, options)
     return settings
 
-
-def load_centroid(artifacts: Path) -> tuple[torch.Tensor, int]:
-    with np.load(artifacts / CENTROID_FILE) as data:
-        return torch.from_numpy(data["center"].copy()), int(data["count"])

@@ -22,6 +22,7 @@ import torch
 
 from fire_backend.fire import compile_directions, repair
 from fire_backend.serving.artifacts import (
+    ARTIFACTS_DIR,
     FULL_FILE,
     HEAD_FILE,
     STORE_DIR,
@@ -31,9 +32,19 @@ from fire_backend.serving.artifacts import (
 )
 from fire_backend.split import load_part
 from fire_backend.store import DirectionStore, StoreFollower
+from fire_backend.wire.names import (
+    BYPASS_PARAMETER,
+    DIRECTION_VERSION,
+    FLAGGED,
+    IMAGE,
+    LABEL,
+    LATENT,
+    LOGITS,
+    REPAIR_SCORE,
+    REPAIRED,
+)
 
 LOG = logging.getLogger("fire_backend.serving")
-BYPASS_PARAMETER = "fire_bypass"
 
 
 class RequestError(ValueError):
@@ -65,7 +76,7 @@ class Stage:
         self.params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
         self.name = args["model_name"]
         self.instance = args.get("model_instance_name", self.name)
-        self.artifacts = resolve_artifacts(args["model_repository"], self.params.get("artifacts_dir", "artifacts"))
+        self.artifacts = resolve_artifacts(args["model_repository"], self.params.get("artifacts_dir", ARTIFACTS_DIR))
         self.settings = ServingSettings.read(self.artifacts)
         on_gpu = args.get("model_instance_kind") == "GPU"
         self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
@@ -136,7 +147,7 @@ class Stage:
 class HeadStage(Stage):
     """IMAGE [N, C, H, W] in [0, 1] -> LATENT."""
 
-    input_name = "IMAGE"
+    input_name = IMAGE
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
@@ -146,20 +157,20 @@ class HeadStage(Stage):
         super().validate(batch)
         expected = tuple(self.settings.input_shape)
         if tuple(batch.shape[1:]) != expected:
-            raise RequestError(f"IMAGE: each sample must have shape {list(expected)}, got {list(batch.shape[1:])}")
+            raise RequestError(f"{IMAGE}: each sample must have shape {list(expected)}, got {list(batch.shape[1:])}")
         if not bool(torch.isfinite(batch).all()):
-            raise RequestError("IMAGE: contains NaN or Inf values")
+            raise RequestError(f"{IMAGE}: contains NaN or Inf values")
         if bool((batch < 0).any()) or bool((batch > 1).any()):
-            raise RequestError("IMAGE: values must lie in [0, 1] (scale uint8 pixels by 1/255)")
+            raise RequestError(f"{IMAGE}: values must lie in [0, 1] (scale uint8 pixels by 1/255)")
 
     def compute(self, batch, requests, sizes):
-        return {"LATENT": self.net(batch.to(self.device)).split(sizes)}
+        return {LATENT: self.net(batch.to(self.device)).split(sizes)}
 
 
 class TailStage(Stage):
     """LATENT -> LOGITS [N, K], LABEL [N, 1]."""
 
-    input_name = "LATENT"
+    input_name = LATENT
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
@@ -167,7 +178,7 @@ class TailStage(Stage):
 
     def compute(self, batch, requests, sizes):
         logits = self.net(batch.to(self.device))
-        return {"LOGITS": logits.split(sizes), "LABEL": logits.argmax(1, keepdim=True).split(sizes)}
+        return {LOGITS: logits.split(sizes), LABEL: logits.argmax(1, keepdim=True).split(sizes)}
 
 
 class MonolithicStage(HeadStage):
@@ -179,7 +190,7 @@ class MonolithicStage(HeadStage):
 
     def compute(self, batch, requests, sizes):
         logits = self.net(batch.to(self.device))
-        return {"LOGITS": logits.split(sizes), "LABEL": logits.argmax(1, keepdim=True).split(sizes)}
+        return {LOGITS: logits.split(sizes), LABEL: logits.argmax(1, keepdim=True).split(sizes)}
 
 
 class RepairStage(Stage):
@@ -190,7 +201,7 @@ class RepairStage(Stage):
     batch on. No model reload is involved.
     """
 
-    input_name = "LATENT"
+    input_name = LATENT
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
@@ -223,10 +234,10 @@ class RepairStage(Stage):
         bypass = [wants_bypass(r) for r in requests]
         parts = zip(latents.split(sizes), repaired.split(sizes), bypass, strict=True)
         return {
-            "REPAIRED": [raw if skip else fixed for raw, fixed, skip in parts],
-            "REPAIR_SCORE": score[:, None].split(sizes),
-            "FLAGGED": flagged[:, None].split(sizes),
-            "DIRECTION_VERSION": version.split(sizes),
+            REPAIRED: [raw if skip else fixed for raw, fixed, skip in parts],
+            REPAIR_SCORE: score[:, None].split(sizes),
+            FLAGGED: flagged[:, None].split(sizes),
+            DIRECTION_VERSION: version.split(sizes),
         }
 
     def finalize(self) -> None:

@@ -1,7 +1,7 @@
 """``TritonPythonModel`` classes for the repository's thin ``model.py`` files.
 
 Only importable inside Triton's Python-backend stub (it imports ``triton_python_backend_utils``);
-all logic is in :mod:`fire_backend.serving.stages` and :mod:`fire_backend.serving.control`.
+all logic is in :mod:`fire_backend.serving.stages` and :mod:`fire_backend.serving.control_stage`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.serving import control, stages
+from fire_backend.serving import control_stage, stages
 
 
 class _Model:
@@ -43,4 +43,4 @@ class MonolithicModel(_Model):
 
 
 class ControlModel(_Model):
-    stage_class = control.ControlStage
+    stage_class = control_stage.ControlStage

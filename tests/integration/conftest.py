@@ -12,8 +12,9 @@ import pytest
 
 from fire_backend.data import load_dataset, resolve_attack, to_tensor
 from fire_backend.evaluation import RESERVE
-from fire_backend.serving.launcher import TritonServer, running_server
 from fire_backend.serving.repository import build_repository
+from fire_backend.serving.server import TritonServer, running_server
+from fire_backend.wire.token import pinned_token
 
 
 @dataclass
@@ -56,7 +57,7 @@ def _serve(tmp_path_factory, checkpoint: Path, name: str, flagged: int | None) -
     repository = tmp_path_factory.mktemp(name) / "repository"
     build_repository(checkpoint, repository, flagged=flagged)
     token = secrets.token_urlsafe(16)
-    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token},
+    with running_server(repository, extra_env=pinned_token(token),
                         restricted_api_key=secrets.token_urlsafe(16)) as server:
         yield Served(server, repository, checkpoint, token)
 

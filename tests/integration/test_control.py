@@ -6,21 +6,25 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from helpers import infer, labels
-from tritonclient.utils import InferenceServerException
 
-from fire_backend.control_client import ControlClient
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
 from fire_backend.evaluation import RESERVE
 from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.launcher import running_server
+from fire_backend.serving.server import running_server
 from fire_backend.store import DirectionStore
+from fire_backend.wire.control import ControlClient
+from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.token import pinned_token
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +83,7 @@ def test_augmented_estimator_and_clean_observations(ctl, learning):
     assert r["clean_count"] == 150 and r["poisoned_count"] == 0
     r = ctl.observe(flagged_images(5), estimator="augmented", publish_every=5)
     assert r["poisoned_count"] == 5 and len(r["versions"]) == 1
-    with pytest.raises(InferenceServerException, match="live estimate is 'augmented'"):
+    with pytest.raises(FireClientError, match="live estimate is 'augmented'"):
         ctl.observe(flagged_images(2), estimator="unpaired")
 
 
@@ -174,7 +178,7 @@ def test_rejected_actions_change_nothing(ctl, learning, case):
         "unknown_action": (lambda c: c.call({"action": "format-disk"}), None, "unknown action"),
         "bad_rollback": (lambda c: c.rollback(99999), None, "never committed"),
     }[case]
-    with pytest.raises(InferenceServerException) as info:
+    with pytest.raises(FireClientError) as info:
         action(client)
     assert expected.lower() in str(info.value).lower(), str(info.value)
     assert learning.token not in str(info.value)
@@ -200,7 +204,7 @@ def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, learning, b
     dim = ServingSettings.read(repository / "artifacts").latent_dim
     token = "crash-test-token"
     acknowledged: list[int] = []
-    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
+    with running_server(repository, extra_env=pinned_token(token)) as server:
         stop = threading.Event()
 
         def stream() -> None:
@@ -226,7 +230,7 @@ def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, learning, b
     store = DirectionStore(repository / "artifacts" / "store")
     # Simulate a torn write as well: a partial, newer version file that was never committed.
     (store.versions_dir / f"{max(acknowledged) + 50:08d}.fire").write_bytes(b'{"magic": "x"}\n\x00\x01')
-    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
+    with running_server(repository, extra_env=pinned_token(token)) as server:
         with grpcclient.InferenceServerClient(server.urls["grpc"]) as c:
             served = int(infer(c, badnets_eval.clean[:2])["DIRECTION_VERSION"][0, 0])
     history = store.history()
@@ -235,3 +239,30 @@ def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, learning, b
     assert served == committed[-1]
     store.read_version(served)  # verifies the checksum
     assert json.loads(store.current_path.read_text())["version"] == served
+
+
+FIRE = Path(sys.executable).with_name("fire")
+
+
+@pytest.mark.parametrize("argv", [["status", "--json"], ["--json", "status"], ["history", "--json"]],
+                         ids=" ".join)
+def test_fire_ctl_reads_the_token_file_variable_and_json_after_the_action(ctl, learning, tmp_path, argv):
+    """`fire ctl` through the console script: FIRE_CONTROL_TOKEN_FILE is honoured (a wrong FIRE_CONTROL_TOKEN in
+    the shell does not win), and --json works after the action as `fire ctl --help` shows."""
+    token_file = tmp_path / "token"
+    token_file.write_text(learning.token + "\n")
+    env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(token_file), "FIRE_CONTROL_TOKEN": "wrong"}
+    proc = subprocess.run([str(FIRE), "ctl", "--url", learning.grpc, *argv], capture_output=True, text=True,
+                          env=env, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer == ctl.status() if "status" in argv else answer["history"] == ctl.history()["history"]
+
+
+def test_fire_ctl_refusal_is_one_line_naming_the_server(learning):
+    env = {**os.environ, "FIRE_CONTROL_TOKEN": "wrong", "FIRE_CONTROL_TOKEN_FILE": ""}
+    proc = subprocess.run([str(FIRE), "ctl", "--url", learning.grpc, "rollback", "0"], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fire ctl: error:") and "permission denied" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

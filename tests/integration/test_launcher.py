@@ -1,5 +1,5 @@
-"""Integration tests for fire_backend.serving.launcher: they start the real tritonserver from the
-nvidia-pytriton wheel with a tiny Python-backend model (CPU only, ~2 s per start)."""
+"""Integration tests for fire_backend.serving.server and `fire serve`'s foreground loop: they start the real
+tritonserver from the nvidia-pytriton wheel with a tiny Python-backend model (CPU only, ~2 s per start)."""
 
 from __future__ import annotations
 
@@ -17,13 +17,13 @@ import numpy as np
 import psutil
 import pytest
 
-from fire_backend.serving.launcher import (
+from fire_backend.serving.ports import free_ports
+from fire_backend.serving.server import (
     RESTRICTED_API_HEADER,
     RESTRICTED_GRPC_HEADER,
     ServerConfig,
     TritonServer,
     TritonServerError,
-    free_ports,
     running_server,
 )
 
@@ -237,7 +237,8 @@ def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
         f"""
         import sys
         from pathlib import Path
-        from fire_backend.serving.launcher import ServerConfig, serve_forever
+        from fire_backend.cli.serving import serve_forever
+        from fire_backend.serving.server import ServerConfig
         cfg = ServerConfig(Path({str(repo)!r}), http_port={http_port}, grpc_port={grpc_port},
                            metrics_port={metrics_port}, restricted_api_key={API_KEY!r})
         sys.exit(serve_forever(cfg))

@@ -21,9 +21,11 @@ from tritonclient.utils import InferenceServerException
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
 from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.launcher import free_ports
+from fire_backend.serving.ports import free_ports
 from fire_backend.split import split
 from fire_backend.store import DirectionStore
+from fire_backend.wire.control import ControlClient
+from fire_backend.wire.errors import FireClientError
 
 pytestmark = pytest.mark.integration
 
@@ -157,14 +159,18 @@ def _stage_processes() -> set[int]:
             or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or []))}
 
 
-def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended):
+def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
     before = _stage_processes()
     http, grpc, metrics = free_ports(3)
-    env = {**os.environ, "FIRE_CONTROL_TOKEN": "t"}
+    (tmp_path / "a").write_text("token-a\n")
+    (tmp_path / "b").write_text("token-b\n")
+    # --token-file wins over the shell's FIRE_CONTROL_TOKEN_FILE, in the stubs too
+    env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(tmp_path / "b"), "FIRE_CONTROL_TOKEN": "token-env"}
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fire_backend.cli", "serve", "--repository", str(defended.repository),
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         "--token-file", str(tmp_path / "a")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
@@ -179,6 +185,11 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended):
         assert f"127.0.0.1:{grpc}" in "".join(lines)
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as c:
             assert c.is_server_ready()
+        with ControlClient(f"127.0.0.1:{grpc}", "token-a") as ctl:
+            assert ctl.status()["latent_shape"]  # the token from --token-file is the one the stubs hold
+        for wrong in ("token-b", "token-env"):
+            with ControlClient(f"127.0.0.1:{grpc}", wrong) as ctl, pytest.raises(FireClientError, match="denied"):
+                ctl.status()
         children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert children
         proc.send_signal(signal.SIGINT)

@@ -9,8 +9,9 @@ import yaml
 
 from fire_backend.models import DigitsCNN
 from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.repository import ENSEMBLE, STAGES, UNDEFENDED, RepositoryOptions, write_configs
+from fire_backend.serving.repository import STAGES, RepositoryOptions, write_configs
 from fire_backend.split import candidate_layers
+from fire_backend.wire.names import FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_INSTRUCTIONS = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "EXPOSE", "ENTRYPOINT", "CMD", "WORKDIR",
@@ -34,7 +35,7 @@ def test_dockerfile_is_well_formed_and_loads_every_model():
     assert all(line.split()[0] in DOCKER_INSTRUCTIONS for line in lines), lines
     assert lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:24.10")
     loaded = set(re.findall(r"--load-model=(\w+)", logical))
-    assert loaded == set(STAGES) | {ENSEMBLE, UNDEFENDED}
+    assert loaded == set(STAGES) | {FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE}
 
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):

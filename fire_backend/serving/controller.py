@@ -1,7 +1,8 @@
 """The control endpoint's logic (model ``fire_control``): push, observe, status, history, rollback.
 
-Reached through the same Triton endpoints as inference. Every action needs the control token
-(compared in constant time, never logged); a rejected action changes nothing. The store is the only
+Triton-free: :class:`fire_backend.serving.control_stage.ControlStage` adapts it to Triton requests, and unit
+tests drive it directly. Reached through the same Triton endpoints as inference. Every action needs the
+control token (compared in constant time, never logged); a rejected action changes nothing. The store is the only
 state: each action reads the live version under the store lock, changes it, and commits, so several
 control instances or servers on one shared store stay consistent and a crash loses nothing committed.
 """
@@ -10,44 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-import logging
-import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fire_backend.evaluation import trigger_breaking_augmentations
+from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, resolve_artifacts
-from fire_backend.serving.repository import load_centroid
-from fire_backend.store import (
-    DirectionSet,
-    DirectionStore,
-    EstimatorState,
-    StoreError,
-    validate_direction_set,
-)
+from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, load_centroid
+from fire_backend.store import DirectionSet, DirectionStore, StoreError, validate_direction_set
+from fire_backend.wire.names import IMAGES
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
-LOG = logging.getLogger("fire_backend.control")
-TOKEN_ENV = "FIRE_CONTROL_TOKEN"
-TOKEN_FILE_ENV = "FIRE_CONTROL_TOKEN_FILE"
 LEARNED = "learned"
 ACTIONS = ("status", "push", "observe", "rollback", "history")
 
 
 class ControlError(ValueError):
     """The action is refused; nothing was changed."""
-
-
-def server_token() -> str | None:
-    path = os.environ.get(TOKEN_FILE_ENV)
-    if path:
-        token = Path(path).read_text().strip()
-        return token or None
-    return os.environ.get(TOKEN_ENV) or None
 
 
 def token_id(token: str) -> str:
@@ -58,7 +41,7 @@ def token_id(token: str) -> str:
 class Controller:
     """Triton-independent control logic; ``latents`` computes head latents for observed images."""
 
-    def __init__(self, artifacts: Path, token: str | None, latents) -> None:
+    def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.artifacts = artifacts
         self.settings = ServingSettings.read(artifacts)
         self.store = DirectionStore(artifacts / STORE_DIR).ensure()
@@ -95,8 +78,8 @@ class Controller:
         number = self.store.live_version()
         if number:
             return number, self.store.read_version(number).directions
-        center, count = load_centroid(self.artifacts)
-        return 0, DirectionSet(center.numpy(), [], None)
+        center, _ = load_centroid(self.artifacts)
+        return 0, DirectionSet(center, [], None)
 
     def status(self) -> dict[str, Any]:
         number, ds = self._live()
@@ -186,9 +169,8 @@ class Controller:
                 self._validate(ds)
                 versions.append(self.store.commit(ds, "observe-clean" if clean else "observe", actor,
                                                   {"samples": stop - start, "estimator": kind}))
-        state = self._learned_set(live, estimator, centroid).estimator
         return {"version": versions[-1], "versions": versions, "action": "observe",
-                "poisoned_count": state.poisoned_count, "clean_count": state.clean_count}
+                "poisoned_count": estimator.count, "clean_count": centroid.count}
 
     # -- helpers -------------------------------------------------------------------------------
     def _estimator(self, live: DirectionSet, kind: str):
@@ -199,12 +181,10 @@ class Controller:
             return live.estimator.restore()
         center = torch.from_numpy(live.center)
         count = live.estimator.clean_count if live.estimator else load_centroid(self.artifacts)[1]
-        centroid = RunningMean(center.numel(), center, count)
         if kind == "unpaired":
             estimator = UnpairedEstimator(center.numel(), center, count)
-            estimator.clean = centroid
-            return estimator, centroid
-        return AugmentedEstimator(center.numel()), centroid
+            return estimator, estimator.clean
+        return AugmentedEstimator(center.numel()), RunningMean(center.numel(), center, count)
 
     def _learned_set(self, live: DirectionSet, estimator, centroid: RunningMean) -> DirectionSet:
         """The live set with the learned direction replaced by the estimator's current one."""
@@ -219,7 +199,8 @@ class Controller:
                 previous.threshold if previous else self.settings.default_threshold,
                 LEARNED,
             ))
-        return DirectionSet(centroid.value().numpy(), directions, EstimatorState.of(estimator, centroid))
+        state = estimator.state() if isinstance(estimator, UnpairedEstimator) else estimator.state(centroid)
+        return DirectionSet(centroid.value().numpy(), directions, state)
 
     def _validate(self, ds: DirectionSet) -> None:
         try:
@@ -231,68 +212,9 @@ class Controller:
     def _check_images(self, images: np.ndarray | None) -> np.ndarray:
         c, h, w = self.settings.input_shape
         if images is None:
-            raise ControlError(f"observe needs IMAGES: uint8 N x {h} x {w} x {c}")
+            raise ControlError(f"observe needs {IMAGES}: uint8 N x {h} x {w} x {c}")
         if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (h, w, c):
-            raise ControlError(f"IMAGES must be uint8 N x {h} x {w} x {c}, got {images.dtype} {list(images.shape)}")
+            raise ControlError(f"{IMAGES} must be uint8 N x {h} x {w} x {c}, got {images.dtype} {list(images.shape)}")
         if not 1 <= len(images) <= self.limits.max_observe_images:
             raise ControlError(f"observe takes 1 to {self.limits.max_observe_images} images, got {len(images)}")
         return images
-
-
-class ControlStage:
-    """Adapter between Triton requests and the Controller (one request at a time: max_batch_size 0)."""
-
-    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
-        self.pb = pb_utils
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        torch.set_num_threads(int(params.get("torch_threads", "1")))
-        artifacts = resolve_artifacts(args["model_repository"], params.get("artifacts_dir", "artifacts"))
-        self.max_batch = 64
-        self.controller = Controller(artifacts, server_token(), self._head_latents)
-
-    def _head_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents from the served head itself (BLS), so learning sees exactly what repair sees."""
-        parts = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch].contiguous().numpy()
-            response = self.pb.InferenceRequest(
-                model_name="fire_head", requested_output_names=["LATENT"], inputs=[self.pb.Tensor("IMAGE", chunk)]
-            ).exec()
-            if response.has_error():
-                raise ControlError(f"head stage failed: {response.error().message()}")
-            parts.append(torch.from_numpy(self.pb.get_output_tensor_by_name(response, "LATENT").as_numpy().copy()))
-        return torch.cat(parts)
-
-    def _one(self, request: Any) -> Any:
-        limits = self.controller.limits
-        raw = self.pb.get_input_tensor_by_name(request, "REQUEST").as_numpy().reshape(-1)[0]
-        token_raw = self.pb.get_input_tensor_by_name(request, "TOKEN").as_numpy().reshape(-1)[0]
-        if len(raw) > limits.max_request_bytes:
-            raise ControlError(f"request of {len(raw)} bytes; at most {limits.max_request_bytes}")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ControlError("REQUEST is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ControlError("REQUEST must be a JSON object")
-        images_tensor = self.pb.get_input_tensor_by_name(request, "IMAGES")
-        images = images_tensor.as_numpy() if images_tensor is not None else None
-        token = token_raw.decode() if isinstance(token_raw, bytes) else str(token_raw)
-        result = self.controller.handle(body, token, images)
-        payload = np.array([json.dumps(result).encode()], dtype=np.object_)
-        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor("RESPONSE", payload)])
-
-    def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
-            try:
-                responses.append(self._one(request))
-            except ControlError as exc:
-                LOG.warning("control action refused: %s", exc)
-                responses.append(self.pb.InferenceResponse(
-                    output_tensors=[], error=self.pb.TritonError(str(exc), self.pb.TritonError.INVALID_ARG)))
-        return responses
-
-    def finalize(self) -> None:
-        return None

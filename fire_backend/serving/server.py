@@ -1,21 +1,14 @@
-"""Start, watch and stop a local ``tritonserver`` process.
+"""Start, watch and stop a local ``tritonserver`` process: its configuration, command line, environment and
+process group.
 
-The ``nvidia-pytriton`` wheel ships a complete Triton Inference Server build (``pytriton/tritonserver``)
-plus one Python-backend stub per CPython minor version. We do not use PyTriton's own server wrapper
-(it assumes its proxy backend); instead we run the binary directly against our own model repository:
-
-* the shipped tree is copied once into a per-Python-version cache directory, and the stub matching the
-  running interpreter is dropped into ``backends/python/`` (Triton looks for it next to
-  ``libtriton_python.so``);
-* the bundled shared libraries live in ``site-packages/nvidia_pytriton.libs`` and go on
-  ``LD_LIBRARY_PATH``;
-* the stub embeds libpython and finds its ``sys.prefix`` by looking for ``python3`` on ``PATH``, so the
-  directory of ``sys.executable`` goes first on ``PATH`` -- that is what makes the stub import this
-  virtualenv's packages (numpy, torch, ``fire_backend``).
+The binary comes from :mod:`fire_backend.serving.server_tree`. The stub embeds libpython and finds its
+``sys.prefix`` by looking for ``python3`` on ``PATH``, so the directory of ``sys.executable`` goes first on
+``PATH`` -- that is what makes the stub import this virtualenv's packages (numpy, torch, ``fire_backend``).
 
 The server runs in its own session/process group so that stopping it can also reap the
 ``triton_python_backend_stub`` children it forks, and nothing is left behind holding ports or
-``/dev/shm`` regions.
+``/dev/shm`` regions. Secrets (the restricted-API key, ``*TOKEN*``/``*KEY*`` variables of ``extra_env``) are
+redacted from every command line and log tail this module shows.
 """
 
 from __future__ import annotations
@@ -23,14 +16,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
-import hashlib
 import logging
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,10 +30,13 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
+
+from fire_backend.serving.ports import WILDCARD_HOSTS, free_ports, port_in_use
+from fire_backend.serving.server_tree import ServerTreeError, libs_dir, prepare_server_tree
+from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -57,16 +50,10 @@ RESTRICTED_APIS = "model-repository"
 _LOG_TAIL_LINES = 40
 _SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
 _REDACTED = "***"
-_WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
-_STAMP_NAME = ".fire-backend-stamp"
 
 
 class TritonServerError(RuntimeError):
     """Raised when tritonserver cannot be prepared, started or is found dead."""
-
-
-class _StopRequested(BaseException):
-    """Raised from serve_forever's signal handler to interrupt a startup in progress."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +66,10 @@ class ServerConfig:
 
     repository: Path
     #: bind address for HTTP, gRPC and metrics.
-    host: str = "127.0.0.1"
-    http_port: int = 8000
-    grpc_port: int = 8001
-    metrics_port: int = 8002
+    host: str = DEFAULT_HOST
+    http_port: int = DEFAULT_PORTS["http"]
+    grpc_port: int = DEFAULT_PORTS["grpc"]
+    metrics_port: int = DEFAULT_METRICS_PORT
     #: models loaded at start (explicit model control); empty means every */config.pbtxt in the repository.
     models: tuple[str, ...] = ()
     log_verbose: int = 0
@@ -121,11 +108,6 @@ class ServerConfig:
             raise ValueError("restricted_api_key must be non-empty and must not contain ' ,:=' or newlines")
 
 
-# --------------------------------------------------------------------------------------------------
-# ports
-# --------------------------------------------------------------------------------------------------
-
-
 def repository_models(repository: Path) -> tuple[str, ...]:
     """Every model directory (one with a config.pbtxt) in a repository.
 
@@ -136,145 +118,6 @@ def repository_models(repository: Path) -> tuple[str, ...]:
     if not names:
         raise TritonServerError(f"{repository}: no models (no */config.pbtxt); build one with `fire repo build`")
     return names
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on ``host`` right now (the OS picks it; racy by nature)."""
-    return free_ports(1, host)[0]
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Return ``n`` distinct free TCP ports (sockets are held open together so the OS can't repeat one)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket(_family(host), socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _port_in_use(host: str, port: int) -> bool:
-    """True when something already listens on ``host:port``.
-
-    SO_REUSEADDR mirrors what tritonserver does, so a port merely in TIME_WAIT is not reported as busy.
-    """
-    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                return True
-            raise TritonServerError(f"cannot bind {host}:{port}: {exc}") from exc
-    return False
-
-
-# --------------------------------------------------------------------------------------------------
-# server tree
-# --------------------------------------------------------------------------------------------------
-
-
-def _pytriton_root() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError("nvidia-pytriton is not installed: pip install nvidia-pytriton==0.7.0")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _libs_dir() -> Path:
-    # auditwheel puts the wheel's bundled .so files next to the package as "<dist>.libs".
-    return _pytriton_root().parent / "nvidia_pytriton.libs"
-
-
-def _py_version() -> str:
-    return f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _cache_root() -> Path:
-    override = os.environ.get("FIRE_BACKEND_CACHE_DIR")
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "fire-backend"
-
-
-def prepare_server_tree(cache_root: Path | None = None) -> Path:
-    """Return a ready-to-run copy of the wheel's tritonserver tree with this Python's stub installed.
-
-    Built once per (Python minor version, source wheel) and rebuilt when the tree is damaged. Building
-    happens in a temp dir that is renamed into place, so concurrent launchers (parallel tests) never see
-    a half-copied tree.
-    """
-    src = _pytriton_root() / "tritonserver"
-    stub_src = src / "python_backend_stubs" / _py_version() / "triton_python_backend_stub"
-    binary_src = src / "bin" / "tritonserver"
-    if not binary_src.is_file():
-        raise TritonServerError(f"tritonserver binary not found at {binary_src}")
-    if not stub_src.is_file():
-        raise TritonServerError(
-            f"no Python-backend stub for Python {_py_version()} in {stub_src.parent.parent}; "
-            "use a Python version the nvidia-pytriton wheel supports"
-        )
-    bst, sst = binary_src.stat(), stub_src.stat()
-    stamp = f"{src}|{bst.st_size}|{bst.st_mtime_ns}|{sst.st_size}|{sst.st_mtime_ns}"
-
-    root = cache_root or _cache_root()
-    # Keyed by the source too, so two venvs with the same Python never rebuild each other's live tree.
-    dest = root / f"tritonserver-{_py_version()}-{hashlib.sha256(stamp.encode()).hexdigest()[:10]}"
-    if _tree_ok(dest, stamp):
-        return dest
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tritonserver-{_py_version()}-", dir=root))
-    try:
-        build = tmp / "tree"
-        shutil.copytree(src, build, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
-        stub_dst = build / "backends" / "python" / "triton_python_backend_stub"
-        shutil.copy2(stub_src, stub_dst)
-        for exe in (stub_dst, build / "bin" / "tritonserver"):
-            exe.chmod(0o755)
-        (build / _STAMP_NAME).write_text(stamp)
-        if dest.exists():
-            # Damaged: move aside first (rename is atomic; rmtree of a live dir is not).
-            stale = tmp / "stale"
-            with contextlib.suppress(OSError):
-                dest.rename(stale)
-        try:
-            build.rename(dest)
-        except OSError:
-            if not _tree_ok(dest, stamp):  # lost a race to a concurrent builder that produced a bad tree
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    LOGGER.info("prepared tritonserver tree in %s", dest)
-    return dest
-
-
-def _tree_ok(dest: Path, stamp: str) -> bool:
-    try:
-        return (
-            (dest / _STAMP_NAME).read_text() == stamp
-            and (dest / "bin" / "tritonserver").is_file()
-            and (dest / "backends" / "python" / "triton_python_backend_stub").is_file()
-            and (dest / "backends" / "python" / "libtriton_python.so").is_file()
-        )
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------------------------------
-# redaction
-# --------------------------------------------------------------------------------------------------
 
 
 def _is_secret_name(name: str) -> bool:
@@ -291,11 +134,6 @@ def redact_args(args: list[str], secrets_: list[str]) -> list[str]:
                 arg = arg.replace(value, _REDACTED)
         out.append(arg)
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# server
-# --------------------------------------------------------------------------------------------------
 
 
 def _pdeathsig_preexec() -> Any:
@@ -342,7 +180,7 @@ class TritonServer:
     def _connect_host(self) -> str:
         """Address clients should dial: loopback when bound to a wildcard address."""
         host = self.config.host
-        if host in _WILDCARD_HOSTS:
+        if host in WILDCARD_HOSTS:
             return "::1" if host == "::" else "127.0.0.1"
         return host
 
@@ -403,7 +241,7 @@ class TritonServer:
     def build_env(self) -> dict[str, str]:
         """Environment for the server; inherited by every Python-backend stub."""
         env = dict(os.environ)
-        libs = str(_libs_dir())
+        libs = str(libs_dir())
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libs, env.get("LD_LIBRARY_PATH")) if p)
         # The stub locates its Python prefix (and so site-packages) via `python3` on PATH.
         bin_dir = str(Path(sys.executable).parent)
@@ -431,7 +269,11 @@ class TritonServer:
     def _check_ports(self) -> None:
         c = self.config
         for proto, port in (("http", c.http_port), ("grpc", c.grpc_port), ("metrics", c.metrics_port)):
-            if _port_in_use(c.host, port):
+            try:
+                taken = port_in_use(c.host, port)
+            except OSError as exc:
+                raise TritonServerError(f"cannot bind {c.host}:{port}: {exc}") from exc
+            if taken:
                 raise TritonServerError(
                     f"port {port} in use on {c.host} (needed for {proto}): pass --{proto}-port "
                     f"with a free port, or stop whatever listens there"
@@ -450,7 +292,10 @@ class TritonServer:
             if not repo.is_dir():
                 raise TritonServerError(f"model repository {repo} does not exist or is not a directory")
             self._check_ports()
-            tree = prepare_server_tree()
+            try:
+                tree = prepare_server_tree()
+            except ServerTreeError as exc:
+                raise TritonServerError(str(exc)) from exc
 
             self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
             self._log_path = Path(self.config.log_file or self._work_dir / "tritonserver.log")
@@ -595,11 +440,6 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------------------------------
-# conveniences
-# --------------------------------------------------------------------------------------------------
-
-
 @contextlib.contextmanager
 def running_server(repository: Path | str, **overrides: Any) -> Iterator[TritonServer]:
     """Run a server on fresh free ports for the duration of the block (for tests and scripts).
@@ -607,7 +447,7 @@ def running_server(repository: Path | str, **overrides: Any) -> Iterator[TritonS
     Ports not given in ``overrides`` are picked with :func:`free_ports`.
     """
     host = overrides.get("host", "127.0.0.1")
-    ports = iter(free_ports(3, "127.0.0.1" if host in _WILDCARD_HOSTS else host))
+    ports = iter(free_ports(3, DEFAULT_HOST if host in WILDCARD_HOSTS else host))
     for key in ("http_port", "grpc_port", "metrics_port"):
         port = next(ports)
         overrides.setdefault(key, port)
@@ -618,74 +458,3 @@ def running_server(repository: Path | str, **overrides: Any) -> Iterator[TritonS
         yield server
     finally:
         server.stop()
-
-
-def serve_forever(config: ServerConfig) -> int:
-    """Run the server in the foreground until SIGINT/SIGTERM or until it dies; return an exit code.
-
-    Used by ``fire serve``: 0 after a clean signal-triggered stop, the server's code if it died on its own,
-    1 if it could not start.
-    """
-    server = TritonServer(config)
-    stop_requested = threading.Event()
-    state = {"starting": True}
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        stop_requested.set()
-        if state["starting"]:
-            # Abort the (possibly long) readiness wait once; start() stops the half-started server.
-            state["starting"] = False
-            raise _StopRequested(signum)
-
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            server.start()
-        except TritonServerError as exc:
-            print(f"fire serve: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            state["starting"] = False
-        if not stop_requested.is_set():
-            startup = f" in {server.startup_s:.1f}s" if server.startup_s is not None else ""
-            print(f"tritonserver ready{startup} (pid {server.pid}, log {server.log_path})", flush=True)
-            for name, url in server.urls.items():
-                print(f"{name}: {url}", flush=True)
-        while not stop_requested.wait(0.5):
-            if not server.is_alive():
-                rc = server.wait()
-                tail = "\n".join(server.log_tail())
-                print(f"fire serve: tritonserver exited unexpectedly (code {rc})\n{tail}", file=sys.stderr)
-                server.stop()
-                return rc if rc > 0 else 1
-        print("stopping tritonserver ...", flush=True)
-        server.stop()
-        return 0
-    except _StopRequested:
-        return 0
-    finally:
-        if server.is_alive():
-            server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def with_free_ports(config: ServerConfig) -> ServerConfig:
-    """Copy of ``config`` with http/grpc/metrics moved to free ports (handy for ``fire serve --any-port``)."""
-    http, grpc, metrics = free_ports(3, "127.0.0.1" if config.host in _WILDCARD_HOSTS else config.host)
-    return replace(config, http_port=http, grpc_port=grpc, metrics_port=metrics)
-
-
-__all__ = [
-    "RESTRICTED_API_HEADER",
-    "RESTRICTED_GRPC_HEADER",
-    "ServerConfig",
-    "TritonServer",
-    "TritonServerError",
-    "free_port",
-    "free_ports",
-    "prepare_server_tree",
-    "running_server",
-    "serve_forever",
-    "with_free_ports",
-]

@@ -1,0 +1,161 @@
+"""The control logic without Triton: the token check, every action, and refusals that change nothing.
+
+The "head" is a fixed linear map of the image, so the expected estimates are computed here independently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
+from fire_backend.serving.controller import ControlError, Controller, token_id
+
+TOKEN = "s3cret-token"
+SHAPE = (1, 4, 4)  # C, H, W
+DIM = 16
+CLEAN_COUNT = 100
+WEIGHTS = torch.from_numpy(np.random.default_rng(0).standard_normal((DIM, DIM)).astype(np.float32))
+
+
+def head(batch: torch.Tensor) -> torch.Tensor:
+    return batch.reshape(len(batch), -1) @ WEIGHTS
+
+
+def images(n: int, seed: int, trigger: bool = False) -> np.ndarray:
+    x = np.random.default_rng(seed).integers(0, 200, (n, *SHAPE[1:], SHAPE[0]), dtype=np.uint8)
+    if trigger:
+        x[:, -2:, -2:, :] = 255
+    return x
+
+
+def latents(x: np.ndarray) -> torch.Tensor:
+    return head(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255.0)
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path) -> Path:
+    ServingSettings(layer="block", input_shape=SHAPE, latent_shape=(DIM,), num_classes=10, arch="test").write(tmp_path)
+    save_centroid(tmp_path, latents(images(CLEAN_COUNT, 1)).mean(0).numpy(), CLEAN_COUNT)
+    return tmp_path
+
+
+@pytest.fixture
+def controller(artifacts: Path) -> Controller:
+    return Controller(artifacts, TOKEN, head)
+
+
+def act(controller: Controller, action: str, images_: np.ndarray | None = None, **request) -> dict:
+    return controller.handle({"action": action, **request}, TOKEN, images_)
+
+
+def snapshot(artifacts: Path) -> dict[str, bytes]:
+    root = artifacts / STORE_DIR
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def direction(seed: int, **extra) -> dict:
+    beta = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return {"beta": beta.tolist(), "name": f"op-{seed}", **extra}
+
+
+def test_status_of_a_fresh_store(controller: Controller) -> None:
+    status = act(controller, "status")
+    assert status["version"] == 0 and status["directions"] == [] and status["estimator"] is None
+    assert status["latent_shape"] == [DIM] and status["layer"] == "block"
+
+
+@pytest.mark.parametrize("token", ["", "wrong", TOKEN + "x"])
+def test_a_wrong_token_is_refused_and_changes_nothing(controller: Controller, artifacts: Path, token: str) -> None:
+    before = snapshot(artifacts)
+    with pytest.raises(ControlError, match="permission denied"):
+        controller.handle({"action": "push", "directions": [direction(1)]}, token, None)
+    assert snapshot(artifacts) == before
+
+
+def test_a_server_without_a_token_refuses_everything(artifacts: Path) -> None:
+    with pytest.raises(ControlError, match="no control token configured"):
+        Controller(artifacts, None, head).handle({"action": "status"}, TOKEN, None)
+
+
+def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
+    result = act(controller, "push", directions=[direction(1, alpha=0.5, mode="constant", threshold=0.3)])
+    assert result == {"version": 1, "action": "push"}
+    status = act(controller, "status")
+    (d,) = status["directions"]
+    assert status["version"] == 1
+    assert (d["name"], d["alpha"], d["mode"], d["threshold"]) == ("op-1", 0.5, "constant", 0.3)
+    history = act(controller, "history")["history"]
+    assert history[-1]["actor"] == token_id(TOKEN)
+    assert TOKEN not in (artifacts / STORE_DIR / "history.jsonl").read_text()
+
+
+REFUSED = {
+    "unknown action": ({"action": "format-disk"}, None, "unknown action"),
+    "no directions": ({"action": "push", "directions": []}, None, "non-empty list"),
+    "NaN": ({"action": "push", "directions": [direction(1, beta=[float("nan")] * DIM)]}, None, "NaN"),
+    "wrong size": ({"action": "push", "directions": [direction(1, beta=[1.0] * (DIM - 1))]}, None, f"has {DIM}"),
+    "alpha": ({"action": "push", "directions": [direction(1, alpha=1e9)]}, None, "alpha"),
+    "mode": ({"action": "push", "directions": [direction(1, mode="bogus")]}, None, "mode"),
+    "too many": ({"action": "push", "directions": [direction(i) for i in range(9)]}, None, "at most 8"),
+    "center": ({"action": "push", "directions": [direction(1)], "center": [0.0] * 3}, None, "center"),
+    "no images": ({"action": "observe"}, None, "needs IMAGES"),
+    "image shape": ({"action": "observe"}, np.zeros((2, 4, 4, 3), np.uint8), "uint8 N x 4 x 4 x 1"),
+    "too many images": ({"action": "observe"}, np.zeros((300, 4, 4, 1), np.uint8), "1 to 256"),
+    "estimator": ({"action": "observe", "estimator": "paired"}, images(2, 3), "estimator must be"),
+    "publish_every": ({"action": "observe", "publish_every": 0}, images(2, 3), "publish_every"),
+    "rollback number": ({"action": "rollback", "version": -1}, None, "version number"),
+    "rollback unknown": ({"action": "rollback", "version": 42}, None, "never committed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_actions_change_nothing(controller: Controller, artifacts: Path, case: str) -> None:
+    act(controller, "push", directions=[direction(7)])
+    before = snapshot(artifacts)
+    request, images_, message = REFUSED[case]
+    with pytest.raises(ControlError, match=message):
+        controller.handle(request, TOKEN, images_)
+    assert snapshot(artifacts) == before
+    assert act(controller, "status")["version"] == 1
+
+
+def test_observe_learns_the_unpaired_direction_and_publishes_every_k(controller: Controller, artifacts: Path) -> None:
+    flagged = images(6, 2, trigger=True)
+    result = act(controller, "observe", flagged, publish_every=4)
+    assert result["versions"] == [1, 2] and result["version"] == 2  # after 4 images, then after the last 2
+    assert (result["poisoned_count"], result["clean_count"]) == (6, CLEAN_COUNT)
+    learned = controller.store.read_version(2).directions.directions[0]
+    center = latents(images(CLEAN_COUNT, 1)).double().mean(0)
+    expected = (latents(flagged).double().mean(0) - center).float()
+    assert learned.name == "learned"
+    torch.testing.assert_close(learned.beta, expected, rtol=1e-4, atol=1e-4)
+    act(controller, "observe", images(2, 4, trigger=True))  # a later call resumes the same estimate
+    assert act(controller, "status")["estimator"]["poisoned_count"] == 8
+
+
+def test_clean_observations_refine_the_centroid(controller: Controller) -> None:
+    result = act(controller, "observe", images(10, 5), clean=True)
+    assert (result["poisoned_count"], result["clean_count"]) == (0, CLEAN_COUNT + 10)
+    assert act(controller, "status")["directions"] == []  # nothing learned yet
+
+
+def test_the_augmented_estimator_and_a_mismatch(controller: Controller) -> None:
+    result = act(controller, "observe", images(3, 6, trigger=True), estimator="augmented", publish_every=3)
+    assert result["versions"] == [1] and act(controller, "status")["estimator"]["kind"] == "augmented"
+    with pytest.raises(ControlError, match="live estimate is 'augmented'"):
+        act(controller, "observe", images(1, 7, trigger=True), estimator="unpaired")
+
+
+def test_rollback_restores_an_earlier_version_and_0(controller: Controller) -> None:
+    act(controller, "push", directions=[direction(1)])
+    act(controller, "push", directions=[direction(2)])
+    assert act(controller, "rollback", version=1) == {"version": 1, "action": "rollback"}
+    assert [d["name"] for d in act(controller, "status")["directions"]] == ["op-1"]
+    act(controller, "rollback", version=0)
+    status = act(controller, "status")
+    assert status["version"] == 0 and status["directions"] == []
+    assert act(controller, "push", directions=[direction(3)])["version"] == 3
