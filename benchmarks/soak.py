@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from fire_backend.client import FireClient
-from fire_backend.control_client import ControlClient
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.commands import demo_repository
-from fire_backend.serving.launcher import running_server
+from fire_backend.demo import demo_repository
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
+from fire_backend.serving.server import running_server
+from fire_backend.wire.client import FireClient
+from fire_backend.wire.control import ControlClient
+from fire_backend.wire.token import pinned_token
 
 
 def tree_rss(pid: int) -> int:
@@ -40,11 +41,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     repository = args.repository or demo_repository()
-    settings = ServingSettings.read(repository / "artifacts")
+    settings = ServingSettings.read(repository / ARTIFACTS_DIR)
     token = secrets.token_urlsafe(16)
     rng = np.random.default_rng(0)
     images = rng.random((8, *settings.input_shape), dtype=np.float32)
-    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
+    with running_server(repository, extra_env=pinned_token(token)) as server:
         stop = threading.Event()
         counts = [0] * args.clients
         failures = [0]

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Step load against a running server (`fire serve`): 4, 8, 12, 16 users for STEP_TIME s each, 80/20 clean/poisoned
 # traffic from the demo checkpoint; per-step throughput/latency in $OUT_stats_history.csv, defense in $OUT_defense.csv.
-#   HOST=grpc://127.0.0.1:8001 CHECKPOINT=~/.cache/fire-backend/demo/checkpoint benchmarks/step_load.sh
+#   HOST=grpc://127.0.0.1:8001 CHECKPOINT=runs/digits-badnets benchmarks/step_load.sh   # default: the demo's model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOST="${HOST:-grpc://127.0.0.1:8001}"
-CHECKPOINT="${CHECKPOINT:-${XDG_CACHE_HOME:-$HOME/.cache}/fire-backend/demo/checkpoint}"
+CHECKPOINT="${CHECKPOINT:-$(python3 -c 'from fire_backend.defaults import demo_checkpoint_dir; print(demo_checkpoint_dir())')}"
 OUT="${OUT:-bench-results/step}"
 DATA="$(mktemp -d)"
 trap 'rm -rf "$DATA"' EXIT

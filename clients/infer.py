@@ -4,7 +4,7 @@
     python clients/infer.py --url grpc://127.0.0.1:8001 --digits 10
     python clients/infer.py --url http://127.0.0.1:8000 --npz poisoned.npz --batch 64 --json
 
-The code lives in fire_backend.client (library) and fire_backend.client_commands (this command).
+The code lives in fire_backend.wire (the client, torch-free) and fire_backend.cli.infer (this command).
 """
 
 import sys

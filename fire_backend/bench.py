@@ -1,14 +1,15 @@
 """``fire bench``: the cost of FIRE on the real server, measured with Locust.
 
-Starts tritonserver on a repository (default: the digits demo), then for every concurrency level runs Locust
-headless (the package's locustfile, one subprocess per run) against ``fire_ensemble``, ``undefended_ensemble``
-and ``fire_monolithic`` in turn -- interleaved, so drift (thermal, background load) hits all three alike.
+Starts tritonserver on a repository (``fire bench`` defaults to the digits demo's), then for every concurrency
+level runs Locust headless (the package's locustfile, one subprocess per run) against ``fire_ensemble``,
+``undefended_ensemble`` and ``fire_monolithic`` in turn -- interleaved, so drift (thermal, background load)
+hits all three alike.
 Each run sends the locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
 
 Latency is per sample: a request's latency divided by its image count, exact (from Locust's ``--latency-file``,
 not its rounded histogram); throughput is samples/s. The first ``warmup`` seconds of each run are left out of
-both. Results: a table on stdout, ``bench.json``, ``bench.csv`` and ``bench.png`` in ``--out``, Locust's own
-CSV/logs under ``--out/raw``.
+both. Results: ``bench.json``, ``bench.csv`` and ``bench.png`` in ``--out``, Locust's own CSV/logs under
+``--out/raw``, and a table (:func:`format_table`) the CLI prints. Progress goes to a callback.
 """
 
 from __future__ import annotations
@@ -17,27 +18,35 @@ import csv
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from fire_backend.loadtest import LOCUSTFILE
+from fire_backend.loadtest.command import locust_command, run_locust
+from fire_backend.wire.names import (
+    FIRE_ENSEMBLE,
+    FIRE_HEAD,
+    FIRE_MONOLITHIC,
+    FIRE_REPAIR,
+    FIRE_TAIL,
+    UNDEFENDED_ENSEMBLE,
+)
 
 #: (row name, model) in the order they run at each concurrency.
-TARGETS = (("fire", "fire_ensemble"), ("undefended", "undefended_ensemble"), ("monolithic", "fire_monolithic"))
+TARGETS = (("fire", FIRE_ENSEMBLE), ("undefended", UNDEFENDED_ENSEMBLE), ("monolithic", FIRE_MONOLITHIC))
 #: everything the three targets need (fire_control is not an inference model).
-SERVER_MODELS = ("fire_head", "fire_repair", "fire_tail", "fire_monolithic", "fire_ensemble", "undefended_ensemble")
+SERVER_MODELS = (FIRE_HEAD, FIRE_REPAIR, FIRE_TAIL, FIRE_MONOLITHIC, FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE)
 TRAFFIC_IMAGES = 400
+Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    repository: Path | None = None
+    repository: Path
     concurrency: tuple[int, ...] = (1, 16)
     duration_s: float = 15.0
     batch: int = 1
@@ -45,7 +54,6 @@ class BenchConfig:
     protocol: str = "grpc"
     warmup_s: float = 2.0
     locustfile: Path | None = None
-    quiet: bool = False
 
 
 @dataclass
@@ -145,32 +153,6 @@ def describe_machine(m: dict) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_traffic(repository: Path, out: Path) -> tuple[Path, Path | None, int]:
-    """clean.npz and poisoned.npz for the repository's data set and attack, from the evaluation images (after the
-    defender's reserve), like `fire data export`. Returns (clean, poisoned or None, target)."""
-    from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
-    from fire_backend.evaluation import RESERVE
-    from fire_backend.serving.artifacts import ServingSettings
-
-    settings = ServingSettings.read(repository / "artifacts")
-    if not settings.dataset:
-        raise ValueError(f"{repository}: serving settings name no data set: cannot make bench traffic")
-    x, y = load_dataset(settings.dataset).split("test")
-    x, y = x[RESERVE:], y[RESERVE:]
-    out.mkdir(parents=True, exist_ok=True)
-    clean = out / "clean.npz"
-    n = min(TRAFFIC_IMAGES, len(x))
-    np.savez(clean, x=x[:n], y=y[:n].astype(np.int64), poisoned=np.zeros(n, bool))
-    poisoned = None
-    if settings.attack:
-        keep = y != settings.target
-        xp, yp = x[keep][:TRAFFIC_IMAGES], y[keep][:TRAFFIC_IMAGES]
-        xp = to_uint8(resolve_attack(settings.attack)(to_tensor(xp)))
-        poisoned = out / "poisoned.npz"
-        np.savez(poisoned, x=xp, y=yp.astype(np.int64), poisoned=np.ones(len(xp), bool))
-    return clean, poisoned, max(settings.target, 0)
-
-
 class CpuMeter:
     """CPU seconds the whole machine spent busy vs. what the server tree and our Locust children used.
 
@@ -212,30 +194,6 @@ class CpuMeter:
         if wall <= 0:
             return None
         return max(0.0, (self._busy() - self._busy0) - (self._ours() - self._ours0)) / wall
-
-
-def _run_locust(config: BenchConfig, locustfile: Path, url: str, model: str, users: int, prefix: Path,
-                traffic: tuple[Path, Path | None, int]) -> Path:
-    clean, poisoned, target = traffic
-    latency_file = prefix.with_name(prefix.name + "_latency.csv")
-    latency_file.unlink(missing_ok=True)
-    run_time = config.duration_s + config.warmup_s
-    cmd = [
-        sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "-u", str(users), "-r", str(users),
-        "-t", f"{run_time:g}s", "--host", url, "--model", model, "--batch", str(config.batch),
-        "--clean-npz", str(clean), "--target", str(target), "--csv", str(prefix),
-        "--latency-file", str(latency_file), "--only-summary", "--loglevel", "WARNING", "--stop-timeout", "2",
-    ]
-    if poisoned is not None:
-        cmd += ["--poisoned-npz", str(poisoned)]
-    log = prefix.with_name(prefix.name + ".log")
-    with log.open("w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, timeout=run_time + 120, check=False)
-    if not latency_file.is_file():
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"locust run for {model} at {users} users wrote no latencies (exit {proc.returncode}); "
-                           f"log {log}:\n{tail}")
-    return latency_file
 
 
 def summarize(latency_file: Path, warmup_s: float) -> dict:
@@ -377,27 +335,49 @@ def plot(report: BenchReport, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_bench(config: BenchConfig) -> BenchReport:
-    from fire_backend.client import FireClient
-    from fire_backend.serving.commands import demo_repository
-    from fire_backend.serving.launcher import running_server
+def _run(config: BenchConfig, locustfile: Path, url: str, model: str, users: int, prefix: Path,
+         traffic: tuple[Path, Path | None], target: int) -> Path:
+    latency_file = prefix.with_name(prefix.name + "_latency.csv")
+    latency_file.unlink(missing_ok=True)
+    run_time = config.duration_s + config.warmup_s
+    clean, poisoned = traffic
+    command = locust_command(url, users=users, run_time_s=run_time, csv_prefix=prefix, clean_npz=clean,
+                             poisoned_npz=poisoned, target=target, model=model, batch=config.batch,
+                             latency_file=latency_file, locustfile=locustfile)
+    log = prefix.with_name(prefix.name + ".log")
+    code = run_locust(command, timeout_s=run_time + 120, log=log)
+    if not latency_file.is_file():
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"locust run for {model} at {users} users wrote no latencies (exit {code}); "
+                           f"log {log}:\n{tail}")
+    return latency_file
 
-    def say(text: str) -> None:
-        print(text, flush=True)
+
+def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
+    """Serve the repository and measure every target at every concurrency; writes the files into ``config.out``."""
+    from fire_backend.data import load_dataset
+    from fire_backend.data.export import write_traffic
+    from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, require_fire_repository
+    from fire_backend.serving.server import running_server
+    from fire_backend.wire.client import FireClient
 
     locustfile = (config.locustfile or LOCUSTFILE).resolve()
     if not locustfile.is_file():
         raise FileNotFoundError(f"{locustfile}: no such Locust file")
-    repository = (config.repository or demo_repository(progress=not config.quiet and sys.stderr.isatty())).resolve()
-    if not (repository / "fire_ensemble" / "config.pbtxt").is_file():
-        raise ValueError(f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
+    repository = require_fire_repository(config.repository.resolve())
     out = config.out
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    traffic = write_traffic(repository, out / "data")
+    settings = ServingSettings.read(repository / ARTIFACTS_DIR)
+    if not settings.dataset:
+        raise ValueError(f"{repository}: serving settings name no data set: cannot make bench traffic")
+    traffic = write_traffic(load_dataset(settings.dataset), settings.attack, settings.target, out / "data",
+                            TRAFFIC_IMAGES)
+    target = max(settings.target, 0)
     rows: list[BenchRow] = []
-    say(f"fire bench: {repository}, concurrency {','.join(map(str, config.concurrency))}, "
-        f"{config.duration_s:g} s per run (+{config.warmup_s:g} s warm-up), batch {config.batch}, {config.protocol}")
+    progress(f"fire bench: {repository}, concurrency {','.join(map(str, config.concurrency))}, "
+             f"{config.duration_s:g} s per run (+{config.warmup_s:g} s warm-up), batch {config.batch}, "
+             f"{config.protocol}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with running_server(repository, models=SERVER_MODELS) as server:
@@ -407,30 +387,26 @@ def run_bench(config: BenchConfig) -> BenchReport:
             for _, model in TARGETS:  # load check and first-call warm-up, outside the measured runs
                 client.infer_batches(np.zeros((config.batch, *client.model_info(model).input_shape), np.float32),
                                      config.batch, model)
-        say(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at {url}")
+        progress(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at {url}")
         for users in config.concurrency:
-            for target, model in TARGETS:
-                prefix = raw / f"{target}-c{users}"
+            for name, model in TARGETS:
+                prefix = raw / f"{name}-c{users}"
                 meter = CpuMeter(server.pid)
                 meter.start()
-                latency_file = _run_locust(config, locustfile, url, model, users, prefix, traffic)
+                latency_file = _run(config, locustfile, url, model, users, prefix, traffic, target)
                 other = meter.other_cores()
                 stats = summarize(latency_file, config.warmup_s)
-                row = BenchRow(target=target, concurrency=users, model=model, batch=config.batch,
+                row = BenchRow(target=name, concurrency=users, model=model, batch=config.batch,
                                failures=_failures(prefix, model), other_load_cores=other, **stats)
                 rows.append(row)
-                say(f"  {target:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} ms, "
-                    f"p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, "
-                    f"{row.failures} failures; other load {_cores(other)} cores)")
+                progress(f"  {name:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} "
+                         f"ms, p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, "
+                         f"{row.failures} failures; other load {_cores(other)} cores)")
     machine = machine_info(server_version)
-    settings = {"repository": str(repository), "concurrency": list(config.concurrency),
-                "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
-                "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started,
-                # load generator and server share this machine; other load skews the numbers
-                "loadavg_1m_start": load_start,
-                "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    report = BenchReport(machine=machine, rows=rows, ratios=ratios(rows), settings=settings)
-    print(format_table(report))
-    paths = write_outputs(report, out)
-    say(f"wrote {', '.join(str(p) for p in paths)}")
-    return report
+    settings_out = {"repository": str(repository), "concurrency": list(config.concurrency),
+                    "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
+                    "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started,
+                    # load generator and server share this machine; other load skews the numbers
+                    "loadavg_1m_start": load_start,
+                    "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    return BenchReport(machine=machine, rows=rows, ratios=ratios(rows), settings=settings_out)

@@ -25,6 +25,16 @@ def cache_dir() -> Path:
     return Path(base)
 
 
+def demo_checkpoint_dir() -> Path:
+    """Where the embedded demo's BadNets digits model is cached (``benchmarks/step_load.sh`` reads it too)."""
+    return cache_dir() / "demo" / "checkpoint"
+
+
+def demo_repository_dir() -> Path:
+    """Where the embedded demo's repository is cached (``fire serve`` and ``fire bench`` without --repository)."""
+    return cache_dir() / "demo" / "repository"
+
+
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits as uint8 N x 8 x 8 x 1: x_train, y_train, x_test, y_test."""
     from sklearn.datasets import load_digits as sk_digits

@@ -1,33 +1,67 @@
-"""``fire demo``: the whole story on the embedded digits data set, end to end, in a few minutes.
+"""The embedded digits demo: its cached model and repository, and ``fire demo``'s whole story, end to end.
 
-Trains (or reuses) a backdoored digits model, builds a repository with no direction, starts the real
-tritonserver, sends a mixed clean/poisoned stream (PA low), learns the direction online from flagged
-samples through the control endpoint (PA vs flagged samples seen), sends the stream again (PA high),
-runs a short Locust load, prints a before/after table, writes a PNG, and stops the server.
+:func:`demo_repository` trains a BadNets digits model once (cached, see :mod:`fire_backend.defaults`)
+and builds the repository ``fire serve`` and ``fire bench`` use when given none. :func:`run_demo` builds a fresh
+repository with no direction in a temporary folder (removed afterwards), starts the real tritonserver, sends a
+mixed clean/poisoned stream (PA low), learns the direction online from flagged samples through the control
+endpoint (PA vs flagged samples seen), sends the stream again (PA high), runs a short Locust load, writes a PNG
+and a JSON summary, and stops the server. It reports progress through a callback; the CLI prints.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import secrets
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fire_backend.client import FireClient
-from fire_backend.control_client import ControlClient
-from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
-from fire_backend.evaluation import RESERVE
-from fire_backend.loadtest import LOCUSTFILE
-from fire_backend.serving.commands import cache_dir, demo_repository
-from fire_backend.serving.launcher import running_server
+from fire_backend.data import load_dataset
+from fire_backend.data.export import export_images
+from fire_backend.defaults import demo_checkpoint_dir, demo_repository_dir
+from fire_backend.loadtest.command import locust_command, locust_summary, run_locust
+from fire_backend.serving.artifacts import is_fire_repository
 from fire_backend.serving.repository import build_repository
+from fire_backend.serving.server import running_server
+from fire_backend.wire.client import FireClient
+from fire_backend.wire.control import ControlClient
+from fire_backend.wire.names import FIRE_ENSEMBLE
+from fire_backend.wire.token import pinned_token
+
+Progress = Callable[[str], None]
+DEMO_STEPS = 8
+DEMO_ATTACK = "badnets"
+
+
+def _silent(_: str) -> None:
+    return None
+
+
+def demo_checkpoint(progress: Progress = _silent, bars: bool = False) -> Path:
+    """The demo's backdoored digits model (BadNets, target 0): trained on first use (about a minute), then cached.
+
+    ``bars``: show the training progress bar.
+    """
+    from fire_backend.training import TrainConfig, train_backdoored
+
+    checkpoint = demo_checkpoint_dir()
+    if not (checkpoint / "meta.json").is_file():
+        progress(f"no cached demo model: training a BadNets digits model into {checkpoint} (about a minute)")
+        train_backdoored(TrainConfig(data="digits", attack=DEMO_ATTACK), checkpoint, progress=bars)
+    return checkpoint
+
+
+def demo_repository(progress: Progress = _silent, bars: bool = False) -> Path:
+    """The embedded default repository: the demo model served with no direction (built once, cached)."""
+    checkpoint = demo_checkpoint(progress, bars)
+    repository = demo_repository_dir()
+    if not is_fire_repository(repository):
+        build_repository(checkpoint, repository)
+    return repository
 
 
 @dataclass
@@ -39,10 +73,6 @@ class StreamFigures:
     poisoned_flagged: float
     p50_ms: float
     samples_per_s: float
-
-
-def step(number: int, total: int, text: str) -> None:
-    print(f"[{number}/{total}] {text}", flush=True)
 
 
 def send_stream(client: FireClient, clean: np.ndarray, y_clean: np.ndarray, poisoned: np.ndarray,
@@ -70,26 +100,6 @@ def send_stream(client: FireClient, clean: np.ndarray, y_clean: np.ndarray, pois
     )
 
 
-def run_locust(url: str, clean_npz: Path, poisoned_npz: Path, target: int, prefix: Path, users: int,
-               seconds: int) -> dict:
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r", str(users),
-           "-t", f"{seconds}s", "--host", f"grpc://{url}", "--clean-npz", str(clean_npz), "--poisoned-npz",
-           str(poisoned_npz), "--target", str(target), "--csv", str(prefix), "--only-summary", "--loglevel",
-           "WARNING", "--stop-timeout", "2"]
-    subprocess.run(cmd, check=True, timeout=seconds + 120, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    with open(f"{prefix}_stats.csv") as handle:
-        rows = {r["Name"]: r for r in csv.DictReader(handle)}
-    with open(f"{prefix}_defense.csv") as handle:
-        defense = {r["traffic"]: r for r in csv.DictReader(handle)}
-    per_sample = next((r for name, r in rows.items() if name.endswith("/per-sample")), rows["Aggregated"])
-    return {
-        "p50_ms": float(per_sample["50%"]), "samples_per_s": float(per_sample["Requests/s"]),
-        "failures": int(rows["Aggregated"]["Failure Count"]),
-        "ca": float(defense["clean"]["ca_or_pa"]), "pa": float(defense["poisoned"]["ca_or_pa"]),
-        "asr": float(defense["poisoned"]["asr"]),
-    }
-
-
 def plot_curve(path: Path, seen: list[int], pa: list[float], pa_before: float) -> None:
     import matplotlib
 
@@ -107,74 +117,66 @@ def plot_curve(path: Path, seen: list[int], pa: list[float], pa_before: float) -
     plt.close(fig)
 
 
-def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 8) -> dict:
-    total = 8
+def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 8,
+             progress: Progress = _silent) -> dict:
+    """The whole story; returns the summary also written to ``out/demo.json`` (before, after, load, curve)."""
+
+    def step(number: int, text: str) -> None:
+        progress(f"[{number}/{DEMO_STEPS}] {text}")
+
     out.mkdir(parents=True, exist_ok=True)
-    step(1, total, "backdoored digits model (BadNets, target 0): trained once, then cached")
-    demo_repository()
-    checkpoint = cache_dir() / "demo" / "checkpoint"
+    step(1, "backdoored digits model (BadNets, target 0): trained once, then cached")
+    checkpoint = demo_checkpoint(progress, bars=True)
     meta = json.loads((checkpoint / "meta.json").read_text())
-    print(f"      undefended offline: CA {meta['ca']:.4f}, ASR {meta['asr']:.4f}")
+    progress(f"      undefended offline: CA {meta['ca']:.4f}, ASR {meta['asr']:.4f}")
 
-    step(2, total, "Triton repository with no direction yet (version 0)")
-    work = Path(tempfile.mkdtemp(prefix="fire-demo-"))
-    repository = work / "repository"
-    settings = build_repository(checkpoint, repository)
-    data = load_dataset("digits")
-    attack, target = resolve_attack(settings.attack), settings.target
-    x, y = data.x_test[RESERVE:], data.y_test[RESERVE:]
-    keep = y != target
-    clean, poisoned = to_tensor(x).numpy(), attack(to_tensor(x[keep])).numpy()
-    y_poisoned = y[keep]
-    reserve_x, reserve_y = data.x_test[:RESERVE], data.y_test[:RESERVE]
-    flagged_images = to_uint8(attack(to_tensor(reserve_x[reserve_y != target][:flagged])))
-    clean_npz, poisoned_npz = work / "clean.npz", work / "poisoned.npz"
-    np.savez(clean_npz, x=x, y=y, poisoned=np.zeros(len(x), bool))
-    np.savez(poisoned_npz, x=to_uint8(attack(to_tensor(x[keep]))), y=y_poisoned, poisoned=np.ones(keep.sum(), bool))
+    with tempfile.TemporaryDirectory(prefix="fire-demo-") as tmp:
+        work = Path(tmp)
+        step(2, "Triton repository with no direction yet (version 0)")
+        settings = build_repository(checkpoint, work / "repository")
+        data = load_dataset(settings.dataset)
+        attack, target = settings.attack, settings.target
+        clean = export_images(data, attack, target)
+        poisoned = export_images(data, attack, target, poisoned=True)
+        observed = export_images(data, attack, target, poisoned=True, n=flagged, part="reserve").x
+        clean_npz, poisoned_npz = clean.save(work / "clean.npz"), poisoned.save(work / "poisoned.npz")
 
-    step(3, total, "starting tritonserver (fire_ensemble = head -> FIRE repair -> tail)")
-    token = secrets.token_urlsafe(24)
-    started = time.perf_counter()
-    with running_server(repository, extra_env={"FIRE_CONTROL_TOKEN": token}) as server:
-        url = server.urls["grpc"]
-        print(f"      ready in {time.perf_counter() - started:.1f}s at grpc {url}, http {server.urls['http']}")
-        with FireClient(url) as client, ControlClient(url, token) as ctl:
-            step(4, total, f"mixed stream, no direction: {len(clean)} clean + {len(poisoned)} poisoned images")
-            before = send_stream(client, clean, y, poisoned, y_poisoned, target)
-            print(f"      CA {before.ca:.4f}  PA {before.pa:.4f}  ASR {before.asr:.4f}")
+        step(3, f"starting tritonserver ({FIRE_ENSEMBLE} = head -> FIRE repair -> tail)")
+        token = secrets.token_urlsafe(24)
+        started = time.perf_counter()
+        with running_server(work / "repository", extra_env=pinned_token(token)) as server:
+            url = server.urls["grpc"]
+            progress(f"      ready in {time.perf_counter() - started:.1f}s at grpc {url}, http {server.urls['http']}")
+            with FireClient(url) as client, ControlClient(url, token) as ctl:
+                step(4, f"mixed stream, no direction: {len(clean)} clean + {len(poisoned)} poisoned images")
+                before = send_stream(client, clean.x, clean.y, poisoned.x, poisoned.y, target)
+                progress(f"      CA {before.ca:.4f}  PA {before.pa:.4f}  ASR {before.asr:.4f}")
 
-            step(5, total, f"observing {flagged} flagged poisoned samples through the control endpoint")
-            probe = poisoned[:120]
-            seen, curve = [], []
-            for i in range(flagged):
-                ctl.observe(flagged_images[i : i + 1])
-                result = client.infer_batches(probe, batch=60)
-                seen.append(i + 1)
-                curve.append(float((result.labels == y_poisoned[:120]).mean()))
-                print(f"      {i + 1:2d} seen -> live version {int(result.versions[0])}, PA on a probe {curve[-1]:.3f}",
-                      flush=True)
+                step(5, f"observing {flagged} flagged poisoned samples through the control endpoint")
+                probe, probe_y = poisoned.x[:120], poisoned.y[:120]
+                seen, curve = [], []
+                for i in range(flagged):
+                    ctl.observe(observed[i : i + 1])
+                    result = client.infer_batches(probe, batch=60)
+                    seen.append(i + 1)
+                    curve.append(float((result.labels == probe_y).mean()))
+                    progress(f"      {i + 1:2d} seen -> live version {int(result.versions[0])}, "
+                             f"PA on a probe {curve[-1]:.3f}")
 
-            step(6, total, "the same mixed stream again, with the learned direction")
-            after = send_stream(client, clean, y, poisoned, y_poisoned, target)
-            print(f"      CA {after.ca:.4f}  PA {after.pa:.4f}  ASR {after.asr:.4f}")
+                step(6, "the same mixed stream again, with the learned direction")
+                after = send_stream(client, clean.x, clean.y, poisoned.x, poisoned.y, target)
+                progress(f"      CA {after.ca:.4f}  PA {after.pa:.4f}  ASR {after.asr:.4f}")
 
-        step(7, total, f"Locust: {users} users for {load_seconds}s, 80/20 clean/poisoned, gRPC")
-        load = run_locust(url, clean_npz, poisoned_npz, target, work / "locust", users, load_seconds)
-        print(f"      {load['samples_per_s']:.0f} samples/s, p50 {load['p50_ms']:.2f} ms/sample, "
-              f"{load['failures']} failures, live PA {load['pa']:.3f}")
-        step(8, total, "stopping tritonserver")
+            step(7, f"Locust: {users} users for {load_seconds}s, 80/20 clean/poisoned, gRPC")
+            prefix = work / "locust"
+            command = locust_command(f"grpc://{url}", users=users, run_time_s=load_seconds, csv_prefix=prefix,
+                                     clean_npz=clean_npz, poisoned_npz=poisoned_npz, target=target)
+            run_locust(command, timeout_s=load_seconds + 120)
+            load = locust_summary(prefix)
+            progress(f"      {load['samples_per_s']:.0f} samples/s, p50 {load['p50_ms']:.2f} ms/sample, "
+                     f"{load['failures']} failures, live PA {load['pa']:.3f}")
+            step(8, "stopping tritonserver")
     plot_curve(out / "demo_pa_vs_flagged.png", seen, curve, before.pa)
-    rows = [
-        ("before (no direction)", before.ca, before.pa, before.asr, before.p50_ms, before.samples_per_s),
-        (f"after ({flagged} flagged observed)", after.ca, after.pa, after.asr, after.p50_ms, after.samples_per_s),
-        (f"Locust load ({users} users)", load["ca"], load["pa"], load["asr"], load["p50_ms"], load["samples_per_s"]),
-    ]
-    print()
-    print(f"{'':30s} {'CA':>7s} {'PA':>7s} {'ASR':>7s} {'p50 ms/sample':>14s} {'samples/s':>10s}")
-    for name, ca, pa, asr, p50, sps in rows:
-        print(f"{name:30s} {ca:7.4f} {pa:7.4f} {asr:7.4f} {p50:14.3f} {sps:10.0f}")
-    print(f"\nwrote {out / 'demo_pa_vs_flagged.png'}")
-    summary = {"before": before.__dict__, "after": after.__dict__, "load": load,
-               "curve": {"seen": seen, "pa": curve}}
+    summary = {"before": asdict(before), "after": asdict(after), "load": load, "curve": {"seen": seen, "pa": curve}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from fire_backend.cli.base import CliError, add_command, add_group, emit_json
+
 
 def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
     from fire_backend.backdoorbench import import_backdoorbench
-    from fire_backend.cli import CliError, emit_json
 
     if args.attack is not None and args.target is None:
         raise CliError("--attack needs --target (the label the trigger flips to)")
@@ -33,12 +34,9 @@ def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from fire_backend.cli import _formatter, add_command
-
-    parent = sub.add_parser("import", help="turn another tool's backdoored model into a fire checkpoint",
-                            description="turn another tool's backdoored model into a fire checkpoint directory",
-                            formatter_class=_formatter)
-    sources = parent.add_subparsers(dest="import_command", metavar="SOURCE", required=True)
+    sources = add_group(sub, "import", "turn another tool's backdoored model into a fire checkpoint",
+                        "import_command", "SOURCE",
+                        description="turn another tool's backdoored model into a fire checkpoint directory")
     p = add_command(
         sources, "backdoorbench", cmd_import_backdoorbench,
         "import a BackdoorBench attack_result.pt (PreActResNet18) with the attack's own poisoned test images",

@@ -1,55 +1,18 @@
-"""The ``fire`` command: thin argparse front over the library. Each subcommand's --help has examples."""
+"""``fire train``, ``fire eval``, ``fire sweep`` and ``fire data export``: the offline side, before serving."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
-Handler = Callable[[argparse.Namespace], int]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed as one line naming the fix, exit status 2."""
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def add_command(subparsers, name: str, handler: Handler, help_text: str, examples: str) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=f"examples:\n{examples}", formatter_class=_formatter
-    )
-    parser.set_defaults(handler=handler)
-    return parser
-
-
-def emit_json(args: argparse.Namespace, payload: dict) -> None:
-    """With --json the last printed line is one JSON object, for scripts."""
-    if getattr(args, "json", False):
-        print(json.dumps(payload))
-
-
-# --- train / eval / sweep / data export ------------------------------------------------------
+from fire_backend.cli.base import CliError, add_command, add_group, emit_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fire_backend.training import TrainConfig, train_backdoored
 
-    config = TrainConfig(
-        data=args.data,
-        attack=args.attack,
-        target=args.target,
-        poison_rate=args.poison_rate,
-        seed=args.seed,
-        epochs=args.epochs,
-        arch=args.arch,
-        width=args.width,
-        train_subset=args.train_subset,
-    )
+    options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset")
+    config = TrainConfig(**{name: getattr(args, name) for name in options})
     if not 0.0 < config.poison_rate < 1.0:
         raise CliError(f"--poison-rate must be in (0, 1), got {config.poison_rate}")
     meta = train_backdoored(config, args.out, progress=not args.json)
@@ -118,48 +81,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from fire_backend.checkpoint import load_checkpoint
-    from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
-    from fire_backend.evaluation import RESERVE
+    from fire_backend.data import load_dataset
+    from fire_backend.data.export import export_images
 
     _, meta = load_checkpoint(args.checkpoint)
-    data = load_dataset(meta.dataset)
-    x, y = data.split(args.split)
-    if args.split == "test" and not args.include_reserve:
-        x, y = x[RESERVE:], y[RESERVE:]
-    if args.poisoned:
-        keep = y != meta.target
-        x, y = x[keep], y[keep]
-    x, y = x[: args.n], y[: args.n]
-    if args.poisoned:
-        x = to_uint8(resolve_attack(meta.attack)(to_tensor(x)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out, x=x, y=y.astype(np.int64), poisoned=np.full(len(x), bool(args.poisoned)))
-    print(f"wrote {args.out}: {len(x)} {'poisoned' if args.poisoned else 'clean'} images {x.shape[1:]}")
-    emit_json(args, {"out": str(args.out), "n": int(len(x))})
+    images = export_images(load_dataset(meta.dataset), meta.attack, meta.target, split=args.split,
+                           poisoned=args.poisoned, n=args.n, part="all" if args.include_reserve else "evaluation")
+    images.save(args.out)
+    print(f"wrote {args.out}: {len(images)} {'poisoned' if args.poisoned else 'clean'} images {images.x.shape[1:]}")
+    emit_json(args, {"out": str(args.out), "n": len(images)})
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from fire_backend.demo import run_demo
 
-    summary = run_demo(args.out, flagged=args.flagged, load_seconds=args.load_seconds, users=args.users)
-    emit_json(args, summary)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fire",
-        description="FIRE: repair backdoored image classifiers at inference time, served on Triton.",
-        formatter_class=_formatter,
-        epilog="start here:\n  fire demo            # the whole story on the embedded digits data set\n"
-        "  fire <command> --help",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
+def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
                     "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
                     "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
@@ -199,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--estimator", choices=["paired", "unpaired", "augmented"], default="unpaired",
                            help="direction estimator (unpaired)")
 
-    data = sub.add_parser("data", help="export images for clients, Locust and `fire ctl observe`")
-    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    data_sub = add_group(sub, "data", "export images for clients, Locust and `fire ctl observe`", "data_command",
+                         "ACTION")
     p = add_command(data_sub, "export", cmd_data_export,
                     "write x (uint8 NxHxWxC), y, poisoned to an .npz for the checkpoint's data set and attack",
                     "  fire data export --checkpoint runs/digits-badnets --split test --n 200 --out clean.npz\n"
@@ -214,41 +150,3 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test split: include the defender's reserve (first images), excluded by default")
     p.add_argument("--out", type=Path, required=True, help=".npz file to write")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-
-    p = add_command(sub, "demo", cmd_demo, "the whole story on the embedded digits data set, served for real",
-                    "  fire demo\n  fire demo --flagged 10 --load-seconds 30 --out demo-results")
-    p.add_argument("--out", type=Path, default=Path("demo-results"), help="where the PNG and JSON go")
-    p.add_argument("--flagged", type=int, default=20, help="flagged samples to observe online (20)")
-    p.add_argument("--load-seconds", type=int, default=15, help="duration of the Locust load (15)")
-    p.add_argument("--users", type=int, default=8, help="Locust users (8)")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON line at the end")
-
-    for register in _extensions():
-        register(sub)
-    return parser
-
-
-def _extensions() -> list[Callable]:
-    """Subcommands that live beside the code they drive (serving, clients, benchmarks)."""
-    from fire_backend.client_commands import register as client
-    from fire_backend.control_client import register as control
-    from fire_backend.import_commands import register as importer
-    from fire_backend.serving.commands import register as serving
-
-    return [serving, control, client, importer]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (CliError, FileNotFoundError, ValueError) as exc:
-        print(f"fire {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,34 @@
-"""CLI subcommands for clients and benchmarks (``fire infer``, ``fire bench``)."""
+"""``fire infer``: send images to a running FIRE server; label, flagged, repair score and version per image.
+
+Torch-free: this command imports only the wire layer (numpy and tritonclient), so it starts fast anywhere.
+"""
 
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fire_backend.client import DEFAULT_MODEL, DEFAULT_PORTS, MODELS, PROTOCOLS
+from fire_backend.cli.base import CliError, add_command, emit_json
+from fire_backend.wire.names import (
+    BYPASS_PARAMETER,
+    DEFAULT_HOST,
+    DEFAULT_MODEL,
+    DEFAULT_PORTS,
+    DEFAULT_URL,
+    FIRE_MONOLITHIC,
+    INFERENCE_MODELS,
+    PROTOCOLS,
+    UNDEFENDED_ENSEMBLE,
+)
+
+if TYPE_CHECKING:
+    from fire_backend.wire.images import Images
 
 
-def _source_images(args: argparse.Namespace):
-    from fire_backend.client import load_digits, load_npz, load_pngs
+def _source_images(args: argparse.Namespace) -> Images:
+    from fire_backend.wire.images import load_digits, load_npz, load_pngs
 
     if args.npz is not None:
         images = load_npz(args.npz)
@@ -25,12 +43,13 @@ def _source_images(args: argparse.Namespace):
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from fire_backend.cli import CliError, emit_json
-    from fire_backend.client import FireClient, FireClientError
+    from fire_backend.wire.client import FireClient
+    from fire_backend.wire.errors import FireClientError
 
     if args.batch < 1:
         raise CliError(f"--batch must be >= 1, got {args.batch}")
-    url = args.url or f"{args.protocol or 'grpc'}://127.0.0.1:{DEFAULT_PORTS[args.protocol or 'grpc']}"
+    protocol = args.protocol or "grpc"
+    url = args.url or f"{protocol}://{DEFAULT_HOST}:{DEFAULT_PORTS[protocol]}"
     images = _source_images(args)
     try:
         with FireClient(url, args.protocol, timeout_s=args.timeout) as client:
@@ -83,44 +102,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from fire_backend.bench import BenchConfig, parse_concurrency, run_bench
-    from fire_backend.cli import CliError, emit_json
-
-    try:
-        concurrency = parse_concurrency(args.concurrency)
-    except ValueError as exc:
-        raise CliError(f"--concurrency: {exc}") from exc
-    if args.duration < 2:
-        raise CliError(f"--duration must be at least 2 seconds, got {args.duration}")
-    if not 1 <= args.batch <= 64:
-        raise CliError(f"--batch must be in 1..64, got {args.batch}")
-    config = BenchConfig(
-        repository=args.repository, concurrency=concurrency, duration_s=args.duration, batch=args.batch,
-        out=args.out, protocol=args.protocol, warmup_s=args.warmup, locustfile=args.locustfile,
-        quiet=bool(args.json),
-    )
-    report = run_bench(config)
-    emit_json(args, report.to_dict())
-    return 0
-
-
 def register(sub) -> None:
-    from fire_backend.cli import add_command
-
     p = add_command(sub, "infer", cmd_infer,
                     "send images to a running FIRE server; print label, flagged, repair score and direction "
                     "version per image",
                     "  fire infer --digits 10                                   # grpc://127.0.0.1:8001\n"
                     "  fire infer --url http://127.0.0.1:8000 --npz poisoned.npz --batch 64\n"
                     "  fire infer --npz poisoned.npz --bypass --json            # the attack without FIRE\n"
-                    "  fire infer --png a.png b.png --model undefended_ensemble\n"
-                    "  fire infer --url 10.0.0.5:9001 --protocol grpc --digits 5 --model fire_monolithic")
+                    f"  fire infer --png a.png b.png --model {UNDEFENDED_ENSEMBLE}\n"
+                    f"  fire infer --url 10.0.0.5:9001 --protocol grpc --digits 5 --model {FIRE_MONOLITHIC}")
     p.add_argument("--url", default=None,
-                   help="server: grpc://HOST:PORT, http://HOST:PORT or HOST:PORT (default grpc://127.0.0.1:8001)")
+                   help=f"server: grpc://HOST:PORT, http://HOST:PORT or HOST:PORT (default {DEFAULT_URL})")
     p.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="protocol for a bare HOST:PORT (default grpc; a URL scheme decides otherwise)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(MODELS)} ({DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{' | '.join(INFERENCE_MODELS)} ({DEFAULT_MODEL})")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--npz", type=Path, default=None, help=".npz with x (uint8 NHWC) [y], from `fire data export`")
     source.add_argument("--png", type=Path, nargs="+", default=None, help="image files of the model's input size")
@@ -128,24 +123,7 @@ def register(sub) -> None:
                         help="the first N embedded digits test images (after the defender's reserve)")
     p.add_argument("--n", type=int, default=None, help="at most N images of the source (all)")
     p.add_argument("--batch", type=int, default=1, help="images per request (1: one by one; at most 64)")
-    p.add_argument("--bypass", action="store_true", help="ask fire_ensemble to skip the repair (fire_bypass)")
+    p.add_argument("--bypass", action="store_true",
+                   help=f"ask {DEFAULT_MODEL} to skip the repair ({BYPASS_PARAMETER})")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")
-
-    p = add_command(sub, "bench", cmd_bench,
-                    "start tritonserver on a repository and load it with Locust: per-sample latency and "
-                    "throughput of fire_ensemble vs undefended_ensemble vs fire_monolithic",
-                    "  fire bench                                         # the digits demo, concurrency 1 and 16\n"
-                    "  fire bench --concurrency 1,4,16 --duration 30 --batch 8 --out bench-results\n"
-                    "  fire bench --repository repo --protocol http --json")
-    p.add_argument("--repository", type=Path, default=None, help="model repository (default: the digits demo)")
-    p.add_argument("--concurrency", default="1,16", help="comma-separated Locust user counts (1,16)")
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per target and concurrency (15)")
-    p.add_argument("--batch", type=int, default=1, help="images per request (1)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="client protocol (grpc)")
-    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured warm-up seconds per target (2)")
-    p.add_argument("--locustfile", type=Path, default=None,
-                   help="Locust file (default: the one installed with fire_backend, as loadtest/locustfile.py)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"),
-                   help="where bench.json, bench.csv, bench.png and raw Locust output go (./bench-results)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON line at the end")

@@ -1,0 +1,135 @@
+"""``fire ctl status|history|rollback|push|observe``: operate the live FIRE directions of a running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fire_backend.cli.base import CliError, add_command
+from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
+
+DEFAULT_CTL_URL = f"{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
+
+
+def _print_status(status: dict[str, Any]) -> None:
+    est = status.get("estimator") or {}
+    print(f"live version: {status['version']}   layer: {status['layer']} {status['latent_shape']}")
+    for d in status["directions"]:
+        print(f"  direction {d['name']}: mode {d['mode']}, alpha {d['alpha']}, threshold {d['threshold']}, "
+              f"|beta| {d['norm']:.4g}")
+    if est:
+        print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
+    for inst in status.get("instances", []):
+        print(f"  repair instance {inst['instance']}: applying version {inst['version']}")
+
+
+def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+
+    with np.load(args.file, allow_pickle=False) as data:
+        if "x" not in data.files:
+            raise ValueError(f"{args.file}: needs 'x' (uint8 N x H x W x C), as `fire data export` writes")
+        images = data["x"]
+    result: dict[str, Any] = {}
+    for start in range(0, len(images), args.chunk):
+        result = client.observe(images[start : start + args.chunk], clean=args.clean, estimator=args.estimator,
+                                publish_every=args.publish_every)
+    if not args.json:
+        kind = "clean" if args.clean else "flagged poisoned"
+        print(f"observed {len(images)} {kind} images: live version {result['version']} "
+              f"({result['poisoned_count']} poisoned, {result['clean_count']} clean)")
+    return result
+
+
+def _act(client, args: argparse.Namespace) -> dict[str, Any]:
+    from fire_backend.wire.control import read_direction_file
+
+    if args.ctl_command == "status":
+        result = client.status()
+        if not args.json:
+            _print_status(result)
+    elif args.ctl_command == "history":
+        result = client.history()
+        if not args.json:
+            for e in result["history"]:
+                print(f"{e['time']:.3f}  {e['action']:14s} version {e['version']:>5}  live {e['live']:>5}  "
+                      f"by {e['actor']}  sha256 {e.get('sha256', '')[:16]}")
+    elif args.ctl_command == "rollback":
+        result = client.rollback(args.version)
+        if not args.json:
+            print(f"live version is now {result['version']}")
+    elif args.ctl_command == "push":
+        directions, center = read_direction_file(args.file)
+        result = client.push(directions, center)
+        if not args.json:
+            print(f"pushed {len(directions)} direction(s): live version {result['version']}")
+    else:
+        result = _observe(client, args)
+    return result
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from fire_backend.wire.control import ControlClient
+    from fire_backend.wire.errors import FireClientError
+
+    token = read_token(args.token_file)
+    if not token:
+        raise CliError(f"no control token: pass --token-file, or set {TOKEN_FILE_ENV} or {TOKEN_ENV}")
+    try:
+        with ControlClient(args.url, token) as client:
+            result = _act(client, args)
+    except FireClientError as exc:
+        raise CliError(str(exc)) from None
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def _connection_options(parser: argparse.ArgumentParser, after_action: bool) -> None:
+    """--url, --token-file and --json, accepted before the action and after it (``fire ctl status --json``).
+
+    After the action they default to SUPPRESS, so they set a value only when given and never reset one given
+    before the action.
+    """
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if after_action else value
+
+    parser.add_argument("--url", default=default(DEFAULT_CTL_URL),
+                        help=f"server: HOST:PORT (gRPC), grpc://.. or http://.. (default {DEFAULT_CTL_URL})")
+    parser.add_argument("--token-file", type=Path, default=default(None),
+                        help=f"file holding the token (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the server's answer as one JSON line")
+
+
+def register(sub) -> None:
+    p = add_command(sub, "ctl", cmd_ctl, "operate the live FIRE directions: status, push, observe, rollback, history",
+                    f"  export {TOKEN_ENV}=...    # the token `fire serve` was started with\n"
+                    "  fire ctl status --json\n"
+                    "  fire data export --checkpoint runs/d --poisoned --n 20 --out flagged.npz\n"
+                    "  fire ctl observe flagged.npz              # learn online from flagged poisoned images\n"
+                    "  fire ctl observe clean.npz --clean        # refine the clean centroid\n"
+                    "  fire ctl push directions.npz              # beta (K x D), alpha, mode, threshold, name\n"
+                    "  fire ctl history && fire ctl rollback 3")
+    _connection_options(p, after_action=False)
+    after = argparse.ArgumentParser(add_help=False)
+    _connection_options(after, after_action=True)
+    actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
+    actions.add_parser("status", parents=[after], help="live version, directions, estimator counts, repair instances")
+    actions.add_parser("history", parents=[after], help="audit log: time, action, version, token id, content hash")
+    rb = actions.add_parser("rollback", parents=[after], help="make an earlier committed version live again")
+    rb.add_argument("version", type=int, help="version number (0 = no direction)")
+    push = actions.add_parser("push", parents=[after], help="push a direction set from an .npz file")
+    push.add_argument("file", type=Path, help=".npz with beta and optional alpha, mode, threshold, name, center")
+    obs = actions.add_parser("observe", parents=[after],
+                             help="fold flagged poisoned (or --clean) images into the live estimate")
+    obs.add_argument("file", type=Path, help=".npz with x (uint8 N x H x W x C), as `fire data export` writes")
+    obs.add_argument("--clean", action="store_true", help="the images are clean (refine the centroid)")
+    obs.add_argument("--estimator", choices=["unpaired", "augmented"], default=None,
+                     help="streaming estimator (server default: unpaired)")
+    obs.add_argument("--publish-every", type=int, default=None, help="republish after every k images (server: 1)")
+    obs.add_argument("--chunk", type=int, default=64, help="images per request (64)")

@@ -1,0 +1,151 @@
+"""``fire repo build`` and ``fire serve``: build a repository, run the real tritonserver on it in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from fire_backend.cli.base import add_command, add_group, say
+from fire_backend.wire import names
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, stub_environment
+
+if TYPE_CHECKING:
+    from fire_backend.serving.server import ServerConfig
+
+
+def cmd_repo_build(args: argparse.Namespace) -> int:
+    from fire_backend.serving.repository import RepositoryOptions, build_repository
+
+    options = RepositoryOptions(
+        max_batch_size=args.max_batch, gpu=args.gpu, repair_instances=args.repair_instances,
+        torch_threads=args.torch_threads, flag_threshold=args.threshold, alpha=args.alpha,
+        publish_every=args.publish_every,
+    )
+    settings = build_repository(args.checkpoint, args.out, args.layer, args.flagged, options)
+    start = f"version 1 from {args.flagged} flagged samples" if args.flagged else "no direction (version 0)"
+    print(f"wrote {args.out}: {settings.arch} split after {settings.layer}, latent {list(settings.latent_shape)}, "
+          f"input {list(settings.input_shape)}, max batch {args.max_batch}; store starts at {start}")
+    print(f"serve it with: fire serve --repository {args.out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fire_backend.serving.artifacts import require_fire_repository
+    from fire_backend.serving.server import ServerConfig
+
+    if args.repository is None:
+        from fire_backend.demo import demo_repository
+
+        repository = demo_repository(say, bars=True)
+    else:
+        repository = require_fire_repository(args.repository)
+    env = stub_environment(args.token_file)
+    if not env:
+        print(f"note: no {TOKEN_ENV} set: the control endpoint refuses every action")
+    config = ServerConfig(
+        repository=repository.resolve(), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, omp_threads=args.omp_threads,
+        restricted_api_key=secrets.token_urlsafe(24), extra_env=env, log_verbose=args.log_verbose,
+    )
+    print(f"serving {repository} (model-repository API locked with a per-run secret)")
+    return serve_forever(config)
+
+
+class _StopRequested(BaseException):
+    """Raised from serve_forever's signal handler to interrupt a startup in progress."""
+
+
+def serve_forever(config: ServerConfig) -> int:
+    """Run the server in the foreground until SIGINT/SIGTERM or until it dies; return an exit code.
+
+    Used by ``fire serve``: 0 after a clean signal-triggered stop, the server's code if it died on its own,
+    1 if it could not start.
+    """
+    from fire_backend.serving.server import TritonServer, TritonServerError
+
+    server = TritonServer(config)
+    stop_requested = threading.Event()
+    state = {"starting": True}
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop_requested.set()
+        if state["starting"]:
+            # Abort the (possibly long) readiness wait once; start() stops the half-started server.
+            state["starting"] = False
+            raise _StopRequested(signum)
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            server.start()
+        except TritonServerError as exc:
+            print(f"fire serve: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            state["starting"] = False
+        if not stop_requested.is_set():
+            startup = f" in {server.startup_s:.1f}s" if server.startup_s is not None else ""
+            print(f"tritonserver ready{startup} (pid {server.pid}, log {server.log_path})", flush=True)
+            for name, url in server.urls.items():
+                print(f"{name}: {url}", flush=True)
+        while not stop_requested.wait(0.5):
+            if not server.is_alive():
+                rc = server.wait()
+                tail = "\n".join(server.log_tail())
+                print(f"fire serve: tritonserver exited unexpectedly (code {rc})\n{tail}", file=sys.stderr)
+                server.stop()
+                return rc if rc > 0 else 1
+        print("stopping tritonserver ...", flush=True)
+        server.stop()
+        return 0
+    except _StopRequested:
+        return 0
+    finally:
+        if server.is_alive():
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def register(sub) -> None:
+    repo_sub = add_group(sub, "repo", "build a Triton model repository for a checkpoint", "repo_command", "ACTION")
+    p = add_command(repo_sub, "build", cmd_repo_build,
+                    f"write {names.FIRE_ENSEMBLE} (head -> FIRE repair -> tail), {names.UNDEFENDED_ENSEMBLE}, "
+                    f"{names.FIRE_MONOLITHIC} and {names.FIRE_CONTROL} for a checkpoint split at a layer",
+                    "  fire repo build --checkpoint runs/digits-badnets --layer block2 --out repo\n"
+                    "  fire repo build --checkpoint runs/digits-badnets --out repo --flagged 20\n"
+                    "  fire repo build --checkpoint runs/c10 --layer layer4.0 --out repo-c10 --gpu")
+    p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`/`fire import`")
+    p.add_argument("--layer", default=None, help="split layer (default per architecture; `fire sweep` recommends)")
+    p.add_argument("--out", type=Path, required=True, help="repository directory to write")
+    p.add_argument("--flagged", type=int, default=None,
+                   help="start the store from an offline estimate on N flagged samples (default: no direction)")
+    p.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every stage (64)")
+    p.add_argument("--repair-instances", type=int, default=2, help="repair stage instances (2)")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage instance (1)")
+    p.add_argument("--threshold", type=float, default=0.5, help="flag a sample whose repair score exceeds this")
+    p.add_argument("--alpha", type=float, default=1.0, help="repair strength of learned directions (1.0)")
+    p.add_argument("--publish-every", type=int, default=1, help="republish after every k observations (1)")
+    p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
+
+    p = add_command(sub, "serve", cmd_serve, "run tritonserver (from the nvidia-pytriton wheel) on a repository",
+                    "  fire serve                                  # the embedded digits demo\n"
+                    f"  {TOKEN_ENV}=$(cat token) fire serve --repository repo --grpc-port 9001\n"
+                    "  fire serve --repository repo --token-file /run/secrets/fire-token")
+    p.add_argument("--repository", type=Path, default=None, help="model repository (default: the digits demo)")
+    p.add_argument("--host", default=names.DEFAULT_HOST,
+                   help=f"bind address ({names.DEFAULT_HOST}; 0.0.0.0 exposes it)")
+    ports = (("http", "HTTP port", names.DEFAULT_PORTS["http"]), ("grpc", "gRPC port", names.DEFAULT_PORTS["grpc"]),
+             ("metrics", "Prometheus metrics port", names.DEFAULT_METRICS_PORT))
+    for protocol, what, port in ports:
+        p.add_argument(f"--{protocol}-port", type=int, default=port, help=f"{what} ({port})")
+    p.add_argument("--omp-threads", type=int, default=1, help="OMP threads per process (1)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help=f"control token file (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
+    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver verbosity (0)")
