@@ -1,0 +1,198 @@
+"""The package's shape, checked: no import circles, the library never imports the CLI, the Triton stubs and the
+wire layer import only what their process needs, and each wire name is spelled once (in fire_backend.wire)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fire_backend.wire import names, token
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "fire_backend"
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the package."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The package modules a file imports, anywhere in it (module level, in functions, under TYPE_CHECKING)."""
+    base = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names_ = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:
+                module = ".".join(base.split(".")[: len(base.split(".")) - node.level + 1] + [module]).strip(".")
+            names_ = [module] + [f"{module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for name in names_:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name:
+                targets.add(name)
+    return targets
+
+
+def import_graph() -> dict[str, set[str]]:
+    found = modules()
+    return {name: imports(path, set(found)) - {name} for name, path in found.items()}
+
+
+def test_no_import_circles() -> None:
+    graph = import_graph()
+    # A package's __init__ that only re-exports its own submodules is not a circle of code.
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    circles, state, stack = [], {}, []
+
+    def visit(node: str) -> None:
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert circles == [], "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_only_the_cli_imports_the_cli() -> None:
+    offenders = {name: sorted(t for t in targets if t == "fire_backend.cli" or t.startswith("fire_backend.cli."))
+                 for name, targets in import_graph().items() if not name.startswith("fire_backend.cli")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_the_wire_layer_imports_only_itself_and_the_torch_free_defaults() -> None:
+    allowed = {"fire_backend.defaults", "fire_backend.wire"}
+    for name, targets in import_graph().items():
+        if name.startswith("fire_backend.wire"):
+            stray = {t for t in targets if not t.startswith("fire_backend.wire.")} - allowed
+            assert not stray, f"{name} imports {sorted(stray)}"
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, **env}, check=False)
+
+
+STUB = """
+import sys, types
+sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")  # a stub's own module
+import fire_backend.serving.triton_models
+loaded = [m for m in ("fire_backend.evaluation", "fire_backend.serving.repository", "fire_backend.cli",
+                      "fire_backend.training") if m in sys.modules]
+print("LOADED", loaded)
+"""
+
+
+def test_triton_stubs_import_neither_evaluation_nor_the_repository_builder() -> None:
+    proc = run_python(STUB)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout, proc.stdout
+
+
+TORCH_FREE = {
+    "fire infer": "from fire_backend.cli import main\n"
+                  "code = main(['infer', '--url', 'grpc://127.0.0.1:{port}', '--digits', '2'])\n"
+                  "assert code == 2, code",
+    "fire ctl": "from fire_backend.cli import main\n"
+                "code = main(['ctl', '--url', '127.0.0.1:{port}', 'status', '--json'])\n"
+                "assert code == 2, code",
+    "clients/infer.py": "import runpy\n"
+                        "sys.argv = ['clients/infer.py', '--url', 'http://127.0.0.1:{port}', '--digits', '1']\n"
+                        "try:\n    runpy.run_path('clients/infer.py', run_name='__main__')\n"
+                        "except SystemExit as exc:\n    assert exc.code == 2, exc.code",
+    "the Locust users": "import runpy\nrunpy.run_path('loadtest/locustfile.py')\n"
+                        "from fire_backend.loadtest.users import FireGrpcUser, FireHttpUser",
+}
+
+
+@pytest.mark.parametrize("what", sorted(TORCH_FREE))
+def test_client_side_runs_without_torch(what: str) -> None:
+    """The client side (nothing listens at the port: the command fails cleanly) never imports torch."""
+    from fire_backend.serving.ports import free_port
+
+    code = "import sys\n" + TORCH_FREE[what].format(port=free_port()) + "\n" \
+           "print('TORCH', 'torch' in sys.modules)\n"
+    proc = run_python(code, FIRE_CONTROL_TOKEN="t", FIRE_CONTROL_TOKEN_FILE="")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TORCH False" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- wire literals ----------------------------------------------------------------------------------
+
+#: every name two processes must agree on, with the constant that holds it (the first, for aliases)
+WIRE_NAMES: dict[str, str] = {}
+for _module in (names, token):
+    for _name, _value in vars(_module).items():
+        if _name.isupper() and isinstance(_value, str) and re.fullmatch(r"[A-Za-z_]+", _value):
+            WIRE_NAMES.setdefault(_value, _name)
+#: distinctive enough to look for inside any text (tensor names like LABEL are only checked as whole strings)
+DISTINCT = [v for v in WIRE_NAMES if "_" in v and (v.islower() or v.startswith("FIRE_"))]
+SCANNED = [PACKAGE, ROOT / "benchmarks", ROOT / "clients", ROOT / "loadtest", ROOT / "scripts"]
+#: (file, text) of strings that spell a wire name for another reason
+ALLOWED = {("fire_backend/serving/server.py", "TOKEN")}  # a marker of secret variable names, redacted from logs
+
+
+def string_constants(path: Path):
+    """(line, text) of every string constant and f-string piece that is not a docstring."""
+    tree = ast.parse(path.read_text())
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def stray_wire_literals() -> list[str]:
+    found = []
+    for root in SCANNED:
+        for path in sorted(root.rglob("*.py")):
+            if PACKAGE / "wire" in path.parents:
+                continue
+            for line, text in string_constants(path):
+                hits = {text} & set(WIRE_NAMES) or {v for v in DISTINCT if re.search(rf"\b{v}\b", text)}
+                hits -= {allowed for file, allowed in ALLOWED if path == ROOT / file}
+                found += [f"{path.relative_to(ROOT)}:{line}: {hit!r} (use wire.{WIRE_NAMES[hit]})" for hit in hits]
+    return found
+
+
+def test_wire_names_are_spelled_only_in_the_wire_package() -> None:
+    assert stray_wire_literals() == []
+
+
+def test_the_literal_check_finds_a_stray_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text('"""fire_bypass in a docstring is prose."""\n'
+                      'NAME = "fire_bypass"\n'
+                      'HELP = f"set {x} FIRE_CONTROL_TOKEN"\n')
+    monkeypatch.setattr(sys.modules[__name__], "SCANNED", [tmp_path])
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert sorted(stray_wire_literals()) == ["sample.py:2: 'fire_bypass' (use wire.BYPASS_PARAMETER)",
+                                             "sample.py:3: 'FIRE_CONTROL_TOKEN' (use wire.TOKEN_ENV)"]
