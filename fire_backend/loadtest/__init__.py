@@ -9,5 +9,7 @@ from pathlib import Path
 
 #: the Locust entry point that ships with the package (`fire bench` and `fire demo` run it; works from a wheel)
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-#: a request of n images is also logged n times under MODEL + this name, with response time / n
-PER_SAMPLE_SUFFIX = "/per-sample"
+#: ``--csv PREFIX`` writes the FIRE tables to PREFIX + these suffixes (beside Locust's own PREFIX_stats.csv)
+DEFENSE_CSV_SUFFIX = "_defense.csv"
+DEFENSE_HISTORY_CSV_SUFFIX = "_defense_history.csv"
+PER_SAMPLE_CSV_SUFFIX = "_per_sample.csv"

@@ -12,8 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fire_backend.loadtest import LOCUSTFILE, PER_SAMPLE_SUFFIX
-from fire_backend.loadtest.defense import DEFENSE_CSV_SUFFIX
+from fire_backend.loadtest import DEFENSE_CSV_SUFFIX, LOCUSTFILE, PER_SAMPLE_CSV_SUFFIX
 
 
 def locust_command(host: str, *, users: int, run_time_s: float, csv_prefix: Path, clean_npz: Path,
@@ -50,16 +49,15 @@ def run_locust(command: Sequence[str], timeout_s: float, log: Path | None = None
 
 
 def locust_summary(csv_prefix: Path) -> dict:
-    """p50 per-sample latency, samples/s and failures from ``PREFIX_stats.csv``; live CA, PA and ASR from
-    ``PREFIX_defense.csv``."""
-    with open(f"{csv_prefix}_stats.csv") as handle:
-        rows = {r["Name"]: r for r in csv.DictReader(handle)}
+    """p50 per-sample latency, samples/s and failures of the run's one model from ``PREFIX_per_sample.csv``; live
+    CA, PA and ASR from ``PREFIX_defense.csv``."""
+    with open(f"{csv_prefix}{PER_SAMPLE_CSV_SUFFIX}") as handle:
+        (per_sample,) = list(csv.DictReader(handle))
     with open(f"{csv_prefix}{DEFENSE_CSV_SUFFIX}") as handle:
         defense = {r["traffic"]: r for r in csv.DictReader(handle)}
-    per_sample = next((r for name, r in rows.items() if name.endswith(PER_SAMPLE_SUFFIX)), rows["Aggregated"])
     return {
-        "p50_ms": float(per_sample["50%"]), "samples_per_s": float(per_sample["Requests/s"]),
-        "failures": int(rows["Aggregated"]["Failure Count"]),
+        "p50_ms": float(per_sample["p50_ms"]), "samples_per_s": float(per_sample["samples_per_s"]),
+        "failures": int(per_sample["failures"]),
         "ca": float(defense["clean"]["ca_or_pa"]), "pa": float(defense["poisoned"]["ca_or_pa"]),
         "asr": float(defense["poisoned"]["asr"]),
     }

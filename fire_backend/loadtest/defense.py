@@ -1,17 +1,22 @@
 """Live defense accuracy under load: CA on clean traffic, PA and ASR on poisoned traffic, flagged rates.
 
-Counted from the responses and the known labels, per traffic kind, and shown wherever Locust shows its own
-numbers: the web UI (a tab, ``/fire/defense``), the ``--csv`` files (``PREFIX_defense.csv``) and the ``--html``
-report. Workers ship their counts inside Locust's own stats reports, so distributed totals match Locust's.
+Counted from the responses and the known labels, per traffic kind, twice: since the start (or Locust's reset),
+and over a sliding window of the last ``WINDOW_S`` seconds, so that a change of the served model (say, after
+``fire ctl observe``) shows at once in the current figures while the cumulative ones lag behind.
+
+The window is the one Locust uses for its own "current" figures (RPS, percentiles): 10 s. Counts are kept in
+one bucket per wall-clock second, the way Locust keeps requests per second; the window is the ``WINDOW_S``
+buckets that end at the newest one (which may still be filling: the figures are ratios, so a partial second
+does not bias them). It ends at the newest traffic rather than at "now" so that, as with Locust's current RPS,
+the figures of a stopped test stay readable. Workers ship their buckets to the master inside Locust's own
+stats reports, so distributed figures are those of all workers together.
 """
 
 from __future__ import annotations
 
-import csv
-import html
-import io
-import json
 import threading
+import time
+from collections import deque
 
 import numpy as np
 
@@ -19,160 +24,134 @@ from fire_backend.wire.client import InferResult
 
 TRAFFIC_KINDS = ("clean", "poisoned")
 COUNTERS = ("requests", "samples", "correct", "non_target", "target_hits", "flagged", "flag_known")
-#: the documented PREFIX_defense.csv columns, then the raw counts they come from
-CSV_COLUMNS = ("traffic", "requests", "samples", "ca_or_pa", "asr", "flagged_rate", *COUNTERS[2:])
-#: key of the worker -> master report entry
-REPORT_KEY = "fire_defense"
-#: ``--csv PREFIX`` writes the table to PREFIX + this
-DEFENSE_CSV_SUFFIX = "_defense.csv"
-WEB_UI_KEY = "fire-defense"
+#: seconds of the sliding window of the "current" figures (Locust's own current window)
+WINDOW_S = 10
+#: seconds between two points of the over-time history (the web UI's refresh period)
+HISTORY_INTERVAL_S = 2.0
+#: history points kept (12 hours at one point every 2 s); older points are dropped first
+HISTORY_POINTS = 21600
+#: the rates of one set of counts, keyed as in the rows
+RATES = ("ca_or_pa", "asr", "flagged_rate")
+#: a row: traffic, cumulative counts and rates, the same rates over the window, then the raw cumulative counts
+ROW_KEYS = ("traffic", "requests", "samples", *RATES, "window_samples", *(f"{r}_current" for r in RATES),
+            *COUNTERS[2:])
+
+Counts = dict[str, dict[str, int]]  # traffic kind -> counter -> value
+
+
+def empty_counts() -> Counts:
+    return {kind: dict.fromkeys(COUNTERS, 0) for kind in TRAFFIC_KINDS}
+
+
+def add_counts(into: Counts, counts: Counts) -> None:
+    """Add ``counts`` into ``into``; unknown traffic kinds and counters are ignored (a newer worker's extras)."""
+    for kind, values in counts.items():
+        if kind in into:
+            for key in COUNTERS:
+                into[kind][key] += int(values.get(key, 0))
+
+
+def rates(c: dict[str, int]) -> dict[str, float | None]:
+    """ca_or_pa (CA on clean, PA on poisoned), asr, flagged_rate; None where the denominator is 0 (no data)."""
+    return {
+        "ca_or_pa": c["correct"] / c["samples"] if c["samples"] else None,
+        "asr": c["target_hits"] / c["non_target"] if c["non_target"] else None,
+        "flagged_rate": c["flagged"] / c["flag_known"] if c["flag_known"] else None,
+    }
 
 
 class DefenseStats:
-    """Counters per traffic kind; greenlet-safe (no yields inside), with a lock for the web and report threads."""
+    """Cumulative counts, per-second buckets for the window, and the over-time history of the rows.
 
-    def __init__(self) -> None:
+    Greenlet-safe (nothing inside yields), with a lock for the web UI and the report handlers. On a worker, only
+    ``record`` and ``pop`` are used: ``pop`` hands over the buckets since the last report and starts afresh.
+    """
+
+    def __init__(self, window_s: int = WINDOW_S, history_points: int = HISTORY_POINTS) -> None:
+        self.window_s = window_s
         self._lock = threading.Lock()
-        self._counts = self._empty()
+        self._totals = empty_counts()
+        self._seconds: dict[int, Counts] = {}
+        self._history: deque[tuple[float, list[dict]]] = deque(maxlen=history_points)
 
-    @staticmethod
-    def _empty() -> dict[str, dict[str, int]]:
-        return {kind: dict.fromkeys(COUNTERS, 0) for kind in TRAFFIC_KINDS}
-
-    def record(self, kind: str, y: np.ndarray, result: InferResult, target: int) -> None:
+    def record(self, kind: str, y: np.ndarray, result: InferResult, target: int, at: float | None = None) -> None:
+        """Count one answered request of true labels ``y`` at time ``at`` (default: now)."""
         pred = result.labels
         non_target = y != target
+        counts = dict.fromkeys(COUNTERS, 0)
+        counts.update(requests=1, samples=len(y), correct=int((pred == y).sum()), non_target=int(non_target.sum()),
+                      target_hits=int(((pred == target) & non_target).sum()))
+        if result.flagged is not None:
+            counts.update(flag_known=len(y), flagged=int(result.flagged.sum()))
         with self._lock:
-            c = self._counts[kind]
-            c["requests"] += 1
-            c["samples"] += len(y)
-            c["correct"] += int((pred == y).sum())
-            c["non_target"] += int(non_target.sum())
-            c["target_hits"] += int(((pred == target) & non_target).sum())
-            if result.flagged is not None:
-                c["flag_known"] += len(y)
-                c["flagged"] += int(result.flagged.sum())
+            add_counts(self._totals, {kind: counts})
+            self._add_second(int(time.time() if at is None else at), {kind: counts})
 
-    def merge(self, counts: dict | None) -> None:
-        """Add a worker's counts (its ``pop()``); unknown kinds and keys are ignored."""
-        if not counts:
+    def merge(self, report: dict | None) -> None:
+        """Add a worker's ``pop()``: its totals, and its per-second counts to the window."""
+        if not report:
             return
         with self._lock:
-            for kind, values in counts.items():
-                if kind in self._counts:
-                    for key in COUNTERS:
-                        self._counts[kind][key] += int(values.get(key, 0))
+            add_counts(self._totals, report.get("totals") or {})
+            for second, counts in (report.get("seconds") or {}).items():
+                self._add_second(int(second), counts)
 
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        with self._lock:
-            return {kind: dict(values) for kind, values in self._counts.items()}
+    def _add_second(self, second: int, counts: Counts) -> None:
+        # Buckets that left the window are dropped; a late one (a slow worker's) only counts in the totals.
+        newest = max(second, *self._seconds) if self._seconds else second
+        if second > newest - self.window_s:
+            add_counts(self._seconds.setdefault(second, empty_counts()), counts)
+        for old in [s for s in self._seconds if s <= newest - self.window_s]:
+            del self._seconds[old]
 
-    def pop(self) -> dict[str, dict[str, int]]:
-        """Counts since the last pop (a worker's delta for the master), resetting them."""
+    def pop(self) -> dict:
+        """Totals and per-second counts since the last pop (a worker's report to the master), starting afresh."""
         with self._lock:
-            counts, self._counts = self._counts, self._empty()
-        return counts
+            report = {"totals": self._totals, "seconds": self._seconds}
+            self._totals, self._seconds = empty_counts(), {}
+        return report
 
     def reset(self) -> None:
-        self.pop()
+        """Back to nothing, history included (as Locust's reset clears its own stats and chart history)."""
+        with self._lock:
+            self._totals, self._seconds = empty_counts(), {}
+            self._history.clear()
+
+    def snapshot(self) -> Counts:
+        """Cumulative counts."""
+        with self._lock:
+            return {kind: dict(values) for kind, values in self._totals.items()}
+
+    def window(self) -> Counts:
+        """Counts of the last ``window_s`` buckets, ending at the newest one."""
+        with self._lock:
+            total = empty_counts()
+            if self._seconds:
+                newest = max(self._seconds)
+                for second, counts in self._seconds.items():
+                    if second > newest - self.window_s:
+                        add_counts(total, counts)
+            return total
 
     def rows(self) -> list[dict]:
-        """One row per traffic kind: ca_or_pa (CA on clean, PA on poisoned), asr, flagged_rate (None if n/a)."""
+        """One row per traffic kind with ``ROW_KEYS``: cumulative counts and rates, then the window's."""
+        totals, current = self.snapshot(), self.window()
         rows = []
-        for kind, c in self.snapshot().items():
+        for kind in TRAFFIC_KINDS:
+            c, w = totals[kind], current[kind]
             rows.append({
-                "traffic": kind,
-                "requests": c["requests"],
-                "samples": c["samples"],
-                "ca_or_pa": c["correct"] / c["samples"] if c["samples"] else None,
-                "asr": c["target_hits"] / c["non_target"] if c["non_target"] else None,
-                "flagged_rate": c["flagged"] / c["flag_known"] if c["flag_known"] else None,
+                "traffic": kind, "requests": c["requests"], "samples": c["samples"], **rates(c),
+                "window_samples": w["samples"], **{f"{k}_current": v for k, v in rates(w).items()},
                 **{k: c[k] for k in COUNTERS[2:]},
             })
         return rows
 
+    def add_history_point(self, at: float | None = None) -> None:
+        """Append the current rows to the over-time history (once per ``HISTORY_INTERVAL_S`` while running)."""
+        point = (time.time() if at is None else at, self.rows())
+        with self._lock:
+            self._history.append(point)
 
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def defense_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for row in rows:
-        writer.writerow([_fmt(row[c]) for c in CSV_COLUMNS])
-    return out.getvalue()
-
-
-def defense_table(rows: list[dict]) -> str:
-    lines = [f"{'traffic':10s} {'requests':>9s} {'samples':>9s} {'CA/PA':>7s} {'ASR':>7s} {'flagged':>8s}"]
-    for r in rows:
-        lines.append(f"{r['traffic']:10s} {r['requests']:9d} {r['samples']:9d} {_fmt(r['ca_or_pa']):>7s} "
-                     f"{_fmt(r['asr']):>7s} {_fmt(r['flagged_rate']):>8s}")
-    return "\n".join(lines)
-
-
-def defense_html(rows: list[dict]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in CSV_COLUMNS[:6])
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in CSV_COLUMNS[:6]) + "</tr>" for r in rows
-    )
-    return (f'<section id="{WEB_UI_KEY}" style="font-family:sans-serif;margin:2em">'
-            "<h2>FIRE defense</h2><p>CA on clean traffic, PA and ASR on poisoned traffic, flagged rate of each.</p>"
-            f'<table border="1" cellpadding="4" style="border-collapse:collapse"><tr>{head}</tr>{body}</table>'
-            "</section>")
-
-
-def extend_web_ui(web_ui, stats: DefenseStats) -> None:
-    """A "FIRE defense" tab in Locust's web UI, live with the request stats, plus JSON and CSV endpoints."""
-    from flask import Response, jsonify, request
-
-    structure = [{"key": "traffic", "title": "Traffic"}, {"key": "requests", "title": "Requests"},
-                 {"key": "samples", "title": "Samples"}, {"key": "ca_or_pa", "title": "CA (clean) / PA (poisoned)"},
-                 {"key": "asr", "title": "ASR"}, {"key": "flagged_rate", "title": "Flagged rate"}]
-    web_ui.template_args["extended_tabs"] = [{"title": "FIRE defense", "key": WEB_UI_KEY}]
-    web_ui.template_args["extended_tables"] = [{"key": WEB_UI_KEY, "structure": structure}]
-    web_ui.template_args["extended_csv_files"] = [{"href": "./fire/defense/csv", "title": "Download FIRE defense CSV"}]
-
-    @web_ui.app.route("/fire/defense")
-    def fire_defense_json():
-        return jsonify({"rows": stats.rows(), "counts": stats.snapshot()})
-
-    @web_ui.app.route("/fire/defense/csv")
-    def fire_defense_csv():
-        return Response(defense_csv(stats.rows()), mimetype="text/csv",
-                        headers={"Content-Disposition": "attachment;filename=fire_defense.csv"})
-
-    @web_ui.app.after_request
-    def add_defense_to_stats(response):
-        # The UI polls /stats/requests; extended tables are filled from its "extended_stats".
-        if not request.path.endswith("/stats/requests") or response.status_code != 200:
-            return response
-        try:
-            payload = json.loads(response.get_data())
-        except ValueError:
-            return response
-        rows = [{k: _fmt(v) for k, v in row.items()} for row in stats.rows()]
-        payload["extended_stats"] = [{"key": WEB_UI_KEY, "data": rows}]
-        response.set_data(json.dumps(payload))
-        return response
-
-
-def extend_html_report(stats: DefenseStats) -> None:
-    """Append the defense table to the --html report and the web UI's report download (once per process)."""
-    import locust.main
-    import locust.web
-
-    for module in (locust.main, locust.web):
-        original = getattr(module, "get_html_report", None)
-        if original is None or getattr(original, "_fire_defense", False):
-            continue
-
-        def with_defense(*args, _original=original, **kwargs):
-            report = _original(*args, **kwargs)
-            table = defense_html(stats.rows())
-            return report.replace("</body>", table + "</body>", 1) if "</body>" in report else report + table
-
-        with_defense._fire_defense = True
-        module.get_html_report = with_defense
+    def history(self) -> list[tuple[float, list[dict]]]:
+        with self._lock:
+            return list(self._history)

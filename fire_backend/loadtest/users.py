@@ -8,9 +8,10 @@ Protocol: ``--host grpc://H:P`` runs ``FireGrpcUser`` (tritonclient gRPC, made g
 ``--host http://H:P`` runs ``FireHttpUser`` (tritonclient HTTP over geventhttpclient); a bare ``H:P`` is gRPC
 unless ``--protocol http``. Users run closed loop (no wait).
 
-Statistics: each call is one Locust entry named after the model; a request of n images is also logged n times
-under ``MODEL/per-sample`` with response time / n, so that row shows per-sample latency and its requests/s are
-samples/s. Defense accuracy: see ``fire_backend.loadtest.defense``.
+Statistics: each call is one Locust entry named after the model, so Locust's totals (the Aggregated row, the
+header's RPS) count requests. Per-sample latency and samples/s are derived from that entry (``per_sample``) and
+shown in their own tab, CSV and report section. Defense accuracy: see ``fire_backend.loadtest.defense``; where it
+is shown: ``fire_backend.loadtest.webui`` and ``report``.
 """
 
 from __future__ import annotations
@@ -21,33 +22,30 @@ import os
 import time
 from pathlib import Path
 
+import gevent
 import numpy as np
 from locust import User, constant, events, task
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, MasterRunner, WorkerRunner
 
-from fire_backend.loadtest import PER_SAMPLE_SUFFIX
-from fire_backend.loadtest.defense import (
-    DEFENSE_CSV_SUFFIX,
-    REPORT_KEY,
-    DefenseStats,
-    defense_csv,
-    defense_table,
-    extend_html_report,
-    extend_web_ui,
-)
+from fire_backend.loadtest import DEFENSE_CSV_SUFFIX, DEFENSE_HISTORY_CSV_SUFFIX, PER_SAMPLE_CSV_SUFFIX, report
+from fire_backend.loadtest.defense import HISTORY_INTERVAL_S, DefenseStats
 from fire_backend.loadtest.options import add_options, parsed_options
+from fire_backend.loadtest.per_sample import per_sample_rows
 from fire_backend.loadtest.traffic import host_protocol, traffic_for
+from fire_backend.loadtest.webui import extend_html_report, extend_web_ui
 from fire_backend.wire.client import FireClient, init_grpc_gevent
 from fire_backend.wire.endpoints import parse_url
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.images import load_digits
 
 LOGGER = logging.getLogger("fire.loadtest")
+#: key of the worker -> master report entry
+REPORT_KEY = "fire_defense"
 
 DEFENSE = DefenseStats()
 #: (start time, latency ms, images) per request, for --latency-file
 _LATENCIES: list[tuple[float, float, int]] = []
-_STATE: dict = {"environment": None, "grpc_gevent": False}
+_STATE: dict = {"environment": None, "grpc_gevent": False, "final_per_sample": None}
 
 events.init_command_line_parser.add_listener(add_options)
 
@@ -112,16 +110,10 @@ class FireUser(User):
         except FireClientError as exc:
             error = exc
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        fire = self.environment.events.request.fire
-        url = self.client.url
-        context = {"traffic": kind, "samples": n}
-        fire(request_type=self.protocol, name=self.model, response_time=elapsed_ms, response_length=n,
-             response=result, context=context, exception=error, start_time=start_time, url=url)
-        per_sample = elapsed_ms / n
-        for _ in range(n):
-            fire(request_type=self.protocol, name=self.model + PER_SAMPLE_SUFFIX, response_time=per_sample,
-                 response_length=1, response=None, context=context, exception=error, start_time=start_time,
-                 url=url)
+        self.environment.events.request.fire(
+            request_type=self.protocol, name=self.model, response_time=elapsed_ms, response_length=n,
+            response=result, context={"traffic": kind, "samples": n}, exception=error, start_time=start_time,
+            url=self.client.url)
         if result is not None:
             DEFENSE.record(kind, y, result, self.target)
             if self.record_latency:
@@ -158,9 +150,46 @@ def _on_init(environment, web_ui=None, **_kw) -> None:
         environment.events.report_to_master.add_listener(_report_to_master)
     if isinstance(runner, MasterRunner):
         environment.events.worker_report.add_listener(_worker_report)
+    if not isinstance(runner, WorkerRunner):
+        gevent.spawn(_record_history, runner)
     if web_ui is not None:
-        extend_web_ui(web_ui, DEFENSE)
-    extend_html_report(DEFENSE)
+        extend_web_ui(web_ui, DEFENSE, _per_sample_rows)
+    extend_html_report(DEFENSE, _per_sample_rows)
+    _keep_per_sample_through_json()
+
+
+def _per_sample_rows() -> list[dict]:
+    environment = _STATE["environment"]
+    if environment is None or environment.runner is None:
+        return []
+    return per_sample_rows(environment.runner.stats, parsed_options(environment).batch)
+
+
+def _keep_per_sample_through_json() -> None:
+    """Locust's --json/--json-file output serializes its entries the way a worker report does, which also resets
+    them, right before the quit event: take the final per-sample rows just before (once per process)."""
+    import locust.stats
+
+    for name in ("save_stats_json", "print_stats_json"):
+        original = getattr(locust.stats, name)
+        if getattr(original, "_fire_per_sample", False):
+            continue
+
+        def keeping_per_sample(*args, _original=original, **kwargs):
+            _STATE["final_per_sample"] = _per_sample_rows()
+            return _original(*args, **kwargs)
+
+        keeping_per_sample._fire_per_sample = True
+        setattr(locust.stats, name, keeping_per_sample)
+
+
+def _record_history(runner) -> None:
+    # The over-time chart's points: the defense rows every HISTORY_INTERVAL_S while a test runs (on the master
+    # or the only process; Locust keeps its own chart history the same way).
+    while True:
+        gevent.sleep(HISTORY_INTERVAL_S)
+        if runner.state in (STATE_SPAWNING, STATE_RUNNING):
+            DEFENSE.add_history_point()
 
 
 def _report_to_master(client_id, data, **_kw) -> None:
@@ -186,7 +215,17 @@ def _on_test_start(environment, **_kw) -> None:
 
 @events.reset_stats.add_listener
 def _on_reset_stats(**_kw) -> None:
+    # The web UI's RESET (/stats/reset). On a master this is enough: workers ship only what they counted since
+    # their last report, exactly as they do for Locust's own stats, so both restart from the same reports.
     DEFENSE.reset()
+
+
+@events.spawning_complete.add_listener
+def _on_spawning_complete(**_kw) -> None:
+    # --reset-stats: Locust resets its stats once all users are running, without firing reset_stats.
+    environment = _STATE["environment"]
+    if environment is not None and environment.reset_stats:
+        DEFENSE.reset()
 
 
 @events.quit.add_listener
@@ -200,14 +239,20 @@ def _on_quit(**_kw) -> None:
         _write_latencies(Path(options.latency_file), isinstance(environment.runner, WorkerRunner))
     if isinstance(environment.runner, WorkerRunner):
         return
+    DEFENSE.add_history_point()  # the final figures, after the workers' last reports
     rows = DEFENSE.rows()
-    LOGGER.info("FIRE defense (model %s%s):\n%s", options.model, ", bypass" if options.bypass else "",
-                defense_table(rows))
+    per_sample = _STATE["final_per_sample"] if _STATE["final_per_sample"] is not None else _per_sample_rows()
+    LOGGER.info("FIRE defense (model %s%s):\n%s\nFIRE per-sample:\n%s", options.model,
+                ", bypass" if options.bypass else "", report.to_text(report.DEFENSE, rows),
+                report.to_text(report.PER_SAMPLE, per_sample))
     prefix = getattr(options, "csv_prefix", None)
     if prefix:
-        path = Path(f"{prefix}{DEFENSE_CSV_SUFFIX}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(defense_csv(rows))
+        files = {DEFENSE_CSV_SUFFIX: report.to_csv(report.DEFENSE, rows),
+                 DEFENSE_HISTORY_CSV_SUFFIX: report.history_csv(DEFENSE.history()),
+                 PER_SAMPLE_CSV_SUFFIX: report.to_csv(report.PER_SAMPLE, per_sample)}
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        for suffix, text in files.items():
+            Path(f"{prefix}{suffix}").write_text(text)
 
 
 def _write_latencies(path: Path, worker: bool) -> None:
