@@ -27,6 +27,7 @@ from fire_backend.defaults import evaluation_indices
 from fire_backend.device import DEFAULT_BATCH_SIZE
 from fire_backend.fire import (
     AugmentedEstimator,
+    CompiledRepair,
     Direction,
     PairedEstimator,
     UnpairedEstimator,
@@ -207,16 +208,24 @@ class LayerView:
     def estimate(self, kind: str, n_flagged: int) -> torch.Tensor:
         return self.estimator(kind, n_flagged).direction()
 
+    def _repaired(self, latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted labels and repair scores (on the CPU) of ``latents`` after the repair."""
+        fixed, score, _ = repair(latents, compiled)
+        return batched(self.tail, fixed, self.batch).argmax(1).cpu(), score.cpu()
+
     def metrics(self, directions: Sequence[Direction], target: int) -> tuple[Metrics, torch.Tensor, torch.Tensor]:
         """Metrics after repair, plus the clean and poisoned scores (for the detector)."""
         evaluation = self._evaluated()
         compiled = compile_directions(directions, self.mu, self.dim, self.device)
-        clean_fixed, clean_score, _ = repair(self.clean_latents, compiled)
-        poison_fixed, poison_score, _ = repair(self.poison_latents, compiled)
-        clean_pred = batched(self.tail, clean_fixed, self.batch).argmax(1).cpu()
-        poison_pred = batched(self.tail, poison_fixed, self.batch).argmax(1).cpu()
+        clean_pred, clean_score = self._repaired(self.clean_latents, compiled)
+        poison_pred, poison_score = self._repaired(self.poison_latents, compiled)
         figures = accuracy_figures(clean_pred, evaluation.y, poison_pred, evaluation.poisoned_y, target)
-        return figures, clean_score.cpu(), poison_score.cpu()
+        return figures, clean_score, poison_score
+
+    def poisoned_accuracy(self, directions: Sequence[Direction]) -> float:
+        """PA alone (the streaming curve): the tail does not run on the clean images."""
+        pred, _ = self._repaired(self.poison_latents, compile_directions(directions, self.mu, self.dim, self.device))
+        return float((pred == self._evaluated().poisoned_y).float().mean())
 
 
 def detector_tpr(clean_scores: torch.Tensor, poison_scores: torch.Tensor, max_fpr: float = 0.01) -> tuple[float, float]:
@@ -282,8 +291,7 @@ def evaluate(
     for n in [p for p in curve_points if p <= available]:
         point: dict = {"flagged": n, "shrinkpad": shrink.pa}
         for kind in ("unpaired", "augmented"):
-            metrics, _, _ = view.metrics([Direction(view.estimate(kind, n), alpha=alpha)], target)
-            point[kind] = metrics.pa
+            point[kind] = view.poisoned_accuracy([Direction(view.estimate(kind, n), alpha=alpha)])
         streaming.append(point)
     defender = {**data.describe(), "flagged": n_flagged, "flagged_for_curve": available}
     return EvalReport(layer, rows, streaming, detector, defender)

@@ -81,10 +81,14 @@ def sorted_by_class(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 @pytest.fixture(scope="module")
 def ordered_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The digits data set with both splits stored class by class (like the shared CIFAR-10 file)."""
+    """The digits data set with both splits stored class by class, and more test images of the target class than
+    the reserve holds (each four times over), like the shared CIFAR-10 file's 1,000 airplanes first."""
     data = load_dataset("digits")
     x_train, y_train = sorted_by_class(data.x_train, data.y_train)
-    x_test, y_test = sorted_by_class(data.x_test, data.y_test)
+    target = data.y_test == TARGET
+    x_test, y_test = sorted_by_class(np.concatenate([*[data.x_test[target]] * 4, data.x_test[~target]]),
+                                     np.concatenate([*[data.y_test[target]] * 4, data.y_test[~target]]))
+    assert (y_test[:RESERVE] == TARGET).all()
     path = tmp_path_factory.mktemp("ordered") / "digits-by-class.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     return path
@@ -189,10 +193,10 @@ def test_evaluation_latents_are_computed_only_when_a_figure_needs_them(ordered_c
     model.stages()[0][1].register_forward_pre_hook(lambda _m, inputs: seen.append(len(inputs[0])))
     view = LayerView(model, "block2", samples, evaluation)
     assert sum(seen) == 100  # the centroid only
-    view.metrics([], TARGET)
+    figures, _, _ = view.metrics([], TARGET)
     assert sum(seen) == 100 + 50 + int((evaluation.y != TARGET).sum())
-    view.metrics([], TARGET)
-    assert sum(seen) == 100 + 50 + int((evaluation.y != TARGET).sum())  # computed once
+    assert view.poisoned_accuracy([]) == figures.pa  # the streaming curve's PA-only path
+    assert sum(seen) == 100 + 50 + int((evaluation.y != TARGET).sum())  # latents computed once
 
 
 # --- through the console script ------------------------------------------------------------------------
