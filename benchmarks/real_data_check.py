@@ -152,10 +152,10 @@ def main() -> int:
     }
     print(f"\n{args.attack} at {args.layer}, {args.flagged} flagged; {served['images']} evaluation images "
           f"({served['poisoned_images']} poisoned), reserve {served['reserve']}")
-    print(f"{'':28s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    print(f"{'':34s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
     for name, fig in (("offline undefended", result["offline_undefended"]), (f"offline {OFFLINE_ROW}", offline),
                       ("served bypassed", served["bypassed"]), ("served fire_ensemble", served["fire"])):
-        print(f"{name:28s} {fig['ca']:7.4f} {fig['pa']:7.4f} {fig['asr']:7.4f}")
+        print(f"{name:34s} {fig['ca']:7.4f} {fig['pa']:7.4f} {fig['asr']:7.4f}")
     print(f"served PA - offline PA: {gap:+.4f} (tolerance {args.tolerance}); flagged: "
           f"{served['flagged_poisoned']:.3f} of poisoned, {served['flagged_clean']:.3f} of clean")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {result['total_s']}")
