@@ -17,11 +17,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fire_backend.control_client import ControlClient
-from fire_backend.serving.launcher import free_port
 
 from fire_backend.cli import main as fire_main
 from fire_backend.loadtest.defense import WINDOW_S
+from fire_backend.serving.ports import free_port
+from fire_backend.wire.control import ControlClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
