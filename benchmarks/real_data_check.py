@@ -39,6 +39,7 @@ from fire_backend.evaluation import evaluation_set
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
 from fire_backend.serving.server import running_server
 from fire_backend.wire.client import FireClient
+from fire_backend.wire.names import FIRE_ENSEMBLE
 from fire_backend.wire.token import pinned_token
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +155,7 @@ def main() -> int:
           f"({served['poisoned_images']} poisoned), reserve {served['reserve']}")
     print(f"{'':34s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
     for name, fig in (("offline undefended", result["offline_undefended"]), (f"offline {OFFLINE_ROW}", offline),
-                      ("served bypassed", served["bypassed"]), ("served fire_ensemble", served["fire"])):
+                      ("served bypassed", served["bypassed"]), (f"served {FIRE_ENSEMBLE}", served["fire"])):
         print(f"{name:34s} {fig['ca']:7.4f} {fig['pa']:7.4f} {fig['asr']:7.4f}")
     print(f"served PA - offline PA: {gap:+.4f} (tolerance {args.tolerance}); flagged: "
           f"{served['flagged_poisoned']:.3f} of poisoned, {served['flagged_clean']:.3f} of clean")
