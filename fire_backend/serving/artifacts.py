@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fire_backend.defaults import RESERVE, RESERVE_SEED
 from fire_backend.wire.names import FIRE_ENSEMBLE
 
 #: the artifacts folder beside the models of a repository (each stage's ``artifacts_dir`` parameter)
@@ -53,6 +54,10 @@ class ServingSettings:
     estimator: str = "unpaired"
     publish_every: int = 1
     limits: Limits = field(default_factory=Limits)
+    #: the defender's reserve the centroid and flagged samples came from (fire_backend.defaults.reserve_indices):
+    #: a served check evaluates on the other test images, drawn by the same rule
+    reserve_size: int = RESERVE
+    reserve_seed: int = RESERVE_SEED
 
     @property
     def latent_dim(self) -> int:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fire_backend.checkpoint import load_checkpoint
-from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, batched, load_for_eval
-from fire_backend.fire import Direction, UnpairedEstimator
+from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
+from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, load_defender_samples
+from fire_backend.fire import Direction
 from fire_backend.serving.artifacts import (
     ARTIFACTS_DIR,
     FULL_FILE,
@@ -183,19 +184,23 @@ def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptio
 
 
 def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flagged: int | None = None,
-                     options: RepositoryOptions | None = None) -> ServingSettings:
+                     options: RepositoryOptions | None = None, device: str = "auto",
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> ServingSettings:
     """Split the checkpoint at ``layer`` and write a servable repository to ``out``.
 
     The clean centroid comes from ``options.clean_samples`` images of the defender's reserve. With
     ``flagged``, the store starts at version 1: an unpaired estimate from that many flagged poisoned
-    reserve images; without it, at version 0 (no direction), to be learned online.
+    reserve images; without it, at version 0 (no direction), to be learned online. Only those reserve images
+    are read and run through the head (on ``device``), never the evaluation split.
     """
     options = options or RepositoryOptions()
-    model, meta = load_checkpoint(checkpoint)
+    compute, batch_size = resolve_device(device), check_batch_size(batch_size)
+    model, meta = load_checkpoint(checkpoint, compute)
     layer = layer or DEFAULT_LAYERS.get(meta.spec.arch)
     shapes = dict(candidate_layers(model, meta.spec.input_shape))
     if layer not in shapes:
         raise ValueError(f"cannot split after {layer!r}; candidate layers: {', '.join(shapes)}")
+    samples = load_defender_samples(meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
     settings = ServingSettings(
         layer=layer, input_shape=meta.spec.input_shape, latent_shape=shapes[layer],
         num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
@@ -213,16 +218,15 @@ def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flag
     save_part(Part(model, 0, len(names)), meta.spec, layer, "full", artifacts / FULL_FILE)
     settings.write(artifacts)
 
-    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
-    view = LayerView(model, layer, data)
-    save_centroid(artifacts, view.mu.numpy(), len(data.clean))
+    view = LayerView(model, layer, samples, batch=batch_size)
+    save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
     store = DirectionStore(artifacts / STORE_DIR).ensure()
     if flagged:
-        estimator = UnpairedEstimator(view.dim, view.mu, len(data.clean))
-        estimator.observe(poisoned=batched(view.head, data.flagged[:flagged]))
+        estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
         ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
-        store.commit(ds, action="build", actor="fire repo build", note={"flagged": flagged})
+        store.commit(ds, action="build", actor="fire repo build",
+                     note={"flagged": flagged, "defender": samples.describe()})
     else:
         store.initialize()
     write_configs(out, settings, options)
