@@ -8,10 +8,9 @@ from pathlib import Path
 import yaml
 
 from fire_backend.models import DigitsCNN
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.repository import STAGES, RepositoryOptions, write_configs
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
+from fire_backend.serving.repository import RepositoryOptions, write_configs
 from fire_backend.split import candidate_layers
-from fire_backend.wire.names import FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_INSTRUCTIONS = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "EXPOSE", "ENTRYPOINT", "CMD", "WORKDIR",
@@ -28,14 +27,14 @@ def test_kubernetes_manifest_parses_and_probes_triton():
     assert {p["containerPort"] for p in container["ports"]} == {8000, 8001, 8002}
 
 
-def test_dockerfile_is_well_formed_and_loads_every_model():
+def test_dockerfile_is_well_formed_and_serves_the_models_folder_in_poll_mode():
     text = (ROOT / "docs/deploy/Dockerfile").read_text()
     logical = re.sub(r"\\\n", " ", text)
     lines = [line for line in logical.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert all(line.split()[0] in DOCKER_INSTRUCTIONS for line in lines), lines
     assert lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:24.10")
-    loaded = set(re.findall(r"--load-model=(\w+)", logical))
-    assert loaded == set(STAGES) | {FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE}
+    assert f"--model-repository=/repository/{MODELS_DIR}" in logical
+    assert "--model-control-mode=poll" in logical and "--load-model" not in logical
 
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
@@ -46,7 +45,8 @@ def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
     write_configs(tmp_path, settings, RepositoryOptions())
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(ROOT / "model_repository") for p in (ROOT / "model_repository").rglob("*")
-                       if p.is_file() and "artifacts" not in p.parts and "__pycache__" not in p.parts)
+                       if p.is_file() and ARTIFACTS_DIR not in p.parts and "__pycache__" not in p.parts)
+    assert generated and all(rel.parts[0] == MODELS_DIR for rel in generated)
     assert generated == committed
     for rel in generated:
         assert (tmp_path / rel).read_text() == (ROOT / "model_repository" / rel).read_text(), rel
