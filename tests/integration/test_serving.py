@@ -162,8 +162,9 @@ def _stage_processes() -> set[int]:
 def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
     before = _stage_processes()
     http, grpc, metrics = free_ports(3)
-    (tmp_path / "a").write_text("token-a\n")
-    (tmp_path / "b").write_text("token-b\n")
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(f"token-{name}\n")
+        (tmp_path / name).chmod(0o600)
     # --token-file wins over the shell's FIRE_CONTROL_TOKEN_FILE, in the stubs too
     env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(tmp_path / "b"), "FIRE_CONTROL_TOKEN": "token-env"}
     start = time.monotonic()
