@@ -371,7 +371,7 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
              f"{config.protocol}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with running_server(repository) as server:
+    with running_server(repository, http_inference=config.protocol == "http") as server:
         url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
         with FireClient(url) as client:
             server_version = client.server_metadata().get("version")
