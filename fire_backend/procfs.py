@@ -15,15 +15,25 @@ PROC = Path("/proc")
 EXITED_STATES = frozenset({"Z", "X", "x"})
 
 
-def process_state(pid: int) -> str | None:
-    """The one-letter state of ``pid`` (``R``, ``S``, ``Z``, ...), or None when there is no such process."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/<pid>/stat from field 3 (state) on; empty when there is no such process."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
-        return None
+        return []
     # "pid (comm) S ...": comm may hold spaces and parentheses, so split at the last ')'.
-    rest = stat.rpartition(")")[2].split()
-    return rest[0] if rest else None
+    return stat.rpartition(")")[2].split()
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` (``R``, ``S``, ``Z``, ...), or None when there is no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def uptime_ticks() -> int:
+    """Now, in the clock ticks since boot that processes' start times are counted in."""
+    return int(float((PROC / "uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
 
 
 def is_running(pid: int) -> bool:
@@ -79,6 +89,8 @@ class Process:
     pid: int
     state: str
     argv: tuple[str, ...]
+    #: start time in clock ticks since boot (comparable with :func:`uptime_ticks`)
+    started: int
 
     @property
     def running(self) -> bool:
@@ -89,9 +101,9 @@ def child_processes(pid: int) -> list[Process]:
     """The children of ``pid`` with their state and argv (children that vanish while being read are left out)."""
     out = []
     for child in children(pid):
-        state = process_state(child)
-        if state is not None:
-            out.append(Process(child, state, tuple(cmdline(child))))
+        fields = _stat_fields(child)
+        if len(fields) > 19:
+            out.append(Process(child, fields[0], tuple(cmdline(child)), int(fields[19])))  # field 22: starttime
     return out
 
 

@@ -161,7 +161,7 @@ def _stage_processes() -> set[int]:
 
 def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
     before = _stage_processes()
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, health = free_ports(4)
     for name in ("a", "b"):
         (tmp_path / name).write_text(f"token-{name}\n")
         (tmp_path / name).chmod(0o600)
@@ -171,7 +171,7 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fire_backend.cli", "serve", "--repository", str(defended.repository),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--token-file", str(tmp_path / "a")],
+         "--health-port", str(health), "--token-file", str(tmp_path / "a")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
