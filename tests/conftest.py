@@ -1,4 +1,5 @@
-"""Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores).
+"""Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores), and the
+evaluation images of the digits test split.
 
 Set FIRE_TEST_CACHE=DIR to keep the checkpoints between sessions: an existing DIR/digits-ATTACK
 checkpoint is reused instead of retrained.
@@ -9,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DIGITS_ATTACKS = ("badnets", "blended")
@@ -50,3 +53,26 @@ def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
 def digits_checkpoints(digits_checkpoint: Callable[[str], Path]) -> dict[str, Path]:
     """{"badnets": DIR, "blended": DIR}: digits checkpoints written by `train_backdoored`."""
     return {attack: digits_checkpoint(attack) for attack in DIGITS_ATTACKS}
+
+
+@dataclass
+class EvalImages:
+    """The evaluation images of the digits test split (the defender's reserve excluded)."""
+
+    clean: np.ndarray  # float32 NCHW
+    labels: np.ndarray
+    poisoned: np.ndarray  # non-target images with the trigger
+    poisoned_labels: np.ndarray  # their true labels
+    target: int
+
+
+@pytest.fixture(scope="session")
+def badnets_eval() -> EvalImages:
+    from fire_backend.data import load_dataset, resolve_attack, to_tensor
+    from fire_backend.evaluation import RESERVE
+
+    data = load_dataset("digits")
+    x, y = to_tensor(data.x_test[RESERVE:]), data.y_test[RESERVE:]
+    keep = y != 0
+    poisoned = resolve_attack("badnets")(x[keep])
+    return EvalImages(x.numpy(), y, poisoned.numpy(), y[keep], 0)
