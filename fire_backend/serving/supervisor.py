@@ -62,6 +62,17 @@ class State(str, Enum):
     FAILED = "failed"
 
 
+def describe_exit(code: int | None) -> str:
+    """How a process ended, as an operator reads it (a negative code is the signal that ended it)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 @dataclass(frozen=True)
 class SupervisorPolicy:
     """How the supervisor watches and heals (defaults suit the digits and CIFAR repositories on a small box)."""
@@ -71,11 +82,12 @@ class SupervisorPolicy:
     confirm_s: float = 1.5
     #: a reloaded model not healthy after this long gets a full restart
     reload_timeout_s: float = 60.0
+    #: model -> largest shared-memory region its stubs may keep before the model is reloaded for a fresh one
+    region_limits: Mapping[str, int] = field(default_factory=lambda: {FIRE_CONTROL: 8 * MIB})
+    #: give up after this many restarts within restart_window_s; wait 1, 2, 4 ... max_backoff_s between them
     max_restarts: int = 5
     restart_window_s: float = 600.0
     max_backoff_s: float = 30.0
-    #: model -> largest shared-memory region its stubs may keep before the model is reloaded for a fresh one
-    region_limits: Mapping[str, int] = field(default_factory=lambda: {FIRE_CONTROL: 8 * MIB})
 
 
 @dataclass
@@ -97,16 +109,6 @@ class _Reload:
     replaces: frozenset[int]
     #: where the server log stood when the reload was asked for: the load's outcome is logged after it
     log_offset: int
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by signal {-code} ({signal.Signals(-code).name})"
-        return f"killed by signal {-code}"
-    return f"exit code {code}"
 
 
 class Supervisor:

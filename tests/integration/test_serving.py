@@ -153,14 +153,16 @@ def test_bad_requests_fail_alone(defended, badnets_eval, case):
     assert expected.lower() in messages[0].lower(), messages[0]
 
 
-def _stage_processes() -> set[int]:
+def _stage_processes(repository) -> set[int]:
+    """Server and stub processes serving ``repository`` (other servers on a shared machine do not count)."""
     return {p.pid for p in psutil.process_iter(["name", "cmdline"])
-            if p.info["name"] in ("tritonserver", "triton_python_backend_stub")
-            or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or []))}
+            if (p.info["name"] in ("tritonserver", "triton_python_backend_stub")
+                or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or [])))
+            and any(str(repository) in part for part in (p.info["cmdline"] or []))}
 
 
 def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
-    before = _stage_processes()
+    before = _stage_processes(defended.repository)
     http, grpc, metrics, health = free_ports(4)
     for name in ("a", "b"):
         (tmp_path / name).write_text(f"token-{name}\n")
@@ -203,4 +205,4 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
         time.sleep(0.2)
     alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {alive}"
-    assert _stage_processes() <= before
+    assert _stage_processes(defended.repository) <= before

@@ -81,13 +81,9 @@ def served(grpc_url: str, images: np.ndarray, batch: int = 8) -> InferResult:
         return client.infer_batches(images, batch)
 
 
-TINY_CONFIG = """\
-backend: "python"
-max_batch_size: 8
-input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
+TINY_CONFIG = ('backend: "python" max_batch_size: 8 instance_group [ { kind: KIND_CPU count: 1 } ]\n'
+               'input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
+               'output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n')
 
 #: echoes X as Y; a negative first value makes the stub kill tritonserver (a crash on demand)
 TINY_MODEL = """\

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from probes import RESTART_BUDGET_S, Hardened, http_status, served
+from probes import Hardened, http_status, served
 from tritonclient.utils import InferenceServerException
 
 from fire_backend.procfs import child_processes, is_running
 from fire_backend.serving.artifacts import ServingSettings
 from fire_backend.serving.server import UNSENDABLE_HEADER, UNSENDABLE_VALUE
 from fire_backend.wire.auth import CONTROL, digest, sign
+from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE, FIRE_REPAIR, IMAGES, REQUEST, RESPONSE, TOKEN
@@ -120,6 +121,8 @@ def test_finding1_no_client_api_can_crash_the_server_or_load_code(hardened: Hard
                 call()
         assert client.is_server_ready() and client.is_model_ready(FIRE_ENSEMBLE)
     assert not marker.exists()
+    with FireClient(hardened.http) as client, pytest.raises(FireClientError, match="fire serve --http-inference"):
+        client.infer(np.zeros((1, 1, 8, 8), np.float32))  # an http:// client is told what to do
     assert hardened.server.pid == pid and hardened.server.is_alive() and hardened.ready() == 200
 
 
@@ -416,9 +419,12 @@ def test_finding8_a_huge_control_request_leaves_no_big_region(hardened: Hardened
         assert ctl.status()["version"] >= 1
 
 
-# -- finding 1 (supervision) and kill -9 durability: the server itself dies -----------------------------------
+# -- kill -9 durability: the writer dies mid-stream --------------------------------------------------------
 
-def test_a_killed_server_is_restarted_and_loses_nothing_committed(hardened: Hardened) -> None:
+def test_kill_9_of_the_control_process_mid_stream_loses_nothing_committed(hardened: Hardened) -> None:
+    """Passed in the issue's run (the server killed): every acknowledged change survives. Here the process that
+    writes the store is killed between commits; the supervisor replaces it (a restart of the whole server after
+    a crash: test_supervision.py)."""
     dim = ServingSettings.read(hardened.repository / "artifacts").latent_dim
     acknowledged: list[int] = []
     stop = threading.Event()
@@ -436,21 +442,16 @@ def test_a_killed_server_is_restarted_and_loses_nothing_committed(hardened: Hard
     worker = threading.Thread(target=stream)
     worker.start()
     time.sleep(1.5)
-    pid = hardened.server.pid
-    killed, killed_at = time.monotonic(), time.time()
-    os.kill(pid, signal.SIGKILL)
+    (victim,) = [p for p in stubs(hardened, FIRE_CONTROL) if not hardened.supervisor.reloading]
+    os.kill(victim.pid, signal.SIGKILL)
+    worker.join(timeout=60)
     stop.set()
-    worker.join(timeout=30)
-    died = "tritonserver died (killed by signal 9"
-    hardened.wait(lambda: hardened.event(died) is not None, 10, "server death reported")
-    detected = hardened.event(died) - killed_at
-    hardened.wait(lambda: hardened.ready() == 200 and hardened.server.pid != pid, RESTART_BUDGET_S,
-                  "ready after the restart")
-    print(f"server kill: restart began {detected:.1f} s after, ready again {time.monotonic() - killed:.1f} s after")
-    assert detected < 30 and hardened.event("tritonserver restarted in") is not None
+    hardened.wait(lambda: hardened.event(f"(pid {victim.pid}) died") is not None, 30, "control death reported")
+    hardened.wait(lambda: not hardened.supervisor.reloading and hardened.ready() == 200, 120, "fire_control back")
     assert acknowledged, "no push was acknowledged before the kill"
-    store = hardened.store
-    state = store.resolve()
-    assert state.version >= max(acknowledged) and state.verified == state.version
+    state = hardened.store.resolve()
+    assert state.version >= max(acknowledged) and state.verified == state.version and not state.damage
     images = np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
     assert set(served(hardened.grpc, images).versions.tolist()) == {state.version}
+    with ControlClient(hardened.grpc, hardened.token) as ctl:
+        assert ctl.status()["version"] == state.version

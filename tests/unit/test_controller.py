@@ -259,3 +259,56 @@ def test_status_lists_running_instances_only(controller: Controller) -> None:
     stale = {"instance": "fire_repair_0_1-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
     (controller.store.instances_dir / "fire_repair_0_1-gone.json").write_text(json.dumps(stale))
     assert [i["instance"] for i in act(controller, "status")["instances"]] == ["fire_repair_0_0-here"]
+
+
+class FakePb:
+    """The few pieces of triton_python_backend_utils that ControlStage touches (a faithful double: the real stub
+    runs in tests/security)."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> np.ndarray:
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list, error=None) -> None:
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict, name: str):
+        return request.get(name)
+
+
+def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(controller: Controller) -> None:
+    from fire_backend.serving.control_stage import ControlStage
+
+    stage = ControlStage.__new__(ControlStage)
+    stage.pb, stage.controller = FakePb, controller
+
+    def request(body: bytes, credential: bytes) -> dict:
+        return {name: FakePb.Tensor(name, np.array([value], dtype=np.object_))
+                for name, value in (("REQUEST", body), ("TOKEN", credential))}
+
+    raw = json.dumps({"action": "status"}).encode()
+    good = request(raw, sign(TOKEN, CONTROL, digest(raw, b"")).encode())
+    refused = request(raw, b"nonsense")
+    controller.latents = None  # not used by status
+    ok, no = stage.execute([good, refused])
+    assert ok.error is None and json.loads(ok.output_tensors[0].array[0])["version"] == 0
+    assert no.error.code == "INVALID_ARG" and no.error.message.startswith("permission denied")
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError(f"{controller.artifacts}/store/CURRENT: something deep went wrong")
+
+    controller.handle = broken
+    (failed,) = stage.execute([request(raw, b"x")])
+    assert failed.error.code == "INTERNAL" and str(controller.artifacts) not in failed.error.message
+    assert failed.error.message == "fire_control: internal error; the server log has the details"

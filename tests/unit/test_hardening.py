@@ -58,6 +58,16 @@ def test_every_api_a_client_does_not_need_is_closed_and_nothing_secret_is_passed
     assert opened["--http-restricted-api"].startswith("model-repository,")
 
 
+def test_an_http_client_of_a_server_without_http_inference_is_told_the_fix() -> None:
+    from tritonclient.utils import InferenceServerException
+
+    from fire_backend.wire.errors import translate
+
+    closed = InferenceServerException("This API is restricted, expecting header 'fire:never'", status="403")
+    error = translate(closed, "127.0.0.1:8000", "http", 5.0, "fire_ensemble")
+    assert "grpc://" in str(error) and "fire serve --http-inference" in str(error)
+
+
 def test_a_header_name_with_a_colon_is_what_closes_the_apis() -> None:
     """Triton splits the flag at the first ':' and then at '=', so the key keeps its colon (facts note Q3)."""
     assert ":" in UNSENDABLE_HEADER and "=" not in UNSENDABLE_HEADER and "," not in UNSENDABLE_HEADER
