@@ -27,19 +27,10 @@ import numpy as np
 
 from fire_backend.loadtest import LOCUSTFILE
 from fire_backend.loadtest.command import locust_command, run_locust
-from fire_backend.wire.names import (
-    FIRE_ENSEMBLE,
-    FIRE_HEAD,
-    FIRE_MONOLITHIC,
-    FIRE_REPAIR,
-    FIRE_TAIL,
-    UNDEFENDED_ENSEMBLE,
-)
+from fire_backend.wire.names import FIRE_ENSEMBLE, FIRE_MONOLITHIC, UNDEFENDED_ENSEMBLE
 
 #: (row name, model) in the order they run at each concurrency.
 TARGETS = (("fire", FIRE_ENSEMBLE), ("undefended", UNDEFENDED_ENSEMBLE), ("monolithic", FIRE_MONOLITHIC))
-#: everything the three targets need (fire_control is not an inference model).
-SERVER_MODELS = (FIRE_HEAD, FIRE_REPAIR, FIRE_TAIL, FIRE_MONOLITHIC, FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE)
 TRAFFIC_IMAGES = 400
 Progress = Callable[[str], None]
 
@@ -380,7 +371,7 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
              f"{config.protocol}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with running_server(repository, models=SERVER_MODELS) as server:
+    with running_server(repository, http_inference=config.protocol == "http") as server:
         url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
         with FireClient(url) as client:
             server_version = client.server_metadata().get("version")

@@ -15,6 +15,11 @@ Layout of a store directory (it may sit on a volume shared by several servers):
 A crash at any point leaves either the previous or the new version live, never a partial one: a
 version only becomes live through a fully written, fsynced history line, and every payload is
 verified against its checksum before it is served.
+
+The store fails closed: damage found later (an unreadable ``CURRENT``, a version file that no longer
+verifies, a corrupt history line) never turns the defence off. :meth:`DirectionStore.resolve` works out
+what is committed and what can be verified and names the damage; an instance keeps the last version it
+verified rather than falling back to version 0.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fire_backend.atomic import atomic_write
 from fire_backend.fire import MODES, Direction, EstimatorState
+from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
 
 LOG = logging.getLogger("fire_backend.store")
 MAGIC = "fire-backend/direction-set/v1"
@@ -99,28 +105,20 @@ class Version:
     header: dict
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class LiveState:
+    """What a store commits to, what of it can be verified now, and the damage found on the way.
 
+    ``version``/``sha256``: the committed live version (``CURRENT``, checked against the history).
+    ``verified``: the newest committed version whose file verifies, which is what an instance that starts now
+    applies; equal to ``version`` unless that file is damaged; None when no committed version verifies (an
+    instance then keeps what it has). ``damage``: one line per problem, e.g. "CURRENT unreadable".
+    """
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, rename over it, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    version: int
+    sha256: str
+    verified: int | None
+    damage: tuple[str, ...] = ()
 
 
 def _line_checksum(entry: dict) -> str:
@@ -136,7 +134,8 @@ class DirectionStore:
         self.versions_dir = self.root / "versions"
         self.history_path = self.root / "history.jsonl"
         self.current_path = self.root / "CURRENT"
-        self.instances_dir = self.root / "instances"
+        self.instances_dir = self.root / INSTANCES_DIR
+        self.registry = InstanceRegistry(self.instances_dir)
         self._lock_depth = 0
 
     # -- layout ---------------------------------------------------------------------------
@@ -175,21 +174,35 @@ class DirectionStore:
     def read_version(self, number: int) -> Version:
         """Load and verify one version file; raises StoreError if it is missing, partial or corrupt."""
         path = self.version_path(number)
+        name = path.relative_to(self.root)  # messages reach control clients: no absolute server paths
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            raise StoreError(f"version {number} does not exist ({path})") from None
+            raise StoreError(f"version {number} does not exist ({name})") from None
+        except OSError as exc:
+            raise StoreError(f"version {number}: {name} unreadable ({exc.strerror})") from None
         head, sep, payload = raw.partition(b"\n")
         try:
             header = json.loads(head)
         except ValueError:
-            raise StoreError(f"version {number}: unreadable header in {path}") from None
-        if not sep or header.get("magic") != MAGIC or header.get("version") != number:
-            raise StoreError(f"version {number}: {path} is not a direction-set file")
+            raise StoreError(f"version {number}: unreadable header in {name}") from None
+        if not sep or not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != number:
+            raise StoreError(f"version {number}: {name} is not a direction-set file")
         digest = hashlib.sha256(payload).hexdigest()
         if digest != header.get("sha256") or len(payload) != header.get("size"):
-            raise StoreError(f"version {number}: checksum mismatch in {path} (partial or corrupt file); not served")
-        return Version(number, digest, DirectionSet.from_bytes(payload), header)
+            raise StoreError(f"version {number}: checksum mismatch in {name} (partial or corrupt file); not served")
+        try:
+            directions = DirectionSet.from_bytes(payload)
+        except (ValueError, KeyError, OSError) as exc:
+            raise StoreError(f"version {number}: unreadable payload in {name} ({exc})") from None
+        return Version(number, digest, directions, header)
+
+    def verified_version(self, number: int, sha256: str = "") -> Version:
+        """:meth:`read_version`, and its checksum must be ``sha256`` (the committed one) when given."""
+        version = self.read_version(number)
+        if sha256 and version.sha256 != sha256:
+            raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
+        return version
 
     def _write_version(self, number: int, directions: DirectionSet, meta: dict) -> str:
         payload = directions.to_bytes()
@@ -201,20 +214,30 @@ class DirectionStore:
     # -- history: the commit point ---------------------------------------------------------
     def history(self) -> list[dict]:
         """Valid audit entries in order; a torn or corrupt line (crash mid-append) is skipped and logged."""
-        if not self.history_path.exists():
-            return []
-        entries = []
-        for index, line in enumerate(self.history_path.read_text().splitlines()):
+        entries, torn = self._read_history()
+        for line in torn:
+            LOG.warning("store %s: history line %d is torn or corrupt; ignored", self.root, line)
+        return [entry for _, entry in entries]
+
+    def _read_history(self) -> tuple[list[tuple[int, dict]], list[int]]:
+        """(line number, entry) of every valid line, and the numbers of torn or corrupt lines."""
+        try:
+            text = self.history_path.read_bytes().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return [], []
+        entries, torn = [], []
+        for index, line in enumerate(text.splitlines(), start=1):
             try:
                 entry = json.loads(line)
-                valid = entry.get("check") == _line_checksum(entry)
+                valid = isinstance(entry, dict) and entry.get("check") == _line_checksum(entry) \
+                    and isinstance(entry.get("live"), int)
             except ValueError:
                 valid = False
-            if not valid:
-                LOG.warning("store %s: history line %d is torn or corrupt; ignored", self.root, index + 1)
-                continue
-            entries.append(entry)
-        return entries
+            if valid:
+                entries.append((index, entry))
+            else:
+                torn.append(index)
+        return entries, torn
 
     def _append_history(self, entry: dict) -> dict:
         entry = {**entry, "time": time.time()}
@@ -228,22 +251,53 @@ class DirectionStore:
             os.fsync(handle.fileno())
         return entry
 
-    def live_entry(self) -> dict | None:
-        """The last committed history entry whose version file verifies (version 0: none)."""
-        for entry in reversed(self.history()):
-            number = int(entry["live"])
-            if number == 0:
-                return entry
-            try:
-                self.read_version(number)
-                return entry
-            except StoreError as exc:
-                LOG.error("store %s: %s; falling back to the previous committed version", self.root, exc)
-        return None
+    def resolve(self) -> LiveState:
+        """What is committed, what of it verifies, and what is damaged; reads every version it needs to check.
+
+        The committed live version is ``CURRENT`` when it agrees with the history's last valid line. When they
+        differ, the history wins (a crash between its line and ``CURRENT``), unless the history's later lines
+        are damaged and ``CURRENT`` names a version that verifies: ``CURRENT`` is written only after the line
+        that commits it, so it is then the newer record. An unreadable ``CURRENT`` defers to the history.
+        """
+        entries, torn = self._read_history()
+        damage = [f"history line {line} torn or corrupt" for line in torn]
+        pointer = self.read_pointer()
+        last_line, last = entries[-1] if entries else (0, None)
+        from_history = (int(last["live"]), str(last.get("sha256", ""))) if last else (0, "")
+        if pointer is None:
+            if self.current_path.exists() or last is not None:
+                damage.append("CURRENT unreadable" if self.current_path.exists() else "CURRENT missing")
+            committed = from_history
+        elif last is None or pointer == from_history:
+            committed = pointer
+        elif any(line > last_line for line in torn) and self._verifies(*pointer):
+            committed = pointer
+        else:
+            committed = from_history
+            damage.append(f"CURRENT names version {pointer[0]}, the history version {committed[0]}")
+        verified: int | None = committed[0]
+        if not self._verifies(*committed, damage=damage):
+            # The newest earlier committed version that verifies; never version 0 by way of damage.
+            candidates = [(int(e["live"]), str(e.get("sha256", ""))) for _, e in reversed(entries)]
+            verified = next((n for n, sha in candidates if n and n != committed[0] and self._verifies(n, sha)), None)
+            if verified is None:
+                damage.append("no committed version verifies")
+        return LiveState(committed[0], committed[1], verified, tuple(damage))
+
+    def _verifies(self, number: int, sha256: str, damage: list[str] | None = None) -> bool:
+        if number == 0:
+            return True
+        try:
+            self.verified_version(number, sha256)
+        except StoreError as exc:
+            if damage is not None:
+                damage.append(str(exc))
+            return False
+        return True
 
     def live_version(self) -> int:
-        entry = self.live_entry()
-        return int(entry["live"]) if entry else 0
+        """The version an instance starting now applies (0 when none verifies)."""
+        return self.resolve().verified or 0
 
     def _publish(self, number: int, sha: str) -> None:
         atomic_write(self.current_path, json.dumps({"version": number, "sha256": sha}).encode())
@@ -255,20 +309,27 @@ class DirectionStore:
             self._publish(0, "")
 
     def repair_pointer(self) -> None:
-        """Make CURRENT agree with the history (after a crash between the two writes)."""
-        with self.locked():
-            entry = self.live_entry()
-            number = int(entry["live"]) if entry else 0
-            sha = entry.get("sha256", "") if entry else ""
-            if self.read_pointer() != (number, sha):
-                self._publish(number, sha)
+        """Make CURRENT name the committed version (after a crash between the two writes, or when unreadable).
 
-    def read_pointer(self) -> tuple[int, str]:
+        Only a committed version that verifies is published: a damaged one is never replaced by an older one
+        here, so running instances keep the version they verified.
+        """
+        with self.locked():
+            state = self.resolve()
+            if state.verified == state.version and self.read_pointer() != (state.version, state.sha256):
+                LOG.warning("store %s: CURRENT rewritten to version %d from the history", self.root, state.version)
+                self._publish(state.version, state.sha256)
+
+    def read_pointer(self) -> tuple[int, str] | None:
+        """CURRENT's (version, sha256); None when it is missing, empty or unreadable: damage, never "version 0"."""
         try:
-            data = json.loads(self.current_path.read_text())
-            return int(data["version"]), str(data["sha256"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return 0, ""
+            data = json.loads(self.current_path.read_bytes())
+            number, sha = data["version"], data["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0 or not isinstance(sha, str):
+            return None
+        return number, sha
 
     # -- writers ---------------------------------------------------------------------------
     def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int:
@@ -283,7 +344,7 @@ class DirectionStore:
             self._publish(number, sha)
             return number
 
-    def rollback(self, number: int, actor: str = "local") -> int:
+    def rollback(self, number: int, actor: str = "local", note: dict | None = None) -> int:
         """Make an earlier committed version live again (it keeps its number)."""
         with self.locked():
             committed = {int(e["version"]) for e in self.history() if e.get("action") != "rollback"}
@@ -291,31 +352,26 @@ class DirectionStore:
                 raise StoreError(f"version {number} was never committed; see `fire ctl history`")
             sha = self.read_version(number).sha256 if number else ""
             self._append_history({"action": "rollback", "version": number, "live": number, "sha256": sha,
-                                  "actor": actor})
+                                  "actor": actor, **(note or {})})
             self._publish(number, sha)
             return number
 
     # -- repair instances ------------------------------------------------------------------
     def report_instance(self, instance: str, version: int) -> None:
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.instances_dir / f"{instance}.json",
-                     json.dumps({"instance": instance, "version": version, "pid": os.getpid(),
-                                 "time": time.time()}).encode())
+        self.registry.report(instance, version)
 
     def instances(self) -> list[dict]:
-        out = []
-        for path in sorted(self.instances_dir.glob("*.json")):
-            with contextlib.suppress(ValueError, FileNotFoundError):
-                out.append(json.loads(path.read_text()))
-        return out
+        """The instances that run (on this host; every entry of other hosts), each with its applied version."""
+        return self.registry.live()
 
 
 class StoreFollower:
     """What a repair instance uses: notices a newly committed version with one ``stat`` per batch.
 
-    ``poll()`` returns True when the live version changed; ``current`` is then the verified new
-    version (None for version 0: no direction). A corrupt version is logged and never served; the
-    previous one stays in force.
+    ``poll()`` returns True when the version to apply changed; ``current`` is then the verified new version
+    (None for version 0: no direction). Fails closed: when ``CURRENT`` is unreadable or names a version that
+    does not verify, the history decides (:meth:`DirectionStore.resolve`), and when nothing newer verifies the
+    instance keeps the version it has. Damage is logged, never applied.
     """
 
     def __init__(self, store: DirectionStore) -> None:
@@ -329,26 +385,43 @@ class StoreFollower:
 
     def poll(self) -> bool:
         try:
-            st = os.stat(self.store.current_path)
+            st = self.store.current_path.stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp == self._stamp:
             return False
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if stamp == self._stamp:
+        if stamp is None and self._stamp is not None and self._stamp[0] == -1:
+            return False  # still missing: already resolved from the history
+        self._stamp = stamp or (-1, 0, 0)
+        pointer = self.store.read_pointer()
+        if pointer is not None:
+            number, sha = pointer
+            if number == 0:
+                return self._apply(None)
+            if self.current is not None and (number, sha) == (self.current.number, self.current.sha256):
+                return False
+            try:
+                return self._apply(self.store.verified_version(number, sha))
+            except StoreError as exc:
+                LOG.error("store %s: %s", self.store.root, exc)
+        state = self.store.resolve()
+        for line in state.damage:
+            LOG.error("store %s: %s", self.store.root, line)
+        if state.verified is None:
+            LOG.error("store %s: no committed version verifies; keeping version %d", self.store.root, self.version)
             return False
-        self._stamp = stamp
-        number, sha = self.store.read_pointer()
-        if number == self.version:
-            return False
-        if number == 0:
-            self.current = None
-            return True
+        if state.verified == 0:
+            return self._apply(None)
         try:
-            version = self.store.read_version(number)
-        except StoreError as exc:
-            LOG.error("%s", exc)
+            return self._apply(self.store.verified_version(state.verified))
+        except StoreError as exc:  # damaged between resolve() and now
+            LOG.error("store %s: %s; keeping version %d", self.store.root, exc, self.version)
             return False
-        if sha and version.sha256 != sha:
-            LOG.error("version %d: checksum differs from the committed one; not served", number)
+
+    def _apply(self, version: Version | None) -> bool:
+        if (version.number if version else 0) == self.version and \
+                (version is None or self.current is None or version.sha256 == self.current.sha256):
             return False
         self.current = version
         return True

@@ -1,5 +1,5 @@
 """Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores), and the
-shared data beside the project (../shared, or FIRE_SHARED_DIR).
+shared data beside the project (../shared, or FIRE_SHARED_DIR), and the evaluation images of the digits test split.
 
 Set FIRE_TEST_CACHE=DIR to keep the checkpoints between sessions: an existing DIR/digits-ATTACK
 checkpoint is reused instead of retrained.
@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fire_backend.defaults import SHARED_DIR_ENV, shared_dir
@@ -70,3 +72,27 @@ def shared_file() -> Callable[[str], Path]:
         return path
 
     return get
+
+
+@dataclass
+class EvalImages:
+    """The evaluation images of the digits test split (the defender's reserve excluded)."""
+
+    clean: np.ndarray  # float32 NCHW
+    labels: np.ndarray
+    poisoned: np.ndarray  # non-target images with the trigger
+    poisoned_labels: np.ndarray  # their true labels
+    target: int
+
+
+@pytest.fixture(scope="session")
+def badnets_eval() -> EvalImages:
+    from fire_backend.data import load_dataset, resolve_attack, to_tensor
+    from fire_backend.defaults import evaluation_indices
+
+    data = load_dataset("digits")
+    evaluated = evaluation_indices(data.y_test)
+    x, y = to_tensor(data.x_test[evaluated]), data.y_test[evaluated]
+    keep = y != 0
+    poisoned = resolve_attack("badnets")(x[keep])
+    return EvalImages(x.numpy(), y, poisoned.numpy(), y[keep], 0)

@@ -17,13 +17,20 @@ DEFAULT_CTL_URL = f"{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
 def _print_status(status: dict[str, Any]) -> None:
     est = status.get("estimator") or {}
     print(f"live version: {status['version']}   layer: {status['layer']} {status['latent_shape']}")
+    if status.get("damage"):
+        verified = status.get("verified_version")
+        restart = f"version {verified}" if verified is not None else "nothing verifiable"
+        print(f"  store damaged (an instance starting now applies {restart}):")
+        for line in status["damage"]:
+            print(f"    {line}")
     for d in status["directions"]:
         print(f"  direction {d['name']}: mode {d['mode']}, alpha {d['alpha']}, threshold {d['threshold']}, "
               f"|beta| {d['norm']:.4g}")
     if est:
         print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
     for inst in status.get("instances", []):
-        print(f"  repair instance {inst['instance']}: applying version {inst['version']}")
+        where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
+        print(f"  repair instance {inst['instance']}{where}: applying version {inst['version']}")
 
 
 def _observe(client, args: argparse.Namespace) -> dict[str, Any]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import secrets
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -51,65 +51,82 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"note: no {TOKEN_ENV} set: the control endpoint refuses every action")
     config = ServerConfig(
         repository=repository.resolve(), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, omp_threads=args.omp_threads,
-        restricted_api_key=secrets.token_urlsafe(24), extra_env=env, log_verbose=args.log_verbose,
+        metrics_port=args.metrics_port, omp_threads=args.omp_threads, extra_env=env, log_verbose=args.log_verbose,
+        http_inference=args.http_inference,
     )
-    print(f"serving {repository} (model-repository API locked with a per-run secret)")
-    return serve_forever(config)
+    http = "open (a JSON request can crash Triton 2.51; supervision restarts it)" if args.http_inference \
+        else "closed (gRPC only; --http-inference opens it)"
+    print(f"serving {repository}; HTTP inference {http}")
+    return serve_forever(config, args.health_port or None)
 
 
 class _StopRequested(BaseException):
-    """Raised from serve_forever's signal handler to interrupt a startup in progress."""
+    """Raised from serve_forever's signal handler to interrupt a (re)start in progress."""
 
 
-def serve_forever(config: ServerConfig) -> int:
-    """Run the server in the foreground until SIGINT/SIGTERM or until it dies; return an exit code.
+def _event(message: str) -> None:
+    """A supervision event, on stderr with the time: `fire serve`'s log."""
+    print(f"fire serve: {time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
-    Used by ``fire serve``: 0 after a clean signal-triggered stop, the server's code if it died on its own,
-    1 if it could not start.
+
+def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
+    """Run and supervise the server in the foreground until SIGINT/SIGTERM; return an exit code.
+
+    Used by ``fire serve``: 0 after a clean signal-triggered stop, 1 if it could not start or the supervisor
+    gave up restarting it. ``health_port``: serve /live and /ready there (on ``config.host``).
     """
+    from fire_backend.serving.health import HealthServer
     from fire_backend.serving.server import TritonServer, TritonServerError
+    from fire_backend.serving.supervisor import State, Supervisor
 
-    server = TritonServer(config)
+    supervisor = Supervisor(TritonServer(config), report=_event)
+    server = supervisor.server
     stop_requested = threading.Event()
-    state = {"starting": True}
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
         stop_requested.set()
-        if state["starting"]:
-            # Abort the (possibly long) readiness wait once; start() stops the half-started server.
-            state["starting"] = False
+        if supervisor.state in (State.STARTING, State.RESTARTING):
+            # Abort the (possibly long) readiness wait; start() stops the half-started server.
             raise _StopRequested(signum)
 
+    health = None
+    if health_port:
+        try:
+            health = HealthServer(config.host, health_port, supervisor.health).start()
+        except OSError as exc:
+            print(f"fire serve: cannot serve the health endpoint on {config.host}:{health_port} ({exc.strerror}): "
+                  "pass --health-port with a free port, or --health-port 0 to go without", file=sys.stderr)
+            return 1
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
-            server.start()
+            supervisor.start()
         except TritonServerError as exc:
             print(f"fire serve: {exc}", file=sys.stderr)
             return 1
-        finally:
-            state["starting"] = False
         if not stop_requested.is_set():
             startup = f" in {server.startup_s:.1f}s" if server.startup_s is not None else ""
-            print(f"tritonserver ready{startup} (pid {server.pid}, log {server.log_path})", flush=True)
-            for name, url in server.urls.items():
+            shm = "private /dev/shm" if server.private_shm else "host /dev/shm"
+            print(f"tritonserver ready{startup} (pid {server.pid}, {shm}, log {server.log_path})", flush=True)
+            urls = dict(server.urls)
+            if health is not None:
+                urls["health"] = f"http://{server.url_host()}:{health.port}/ready"
+            for name, url in urls.items():
                 print(f"{name}: {url}", flush=True)
-        while not stop_requested.wait(0.5):
-            if not server.is_alive():
-                rc = server.wait()
-                tail = "\n".join(server.log_tail())
-                print(f"fire serve: tritonserver exited unexpectedly (code {rc})\n{tail}", file=sys.stderr)
-                server.stop()
-                return rc if rc > 0 else 1
+        code = supervisor.run(stop_requested)
+        if code:
+            print("fire serve: gave up restarting tritonserver; see the events above", file=sys.stderr)
+            return code
         print("stopping tritonserver ...", flush=True)
-        server.stop()
+        supervisor.stop()
         return 0
     except _StopRequested:
         return 0
     finally:
         if server.is_alive():
-            server.stop()
+            supervisor.stop()
+        if health is not None:
+            health.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -151,3 +168,9 @@ def register(sub) -> None:
     p.add_argument("--token-file", type=Path, default=None,
                    help=f"control token file (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver verbosity (0)")
+    p.add_argument("--http-inference", action="store_true",
+                   help="also accept inference over HTTP (off: one JSON request can crash Triton 2.51; gRPC is "
+                        "always open)")
+    p.add_argument("--health-port", type=int, default=names.DEFAULT_HEALTH_PORT,
+                   help=f"serve /live and /ready here, on --host ({names.DEFAULT_HEALTH_PORT}; 0: off); /ready is "
+                        "503 while starting, restarting or a stage is degraded")

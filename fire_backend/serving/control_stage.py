@@ -2,6 +2,9 @@
 
 The head latents of observed images come from the served head itself (a BLS call to ``fire_head``), so online
 learning sees exactly what the repair stage sees. ``pb_utils`` is passed in; this module imports no Triton.
+
+Every refusal is INVALID_ARG with the Controller's one-line message. Anything else that goes wrong is logged here
+with its traceback, and the client gets a generic INTERNAL error: no traceback, no server paths.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, resolve_artifacts
 from fire_backend.serving.controller import ControlError, Controller
-from fire_backend.wire.names import FIRE_HEAD, IMAGE, IMAGES, LATENT, REQUEST, RESPONSE, TOKEN
+from fire_backend.wire.names import FIRE_CONTROL, FIRE_HEAD, IMAGE, IMAGES, LATENT, REQUEST, RESPONSE, TOKEN
 from fire_backend.wire.token import read_token
 
 LOG = logging.getLogger("fire_backend.control")
@@ -46,22 +49,21 @@ class ControlStage:
             parts.append(torch.from_numpy(self.pb.get_output_tensor_by_name(response, LATENT).as_numpy().copy()))
         return torch.cat(parts)
 
+    def _bytes(self, request: Any, name: str) -> bytes:
+        """The one element of a TYPE_STRING input, as bytes."""
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        values = tensor.as_numpy().reshape(-1) if tensor is not None else ()
+        if len(values) != 1:
+            raise ControlError(f"{name} must hold exactly one string")
+        value = values[0]
+        return value if isinstance(value, bytes) else str(value).encode()
+
     def _one(self, request: Any) -> Any:
-        limits = self.controller.limits
-        raw = self.pb.get_input_tensor_by_name(request, REQUEST).as_numpy().reshape(-1)[0]
-        token_raw = self.pb.get_input_tensor_by_name(request, TOKEN).as_numpy().reshape(-1)[0]
-        if len(raw) > limits.max_request_bytes:
-            raise ControlError(f"request of {len(raw)} bytes; at most {limits.max_request_bytes}")
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ControlError(f"{REQUEST} is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ControlError(f"{REQUEST} must be a JSON object")
+        raw = self._bytes(request, REQUEST)
+        credential = self._bytes(request, TOKEN)
         images_tensor = self.pb.get_input_tensor_by_name(request, IMAGES)
         images = images_tensor.as_numpy() if images_tensor is not None else None
-        token = token_raw.decode() if isinstance(token_raw, bytes) else str(token_raw)
-        result = self.controller.handle(body, token, images)
+        result = self.controller.handle(raw, credential, images)
         payload = np.array([json.dumps(result).encode()], dtype=np.object_)
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(RESPONSE, payload)])
 
@@ -72,9 +74,15 @@ class ControlStage:
                 responses.append(self._one(request))
             except ControlError as exc:
                 LOG.warning("control action refused: %s", exc)
-                responses.append(self.pb.InferenceResponse(
-                    output_tensors=[], error=self.pb.TritonError(str(exc), self.pb.TritonError.INVALID_ARG)))
+                responses.append(self._error(str(exc), self.pb.TritonError.INVALID_ARG))
+            except Exception:  # a bug or a damaged store: the log gets the traceback, the client a generic line
+                LOG.exception("control action failed")
+                responses.append(self._error(f"{FIRE_CONTROL}: internal error; the server log has the details",
+                                             self.pb.TritonError.INTERNAL))
         return responses
+
+    def _error(self, message: str, code: Any) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
         return None

@@ -1,16 +1,25 @@
 """The control endpoint's logic (model ``fire_control``): push, observe, status, history, rollback.
 
 Triton-free: :class:`fire_backend.serving.control_stage.ControlStage` adapts it to Triton requests, and unit
-tests drive it directly. Reached through the same Triton endpoints as inference. Every action needs the
-control token (compared in constant time, never logged); a rejected action changes nothing. The store is the only
-state: each action reads the live version under the store lock, changes it, and commits, so several
-control instances or servers on one shared store stay consistent and a crash loses nothing committed.
+tests drive it directly. Reached through the same Triton endpoints as inference.
+
+Every action needs a credential made with the control token for exactly this request
+(:mod:`fire_backend.wire.auth`: an HMAC over the request and its images, checked in constant time, within a
+time window, each nonce accepted once), so the token itself never crosses the wire or the stub's shared memory.
+The request is a JSON object checked field by field before anything runs: booleans are JSON booleans, integers
+JSON integers, unknown fields are refused. A refused action changes nothing and says why in one line.
+
+The store is the only state: each action reads the live version under the store lock, changes it, and commits,
+so several control instances or servers on one shared store stay consistent and a crash loses nothing
+committed. Writers record their credential's nonce in the history, so a captured request cannot be replayed
+against another server on the same store, nor after a restart.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +31,12 @@ from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, load_centroid
 from fire_backend.store import DirectionSet, DirectionStore, StoreError, validate_direction_set
-from fire_backend.wire.names import IMAGES
+from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
+from fire_backend.wire.names import IMAGES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 LEARNED = "learned"
-ACTIONS = ("status", "push", "observe", "rollback", "history")
+ESTIMATORS = ("unpaired", "augmented")
 
 
 class ControlError(ValueError):
@@ -36,6 +46,94 @@ class ControlError(ValueError):
 def token_id(token: str) -> str:
     """A short, non-reversible name for a token in the audit log."""
     return "tok-" + hashlib.sha256(token.encode()).hexdigest()[:10]
+
+
+# -- the request schema -------------------------------------------------------------------------------
+# A field's kind names what JSON value it takes; _check() holds the one test per kind.
+BOOL, INT, NUMBER, TEXT, NUMBERS, DIRECTIONS = "boolean", "integer", "number", "string", "numbers", "directions"
+KIND_WORDS = {BOOL: "a JSON boolean (true or false)", INT: "a JSON integer", NUMBER: "a JSON number",
+              TEXT: "a JSON string", NUMBERS: "a list of JSON numbers", DIRECTIONS: "a non-empty list of objects"}
+#: action -> {field: (kind, required)}; "action" itself is implied
+ACTION_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
+    "status": {},
+    "history": {},
+    "rollback": {"version": (INT, True)},
+    "push": {"directions": (DIRECTIONS, True), "center": (NUMBERS, False)},
+    "observe": {"clean": (BOOL, False), "estimator": (TEXT, False), "publish_every": (INT, False)},
+}
+ACTIONS = tuple(ACTION_FIELDS)
+WRITERS = ("push", "observe", "rollback")
+DIRECTION_FIELDS: dict[str, tuple[str, bool]] = {
+    "beta": (NUMBERS, True), "alpha": (NUMBER, False), "mode": (TEXT, False), "threshold": (NUMBER, False),
+    "name": (TEXT, False),
+}
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 20 else value[:17] + "..."
+        return f"the string {json.dumps(shown)}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _check(kind: str, value: Any) -> bool:
+    if kind == BOOL:
+        return type(value) is bool
+    if kind == INT:
+        return type(value) is int
+    if kind == NUMBER:
+        return type(value) in (int, float)
+    if kind == TEXT:
+        return type(value) is str
+    if kind == NUMBERS:
+        return type(value) is list and all(type(v) in (int, float) for v in value)
+    return type(value) is list and bool(value) and all(type(v) is dict for v in value)
+
+
+def check_fields(where: str, body: dict[str, Any], fields: dict[str, tuple[str, bool]]) -> None:
+    """Refuse unknown fields, missing required ones and values of the wrong JSON type (null means "not given")."""
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields) or "none"
+        raise ControlError(f"{where}: unknown field {unknown[0]!r} (allowed: {allowed})")
+    for name, (kind, required) in fields.items():
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise ControlError(f"{where}: '{name}' is required: {KIND_WORDS[kind]}")
+            continue
+        if not _check(kind, value):
+            raise ControlError(f"{where}: '{name}' must be {KIND_WORDS[kind]}, not {_describe(value)}")
+
+
+def _given(body: dict[str, Any], name: str, default: Any) -> Any:
+    """A checked field's value, ``default`` when absent or null."""
+    value = body.get(name)
+    return default if value is None else value
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a REQUEST, its fields checked against its action's schema."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ControlError(f"{REQUEST} is not UTF-8 JSON") from None
+    if not isinstance(body, dict):
+        raise ControlError(f"{REQUEST} must be a JSON object")
+    action = body.get("action")
+    if not isinstance(action, str) or action not in ACTION_FIELDS:
+        shown = _describe(action) if not isinstance(action, str) else repr(action[:40])
+        raise ControlError(f"unknown action {shown}; one of {', '.join(ACTIONS)}")
+    check_fields(action, {k: v for k, v in body.items() if k != "action"}, ACTION_FIELDS[action])
+    for i, entry in enumerate(body.get("directions") or []):
+        check_fields(f"push: direction {i}", entry, DIRECTION_FIELDS)
+    return body
 
 
 class Controller:
@@ -50,42 +148,79 @@ class Controller:
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits
+        self.replay = ReplayGuard()
 
     # -- entry point -----------------------------------------------------------------------
-    def handle(self, request: dict[str, Any], token: str, images: np.ndarray | None) -> dict[str, Any]:
-        """Authenticate, validate and run one action; raises ControlError with a clear message."""
-        if self.token is None:
-            raise ControlError("permission denied: the server has no control token configured "
-                               f"(set {TOKEN_ENV} or {TOKEN_FILE_ENV} for `fire serve`)")
-        if not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise ControlError("permission denied: missing or wrong control token")
-        action = request.get("action")
-        if action not in ACTIONS:
-            raise ControlError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        actor = token_id(token)
+    def handle(self, request: bytes, credential: bytes | str, images: np.ndarray | None,
+               now: float | None = None) -> dict[str, Any]:
+        """Authenticate, validate and run one action; raises ControlError with a one-line message.
+
+        ``request`` is the REQUEST's raw bytes (the credential signs exactly them), ``credential`` the TOKEN input.
+        """
+        if len(request) > self.limits.max_request_bytes:
+            raise ControlError(f"{REQUEST} of {len(request)} bytes; at most {self.limits.max_request_bytes}")
+        signed = self._authenticate(request, credential, images, now)
+        body = parse_request(request)
+        action = body["action"]
         if action == "status":
             return self.status()
         if action == "history":
             return {"history": self.store.history()}
+        actor = token_id(self.token or "")
+        note = {"nonce": signed.nonce}
         if action == "rollback":
-            return self.rollback(request, actor)
+            return self.rollback(body, actor, note)
         if action == "push":
-            return self.push(request, actor)
-        return self.observe(request, images, actor)
+            return self.push(body, actor, note)
+        return self.observe(body, images, actor, note)
+
+    def _authenticate(self, request: bytes, credential: bytes | str, images: np.ndarray | None,
+                      now: float | None) -> Credential:
+        if self.token is None:
+            raise ControlError("permission denied: the server has no control token configured "
+                               f"(set {TOKEN_ENV} or {TOKEN_FILE_ENV} for `fire serve`)")
+        if isinstance(credential, bytes):
+            try:
+                credential = credential.decode("ascii")
+            except UnicodeDecodeError:
+                credential = ""  # not a credential: verify() refuses it as malformed
+        pixels = np.ascontiguousarray(images).tobytes() if images is not None else b""
+        try:
+            signed = verify(self.token, CONTROL, digest(request, pixels), credential, now=now)
+            self.replay.remember(signed, now=now)
+        except AuthError as exc:
+            raise ControlError(str(exc)) from None
+        return signed
+
+    def _refuse_replay(self, nonce: str) -> None:
+        """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
+        since = time.time() - 2 * WINDOW_S
+        if any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.store.history()):
+            raise ControlError("permission denied: this credential was already used (replayed request)")
 
     # -- read-only ---------------------------------------------------------------------------
-    def _live(self) -> tuple[int, DirectionSet]:
-        number = self.store.live_version()
-        if number:
-            return number, self.store.read_version(number).directions
+    def _live(self, intact: bool) -> tuple[int, DirectionSet]:
+        """The newest verified committed version and its set; ``intact``: refuse when the committed one is damaged.
+
+        Version 0 (or no verifiable version) is the clean centroid with no direction.
+        """
+        state = self.store.resolve()
+        if intact and state.verified != state.version:
+            raise ControlError(f"the live version {state.version} is damaged ({'; '.join(state.damage)}); roll back "
+                               "to a verified version or push a direction set first")
+        if state.verified:
+            return state.verified, self.store.read_version(state.verified).directions
         center, _ = load_centroid(self.artifacts)
         return 0, DirectionSet(center, [], None)
 
     def status(self) -> dict[str, Any]:
-        number, ds = self._live()
+        state = self.store.resolve()
+        verified, ds = self._live(intact=False)
         est = ds.estimator
         return {
-            "version": number,
+            "version": state.version,
+            "verified_version": state.verified,
+            "damage": list(state.damage),
             "layer": self.settings.layer,
             "latent_shape": list(self.settings.latent_shape),
             "directions": [
@@ -99,54 +234,53 @@ class Controller:
         }
 
     # -- writers -----------------------------------------------------------------------------
-    def rollback(self, request: dict[str, Any], actor: str) -> dict[str, Any]:
-        version = request.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise ControlError("rollback needs a version number >= 0")
-        try:
-            self.store.rollback(version, actor)
-        except StoreError as exc:
-            raise ControlError(str(exc)) from None
+    def rollback(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:
+        version = request["version"]
+        if version < 0:
+            raise ControlError("rollback: 'version' must be >= 0")
+        with self.store.locked():
+            self._refuse_replay(note["nonce"])
+            try:
+                self.store.rollback(version, actor, note)
+            except StoreError as exc:
+                raise ControlError(str(exc)) from None
         return {"version": version, "action": "rollback"}
 
-    def push(self, request: dict[str, Any], actor: str) -> dict[str, Any]:
-        entries = request.get("directions")
-        if not isinstance(entries, list) or not entries:
-            raise ControlError("push needs a non-empty list 'directions'")
-        dim = self.settings.latent_dim
+    def push(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:
         directions = []
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("beta"), list):
-                raise ControlError(f"direction {i}: needs 'beta', a list of {dim} numbers")
+        for i, entry in enumerate(request["directions"]):
             try:
-                beta = torch.tensor(entry["beta"], dtype=torch.float32).reshape(-1)
+                beta = torch.tensor(np.asarray(entry["beta"], dtype=np.float32)).reshape(-1)
                 directions.append(Direction(
-                    beta, float(entry.get("alpha", self.settings.default_alpha)), str(entry.get("mode", "projection")),
-                    float(entry.get("threshold", self.settings.default_threshold)), str(entry.get("name", f"d{i}"))))
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise ControlError(f"direction {i}: {exc}") from None
+                    beta, float(_given(entry, "alpha", self.settings.default_alpha)),
+                    _given(entry, "mode", "projection"),
+                    float(_given(entry, "threshold", self.settings.default_threshold)), _given(entry, "name", f"d{i}")))
+            except (OverflowError, ValueError) as exc:
+                raise ControlError(f"push: direction {i}: {exc}") from None
         with self.store.locked():
-            _, live = self._live()
+            self._refuse_replay(note["nonce"])
+            _, live = self._live(intact=False)
             center = live.center
             if request.get("center") is not None:
                 try:
                     center = np.asarray(request["center"], dtype=np.float32).reshape(-1)
-                except (TypeError, ValueError) as exc:
-                    raise ControlError(f"center: {exc}") from None
+                except (OverflowError, ValueError) as exc:
+                    raise ControlError(f"push: center: {exc}") from None
             ds = DirectionSet(center, directions, live.estimator)
             self._validate(ds)
-            number = self.store.commit(ds, "push", actor, {"directions": len(directions)})
+            number = self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
         return {"version": number, "action": "push"}
 
-    def observe(self, request: dict[str, Any], images: np.ndarray | None, actor: str) -> dict[str, Any]:
-        clean = bool(request.get("clean", False))
+    def observe(self, request: dict[str, Any], images: np.ndarray | None, actor: str,
+                note: dict[str, Any]) -> dict[str, Any]:
+        clean = _given(request, "clean", False)
         images = self._check_images(images)
-        kind = str(request.get("estimator", self.settings.estimator))
-        if kind not in ("unpaired", "augmented"):
-            raise ControlError("estimator must be 'unpaired' or 'augmented'")
-        every = int(request.get("publish_every", self.settings.publish_every))
+        kind = _given(request, "estimator", self.settings.estimator)
+        if kind not in ESTIMATORS:
+            raise ControlError(f"observe: 'estimator' must be one of {', '.join(ESTIMATORS)}, not {kind[:40]!r}")
+        every = _given(request, "publish_every", self.settings.publish_every)
         if every < 1:
-            raise ControlError("publish_every must be >= 1")
+            raise ControlError("observe: 'publish_every' must be >= 1")
         batch = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
         latents = self.latents(batch).reshape(len(batch), -1)
         twins = None
@@ -155,7 +289,8 @@ class Controller:
             twins = torch.stack([self.latents(a(batch)).reshape(len(batch), -1) for a in augs])
         versions = []
         with self.store.locked():
-            _, live = self._live()
+            self._refuse_replay(note["nonce"])
+            _, live = self._live(intact=True)
             estimator, centroid = self._estimator(live, kind)
             for start in range(0, len(batch), every):
                 stop = min(start + every, len(batch))
@@ -168,7 +303,7 @@ class Controller:
                 ds = self._learned_set(live, estimator, centroid)
                 self._validate(ds)
                 versions.append(self.store.commit(ds, "observe-clean" if clean else "observe", actor,
-                                                  {"samples": stop - start, "estimator": kind}))
+                                                  {"samples": stop - start, "estimator": kind, **note}))
         return {"version": versions[-1], "versions": versions, "action": "observe",
                 "poisoned_count": estimator.count, "clean_count": centroid.count}
 

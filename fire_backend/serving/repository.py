@@ -1,9 +1,9 @@
 """Write a Triton model repository for any supported checkpoint and split layer.
 
-The repository holds the ensemble ``fire_ensemble`` (head -> FIRE repair -> tail), the comparison
-``undefended_ensemble`` (head -> tail), the unsplit ``fire_monolithic`` model, and ``fire_control``,
-plus an ``artifacts/`` directory with the model halves, serving settings, clean centroid and the
-direction store. Configs carry the model's own input/latent shapes and batch sizes.
+The repository's ``models/`` holds the ensemble ``fire_ensemble`` (head -> FIRE repair -> tail), the comparison
+``undefended_ensemble`` (head -> tail), the unsplit ``fire_monolithic`` model, and ``fire_control``; beside it,
+``artifacts/`` holds the model halves, serving settings, clean centroid and the direction store (layout:
+:mod:`fire_backend.serving.artifacts`). Configs carry the model's own input/latent shapes and batch sizes.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fire_backend.serving.artifacts import (
     STORE_DIR,
     TAIL_FILE,
     ServingSettings,
+    models_dir,
     save_centroid,
 )
 from fire_backend.split import Part, candidate_layers, save_part, split
@@ -153,7 +154,7 @@ def _control_config(settings: ServingSettings) -> str:
 
 
 def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> None:
-    """The config.pbtxt and thin model.py of every model (no weights)."""
+    """The config.pbtxt and thin model.py of every model (no weights), under ``out/models``."""
     latent = settings.latent_shape
     image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
     latent_in = _io("input", LATENT, "TYPE_FP32", latent)
@@ -173,7 +174,7 @@ def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptio
         UNDEFENDED_ENSEMBLE: _ensemble_config(UNDEFENDED_ENSEMBLE, options, settings, defended=False),
     }
     for name, text in configs.items():
-        directory = out / name
+        directory = models_dir(out) / name
         (directory / "1").mkdir(parents=True, exist_ok=True)
         (directory / "config.pbtxt").write_text(text)
         if name in STAGES:

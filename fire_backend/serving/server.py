@@ -7,8 +7,14 @@ The binary comes from :mod:`fire_backend.serving.server_tree`. The stub embeds l
 
 The server runs in its own session/process group so that stopping it can also reap the
 ``triton_python_backend_stub`` children it forks, and nothing is left behind holding ports or
-``/dev/shm`` regions. Secrets (the restricted-API key, ``*TOKEN*``/``*KEY*`` variables of ``extra_env``) are
-redacted from every command line and log tail this module shows.
+``/dev/shm`` regions (:mod:`fire_backend.serving.shm`).
+
+Least exposure by default: every Triton API a client does not need is closed on both protocols (model
+repository, shared memory, logging, trace; HTTP inference too unless asked for, since one JSON request can
+crash Triton 2.51). They are closed with a header name no client can send, so the command line holds no
+secret; the control token reaches the stubs through the environment (``/proc/<pid>/environ`` is 0400). The
+server and its stubs run with umask 077. ``*TOKEN*``/``*KEY*`` variables of ``extra_env`` are redacted from
+every command line and log tail this module shows.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import secrets
+import py_compile
 import shutil
 import signal
 import subprocess
@@ -34,18 +40,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fire_backend.serving import shm
+from fire_backend.serving.artifacts import models_dir, old_layout_error
+from fire_backend.serving.model_configs import stub_models
 from fire_backend.serving.ports import WILDCARD_HOSTS, free_ports, port_in_use
 from fire_backend.serving.server_tree import ServerTreeError, libs_dir, prepare_server_tree
 from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 LOGGER = logging.getLogger(__name__)
 
-#: HTTP header that must carry ``restricted_api_key`` for model-repository (load/unload) calls.
-RESTRICTED_API_HEADER = "fire-admin"
-#: gRPC metadata key for the same secret: Triton prefixes gRPC restricted-protocol headers.
-RESTRICTED_GRPC_HEADER = f"triton-grpc-protocol-{RESTRICTED_API_HEADER}"
-#: Triton API group locked behind ``restricted_api_key``.
-RESTRICTED_APIS = "model-repository"
+#: Triton "restricts" an API group to requests carrying this header. Its name holds a ':', which no HTTP/1.1
+#: client can send as a header name and which HTTP/2 (gRPC) rejects in metadata keys (tested against Triton
+#: 2.51 with raw sockets), so the groups are closed to everyone and the value is no secret.
+UNSENDABLE_HEADER = "fire:never"
+UNSENDABLE_VALUE = "x"
+#: API groups no client needs, closed on both protocols: loading code, writing into the stubs' shared memory,
+#: switching the log level (disk filling) and tracing.
+CLOSED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+#: closed on HTTP unless ``ServerConfig.http_inference``: Triton 2.51 allocates a JSON request's claimed shape
+#: before checking it (one 417-byte request aborts the server) and parses deep JSON recursively.
+HTTP_INFERENCE_API = "inference"
+#: the server's and stubs' umask: nothing they write is readable by other users
+SERVER_UMASK = 0o077
 
 _LOG_TAIL_LINES = 40
 _SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
@@ -60,24 +76,28 @@ class TritonServerError(RuntimeError):
 class ServerConfig:
     """Everything needed to launch one tritonserver.
 
-    Defaults bind to loopback only: the model-repository API can load arbitrary code, so exposing the
-    server on other interfaces must be an explicit decision (``host="0.0.0.0"``).
+    Defaults bind to loopback only: exposing the server on other interfaces must be an explicit decision
+    (``host="0.0.0.0"``), and then needs a proxy with body limits in front (Triton 2.51 has none).
     """
 
+    #: the repository root: tritonserver serves its ``models/`` folder (see :mod:`fire_backend.serving.artifacts`).
     repository: Path
     #: bind address for HTTP, gRPC and metrics.
     host: str = DEFAULT_HOST
     http_port: int = DEFAULT_PORTS["http"]
     grpc_port: int = DEFAULT_PORTS["grpc"]
     metrics_port: int = DEFAULT_METRICS_PORT
-    #: models loaded at start (explicit model control); empty means every */config.pbtxt in the repository.
-    models: tuple[str, ...] = ()
     log_verbose: int = 0
     #: OMP/MKL threads per process (server and every stub); small boxes thrash with the default.
     omp_threads: int = 1
-    #: when set, the model-repository API (load/unload/index) requires header ``fire-admin: <key>`` over
-    #: HTTP and metadata ``triton-grpc-protocol-fire-admin: <key>`` over gRPC.
-    restricted_api_key: str | None = None
+    #: open HTTP inference (gRPC inference is always open). Off by default: one JSON request with a huge
+    #: claimed shape aborts Triton 2.51, and only supervision brings it back.
+    http_inference: bool = False
+    #: a private /dev/shm for the stubs (:mod:`fire_backend.serving.shm`): None uses one when the kernel allows
+    #: it, True requires it, False uses the host's /dev/shm with lock-file cleanup.
+    private_shm: bool | None = None
+    #: size cap of the private /dev/shm in MiB; default from the number of stubs (shm.shm_size_mib)
+    shm_size_mib: int | None = None
     #: extra environment for the server and so for the Python-backend stubs (e.g. FIRE_CONTROL_TOKEN).
     extra_env: Mapping[str, str] = field(default_factory=dict)
     #: generous: 7 stubs each importing torch take ~15-35 s on 2 busy cores.
@@ -99,25 +119,39 @@ class ServerConfig:
             raise ValueError("exit_timeout_s must be >= 0")
         if self.omp_threads < 1:
             raise ValueError("omp_threads must be >= 1")
-        if "*" in self.models and len(self.models) > 1:
-            raise ValueError("models: '*' cannot be combined with explicit model names")
-        if self.restricted_api_key is not None and (
-            not self.restricted_api_key or any(c in self.restricted_api_key for c in " ,:=\n")
-        ):
-            # Triton parses "<apis>:<header>=<value>"; these characters would corrupt the flag.
-            raise ValueError("restricted_api_key must be non-empty and must not contain ' ,:=' or newlines")
+        if self.shm_size_mib is not None and self.shm_size_mib < 8:
+            raise ValueError("shm_size_mib must be >= 8")
 
 
-def repository_models(repository: Path) -> tuple[str, ...]:
-    """Every model directory (one with a config.pbtxt) in a repository.
+#: how often tritonserver's poll mode rescans the models folder (a touched version directory reloads its model)
+POLL_SECONDS = 2
 
-    Used instead of ``--load-model=*`` because a FIRE repository also holds a non-model
-    ``artifacts/`` directory, which '*' would try (and fail) to load.
+
+def triton_repository(repository: Path) -> Path:
+    """The folder tritonserver serves: ``<repository>/models``, which must hold models only.
+
+    Poll mode loads every directory there (a non-model one makes the server exit at start), and is what keeps
+    Triton's load/unload API refused; so the repository keeps its artifacts beside, not inside, that folder.
     """
-    names = tuple(sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt")))
-    if not names:
-        raise TritonServerError(f"{repository}: no models (no */config.pbtxt); build one with `fire repo build`")
-    return names
+    folder = models_dir(Path(repository))
+    if not any(folder.glob("*/config.pbtxt")):
+        raise TritonServerError(old_layout_error(Path(repository))
+                                or f"{repository}: no models in {folder} (no */config.pbtxt); build a repository "
+                                   "with `fire repo build`")
+    return folder
+
+
+def precompile_models(folder: Path) -> None:
+    """Write each ``model.py``'s bytecode before tritonserver records the folder's modification times.
+
+    Otherwise the first stub to import a model.py writes ``__pycache__`` into its version directory, which poll
+    mode takes for a changed model and reloads (once, seconds after startup). The stubs embed Python with an
+    isolated configuration, so ``PYTHONDONTWRITEBYTECODE`` does not reach them. A read-only repository needs
+    nothing: the stubs cannot write there either.
+    """
+    for source in folder.glob("*/*/model.py"):
+        with contextlib.suppress(OSError, py_compile.PyCompileError):
+            py_compile.compile(str(source), doraise=True)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -136,24 +170,23 @@ def redact_args(args: list[str], secrets_: list[str]) -> list[str]:
     return out
 
 
-def _pdeathsig_preexec() -> Any:
-    """Child-side hook asking the kernel to SIGTERM tritonserver if the launching thread dies.
+def _child_setup() -> Any:
+    """Child-side hook run between fork and exec: umask 077, and SIGTERM to tritonserver if the launcher dies.
 
-    Guards against orphaned servers (holding ports) when the Python parent is SIGKILLed. libc is loaded
-    here, in the parent, so the child only does one syscall between fork and exec.
-    Caveat of PR_SET_PDEATHSIG: it fires when the *thread* that forked exits, so start the server from a
-    long-lived thread (the main thread in the CLI and in tests).
+    The death signal guards against orphaned servers (holding ports) when the Python parent is SIGKILLed. libc
+    is loaded here, in the parent, so the child only makes two syscalls. Caveat of PR_SET_PDEATHSIG: it fires
+    when the *thread* that forked exits, so start the server from a long-lived thread.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
+    libc = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     pr_set_pdeathsig = 1
 
     def _hook() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+        os.umask(SERVER_UMASK)
+        if libc is not None:
+            libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
     return _hook
 
@@ -170,25 +203,29 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._work_dir: Path | None = None
         self._log_path: Path | None = None
-        self._shm_prefix = f"fire{os.getpid()}x{secrets.token_hex(4)}_"
+        self._shm: shm.ShmClaim | None = None
         self._lock = threading.RLock()
         self.startup_s: float | None = None  #: seconds from spawn to ready, for diagnostics
 
     # -- endpoints -----------------------------------------------------------------------------------
 
     @property
-    def _connect_host(self) -> str:
+    def connect_host(self) -> str:
         """Address clients should dial: loopback when bound to a wildcard address."""
         host = self.config.host
         if host in WILDCARD_HOSTS:
             return "::1" if host == "::" else "127.0.0.1"
         return host
 
+    def url_host(self) -> str:
+        """``connect_host`` as it goes into a URL (IPv6 in brackets)."""
+        host = self.connect_host
+        return f"[{host}]" if ":" in host else host
+
     @property
     def urls(self) -> dict[str, str]:
         """Client endpoints: ``http``/``metrics`` as URLs, ``grpc`` as ``host:port`` (tritonclient style)."""
-        host = self._connect_host
-        h = f"[{host}]" if ":" in host else host
+        h = self.url_host()
         return {
             "http": f"http://{h}:{self.config.http_port}",
             "grpc": f"{h}:{self.config.grpc_port}",
@@ -207,14 +244,40 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit code once the server exited (negative: the signal that ended it)."""
+        return self._proc.poll() if self._proc is not None else None
+
+    @property
+    def models_dir(self) -> Path:
+        return models_dir(Path(self.config.repository))
+
+    @property
+    def private_shm(self) -> bool:
+        """Whether this start runs with a private /dev/shm (decided at start)."""
+        return self._shm is not None and self._shm.private
+
+    @property
+    def shm_prefix(self) -> str | None:
+        """The name prefix of this start's stub regions."""
+        return self._shm.prefix if self._shm is not None else None
+
+    def region_path(self, region: str) -> Path:
+        """Where a stub's region (its argv[2]) can be read from this process."""
+        claim = self._shm or shm.ShmClaim("", False)
+        return claim.region_path(self.pid, region)
+
     # -- command line --------------------------------------------------------------------------------
 
     def build_args(self, tree: Path) -> list[str]:
-        """The tritonserver argv (contains the restricted-API key; redact before printing)."""
+        """The command line (nothing secret in it: see UNSENDABLE_HEADER)."""
         c = self.config
+        http_closed = CLOSED_APIS if c.http_inference else (HTTP_INFERENCE_API, *CLOSED_APIS)
+        closed = f":{UNSENDABLE_HEADER}={UNSENDABLE_VALUE}"
         args = [
             str(tree / "bin" / "tritonserver"),
-            f"--model-repository={Path(c.repository).resolve()}",
+            f"--model-repository={triton_repository(Path(c.repository)).resolve()}",
             f"--backend-directory={tree / 'backends'}",
             f"--cache-directory={tree / 'caches'}",
             f"--http-address={c.host}",
@@ -227,16 +290,25 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             f"--log-verbose={c.log_verbose}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
-            # Explicit control lets operators (un)load models at runtime; '*' loads everything at start.
-            "--model-control-mode=explicit",
+            # Poll mode: Triton itself refuses the load/unload API, and a touched version directory reloads
+            # that model (how a dead stub is replaced without any API).
+            "--model-control-mode=poll",
+            f"--repository-poll-secs={POLL_SECONDS}",
+            "--strict-readiness=true",
+            f"--http-restricted-api={','.join(http_closed)}{closed}",
+            f"--grpc-restricted-protocol={','.join(CLOSED_APIS)}{closed}",
             # A unique shm prefix keeps concurrent servers (parallel tests) from colliding in /dev/shm.
-            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix or 'fire-'}",
         ]
-        args += [f"--load-model={m}" for m in (c.models or repository_models(Path(c.repository)))]
-        if c.restricted_api_key:
-            value = f"{RESTRICTED_APIS}:{RESTRICTED_API_HEADER}={c.restricted_api_key}"
-            args += [f"--http-restricted-api={value}", f"--grpc-restricted-protocol={value}"]
+        if self.private_shm:
+            return shm.private_shm_command(self._shm_size_mib()) + args
         return args
+
+    def _shm_size_mib(self) -> int:
+        if self.config.shm_size_mib is not None:
+            return self.config.shm_size_mib
+        stubs = sum(len(m.instances) for m in stub_models(self.models_dir))
+        return shm.shm_size_mib(stubs)
 
     def build_env(self) -> dict[str, str]:
         """Environment for the server; inherited by every Python-backend stub."""
@@ -255,9 +327,7 @@ class TritonServer:
         return env
 
     def _secrets(self) -> list[str]:
-        vals = [self.config.restricted_api_key or ""]
-        vals += [str(v) for k, v in self.config.extra_env.items() if _is_secret_name(str(k))]
-        return [v for v in vals if v]
+        return [str(v) for k, v in self.config.extra_env.items() if _is_secret_name(str(k)) and v]
 
     def redacted_command(self, tree: Path | None = None) -> str:
         """Printable command line with secrets replaced by ``***``."""
@@ -265,6 +335,20 @@ class TritonServer:
         return subprocess.list2cmdline(args)
 
     # -- lifecycle -----------------------------------------------------------------------------------
+
+    def _claim_shm(self) -> shm.ShmClaim:
+        """Decide private or host /dev/shm for this start (and clean what dead servers left on the host's)."""
+        wanted = self.config.private_shm
+        why_not = shm.private_shm_unavailable() if wanted is not False else "not asked for"
+        if wanted is True and why_not:
+            raise TritonServerError(f"a private /dev/shm was required but is unavailable: {why_not}")
+        if why_not is None:
+            return shm.claim(private=True)
+        if wanted is None:
+            LOGGER.warning("private /dev/shm unavailable (%s): the stubs' regions go to the host's /dev/shm "
+                           "(mode 0644, cleaned at the next start after a crash)", why_not)
+        shm.sweep_stale()
+        return shm.claim(private=False)
 
     def _check_ports(self) -> None:
         c = self.config
@@ -291,31 +375,19 @@ class TritonServer:
             repo = Path(self.config.repository)
             if not repo.is_dir():
                 raise TritonServerError(f"model repository {repo} does not exist or is not a directory")
+            precompile_models(triton_repository(repo))
             self._check_ports()
             try:
                 tree = prepare_server_tree()
             except ServerTreeError as exc:
                 raise TritonServerError(str(exc)) from exc
 
-            self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
-            self._log_path = Path(self.config.log_file or self._work_dir / "tritonserver.log")
-            self._log_path.parent.mkdir(parents=True, exist_ok=True)
-            args = self.build_args(tree)
-            LOGGER.info("starting %s", self.redacted_command(tree))
-            with open(self._log_path, "ab") as log:
-                # Marks where this run starts when a user-given log file is appended to across runs.
-                log.write(f"=== fire-backend: {self.redacted_command(tree)}\n".encode())
-                log.flush()
-                self._proc = subprocess.Popen(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=self.build_env(),
-                    cwd=self._work_dir,
-                    start_new_session=True,  # own process group: stop() can signal server + stubs at once
-                    preexec_fn=_pdeathsig_preexec(),
-                )
+            self._shm = self._claim_shm()
+            try:
+                self._spawn(tree)
+            except BaseException:
+                self._shm.release()
+                raise
             t0 = time.monotonic()
         try:
             self._wait_ready(t0)
@@ -324,6 +396,30 @@ class TritonServer:
             raise
         self.startup_s = time.monotonic() - t0
         LOGGER.info("tritonserver ready in %.1fs at %s", self.startup_s, self.urls["http"])
+
+    def _spawn(self, tree: Path) -> None:
+        self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
+        self._log_path = Path(self.config.log_file or self._work_dir / "tritonserver.log")
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        args = self.build_args(tree)
+        LOGGER.info("starting %s", self.redacted_command(tree))
+        log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(log_fd, "ab") as log:
+            # Marks where this run starts when a user-given log file is appended to across runs.
+            log.write(f"=== fire-backend: {self.redacted_command(tree)}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.build_env(),
+                cwd=self._work_dir,
+                start_new_session=True,  # own process group: stop() can signal server + stubs at once
+                preexec_fn=_child_setup(),
+                # The shm lock, held for as long as the server or a stub of it lives.
+                pass_fds=(self._shm.lock_fd,) if self._shm.lock_fd is not None else (),
+            )
 
     def _wait_ready(self, t0: float) -> None:
         assert self._proc is not None
@@ -396,20 +492,13 @@ class TritonServer:
                 time.sleep(0.05)
             if _group_alive(pgid):
                 _killpg(pgid, signal.SIGKILL)
-            self._cleanup_shm()
+            if self._shm is not None:
+                self._shm.release()
             clean_exit = proc.returncode in (0, -signal.SIGTERM)
             if self._work_dir is not None and (self.config.log_file is not None or clean_exit):
                 # The private work dir only holds the default log: keep it for post-mortems after a failure.
                 shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
-
-    def _cleanup_shm(self) -> None:
-        shm = Path("/dev/shm")
-        if not shm.is_dir():
-            return
-        for leftover in shm.glob(f"{self._shm_prefix}*"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
 
     def wait(self) -> int:
         """Block until the server exits; return its exit code."""

@@ -1,7 +1,9 @@
 """The operator's client of the control endpoint (model ``fire_control``): status, history, push, observe, rollback.
 
-Talks to the server's own gRPC or HTTP endpoint; the token travels only in the request (see
-:mod:`fire_backend.wire.token` for where it is read). Errors arrive as FireClientError, translated once.
+Talks to the server's own gRPC endpoint (or HTTP, where the server allows HTTP inference). The token never
+leaves this process: each request carries a credential made with it for exactly that request
+(:mod:`fire_backend.wire.auth`), which the server checks and accepts once. See :mod:`fire_backend.wire.token`
+for where the token is read. Errors arrive as FireClientError, translated once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.connection import Connection
 from fire_backend.wire.names import DEFAULT_URL, FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
 
@@ -27,11 +30,16 @@ class ControlClient(Connection):
         return self
 
     def call(self, request: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
-        """Send one JSON action (with images for ``observe``); the server's JSON answer."""
-        inputs = [self.tensor(name, np.array([text.encode()], dtype=np.object_), "BYTES")
-                  for name, text in ((REQUEST, json.dumps(request)), (TOKEN, self.token))]
-        if images is not None:
-            inputs.append(self.tensor(IMAGES, np.ascontiguousarray(images, dtype=np.uint8), "UINT8"))
+        """Send one JSON action (with images for ``observe``), signed; the server's JSON answer."""
+        body = json.dumps(request).encode()
+        pixels = None if images is None else np.ascontiguousarray(images, dtype=np.uint8)
+        # Without a token there is nothing to sign with: the empty credential lets the server say so.
+        credential = sign(self.token, CONTROL, digest(body, b"" if pixels is None else pixels.tobytes())) \
+            if self.token else ""
+        inputs = [self.tensor(name, np.array([value], dtype=np.object_), "BYTES")
+                  for name, value in ((REQUEST, body), (TOKEN, credential.encode()))]
+        if pixels is not None:
+            inputs.append(self.tensor(IMAGES, pixels, "UINT8"))
         result = self.request(FIRE_CONTROL, inputs)
         raw = result.as_numpy(RESPONSE).reshape(-1)[0]
         return json.loads(raw.decode() if isinstance(raw, bytes) else raw)

@@ -54,6 +54,11 @@ def translate(exc: BaseException, address: str, protocol: str, timeout_s: float,
         status, message = str(exc.status() or ""), exc.message() or str(exc)
         if "UNAVAILABLE" in status:
             return unreachable(address, protocol, exc)
+        if protocol == "http" and status == "403":  # a closed API group; for a client that is HTTP inference
+            return FireClientError(
+                f"{address}: this server does not accept inference over HTTP (one JSON request can crash Triton "
+                f"2.51): use gRPC (--url grpc://HOST:GRPC_PORT), or start the server with `fire serve "
+                f"--http-inference`")
         if "DEADLINE_EXCEEDED" in status:
             return FireClientError(f"{address}: no answer within {timeout_s:g} s: the server is "
                                    "overloaded or stuck; retry, or raise the timeout")

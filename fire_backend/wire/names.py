@@ -50,4 +50,6 @@ PROTOCOLS = ("grpc", "http")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 DEFAULT_METRICS_PORT = 8002
+#: `fire serve`'s own health endpoint (/live, /ready): Triton's readiness cannot see a dead stage
+DEFAULT_HEALTH_PORT = 8003
 DEFAULT_URL = f"grpc://{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"

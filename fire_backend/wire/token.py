@@ -7,7 +7,10 @@ Precedence (the first that is set wins):
 3. the value of ``FIRE_CONTROL_TOKEN``.
 
 A token file holds the token on its first line (surrounding whitespace is stripped); an empty file is an
-error, not "no token". The token is never logged: the audit log names it by a digest.
+error, not "no token", and so is a file that other users may read or anyone but its owner (and group) may
+write (``chmod 600 FILE``): a readable token lets anyone steer the defence. Group read is allowed, as a
+Kubernetes secret mounted with ``fsGroup`` is 0440. The token is never logged: the audit log names it by a
+digest.
 
 `fire serve` resolves the token once and pins it for the Python-backend stubs (:func:`stub_environment`), so a
 shell's ``FIRE_CONTROL_TOKEN_FILE`` cannot override ``--token-file`` inside the server.
@@ -21,6 +24,8 @@ from pathlib import Path
 
 TOKEN_ENV = "FIRE_CONTROL_TOKEN"
 TOKEN_FILE_ENV = "FIRE_CONTROL_TOKEN_FILE"
+#: permission bits a token file must not have: any access by others, write by the group
+OPEN_TOKEN_FILE_BITS = 0o027
 
 
 def token_file(explicit: Path | str | None = None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -42,6 +47,10 @@ def read_token(explicit: Path | str | None = None, environ: Mapping[str, str] | 
     if path is None:
         return env.get(TOKEN_ENV) or None
     try:
+        mode = path.stat().st_mode
+        if mode & OPEN_TOKEN_FILE_BITS:
+            raise ValueError(f"{path}: the control token file is open to other users (mode {mode & 0o777:04o}); "
+                             f"make it private: chmod 600 {path}")
         token = path.read_text().strip()
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the control token file ({exc.strerror or exc}); "

@@ -250,6 +250,7 @@ def test_fire_ctl_reads_the_token_file_variable_and_json_after_the_action(ctl, l
     the shell does not win), and --json works after the action as `fire ctl --help` shows."""
     token_file = tmp_path / "token"
     token_file.write_text(learning.token + "\n")
+    token_file.chmod(0o600)
     env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(token_file), "FIRE_CONTROL_TOKEN": "wrong"}
     proc = subprocess.run([str(FIRE), "ctl", "--url", learning.grpc, *argv], capture_output=True, text=True,
                           env=env, timeout=120, check=False)

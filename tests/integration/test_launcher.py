@@ -18,19 +18,11 @@ import psutil
 import pytest
 
 from fire_backend.serving.ports import free_ports
-from fire_backend.serving.server import (
-    RESTRICTED_API_HEADER,
-    RESTRICTED_GRPC_HEADER,
-    ServerConfig,
-    TritonServer,
-    TritonServerError,
-    running_server,
-)
+from fire_backend.serving.server import ServerConfig, TritonServer, TritonServerError, running_server
 
 pytestmark = pytest.mark.integration
 
 SERVER_NAMES = {"tritonserver", "triton_python_backend_stub"}
-API_KEY = "test-admin-key-123"
 CONTROL_TOKEN = "control-token-456"
 
 CONFIG_PBTXT = """\
@@ -62,10 +54,11 @@ class TritonPythonModel:
 
 
 def make_repository(root: Path, name: str = "double", init_body: str = "pass") -> Path:
-    """A model repository with one Python-backend model that doubles an FP32 tensor."""
-    version_dir = root / name / "1"
+    """A repository (``root/models/<name>``) with one Python-backend model that doubles an FP32 tensor."""
+    model_dir = root / "models" / name
+    version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    (root / name / "config.pbtxt").write_text(CONFIG_PBTXT)
+    (model_dir / "config.pbtxt").write_text(CONFIG_PBTXT)
     (version_dir / "model.py").write_text(MODEL_PY.format(init_body=init_body))
     return root
 
@@ -92,8 +85,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo = make_repository(tmp_path_factory.mktemp("repo"))
     with running_server(
         repo,
-        models=("double",),
-        restricted_api_key=API_KEY,
+        http_inference=True,
         extra_env={"FIRE_CONTROL_TOKEN": CONTROL_TOKEN, "FIRE_TEST_MARKER": "hello"},
         omp_threads=1,
     ) as srv:
@@ -150,27 +142,20 @@ def test_urls_and_metrics_bound_to_loopback(server: TritonServer) -> None:
         assert listening.get(port) == "127.0.0.1", listening
 
 
-def test_model_repository_api_is_restricted(server: TritonServer) -> None:
+def test_model_repository_api_is_refused(server: TritonServer) -> None:
+    """Poll mode and a closed API group: nobody loads, unloads or lists models; inference stays open."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    http_headers = {RESTRICTED_API_HEADER: API_KEY}
-    # gRPC expects the restricted-protocol header under a Triton-specific prefix.
-    grpc_headers = {RESTRICTED_GRPC_HEADER: API_KEY}
     http = httpclient.InferenceServerClient(server.urls["http"].removeprefix("http://"))
     grpc = grpcclient.InferenceServerClient(server.urls["grpc"])
     try:
-        with pytest.raises(InferenceServerException):
-            http.load_model("double")
-        with pytest.raises(InferenceServerException):
-            http.load_model("double", headers={RESTRICTED_API_HEADER: "wrong"})
-        with pytest.raises(InferenceServerException):
-            grpc.load_model("double")
-        with pytest.raises(InferenceServerException):
-            grpc.load_model("double", headers=http_headers)
-        http.load_model("double", headers=http_headers)  # reload of a loaded model; needs the key
-        grpc.load_model("double", headers=grpc_headers)
+        for call in (lambda: http.load_model("double"), lambda: grpc.load_model("double"),
+                     lambda: http.unload_model("double"), lambda: grpc.unload_model("double"),
+                     http.get_model_repository_index, grpc.get_model_repository_index):
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call()
         # Inference itself stays open.
         assert http.is_model_ready("double") and grpc.is_model_ready("double")
     finally:
@@ -188,12 +173,11 @@ def test_stub_environment(server: TritonServer) -> None:
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
-def test_secrets_not_logged(server: TritonServer) -> None:
+def test_secrets_not_logged_nor_on_the_command_line(server: TritonServer) -> None:
     assert server.log_path is not None
-    log = server.log_path.read_text(errors="replace")
-    assert API_KEY not in log and CONTROL_TOKEN not in log
-    shown = server.redacted_command()
-    assert API_KEY not in shown and "fire-admin=***" in shown
+    assert CONTROL_TOKEN not in server.log_path.read_text(errors="replace")
+    assert CONTROL_TOKEN not in " ".join(psutil.Process(server.pid).cmdline())
+    assert oct(server.log_path.stat().st_mode & 0o777) == oct(0o600)
 
 
 def test_stop_leaves_no_processes(tmp_path: Path) -> None:
@@ -201,11 +185,19 @@ def test_stop_leaves_no_processes(tmp_path: Path) -> None:
     with running_server(repo) as srv:
         pids = tree_pids(srv)
         assert len(server_processes(pids)) == 2  # server + one stub
-        shm_prefix = srv._shm_prefix
+        shm_prefix = srv.shm_prefix
     assert not srv.is_alive()
     assert server_processes(pids) == []
     assert not list(Path("/dev/shm").glob(f"{shm_prefix}*"))
     srv.stop()  # idempotent
+
+
+def test_old_layout_gives_the_rebuild_command(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    (repo / "models" / "double").rename(repo / "double")
+    (repo / "models").rmdir()
+    with pytest.raises(TritonServerError, match=r"older layout.*fire repo build --out"):
+        TritonServer(ServerConfig(repo, http_port=1, grpc_port=2, metrics_port=3)).start()
 
 
 def test_busy_port_gives_clear_error(tmp_path: Path) -> None:
@@ -240,7 +232,7 @@ def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
         from fire_backend.cli.serving import serve_forever
         from fire_backend.serving.server import ServerConfig
         cfg = ServerConfig(Path({str(repo)!r}), http_port={http_port}, grpc_port={grpc_port},
-                           metrics_port={metrics_port}, restricted_api_key={API_KEY!r})
+                           metrics_port={metrics_port})
         sys.exit(serve_forever(cfg))
         """
     )
@@ -270,7 +262,6 @@ def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out
-        assert API_KEY not in "\n".join(lines) + out
         assert server_processes(server_pids) == []
     finally:
         if proc.poll() is None:

@@ -153,24 +153,27 @@ def test_bad_requests_fail_alone(defended, badnets_eval, case):
     assert expected.lower() in messages[0].lower(), messages[0]
 
 
-def _stage_processes() -> set[int]:
+def _stage_processes(repository) -> set[int]:
+    """Server and stub processes serving ``repository`` (other servers on a shared machine do not count)."""
     return {p.pid for p in psutil.process_iter(["name", "cmdline"])
-            if p.info["name"] in ("tritonserver", "triton_python_backend_stub")
-            or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or []))}
+            if (p.info["name"] in ("tritonserver", "triton_python_backend_stub")
+                or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or [])))
+            and any(str(repository) in part for part in (p.info["cmdline"] or []))}
 
 
 def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
-    before = _stage_processes()
-    http, grpc, metrics = free_ports(3)
-    (tmp_path / "a").write_text("token-a\n")
-    (tmp_path / "b").write_text("token-b\n")
+    before = _stage_processes(defended.repository)
+    http, grpc, metrics, health = free_ports(4)
+    for name in ("a", "b"):
+        (tmp_path / name).write_text(f"token-{name}\n")
+        (tmp_path / name).chmod(0o600)
     # --token-file wins over the shell's FIRE_CONTROL_TOKEN_FILE, in the stubs too
     env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(tmp_path / "b"), "FIRE_CONTROL_TOKEN": "token-env"}
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "fire_backend.cli", "serve", "--repository", str(defended.repository),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-         "--token-file", str(tmp_path / "a")],
+         "--health-port", str(health), "--token-file", str(tmp_path / "a")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines = []
@@ -202,4 +205,4 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
         time.sleep(0.2)
     alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {alive}"
-    assert _stage_processes() <= before
+    assert _stage_processes(defended.repository) <= before

@@ -1,18 +1,22 @@
-"""The control logic without Triton: the token check, every action, and refusals that change nothing.
+"""The control logic without Triton: request-bound credentials, the typed request schema, every action, and
+refusals that change nothing.
 
 The "head" is a fixed linear map of the image, so the expected estimates are computed here independently.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fire_backend.procfs import this_host
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
 from fire_backend.serving.controller import ControlError, Controller, token_id
+from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 
 TOKEN = "s3cret-token"
 SHAPE = (1, 4, 4)  # C, H, W
@@ -48,8 +52,17 @@ def controller(artifacts: Path) -> Controller:
     return Controller(artifacts, TOKEN, head)
 
 
+def call(controller: Controller, body: dict | bytes, images_: np.ndarray | None = None, token: str = TOKEN,
+         purpose: str = CONTROL, now: float | None = None) -> dict:
+    """What ControlClient sends: the request's bytes and a credential signed for them (and the images)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    pixels = b"" if images_ is None else np.ascontiguousarray(images_).tobytes()
+    credential = sign(token, purpose, digest(raw, pixels), now=now) if token else ""
+    return controller.handle(raw, credential, images_, now=now)
+
+
 def act(controller: Controller, action: str, images_: np.ndarray | None = None, **request) -> dict:
-    return controller.handle({"action": action, **request}, TOKEN, images_)
+    return call(controller, {"action": action, **request}, images_)
 
 
 def snapshot(artifacts: Path) -> dict[str, bytes]:
@@ -72,13 +85,45 @@ def test_status_of_a_fresh_store(controller: Controller) -> None:
 def test_a_wrong_token_is_refused_and_changes_nothing(controller: Controller, artifacts: Path, token: str) -> None:
     before = snapshot(artifacts)
     with pytest.raises(ControlError, match="permission denied"):
-        controller.handle({"action": "push", "directions": [direction(1)]}, token, None)
+        call(controller, {"action": "push", "directions": [direction(1)]}, token=token)
     assert snapshot(artifacts) == before
 
 
 def test_a_server_without_a_token_refuses_everything(artifacts: Path) -> None:
     with pytest.raises(ControlError, match="no control token configured"):
-        Controller(artifacts, None, head).handle({"action": "status"}, TOKEN, None)
+        call(Controller(artifacts, None, head), {"action": "status"})
+
+
+def test_the_token_never_travels_and_a_credential_is_good_for_its_own_request_once(
+        controller: Controller, artifacts: Path) -> None:
+    raw = json.dumps({"action": "push", "directions": [direction(1)]}).encode()
+    credential = sign(TOKEN, CONTROL, digest(raw, b""))
+    assert TOKEN not in credential
+    assert controller.handle(raw, credential, None)["version"] == 1
+    before = snapshot(artifacts)
+    refused = {
+        "replayed": (raw, credential),
+        "another request": (json.dumps({"action": "rollback", "version": 0}).encode(), credential),
+        "the bare token": (raw, TOKEN),
+        "bypass purpose": (raw, sign(TOKEN, BYPASS, digest(raw, b""))),
+        "expired": (raw, sign(TOKEN, CONTROL, digest(raw, b""), now=1_000_000.0)),
+        "not ASCII": (raw, b"\xff\xfe" + credential.encode()),
+    }
+    for case, (request, cred) in refused.items():
+        with pytest.raises(ControlError, match="permission denied") as info:
+            controller.handle(request, cred, None)
+        assert TOKEN not in str(info.value), case
+    assert snapshot(artifacts) == before
+
+
+def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifacts: Path) -> None:
+    """Writers record their nonce in the history: a second server (or a restarted one) refuses the replay."""
+    raw = json.dumps({"action": "push", "directions": [direction(1)]}).encode()
+    credential = sign(TOKEN, CONTROL, digest(raw, b""))
+    Controller(artifacts, TOKEN, head).handle(raw, credential, None)
+    with pytest.raises(ControlError, match="already used"):
+        Controller(artifacts, TOKEN, head).handle(raw, credential, None)
+    assert [e["version"] for e in Controller(artifacts, TOKEN, head).store.history()] == [1]
 
 
 def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
@@ -95,7 +140,27 @@ def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None
 
 REFUSED = {
     "unknown action": ({"action": "format-disk"}, None, "unknown action"),
+    "no action": ({"version": 1}, None, "unknown action null"),
+    "action not a string": ({"action": ["push"]}, None, "unknown action a list"),
+    "not an object": ([1, 2], None, "must be a JSON object"),
+    "not JSON": (b"{push", None, "not UTF-8 JSON"),
+    "not UTF-8": (b'{"action": "status\xff"}', None, "not UTF-8 JSON"),
+    "unknown field": ({"action": "status", "verbose": True}, None, "unknown field 'verbose'"),
+    "unknown direction field": ({"action": "push", "directions": [direction(1, scale=2.0)]}, None,
+                                "direction 0: unknown field 'scale'"),
     "no directions": ({"action": "push", "directions": []}, None, "non-empty list"),
+    "directions not objects": ({"action": "push", "directions": [[1.0] * DIM]}, None, "non-empty list of objects"),
+    "beta of strings": ({"action": "push", "directions": [direction(1, beta=["1"] * DIM)]}, None,
+                        "list of JSON numbers"),
+    "beta of booleans": ({"action": "push", "directions": [direction(1, beta=[True] * DIM)]}, None,
+                         "list of JSON numbers"),
+    "beta huge": ({"action": "push", "directions": [direction(1, beta=[10**400] * DIM)]}, None, "too large"),
+    "alpha a string": ({"action": "push", "directions": [direction(1, alpha="0.5")]}, None,
+                       "'alpha' must be a JSON number, not the string \"0.5\""),
+    "alpha a boolean": ({"action": "push", "directions": [direction(1, alpha=True)]}, None, "the boolean true"),
+    "name a number": ({"action": "push", "directions": [direction(1, name=3)]}, None, "'name' must be a JSON string"),
+    "center of strings": ({"action": "push", "directions": [direction(1)], "center": ["0"] * DIM}, None,
+                          "'center' must be a list of JSON numbers"),
     "NaN": ({"action": "push", "directions": [direction(1, beta=[float("nan")] * DIM)]}, None, "NaN"),
     "wrong size": ({"action": "push", "directions": [direction(1, beta=[1.0] * (DIM - 1))]}, None, f"has {DIM}"),
     "alpha": ({"action": "push", "directions": [direction(1, alpha=1e9)]}, None, "alpha"),
@@ -105,9 +170,20 @@ REFUSED = {
     "no images": ({"action": "observe"}, None, "needs IMAGES"),
     "image shape": ({"action": "observe"}, np.zeros((2, 4, 4, 3), np.uint8), "uint8 N x 4 x 4 x 1"),
     "too many images": ({"action": "observe"}, np.zeros((300, 4, 4, 1), np.uint8), "1 to 256"),
-    "estimator": ({"action": "observe", "estimator": "paired"}, images(2, 3), "estimator must be"),
+    "estimator": ({"action": "observe", "estimator": "paired"}, images(2, 3), "'estimator' must be one of"),
     "publish_every": ({"action": "observe", "publish_every": 0}, images(2, 3), "publish_every"),
-    "rollback number": ({"action": "rollback", "version": -1}, None, "version number"),
+    # issue 12, finding 7: "false" counted as clean, "abc" gave a traceback; floats and booleans slipped through
+    "clean a string": ({"action": "observe", "clean": "false"}, images(2, 3),
+                       "'clean' must be a JSON boolean (true or false), not the string \"false\""),
+    "clean a number": ({"action": "observe", "clean": 0}, images(2, 3), "JSON boolean"),
+    "publish_every a string": ({"action": "observe", "publish_every": "abc"}, images(2, 3),
+                               "'publish_every' must be a JSON integer, not the string \"abc\""),
+    "publish_every a float": ({"action": "observe", "publish_every": 2.5}, images(2, 3), "JSON integer"),
+    "publish_every a boolean": ({"action": "observe", "publish_every": True}, images(2, 3), "JSON integer"),
+    "rollback number": ({"action": "rollback", "version": -1}, None, "'version' must be >= 0"),
+    "rollback a string": ({"action": "rollback", "version": "1"}, None, "'version' must be a JSON integer"),
+    "rollback a float": ({"action": "rollback", "version": 1.0}, None, "JSON integer"),
+    "rollback missing": ({"action": "rollback"}, None, "'version' is required"),
     "rollback unknown": ({"action": "rollback", "version": 42}, None, "never committed"),
 }
 
@@ -117,8 +193,9 @@ def test_refused_actions_change_nothing(controller: Controller, artifacts: Path,
     act(controller, "push", directions=[direction(7)])
     before = snapshot(artifacts)
     request, images_, message = REFUSED[case]
-    with pytest.raises(ControlError, match=message):
-        controller.handle(request, TOKEN, images_)
+    with pytest.raises(ControlError) as info:
+        call(controller, request, images_)
+    assert message in str(info.value) and "\n" not in str(info.value)
     assert snapshot(artifacts) == before
     assert act(controller, "status")["version"] == 1
 
@@ -159,3 +236,79 @@ def test_rollback_restores_an_earlier_version_and_0(controller: Controller) -> N
     status = act(controller, "status")
     assert status["version"] == 0 and status["directions"] == []
     assert act(controller, "push", directions=[direction(3)])["version"] == 3
+
+
+def test_status_names_the_damage_and_what_a_restart_would_apply(controller: Controller, artifacts: Path) -> None:
+    act(controller, "push", directions=[direction(1)])
+    act(controller, "push", directions=[direction(2)])
+    path = controller.store.version_path(2)
+    path.write_bytes(path.read_bytes()[:-10])
+    status = act(controller, "status")
+    assert (status["version"], status["verified_version"]) == (2, 1)
+    assert [d["name"] for d in status["directions"]] == ["op-1"]
+    assert any(line.startswith("version 2: checksum mismatch") for line in status["damage"])
+    assert str(artifacts) not in json.dumps(status)  # no server paths
+    with pytest.raises(ControlError, match="live version 2 is damaged"):
+        act(controller, "observe", images(2, 3, trigger=True))
+    act(controller, "rollback", version=1)
+    assert act(controller, "status")["damage"] == []
+
+
+def test_status_lists_running_instances_only(controller: Controller) -> None:
+    controller.store.report_instance("fire_repair_0_0-here", 0)
+    stale = {"instance": "fire_repair_0_1-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
+    (controller.store.instances_dir / "fire_repair_0_1-gone.json").write_text(json.dumps(stale))
+    assert [i["instance"] for i in act(controller, "status")["instances"]] == ["fire_repair_0_0-here"]
+
+
+class FakePb:
+    """The few pieces of triton_python_backend_utils that ControlStage touches (a faithful double: the real stub
+    runs in tests/security)."""
+
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message: str, code: str) -> None:
+            self.message, self.code = message, code
+
+    class Tensor:
+        def __init__(self, name: str, array: np.ndarray) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> np.ndarray:
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list, error=None) -> None:
+            self.output_tensors, self.error = output_tensors, error
+
+    @staticmethod
+    def get_input_tensor_by_name(request: dict, name: str):
+        return request.get(name)
+
+
+def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(controller: Controller) -> None:
+    from fire_backend.serving.control_stage import ControlStage
+
+    stage = ControlStage.__new__(ControlStage)
+    stage.pb, stage.controller = FakePb, controller
+
+    def request(body: bytes, credential: bytes) -> dict:
+        return {name: FakePb.Tensor(name, np.array([value], dtype=np.object_))
+                for name, value in (("REQUEST", body), ("TOKEN", credential))}
+
+    raw = json.dumps({"action": "status"}).encode()
+    good = request(raw, sign(TOKEN, CONTROL, digest(raw, b"")).encode())
+    refused = request(raw, b"nonsense")
+    controller.latents = None  # not used by status
+    ok, no = stage.execute([good, refused])
+    assert ok.error is None and json.loads(ok.output_tensors[0].array[0])["version"] == 0
+    assert no.error.code == "INVALID_ARG" and no.error.message.startswith("permission denied")
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError(f"{controller.artifacts}/store/CURRENT: something deep went wrong")
+
+    controller.handle = broken
+    (failed,) = stage.execute([request(raw, b"x")])
+    assert failed.error.code == "INTERNAL" and str(controller.artifacts) not in failed.error.message
+    assert failed.error.message == "fire_control: internal error; the server log has the details"

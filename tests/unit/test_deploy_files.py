@@ -2,40 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import yaml
 
+from fire_backend.cli import build_parser
 from fire_backend.models import DigitsCNN
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.repository import STAGES, RepositoryOptions, write_configs
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
+from fire_backend.serving.repository import RepositoryOptions, write_configs
 from fire_backend.split import candidate_layers
-from fire_backend.wire.names import FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE
+from fire_backend.wire.names import DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_INSTRUCTIONS = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "EXPOSE", "ENTRYPOINT", "CMD", "WORKDIR",
                        "USER", "LABEL", "VOLUME", "HEALTHCHECK", "SHELL", "STOPSIGNAL", "ONBUILD"}
 
 
-def test_kubernetes_manifest_parses_and_probes_triton():
+def test_kubernetes_manifest_parses_and_probes_fire_serve():
+    """Triton's own readiness cannot see a dead stage process: the probes ask `fire serve`'s health port."""
     docs = list(yaml.safe_load_all((ROOT / "docs/deploy/kubernetes.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
     assert set(kinds) == {"PersistentVolumeClaim", "Deployment", "Service"}
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert {p["containerPort"] for p in container["ports"]} == {8000, 8001, 8002}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": DEFAULT_PORTS["http"], "grpc": DEFAULT_PORTS["grpc"], "metrics": DEFAULT_METRICS_PORT,
+                     "health": DEFAULT_HEALTH_PORT}
+    for probe, path in (("readinessProbe", "/ready"), ("startupProbe", "/ready"), ("livenessProbe", "/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}, probe
+    assert all("ADMIN" not in e["name"] for e in container["env"])  # no key to hand around any more
 
 
-def test_dockerfile_is_well_formed_and_loads_every_model():
+def test_dockerfile_is_well_formed_and_runs_fire_serve():
     text = (ROOT / "docs/deploy/Dockerfile").read_text()
     logical = re.sub(r"\\\n", " ", text)
     lines = [line for line in logical.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     assert all(line.split()[0] in DOCKER_INSTRUCTIONS for line in lines), lines
     assert lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:24.10")
-    loaded = set(re.findall(r"--load-model=(\w+)", logical))
-    assert loaded == set(STAGES) | {FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE}
+    (entrypoint,) = [json.loads(line.split(None, 1)[1]) for line in lines if line.startswith("ENTRYPOINT")]
+    assert entrypoint[:4] == ["fire", "serve", "--repository", "/repository"]
+    args = build_parser().parse_args(entrypoint[1:])
+    assert args.health_port == DEFAULT_HEALTH_PORT and not args.http_inference
 
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
@@ -46,7 +54,8 @@ def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
     write_configs(tmp_path, settings, RepositoryOptions())
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(ROOT / "model_repository") for p in (ROOT / "model_repository").rglob("*")
-                       if p.is_file() and "artifacts" not in p.parts and "__pycache__" not in p.parts)
+                       if p.is_file() and ARTIFACTS_DIR not in p.parts and "__pycache__" not in p.parts)
+    assert generated and all(rel.parts[0] == MODELS_DIR for rel in generated)
     assert generated == committed
     for rel in generated:
         assert (tmp_path / rel).read_text() == (ROOT / "model_repository" / rel).read_text(), rel

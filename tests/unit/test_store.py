@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,14 @@ import pytest
 import torch
 
 from fire_backend.fire import AugmentedEstimator, Direction, EstimatorState, RunningMean, UnpairedEstimator
-from fire_backend.store import DirectionSet, DirectionStore, StoreError, StoreFollower, validate_direction_set
+from fire_backend.store import (
+    DirectionSet,
+    DirectionStore,
+    LiveState,
+    StoreError,
+    StoreFollower,
+    validate_direction_set,
+)
 
 DIM = 6
 
@@ -37,6 +45,7 @@ def files(store: DirectionStore) -> dict[str, bytes]:
 
 def test_a_new_store_is_version_0(store: DirectionStore) -> None:
     assert store.live_version() == 0 and store.history() == [] and store.read_pointer() == (0, "")
+    assert store.resolve() == LiveState(0, "", 0, ())
 
 
 def test_commit_round_trips_the_direction_set(store: DirectionStore) -> None:
@@ -86,10 +95,12 @@ def test_a_corrupt_version_is_never_served(store: DirectionStore) -> None:
         store.read_version(2)
     assert store.live_version() == 1  # falls back to the previous committed version
     follower = StoreFollower(store)
-    assert follower.poll() is False and follower.version == 0  # CURRENT names 2, which does not verify
-    store.repair_pointer()
-    assert store.read_pointer()[0] == 1
-    assert follower.poll() is True and follower.version == 1
+    assert follower.poll() is True and follower.version == 1  # CURRENT names 2, which does not verify
+    state = store.resolve()
+    assert (state.version, state.verified) == (2, 1)
+    assert any("version 2: checksum mismatch" in line for line in state.damage)
+    store.repair_pointer()  # never replaces a damaged committed version by an older one
+    assert store.read_pointer()[0] == 2
 
 
 def test_a_partial_version_file_is_not_a_version(store: DirectionStore) -> None:
@@ -106,6 +117,92 @@ def test_a_crash_between_history_and_pointer_is_repaired(store: DirectionStore) 
     store.current_path.write_text(json.dumps({"version": 0, "sha256": ""}))  # the pointer was not rewritten
     store.repair_pointer()
     assert store.read_pointer() == (1, sha)
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage", b'{"version": "7"}', b'{"version": 1}', b"\xff\xfe"])
+def test_an_unreadable_pointer_never_drops_an_instance_to_version_0(store: DirectionStore, damage: bytes) -> None:
+    """Finding 3 of issue 12: a damaged CURRENT made every repair instance apply version 0 (no defence)."""
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    running = StoreFollower(store)
+    assert running.poll() is True and running.version == 2
+    store.current_path.write_bytes(damage)
+    assert store.read_pointer() is None
+    assert running.poll() is False and running.version == 2  # keeps what it verified
+    starting = StoreFollower(store)
+    assert starting.poll() is True and starting.version == 2  # the history decides
+    state = store.resolve()
+    assert (state.version, state.verified) == (2, 2) and "CURRENT unreadable" in state.damage
+    store.repair_pointer()
+    assert store.read_pointer() == (2, store.read_version(2).sha256) and store.resolve().damage == ()
+
+
+def test_a_missing_pointer_defers_to_the_history(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    store.current_path.unlink()
+    follower = StoreFollower(store)
+    assert follower.poll() is True and follower.version == 1
+    assert follower.poll() is False
+    assert "CURRENT missing" in store.resolve().damage
+
+
+def test_a_corrupt_last_history_line_keeps_the_published_version(store: DirectionStore) -> None:
+    """Finding 6 of issue 12: a corrupted last history line made status say N-1 while N was served."""
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    lines = store.history_path.read_bytes().splitlines(keepends=True)
+    store.history_path.write_bytes(b"".join(lines[:-1]) + lines[-1][:20] + b"X" + lines[-1][21:])
+    state = store.resolve()
+    assert (state.version, state.verified) == (2, 2)
+    assert state.damage == ("history line 2 torn or corrupt",)
+    store.repair_pointer()
+    assert store.read_pointer()[0] == 2  # not rolled back to the history's version 1
+    follower = StoreFollower(store)
+    assert follower.poll() is True and follower.version == 2
+
+
+def test_a_truncated_live_version_is_named_and_running_instances_keep_it(store: DirectionStore) -> None:
+    """Finding 6 of issue 12: a truncated live version file; status must say what instances apply, and why."""
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    running = StoreFollower(store)
+    running.poll()
+    path = store.version_path(2)
+    path.write_bytes(path.read_bytes()[:-40])
+    state = store.resolve()
+    assert (state.version, state.verified) == (2, 1)
+    assert any(line.startswith("version 2: checksum mismatch") for line in state.damage)
+    assert running.poll() is False and running.version == 2
+    assert StoreFollower(store).poll() is True and store.live_version() == 1
+
+
+def test_nothing_verifiable_keeps_what_an_instance_has(store: DirectionStore) -> None:
+    store.commit(direction_set(1), "push")
+    running = StoreFollower(store)
+    running.poll()
+    store.version_path(1).write_bytes(b"")
+    store.current_path.write_bytes(b"")
+    state = store.resolve()
+    assert state.verified is None and "no committed version verifies" in state.damage
+    assert running.poll() is False and running.version == 1
+
+
+def test_the_instance_registry_lists_running_instances_only(store: DirectionStore) -> None:
+    import subprocess
+    import sys
+
+    store.report_instance("fire_repair_0_0-me", 3)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = {"instance": "fire_repair_0_1-gone", "version": 2, "pid": int(dead.stdout), "host": os.uname().nodename}
+    (store.instances_dir / "fire_repair_0_1-gone.json").write_text(json.dumps(stale))
+    remote = {**stale, "instance": "fire_repair_0_0-remote", "host": "another-host"}
+    (store.instances_dir / "fire_repair_0_0-remote.json").write_text(json.dumps(remote))
+    listed = {e["instance"]: e["alive"] for e in store.instances()}
+    assert listed == {"fire_repair_0_0-me": True, "fire_repair_0_0-remote": None}
+    assert [e["instance"] for e in store.registry.prune()] == ["fire_repair_0_1-gone"]
+    assert sorted(p.name for p in store.instances_dir.iterdir()) == ["fire_repair_0_0-me.json",
+                                                                     "fire_repair_0_0-remote.json"]
 
 
 def test_rollback(store: DirectionStore) -> None:

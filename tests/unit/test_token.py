@@ -16,6 +16,8 @@ def files(tmp_path: Path) -> dict[str, Path]:
     paths["a"].write_text("token-a\n")
     paths["b"].write_text("  token-b  ")
     paths["empty"].write_text("\n")
+    for path in paths.values():
+        path.chmod(0o600)
     return paths
 
 
@@ -51,3 +53,16 @@ def test_a_relative_token_file_is_pinned_absolute(files: dict[str, Path], monkey
     monkeypatch.chdir(files["a"].parent)
     pinned = stub_environment(Path("a"), {})
     assert Path(pinned[TOKEN_FILE_ENV]).is_absolute() and read_token(None, pinned) == "token-a"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620, 0o666])
+def test_a_token_file_open_to_others_is_refused(files: dict[str, Path], mode: int) -> None:
+    files["a"].chmod(mode)
+    with pytest.raises(ValueError, match=rf"open to other users \(mode {mode:04o}\).*chmod 600"):
+        read_token(files["a"], {})
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o440])
+def test_a_private_or_group_readable_token_file_is_read(files: dict[str, Path], mode: int) -> None:
+    files["a"].chmod(mode)
+    assert read_token(files["a"], {}) == "token-a"

@@ -1,0 +1,410 @@
+"""Supervision of one tritonserver: what ``fire serve`` does between start and stop so faults heal on their own.
+
+Triton 2.51 neither restarts itself nor replaces a dead Python-backend stub (the restart code was removed from
+python_backend in May 2024), and its readiness never reflects a dead stub: after a ``kill -9`` of one repair
+stub, every request routed to it fails after a second, for ever, while ``/v2/health/ready`` says 200. So,
+twice a second:
+
+- **tritonserver exited** without being asked (a crash, a signal, the OOM killer): the event and the log's last
+  lines are reported, the process group is killed, its shared memory cleaned, and the server started again with
+  the same configuration: the first time at once, then after 1, 2, 4 ... s (at most 30); after
+  ``max_restarts`` within ``restart_window_s`` the supervisor gives up and says so.
+- **a stub died** (its process stayed a zombie for ``confirm_s`` and no newer stub took its instance over; Triton
+  reaps the stubs it stops itself at once): the model's version directory is touched, so poll mode loads a fresh
+  copy and swaps it in; the healthy instances keep serving meanwhile and only requests routed to the dead one
+  fail. Its stale entry in the store's instance registry is removed. Recovered when the server log says the
+  copy loaded and every instance runs in a new stub; a failed load, or none within ``reload_timeout_s``: a full
+  restart. (Under traffic Triton 2.51 keeps the replaced copy, dead stub included, until the next restart; it
+  serves nothing.)
+- **the control stub's region grew** past its limit (Triton copies a request into the region before the model
+  sees it, and regions never shrink): ``fire_control`` is reloaded the same way, for a fresh region.
+
+Readiness (:attr:`Supervisor.ready`) is false while starting, restarting or degraded; ``fire serve`` publishes it
+on its own health endpoint (:mod:`fire_backend.serving.health`). Events go to ``report``; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
+from fire_backend.procfs import Process, child_processes, is_running, this_host, uptime_ticks
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR
+from fire_backend.serving.model_configs import StubModel, stub_models
+from fire_backend.serving.server import TritonServer, TritonServerError
+from fire_backend.wire.names import FIRE_CONTROL
+
+LOGGER = logging.getLogger(__name__)
+MIB = 1 << 20
+#: a stub's argv: [binary, model.py, region, size, growth, server pid, backend dir, ipc handle, instance, ...]
+STUB_ARGV_MODEL_PY, STUB_ARGV_REGION, STUB_ARGV_INSTANCE = 1, 2, 8
+STUB_BINARY = "triton_python_backend_stub"
+
+
+class State(str, Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEGRADED = "degraded"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, as an operator reads it (a negative code is the signal that ended it)."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(frozen=True)
+class SupervisorPolicy:
+    """How the supervisor watches and heals (defaults suit the digits and CIFAR repositories on a small box)."""
+
+    interval_s: float = 0.5
+    #: how long a stub must stay dead before it counts (Triton reaps the stubs it stops itself within this)
+    confirm_s: float = 1.5
+    #: a reloaded model not healthy after this long gets a full restart
+    reload_timeout_s: float = 60.0
+    #: model -> largest shared-memory region its stubs may keep before the model is reloaded for a fresh one
+    region_limits: Mapping[str, int] = field(default_factory=lambda: {FIRE_CONTROL: 8 * MIB})
+    #: give up after this many restarts within restart_window_s; wait 1, 2, 4 ... max_backoff_s between them
+    max_restarts: int = 5
+    restart_window_s: float = 600.0
+    max_backoff_s: float = 30.0
+
+
+@dataclass
+class _Stub:
+    pid: int
+    instance: str
+    model: str
+    region: str
+    started: int  #: clock ticks since boot
+    dead_since: float | None = None
+
+
+@dataclass(frozen=True)
+class _Reload:
+    asked: float  #: time.monotonic()
+    asked_ticks: int  #: procfs.uptime_ticks()
+    degrades: bool  #: a dead instance (not readiness-neutral housekeeping such as a region reset)
+    #: the stubs the new copy replaces
+    replaces: frozenset[int]
+    #: where the server log stood when the reload was asked for: the load's outcome is logged after it
+    log_offset: int
+
+
+class Supervisor:
+    """Keeps one :class:`TritonServer` serving; ``run()`` loops until asked to stop or it gives up."""
+
+    def __init__(self, server: TritonServer, policy: SupervisorPolicy | None = None,
+                 report: Callable[[str], None] | None = None) -> None:
+        self.server = server
+        self.policy = policy or SupervisorPolicy()
+        self._report_fn = report or LOGGER.warning
+        self._lock = threading.Lock()
+        self._state = State.STOPPED
+        self._detail = ""
+        self._since = time.time()
+        self._heartbeat = time.monotonic()
+        self._stubs: dict[int, _Stub] = {}
+        self._models: dict[str, StubModel] = {}
+        self._reloads: dict[str, _Reload] = {}
+        self._missing_since: dict[str, float] = {}
+        self._restarts: deque[float] = deque()
+        self._generation = 0  #: counts restarts, so a round notices one happened under it
+        self.events: list[tuple[float, str]] = []  #: (time, message) of everything reported
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def reloading(self) -> set[str]:
+        """The models whose reload the supervisor is waiting for."""
+        return set(self._reloads)
+
+    @property
+    def ready(self) -> bool:
+        return self._state is State.READY and self.server.is_alive()
+
+    @property
+    def live(self) -> bool:
+        """False once the supervisor gave up, or when its loop has stalled while the server should be up."""
+        if self._state is State.FAILED:
+            return False
+        busy = self._state in (State.STARTING, State.RESTARTING, State.STOPPED)
+        return busy or time.monotonic() - self._heartbeat < max(10.0, 20 * self.policy.interval_s)
+
+    def health(self) -> dict[str, Any]:
+        """What the health endpoint shows."""
+        with self._lock:
+            return {"state": self._state.value, "detail": self._detail, "since": self._since,
+                    "ready": self.ready, "live": self.live, "tritonserver_pid": self.server.pid,
+                    "restarts": len(self._restarts)}
+
+    def _set(self, state: State, detail: str = "") -> None:
+        with self._lock:
+            if state is not self._state or detail != self._detail:
+                self._since = time.time()
+            self._state, self._detail = state, detail
+
+    def _report(self, message: str) -> None:
+        self.events.append((time.time(), message))
+        self._report_fn(message)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the server (blocks until it is ready); raises TritonServerError when it cannot start."""
+        self._set(State.STARTING)
+        try:
+            self.server.start()
+        except BaseException:
+            self._set(State.STOPPED)
+            raise
+        self._after_start()
+
+    def _after_start(self) -> None:
+        self._models = {m.name: m for m in stub_models(self.server.models_dir)}
+        self._stubs.clear()
+        self._reloads.clear()
+        self._missing_since.clear()
+        self._learn(child_processes(self.server.pid or 0))
+        self._heartbeat = time.monotonic()
+        self._set(State.READY)
+
+    def stop(self) -> None:
+        if self._state is not State.FAILED:  # keep saying why it gave up
+            self._set(State.STOPPED, "stopping")
+        self.server.stop()
+
+    def run(self, stop: threading.Event) -> int:
+        """Supervise until ``stop`` is set (0) or the supervisor gives up (1). The server must be started."""
+        while not stop.wait(self.policy.interval_s):
+            self.check(stop)
+            if self._state is State.FAILED:
+                return 1
+        return 0
+
+    # -- one round -------------------------------------------------------------------------------
+
+    def check(self, stop: threading.Event | None = None) -> None:
+        """One supervision round: restart a dead server, reload models with dead stubs, reset big regions."""
+        self._heartbeat = time.monotonic()
+        if self._state in (State.FAILED, State.STOPPED):
+            return
+        if not self.server.is_alive():
+            if self._reloads or self._stubs:
+                self._stubs.clear()
+                self._reloads.clear()
+            self._restart(f"tritonserver died ({describe_exit(self.server.returncode)})", stop, with_log=True)
+            return
+        now = time.monotonic()
+        with contextlib.suppress(OSError):  # the operator may edit configs: expect what they say now
+            self._models = {m.name: m for m in stub_models(self.server.models_dir)}
+        processes = child_processes(self.server.pid or 0)
+        self._learn(processes)
+        running = {p.pid for p in processes if p.running}
+        present = {p.pid for p in processes}
+        for pid, stub in list(self._stubs.items()):
+            if pid not in present:
+                del self._stubs[pid]  # gone: reaped by Triton, which it does when it unloads a model's old copy
+            elif pid not in running and stub.dead_since is None:
+                stub.dead_since = now
+        newest: dict[str, int] = {}  # instance -> start of its newest running stub
+        for stub in self._stubs.values():
+            if stub.pid in running:
+                newest[stub.instance] = max(newest.get(stub.instance, -1), stub.started)
+        # Dead for confirm_s and not replaced by a newer stub of the same instance (Triton replaces stubs when
+        # it reloads a model, whoever asked, and reaps the old ones at once): a crash.
+        generation = self._generation
+        for stub in list(self._stubs.values()):
+            if stub.dead_since is not None and now - stub.dead_since >= self.policy.confirm_s \
+                    and newest.get(stub.instance, -1) <= stub.started and stub.model not in self._reloads:
+                self._reload(stub.model, f"{stub.instance} (pid {stub.pid}) died", {stub.pid}, degrades=True)
+                if generation != self._generation:
+                    return  # the reload failed and the server was restarted: a fresh round next time
+        for model in list(self._models.values()):
+            missing = sorted(set(model.instances) - set(newest))
+            if not missing:
+                self._missing_since.pop(model.name, None)
+                continue
+            since = self._missing_since.setdefault(model.name, now)
+            if now - since >= self.policy.confirm_s and model.name not in self._reloads:
+                self._reload(model.name, f"{missing[0]} has no running stub", set(), degrades=True)
+                if generation != self._generation:
+                    return
+        self._check_regions(newest)
+        if generation == self._generation:
+            self._settle(now, set(newest))
+
+    def _learn(self, processes: list[Process]) -> None:
+        for proc in processes:
+            argv = proc.argv
+            if not proc.running or proc.pid in self._stubs or len(argv) <= STUB_ARGV_INSTANCE \
+                    or not argv[0].endswith(STUB_BINARY):
+                continue
+            model = Path(argv[STUB_ARGV_MODEL_PY]).parent.parent.name
+            spec = self._models.get(model)
+            # Only instance stubs: the transient model-level stub of a load (named after the model) is not one.
+            if spec is not None and argv[STUB_ARGV_INSTANCE] in spec.instances:
+                self._stubs[proc.pid] = _Stub(proc.pid, argv[STUB_ARGV_INSTANCE], model, argv[STUB_ARGV_REGION],
+                                              proc.started)
+
+    def _settle(self, now: float, running_instances: set[str]) -> None:
+        """Recovered once Triton logged the new copy loaded and every instance runs in a stub started after the
+        reload was asked for; a failed load, or one not done within ``reload_timeout_s``, becomes a full restart.
+
+        The log is the one place Triton 2.51 says a poll-mode reload finished: the model stays "ready" throughout
+        (its old copy serves meanwhile), and under traffic it may keep that old copy, with the dead stub as a
+        zombie, for as long as it runs, so the old stubs going away cannot be the sign.
+        """
+        for model, reload in list(self._reloads.items()):
+            spec = self._models.get(model)
+            fresh = {s.instance for s in self._stubs.values() if s.model == model and s.dead_since is None
+                     and s.started >= reload.asked_ticks}
+            outcome = self._load_outcome(model, reload.log_offset)
+            if outcome == "failed":
+                self._restart(f"reloading {model} failed (see the tritonserver log)", None)
+                return
+            if outcome == "loaded" and (spec is None or set(spec.instances) <= fresh & running_instances):
+                del self._reloads[model]
+                self._report(f"{model} recovered in {now - reload.asked:.1f} s")
+                self._prune_registry(superseded=reload.replaces | self._superseded(model))
+            elif now - reload.asked > self.policy.reload_timeout_s:
+                self._restart(f"{model} not recovered {self.policy.reload_timeout_s:.0f} s after its reload", None)
+                return
+        degraded = sorted(m for m, r in self._reloads.items() if r.degrades)
+        if degraded:
+            self._set(State.DEGRADED, "reloading " + ", ".join(degraded))
+        elif self._state is State.DEGRADED:
+            self._set(State.READY)
+
+    def _superseded(self, model: str) -> set[int]:
+        """Stubs of ``model`` with a newer stub of the same instance: old copies, serving nothing."""
+        newest: dict[str, int] = {}
+        for stub in self._stubs.values():
+            if stub.model == model:
+                newest[stub.instance] = max(newest.get(stub.instance, -1), stub.started)
+        return {s.pid for s in self._stubs.values() if s.model == model and s.started < newest[s.instance]}
+
+    def _load_outcome(self, model: str, offset: int) -> str | None:
+        """'loaded' or 'failed' once the server log says so after ``offset``; None while it has not."""
+        path = self.server.log_path
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as log:
+                log.seek(offset)
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return None
+        if f"failed to load '{model}'" in text:
+            return "failed"
+        return "loaded" if f"successfully loaded '{model}'" in text else None
+
+    def _reload(self, model: str, why: str, replaces: set[int], degrades: bool) -> None:
+        """Touch the model's version directory: poll mode loads a fresh copy (new stubs) and swaps it in."""
+        spec = self._models.get(model)
+        directory = spec.version_dir if spec is not None else self.server.models_dir / model
+        self._report(f"{why}; reloading {model}")
+        try:
+            os.utime(directory)
+        except OSError as exc:
+            self._report(f"cannot touch {directory} ({exc.strerror}); restarting tritonserver instead")
+            self._restart(f"{model} could not be reloaded", None)
+            return
+        self._reloads[model] = _Reload(time.monotonic(), uptime_ticks(), degrades, frozenset(replaces),
+                                       self._log_size())
+        if degrades:
+            self._set(State.DEGRADED, f"reloading {model}")
+            self._prune_registry()
+
+    def _log_size(self) -> int:
+        try:
+            return self.server.log_path.stat().st_size if self.server.log_path else 0
+        except OSError:
+            return 0
+
+    def _prune_registry(self, superseded: set[int] | frozenset[int] = frozenset()) -> None:
+        """Remove the store's instance entries of exited stubs (and of ``superseded`` ones of this host)."""
+        registry = InstanceRegistry(Path(self.server.config.repository) / ARTIFACTS_DIR / STORE_DIR / INSTANCES_DIR)
+        here = this_host()
+
+        def stale(entry: dict[str, Any]) -> bool:
+            mine = entry.get("host", here) == here
+            return mine and (entry.get("pid") in superseded or not is_running(int(entry.get("pid") or 0)))
+
+        for entry in registry.prune(stale):
+            self._report(f"removed the stale instance entry {entry.get('instance')} (pid {entry.get('pid')})")
+
+    def _check_regions(self, newest: dict[str, int]) -> None:
+        for stub in list(self._stubs.values()):
+            limit = self.policy.region_limits.get(stub.model)
+            if limit is None or stub.dead_since is not None or stub.model in self._reloads \
+                    or newest.get(stub.instance) != stub.started:  # a superseded stub, on its way out
+                continue
+            try:
+                size = self.server.region_path(stub.region).stat().st_size
+            except OSError:
+                continue
+            if size > limit:
+                self._reload(stub.model, f"{stub.instance}'s shared-memory region grew to {size / MIB:.0f} MiB "
+                                         f"(limit {limit / MIB:.0f} MiB)", {stub.pid}, degrades=False)
+                return  # one reload a round; the others wait for the next
+
+    # -- restart ---------------------------------------------------------------------------------
+
+    def _restart(self, why: str, stop: threading.Event | None, with_log: bool = False) -> None:
+        self._generation += 1
+        now = time.monotonic()
+        while self._restarts and now - self._restarts[0] > self.policy.restart_window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.policy.max_restarts:
+            self._report(f"{why}; giving up after {len(self._restarts)} restarts within "
+                         f"{self.policy.restart_window_s / 60:.0f} min: see the tritonserver log "
+                         f"{self.server.log_path}")
+            self._set(State.FAILED, why)
+            self.server.stop()
+            return
+        tail = "\n".join(_without_backtrace(self.server.log_tail(60))[-12:]) if with_log else ""
+        self._report(f"{why}; restarting it" + (f"; its last log lines:\n{tail}" if tail else ""))
+        self._set(State.RESTARTING, why)
+        self.server.stop()
+        delay = 0.0 if not self._restarts else min(2.0 ** (len(self._restarts) - 1), self.policy.max_backoff_s)
+        self._restarts.append(now)
+        if delay and (stop.wait(delay) if stop is not None else time.sleep(delay)):
+            return
+        began = time.monotonic()
+        try:
+            self.server.start()
+        except TritonServerError as exc:
+            self._report(f"restart failed: {str(exc).splitlines()[0]}")
+            return  # the next round sees the server down and tries again, with backoff
+        self._after_start()
+        self._report(f"tritonserver restarted in {time.monotonic() - began:.1f} s (pid {self.server.pid})")
+
+
+def _without_backtrace(lines: list[str]) -> list[str]:
+    """Log lines minus the frames of a crash backtrace ("12# 0x... in ..."), which say nothing to an operator."""
+    return [line for line in lines if not re.match(r"\s*\d+# ", line)]
