@@ -9,9 +9,8 @@ import yaml
 
 from fire_backend.models import DigitsCNN
 from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.repository import STAGES, RepositoryOptions, write_configs
+from fire_backend.serving.repository import RepositoryOptions, repository_models, write_configs
 from fire_backend.split import candidate_layers
-from fire_backend.wire.names import FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER_INSTRUCTIONS = {"FROM", "RUN", "COPY", "ADD", "ENV", "ARG", "EXPOSE", "ENTRYPOINT", "CMD", "WORKDIR",
@@ -28,6 +27,12 @@ def test_kubernetes_manifest_parses_and_probes_triton():
     assert {p["containerPort"] for p in container["ports"]} == {8000, 8001, 8002}
 
 
+def digits_settings() -> ServingSettings:
+    shapes = dict(candidate_layers(DigitsCNN(), (1, 8, 8)))
+    return ServingSettings(layer="block2", input_shape=(1, 8, 8), latent_shape=shapes["block2"], num_classes=10,
+                           arch="digits_cnn")
+
+
 def test_dockerfile_is_well_formed_and_loads_every_model():
     text = (ROOT / "docs/deploy/Dockerfile").read_text()
     logical = re.sub(r"\\\n", " ", text)
@@ -35,15 +40,12 @@ def test_dockerfile_is_well_formed_and_loads_every_model():
     assert all(line.split()[0] in DOCKER_INSTRUCTIONS for line in lines), lines
     assert lines[0].startswith("FROM nvcr.io/nvidia/tritonserver:24.10")
     loaded = set(re.findall(r"--load-model=(\w+)", logical))
-    assert loaded == set(STAGES) | {FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE}
+    assert loaded == set(repository_models(digits_settings(), RepositoryOptions()))  # a production repository
 
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
     """model_repository/ is the digits demo's generated repository; regenerate it if this fails."""
-    shapes = dict(candidate_layers(DigitsCNN(), (1, 8, 8)))
-    settings = ServingSettings(layer="block2", input_shape=(1, 8, 8), latent_shape=shapes["block2"],
-                               num_classes=10, arch="digits_cnn")
-    write_configs(tmp_path, settings, RepositoryOptions())
+    write_configs(tmp_path, digits_settings(), RepositoryOptions())
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(ROOT / "model_repository") for p in (ROOT / "model_repository").rglob("*")
                        if p.is_file() and "artifacts" not in p.parts and "__pycache__" not in p.parts)
