@@ -506,8 +506,7 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
              f"(+{config.warmup_s:g} s warm-up), {config.rounds} round(s), batch {config.batch}, {config.protocol}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    models = tuple(dict.fromkeys(m for t in targets for m in t.stages))
-    with running_server(repository, models=models) as server:
+    with running_server(repository) as server:
         url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
         with FireClient(url) as client:
             server_version = client.server_metadata().get("version")

@@ -1,7 +1,9 @@
-"""The artifacts a served repository loads: model halves, serving settings, clean centroid, direction store.
+"""The layout of a served repository, and the artifacts it loads: model halves, settings, centroid, store.
 
-``fire repo build`` writes them; every Triton stage reads them through this module, so the layout is
-defined once. Nothing here imports Triton.
+A repository is ``<repo>/models/<model>/...`` (what tritonserver is pointed at: models only, so Triton's poll
+mode can watch it) beside ``<repo>/artifacts/`` (halves, serving settings, clean centroid, direction store).
+``fire repo build`` writes them; the launcher and every Triton stage find them through this module, so the layout
+is defined once. Nothing here imports Triton.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import numpy as np
 
 from fire_backend.wire.names import FIRE_ENSEMBLE
 
-#: the artifacts folder beside the models of a repository (each stage's ``artifacts_dir`` parameter)
+#: the folder of a repository that tritonserver serves (``--model-repository``): model directories only
+MODELS_DIR = "models"
+#: the artifacts folder beside it (each stage's ``artifacts_dir`` parameter, relative to the repository root)
 ARTIFACTS_DIR = "artifacts"
 #: the whole network (spec + weights); every stage cuts its own part from it at start
 FULL_FILE = "full.pt"
@@ -120,22 +124,41 @@ class ServingSettings:
         return cls(**data)
 
 
+def models_dir(repository: Path) -> Path:
+    """Where tritonserver finds the models of ``repository``."""
+    return Path(repository) / MODELS_DIR
+
+
+def old_layout_error(repository: Path) -> str | None:
+    """The message for a repository written before models moved under ``models/`` (None if it is not one)."""
+    repository = Path(repository)
+    if models_dir(repository).is_dir() or not any(repository.glob("*/config.pbtxt")):
+        return None
+    return (f"{repository}: models sit at the repository root, an older layout that tritonserver's poll mode "
+            f"cannot serve; rebuild it with `fire repo build --out {repository}` (models go to {MODELS_DIR}/, "
+            f"beside {ARTIFACTS_DIR}/)")
+
+
 def is_fire_repository(repository: Path) -> bool:
-    return (repository / FIRE_ENSEMBLE / "config.pbtxt").is_file()
+    return (models_dir(repository) / FIRE_ENSEMBLE / "config.pbtxt").is_file()
 
 
 def require_fire_repository(repository: Path) -> Path:
     """``repository`` if it is one ``fire repo build`` wrote; else a ValueError naming the fix."""
     if not is_fire_repository(repository):
-        raise ValueError(f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
+        raise ValueError(old_layout_error(repository)
+                         or f"{repository}: not a FIRE model repository (build one with `fire repo build`)")
     return repository
 
 
 def resolve_artifacts(model_repository: str, configured: str) -> Path:
-    """A stage's ``artifacts_dir`` parameter, relative paths taken from the repository root."""
+    """A stage's ``artifacts_dir`` parameter; relative paths are taken from the repository root.
+
+    ``model_repository`` is what Triton passes a stage: its model directory, ``<repo>/models/<model>``.
+    """
     path = Path(configured).expanduser()
     if not path.is_absolute():
-        path = Path(model_repository).resolve().parent / path
+        path = Path(model_repository).resolve().parent.parent / path
     if not (path / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; build the repository with `fire repo build`")
     return path

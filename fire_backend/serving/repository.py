@@ -6,8 +6,9 @@ ensemble of a repairing head and a tail; ``separate`` is head -> repair -> tail.
 endpoint. ``undefended_ensemble`` (head -> tail, no repair) and ``fire_monolithic`` (unsplit, no repair) are
 written only on request (``baselines``), so a production repository offers no way around the defence;
 ``compare_layouts`` adds the other layouts under their own names (``fire_fused``, ``fire_inline``,
-``fire_separate``) for side-by-side benchmarks. Beside the models, ``artifacts/`` holds the network's weights,
-the serving settings, the clean centroid and the direction store. Configs carry the model's own shapes.
+``fire_separate``) for side-by-side benchmarks. The models go to ``models/``; beside it, ``artifacts/`` holds
+the network's weights, the serving settings, the clean centroid and the direction store (layout:
+:mod:`fire_backend.serving.artifacts`). Configs carry the model's own shapes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fire_backend.serving.artifacts import (
     LAYOUTS,
     STORE_DIR,
     ServingSettings,
+    models_dir,
     save_centroid,
 )
 from fire_backend.serving.stages import GUARD_PARAMETER
@@ -108,12 +110,8 @@ class RepositoryOptions:
         return cls(**values)
 
 
-def models_dir(out: Path) -> Path:
-    """Where the model directories of a repository go (the one place that decides it)."""
-    return out
-
-
 def model_dir(out: Path, name: str) -> Path:
+    """Where a model's directory goes (the layout is decided in :mod:`fire_backend.serving.artifacts`)."""
     return models_dir(out) / name
 
 

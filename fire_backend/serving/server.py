@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import py_compile
 import secrets
 import shutil
 import signal
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fire_backend.serving.artifacts import models_dir, old_layout_error
 from fire_backend.serving.ports import WILDCARD_HOSTS, free_ports, port_in_use
 from fire_backend.serving.server_tree import ServerTreeError, libs_dir, prepare_server_tree
 from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_METRICS_PORT, DEFAULT_PORTS
@@ -64,14 +66,13 @@ class ServerConfig:
     server on other interfaces must be an explicit decision (``host="0.0.0.0"``).
     """
 
+    #: the repository root: tritonserver serves its ``models/`` folder (see :mod:`fire_backend.serving.artifacts`).
     repository: Path
     #: bind address for HTTP, gRPC and metrics.
     host: str = DEFAULT_HOST
     http_port: int = DEFAULT_PORTS["http"]
     grpc_port: int = DEFAULT_PORTS["grpc"]
     metrics_port: int = DEFAULT_METRICS_PORT
-    #: models loaded at start (explicit model control); empty means every */config.pbtxt in the repository.
-    models: tuple[str, ...] = ()
     log_verbose: int = 0
     #: OMP/MKL threads per process (server and every stub); small boxes thrash with the default.
     omp_threads: int = 1
@@ -99,8 +100,6 @@ class ServerConfig:
             raise ValueError("exit_timeout_s must be >= 0")
         if self.omp_threads < 1:
             raise ValueError("omp_threads must be >= 1")
-        if "*" in self.models and len(self.models) > 1:
-            raise ValueError("models: '*' cannot be combined with explicit model names")
         if self.restricted_api_key is not None and (
             not self.restricted_api_key or any(c in self.restricted_api_key for c in " ,:=\n")
         ):
@@ -108,16 +107,35 @@ class ServerConfig:
             raise ValueError("restricted_api_key must be non-empty and must not contain ' ,:=' or newlines")
 
 
-def repository_models(repository: Path) -> tuple[str, ...]:
-    """Every model directory (one with a config.pbtxt) in a repository.
+#: how often tritonserver's poll mode rescans the models folder (a touched version directory reloads its model)
+POLL_SECONDS = 2
 
-    Used instead of ``--load-model=*`` because a FIRE repository also holds a non-model
-    ``artifacts/`` directory, which '*' would try (and fail) to load.
+
+def triton_repository(repository: Path) -> Path:
+    """The folder tritonserver serves: ``<repository>/models``, which must hold models only.
+
+    Poll mode loads every directory there (a non-model one makes the server exit at start), and is what keeps
+    Triton's load/unload API refused; so the repository keeps its artifacts beside, not inside, that folder.
     """
-    names = tuple(sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt")))
-    if not names:
-        raise TritonServerError(f"{repository}: no models (no */config.pbtxt); build one with `fire repo build`")
-    return names
+    folder = models_dir(Path(repository))
+    if not any(folder.glob("*/config.pbtxt")):
+        raise TritonServerError(old_layout_error(Path(repository))
+                                or f"{repository}: no models in {folder} (no */config.pbtxt); build a repository "
+                                   "with `fire repo build`")
+    return folder
+
+
+def precompile_models(folder: Path) -> None:
+    """Write each ``model.py``'s bytecode before tritonserver records the folder's modification times.
+
+    Otherwise the first stub to import a model.py writes ``__pycache__`` into its version directory, which poll
+    mode takes for a changed model and reloads (once, seconds after startup). The stubs embed Python with an
+    isolated configuration, so ``PYTHONDONTWRITEBYTECODE`` does not reach them. A read-only repository needs
+    nothing: the stubs cannot write there either.
+    """
+    for source in folder.glob("*/*/model.py"):
+        with contextlib.suppress(OSError, py_compile.PyCompileError):
+            py_compile.compile(str(source), doraise=True)
 
 
 def _is_secret_name(name: str) -> bool:
@@ -214,7 +232,7 @@ class TritonServer:
         c = self.config
         args = [
             str(tree / "bin" / "tritonserver"),
-            f"--model-repository={Path(c.repository).resolve()}",
+            f"--model-repository={triton_repository(Path(c.repository)).resolve()}",
             f"--backend-directory={tree / 'backends'}",
             f"--cache-directory={tree / 'caches'}",
             f"--http-address={c.host}",
@@ -227,12 +245,13 @@ class TritonServer:
             "--allow-gpu-metrics=false",
             f"--log-verbose={c.log_verbose}",
             f"--exit-timeout-secs={c.exit_timeout_s}",
-            # Explicit control lets operators (un)load models at runtime; '*' loads everything at start.
-            "--model-control-mode=explicit",
+            # Poll mode: Triton itself refuses the load/unload API, and a touched version directory reloads
+            # that model (how a dead stub is replaced without any API).
+            "--model-control-mode=poll",
+            f"--repository-poll-secs={POLL_SECONDS}",
             # A unique shm prefix keeps concurrent servers (parallel tests) from colliding in /dev/shm.
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
-        args += [f"--load-model={m}" for m in (c.models or repository_models(Path(c.repository)))]
         if c.restricted_api_key:
             value = f"{RESTRICTED_APIS}:{RESTRICTED_API_HEADER}={c.restricted_api_key}"
             args += [f"--http-restricted-api={value}", f"--grpc-restricted-protocol={value}"]
@@ -291,6 +310,7 @@ class TritonServer:
             repo = Path(self.config.repository)
             if not repo.is_dir():
                 raise TritonServerError(f"model repository {repo} does not exist or is not a directory")
+            precompile_models(triton_repository(repo))
             self._check_ports()
             try:
                 tree = prepare_server_tree()

@@ -62,10 +62,11 @@ class TritonPythonModel:
 
 
 def make_repository(root: Path, name: str = "double", init_body: str = "pass") -> Path:
-    """A model repository with one Python-backend model that doubles an FP32 tensor."""
-    version_dir = root / name / "1"
+    """A repository (``root/models/<name>``) with one Python-backend model that doubles an FP32 tensor."""
+    model_dir = root / "models" / name
+    version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    (root / name / "config.pbtxt").write_text(CONFIG_PBTXT)
+    (model_dir / "config.pbtxt").write_text(CONFIG_PBTXT)
     (version_dir / "model.py").write_text(MODEL_PY.format(init_body=init_body))
     return root
 
@@ -92,7 +93,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo = make_repository(tmp_path_factory.mktemp("repo"))
     with running_server(
         repo,
-        models=("double",),
         restricted_api_key=API_KEY,
         extra_env={"FIRE_CONTROL_TOKEN": CONTROL_TOKEN, "FIRE_TEST_MARKER": "hello"},
         omp_threads=1,
@@ -150,7 +150,8 @@ def test_urls_and_metrics_bound_to_loopback(server: TritonServer) -> None:
         assert listening.get(port) == "127.0.0.1", listening
 
 
-def test_model_repository_api_is_restricted(server: TritonServer) -> None:
+def test_model_repository_api_is_refused_even_with_the_key(server: TritonServer) -> None:
+    """Poll mode: Triton refuses load/unload whoever asks; models change only through the repository folder."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
@@ -161,16 +162,13 @@ def test_model_repository_api_is_restricted(server: TritonServer) -> None:
     http = httpclient.InferenceServerClient(server.urls["http"].removeprefix("http://"))
     grpc = grpcclient.InferenceServerClient(server.urls["grpc"])
     try:
-        with pytest.raises(InferenceServerException):
-            http.load_model("double")
-        with pytest.raises(InferenceServerException):
-            http.load_model("double", headers={RESTRICTED_API_HEADER: "wrong"})
-        with pytest.raises(InferenceServerException):
-            grpc.load_model("double")
-        with pytest.raises(InferenceServerException):
-            grpc.load_model("double", headers=http_headers)
-        http.load_model("double", headers=http_headers)  # reload of a loaded model; needs the key
-        grpc.load_model("double", headers=grpc_headers)
+        for call in (lambda: http.load_model("double"), lambda: grpc.load_model("double"),
+                     lambda: http.unload_model("double", headers=http_headers),
+                     lambda: grpc.unload_model("double", headers=grpc_headers)):
+            with pytest.raises(InferenceServerException):
+                call()
+        with pytest.raises(InferenceServerException, match="polling is enabled"):
+            http.load_model("double", headers=http_headers)
         # Inference itself stays open.
         assert http.is_model_ready("double") and grpc.is_model_ready("double")
     finally:
@@ -206,6 +204,14 @@ def test_stop_leaves_no_processes(tmp_path: Path) -> None:
     assert server_processes(pids) == []
     assert not list(Path("/dev/shm").glob(f"{shm_prefix}*"))
     srv.stop()  # idempotent
+
+
+def test_old_layout_gives_the_rebuild_command(tmp_path: Path) -> None:
+    repo = make_repository(tmp_path / "repo")
+    (repo / "models" / "double").rename(repo / "double")
+    (repo / "models").rmdir()
+    with pytest.raises(TritonServerError, match=r"older layout.*fire repo build --out"):
+        TritonServer(ServerConfig(repo, http_port=1, grpc_port=2, metrics_port=3)).start()
 
 
 def test_busy_port_gives_clear_error(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import torch
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
 from fire_backend.serving import stages
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir
 from fire_backend.serving.control_stage import ControlStage
 from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
 from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
@@ -83,11 +83,11 @@ def test_small_outputs_survive_the_one_packed_copy_exactly() -> None:
 
 def stage_args(repository: Path, model: str, gpu: bool = False) -> dict[str, str]:
     """The args Triton hands initialize(), from the model's written config (parameters as the builder wrote)."""
-    config = (repository / model / "config.pbtxt").read_text()
+    config = (models_dir(repository) / model / "config.pbtxt").read_text()
     params = {k: {"string_value": v} for k, v in
               re.findall(r'key: "(\w+)"\n  value: \{ string_value: "([^"]*)" \}', config)}
     return {"model_config": json.dumps({"parameters": params}), "model_name": model,
-            "model_instance_name": f"{model}_0", "model_repository": str(repository / model),
+            "model_instance_name": f"{model}_0", "model_repository": str(models_dir(repository) / model),
             "model_instance_kind": "GPU" if gpu else "CPU", "model_instance_device_id": "0"}
 
 
