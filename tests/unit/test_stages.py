@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
 from fire_backend.serving import stages
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir, require_fire_repository
 from fire_backend.serving.control_stage import ControlStage
 from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
 from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
@@ -270,15 +271,48 @@ def test_control_stage_computes_latents_in_process_in_chunks_of_the_max_batch(re
     assert not latents.is_inference()  # the estimators may fold it into running means
 
 
-def test_a_repository_written_before_layouts_reads_as_separate(repos, tmp_path) -> None:
-    settings = ServingSettings.read(repos["allowing"] / ARTIFACTS_DIR)
+def legacy_settings(settings: ServingSettings) -> dict:
+    """serving.json as the version before layouts wrote it."""
     legacy = {k: v for k, v in settings.__dict__.items()
               if k not in ("layout", "repair_layers", "layer_shapes", "allow_bypass", "max_batch_size", "build")}
     legacy["limits"] = settings.limits.__dict__
-    (tmp_path / "serving.json").write_text(json.dumps(legacy))
-    old = ServingSettings.read(tmp_path)
-    assert old.layout == "separate" and old.repair_layers == (old.layer,) and not old.allow_bypass
-    assert old.layer_dims == {old.layer: settings.latent_dim}
-    (tmp_path / "serving.json").write_text(json.dumps({**legacy, "future_field": 1}))
+    return legacy
+
+
+def test_a_repository_written_before_layouts_serves_as_separate(repos, tmp_path) -> None:
+    """The previous version's repository: serving.json without a layout, models importing HeadModel/RepairModel/
+    TailModel (whose configs carry no bypass_guard); in the current directory layout it serves as ``separate``,
+    refusing every bypass; with its models at the root it gets a message naming `fire repo build`."""
+    settings = ServingSettings.read(repos["allowing"] / ARTIFACTS_DIR)
+    old = tmp_path / "old"
+    shutil.copytree(repos["strict"], old)
+    (old / ARTIFACTS_DIR / "serving.json").write_text(json.dumps(legacy_settings(settings)))
+    read = ServingSettings.read(old / ARTIFACTS_DIR)
+    assert read.layout == "separate" and read.repair_layers == (read.layer,) and not read.allow_bypass
+    assert read.layer_dims == {read.layer: settings.latent_dim}
+    for name, role in (("fire_head", "head"), ("fire_repair", "repair"), ("fire_tail", "tail")):
+        source = models_dir(old) / f"fire_separate_{role}"
+        text = (source / "config.pbtxt").read_text().replace(f"fire_separate_{role}", name)
+        text = re.sub(r'parameters \{\n  key: "bypass_guard"\n  value: \{ string_value: "true" \}\n\}\n?', "", text)
+        (models_dir(old) / name / "1").mkdir(parents=True)
+        (models_dir(old) / name / "config.pbtxt").write_text(text)
+    x = digits(3, 11)
+    head = make(stages.HeadStage, old, "fire_head")
+    assert head.guard is None
+    latent = head.execute([pb.image_request(x, **{BYPASS_PARAMETER: True})])[0].output_tensors[0]
+    repair_stage = make(stages.RepairStage, old, "fire_repair")
+    refused = repair_stage.execute([pb.InferenceRequest({LATENT: latent}, {BYPASS_PARAMETER: True})])[0]
+    assert refused.error is not None and "--allow-bypass" in refused.error.message()
+    fixed = {t.name(): t for t in repair_stage.execute([pb.InferenceRequest({LATENT: latent})])[0].output_tensors}
+    out = make(stages.TailStage, old, "fire_tail").execute(
+        [pb.InferenceRequest({LATENT: pb.Tensor(LATENT, fixed[REPAIRED].array)})])[0].outputs()
+    fused = make(stages.FusedStage, repos["strict"], FIRE_ENSEMBLE).execute([pb.image_request(x)])[0].outputs()
+    assert np.allclose(out[LOGITS], fused[LOGITS], atol=1e-5)
+
+    (old / ARTIFACTS_DIR / "serving.json").write_text(json.dumps({**legacy_settings(settings), "future_field": 1}))
     with pytest.raises(ValueError, match="unknown settings future_field.*fire repo build"):
-        ServingSettings.read(tmp_path)
+        ServingSettings.read(old / ARTIFACTS_DIR)
+    for model in models_dir(old).iterdir():  # the layout before models/ existed
+        model.rename(old / model.name)
+    with pytest.raises(ValueError, match="fire repo build"):
+        require_fire_repository(old)
