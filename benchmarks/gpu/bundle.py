@@ -183,17 +183,20 @@ def main() -> int:
     p.add_argument("--digits", type=Path, default=None, help="a digits checkpoint (default: the demo's)")
     p.add_argument("--skip", default=",".join(SKIP), help="distributions the device already has (comma-separated)")
     p.add_argument("--out", type=Path, default=BUNDLE)
+    p.add_argument("--keep", action="store_true", help="reuse triton.tar.xz and python.tar.xz already in --out")
     args = p.parse_args()
+    sys.path.insert(0, str(ROOT))  # the trigger module, as the device's .pth puts the repository on the path
     if args.digits is None:
         from fire_backend.demo import demo_checkpoint
 
         args.digits = demo_checkpoint(print)
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = {
-        "triton.tar.xz": triton_tree(args.out / "triton.tar.xz"),
-        "python.tar.xz": python_overlay(args.out / "python.tar.xz", {s.strip() for s in args.skip.split(",")}),
-        "models.tar.xz": models(args.out / "models.tar.xz", args.checkpoint, args.data, args.digits),
-    }
+    sizes = {"models.tar.xz": models(args.out / "models.tar.xz", args.checkpoint, args.data, args.digits)}
+    builders = {"triton.tar.xz": triton_tree,
+                "python.tar.xz": lambda out: python_overlay(out, {s.strip() for s in args.skip.split(",")})}
+    for name, build in builders.items():
+        kept = args.keep and (args.out / name).is_file()
+        sizes[name] = (args.out / name).stat().st_size if kept else build(args.out / name)
     manifest = {name: {"bytes": size, "sha256": hashlib.sha256((args.out / name).read_bytes()).hexdigest()}
                 for name, size in sizes.items()}
     manifest["device_python"] = DEVICE_PYTHON
