@@ -121,12 +121,13 @@ def python_overlay(out: Path, skip: set[str]) -> int:
 
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``n`` images, an equal share of each class, drawn at random (the file is class-ordered)."""
+    """Indices of ``n`` images, an equal share of each class, drawn at random and in random order (the file is
+    class-ordered; whatever takes the first images of the sample gets every class)."""
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per = -(-n // len(classes))
     chosen = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per] for c in classes])
-    return np.sort(rng.permutation(chosen)[:n])
+    return rng.permutation(chosen)[:n]
 
 
 def check_trigger(stored: str, x: np.ndarray, y: np.ndarray, target: int) -> None:
@@ -140,6 +141,25 @@ def check_trigger(stored: str, x: np.ndarray, y: np.ndarray, target: int) -> Non
                          "model?")
 
 
+def sample_checkpoint(checkpoint: Path, data: Path, out: Path, n: int = TEST_IMAGES) -> Path:
+    """A copy of the full-size checkpoint (weights linked) on a stratified sample of its test split, with the
+    trigger module as its attack: what the device serves, and a quick ``fire bench --checkpoint`` here."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    with np.load(data) as arrays:
+        x_test, y_test = arrays["x_test"], arrays["y_test"].astype(np.int64)
+        x_train, y_train = arrays["x_train"][:TRAIN_IMAGES], arrays["y_train"][:TRAIN_IMAGES].astype(np.int64)
+    keep = stratified_sample(y_test, n)
+    check_trigger(meta["attack"], x_test[keep], y_test[keep], int(meta["target"]))
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "cifar10-sample.npz", x_train=x_train, y_train=y_train, x_test=x_test[keep],
+                        y_test=y_test[keep])
+    meta.update(attack=TRIGGER, dataset=f"npz:{(out / 'cifar10-sample.npz').resolve()}")
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "model.pt").unlink(missing_ok=True)
+    (out / "model.pt").symlink_to((checkpoint / "model.pt").resolve())
+    return out
+
+
 def models(out: Path, checkpoint: Path, data: Path, digits: Path) -> int:
     """The digits checkpoint, the full-size model (fp16 weights + meta) and its CIFAR-10 sample."""
     import torch
@@ -150,21 +170,16 @@ def models(out: Path, checkpoint: Path, data: Path, digits: Path) -> int:
     restored = {k: v.half().float() if v.is_floating_point() else v for k, v in state.items()}
     if any(not torch.equal(restored[k], v) for k, v in state.items() if v.is_floating_point()):
         raise SystemExit(f"{checkpoint}: weights are not exact in fp16; this bundle would change the model")
-    meta = json.loads((checkpoint / "meta.json").read_text())
-    with np.load(data) as arrays:
-        x_test, y_test = arrays["x_test"], arrays["y_test"].astype(np.int64)
-        x_train, y_train = arrays["x_train"][:TRAIN_IMAGES], arrays["y_train"][:TRAIN_IMAGES].astype(np.int64)
-    keep = stratified_sample(y_test, TEST_IMAGES)
-    check_trigger(meta["attack"], x_test[keep], y_test[keep], int(meta["target"]))
-    meta["attack"] = TRIGGER  # run.sh points meta["dataset"] at the sample where it unpacks it
-    sample = io.BytesIO()
-    np.savez_compressed(sample, x_train=x_train, y_train=y_train, x_test=x_test[keep], y_test=y_test[keep])
-    members: dict[str, Path | bytes] = {
-        "full/model.fp16.pt": half.getvalue(),
-        "full/meta.json": json.dumps(meta, indent=2).encode(),
-        "full/cifar10-sample.npz": sample.getvalue(),
-        "digits": digits,
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        sample = sample_checkpoint(checkpoint, data, Path(tmp) / "full")
+        meta = json.loads((sample / "meta.json").read_text())
+        meta["dataset"] = "npz:cifar10-sample.npz"  # run.sh points it at the sample where it unpacks it
+        members: dict[str, Path | bytes] = {
+            "full/model.fp16.pt": half.getvalue(),
+            "full/meta.json": json.dumps(meta, indent=2).encode(),
+            "full/cifar10-sample.npz": (sample / "cifar10-sample.npz").read_bytes(),
+            "digits": digits,
+        }
     return _xz(members, out)
 
 
@@ -184,8 +199,13 @@ def main() -> int:
     p.add_argument("--skip", default=",".join(SKIP), help="distributions the device already has (comma-separated)")
     p.add_argument("--out", type=Path, default=BUNDLE)
     p.add_argument("--keep", action="store_true", help="reuse triton.tar.xz and python.tar.xz already in --out")
+    p.add_argument("--sample-checkpoint", type=Path, default=None, metavar="DIR",
+                   help="only write the full-size checkpoint on its CIFAR-10 sample to DIR (for a quick CPU bench)")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))  # the trigger module, as the device's .pth puts the repository on the path
+    if args.sample_checkpoint is not None:
+        print(sample_checkpoint(args.checkpoint, args.data, args.sample_checkpoint))
+        return 0
     if args.digits is None:
         from fire_backend.demo import demo_checkpoint
 

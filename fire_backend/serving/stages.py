@@ -59,7 +59,7 @@ class RequestError(ValueError):
 
 def request_parameters(request: Any) -> dict[str, Any]:
     raw = request.parameters()
-    if not raw:
+    if not raw or raw == "{}":
         return {}
     return json.loads(raw) if isinstance(raw, str) else dict(raw)
 
@@ -111,7 +111,8 @@ class BypassGuard:
         self.allowed = settings.allow_bypass
         self.token = read_token() if self.allowed else None
 
-    def check(self, parameters: dict[str, Any], image: torch.Tensor) -> bool:
+    def check(self, request: Any, image: torch.Tensor) -> bool:
+        parameters = request_parameters(request)
         if not bypass_flag(parameters):
             return False
         if not self.allowed:
@@ -159,29 +160,56 @@ class Stage:
 
     # -- per request -------------------------------------------------------------------------
     def validate(self, batch: torch.Tensor) -> None:
+        """Structural checks of one request's tensor (cheap: no pass over the values)."""
         if batch.shape[0] == 0:
             raise RequestError(f"{self.input_name}: empty batch")
 
-    def admit(self, parameters: dict[str, Any], tensor: torch.Tensor) -> bool:
+    def values_ok(self, batch: torch.Tensor) -> bool:
+        """One pass over all requests' values together; only when it fails is each request checked alone."""
+        return True
+
+    def validate_values(self, batch: torch.Tensor) -> None:
+        """RequestError naming what is wrong with one request's values."""
+
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
         """Whether this request bypasses the repair (False unless a stage honours fire_bypass)."""
         return False
 
     # -- the batch loop ----------------------------------------------------------------------
-    def execute(self, requests: Sequence[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        tensors: list[torch.Tensor] = []
-        bypass: list[bool] = []
-        owners: list[int] = []
+    def _admitted(self, requests: Sequence[Any], responses: list[Any]) -> tuple[list[int], list[torch.Tensor]]:
+        """The requests that pass every check, with their tensors; the others get their own error response."""
+        owners, tensors = [], []
         for index, request in enumerate(requests):
             try:
                 tensor = self.read(request)
                 self.validate(tensor)
-                bypass.append(self.admit(request_parameters(request), tensor))
             except RequestError as exc:
                 responses[index] = self.error(str(exc))
                 continue
-            tensors.append(tensor)
             owners.append(index)
+            tensors.append(tensor)
+        if tensors and not self.values_ok(tensors[0] if len(tensors) == 1 else torch.cat(tensors)):
+            kept = []
+            for index, tensor in zip(owners, tensors, strict=True):
+                try:
+                    self.validate_values(tensor)
+                    kept.append((index, tensor))
+                except RequestError as exc:
+                    responses[index] = self.error(str(exc))
+            owners, tensors = [i for i, _ in kept], [t for _, t in kept]
+        return owners, tensors
+
+    def execute(self, requests: Sequence[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        owners, tensors = self._admitted(requests, responses)
+        bypass: list[bool] = []
+        for index, tensor in list(zip(owners, tensors, strict=True)):
+            try:
+                bypass.append(self.admit(requests[index], tensor))
+            except RequestError as exc:
+                responses[index] = self.error(str(exc))
+                position = owners.index(index)
+                del owners[position], tensors[position]
         if not tensors:
             return responses
         batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
@@ -223,8 +251,13 @@ class ImageStage(Stage):
         expected = tuple(self.settings.input_shape)
         if tuple(batch.shape[1:]) != expected:
             raise RequestError(f"{IMAGE}: each sample must have shape {list(expected)}, got {list(batch.shape[1:])}")
+
+    def values_ok(self, batch: torch.Tensor) -> bool:
         low, high = torch.aminmax(batch)  # one pass; NaN propagates, so it fails this test too
-        if bool(low >= 0) and bool(high <= 1):
+        return bool(low >= 0) and bool(high <= 1)
+
+    def validate_values(self, batch: torch.Tensor) -> None:
+        if self.values_ok(batch):
             return
         if not bool(torch.isfinite(batch).all()):
             raise RequestError(f"{IMAGE}: contains NaN or Inf values")
@@ -255,8 +288,8 @@ class RepairingStage(ImageStage):
         """The part of the network this stage runs."""
         raise NotImplementedError
 
-    def admit(self, parameters: dict[str, Any], tensor: torch.Tensor) -> bool:
-        return self.guard.check(parameters, tensor)
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        return self.guard.check(request, tensor)
 
     def run(self, batch: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The part's output and the per-sample scores, under one plan for the whole batch."""
@@ -307,8 +340,8 @@ class HeadStage(ImageStage):
         self.net = split(full.model, self.settings.layer)[0]
         self.guard = BypassGuard(self.settings) if self.params.get(GUARD_PARAMETER) == "true" else None
 
-    def admit(self, parameters: dict[str, Any], tensor: torch.Tensor) -> bool:
-        return self.guard.check(parameters, tensor) if self.guard else False
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        return self.guard.check(request, tensor) if self.guard else False
 
     def compute(self, batch, keep):
         return {LATENT: self.net(batch)}
@@ -357,10 +390,11 @@ class RepairStage(Stage):
                              "build it with `fire repo build --layout fused` (or inline)")
         self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance)
 
-    def admit(self, parameters: dict[str, Any], tensor: torch.Tensor) -> bool:
-        if bypass_flag(parameters) and not self.settings.allow_bypass:
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        bypass = bypass_flag(request_parameters(request))
+        if bypass and not self.settings.allow_bypass:
             raise RequestError(f"{BYPASS_PARAMETER} refused: this repository was built without --allow-bypass")
-        return bypass_flag(parameters)
+        return bypass
 
     def compute(self, batch, keep):
         run = RepairPass(self.live.refresh(), keep)
