@@ -28,11 +28,14 @@ from test_stages import stage_args  # noqa: E402
 
 from fire_backend.serving import stages  # noqa: E402
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings  # noqa: E402
+from fire_backend.serving.repository import HEAD, stage_name  # noqa: E402
+from fire_backend.wire.names import FIRE_ENSEMBLE, FIRE_INLINE, FIRE_MONOLITHIC, UNDEFENDED_ENSEMBLE  # noqa: E402
 
 #: (repairing stage, its undefended twin) as a bench repository names them
 PAIRS = {
-    "fused vs monolithic": ((stages.FusedStage, "fire_ensemble"), (stages.MonolithicStage, "fire_monolithic")),
-    "inline head vs plain head": ((stages.InlineHeadStage, "fire_inline_head"), (stages.HeadStage, "undefended_head")),
+    "fused vs monolithic": ((stages.FusedStage, FIRE_ENSEMBLE), (stages.MonolithicStage, FIRE_MONOLITHIC)),
+    "inline head vs plain head": ((stages.InlineHeadStage, stage_name(FIRE_INLINE, HEAD)),
+                                  (stages.HeadStage, stage_name(UNDEFENDED_ENSEMBLE, HEAD))),
 }
 
 
