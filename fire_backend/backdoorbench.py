@@ -23,7 +23,8 @@ normalization folded into its first convolution, so it takes [0, 1] images like 
 ``index`` positions in the clean test split, ``key`` digests of the clean originals). The checkpoint's
 attack is ``stored:PATH``: a trigger that replaces each clean test image by the attacker's poisoned
 copy of it (matched by content), so ``fire eval``, ``fire sweep``, ``fire data export`` and
-``fire repo build`` use the attack's actual trigger without knowing how it was made.
+``fire repo build`` use the attack's actual trigger without knowing how it was made. An image the stored set
+has no copy of is never passed off as poisoned (see :mod:`fire_backend.data.stored`).
 
 Only tensors, numpy arrays and PIL images are unpickled (``torch.load(weights_only=True)`` with those
 types allow-listed); a file that needs anything else is refused unless the caller trusts it.
@@ -42,6 +43,7 @@ import torch
 from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
 from fire_backend.data import Dataset, load_dataset, resolve_attack, to_tensor
 from fire_backend.data.stored import STORED_PREFIX, write_stored_set
+from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
 from fire_backend.models import PreActResNet18
 from fire_backend.split import ModelSpec
 
@@ -340,9 +342,10 @@ def write_poisoned_set(path: Path, poisoned: PoisonedSet, clean_x: np.ndarray) -
 class ImportReport:
     meta: CheckpointMeta
     poisoned: int  # poisoned test images stored
-    uncovered: int  # non-target test images without a poisoned copy (they count as unattacked)
+    uncovered: int  # non-target test images without a poisoned copy (no figure may count them as poisoned)
     pairing_change: float | None  # median mean |poisoned - clean| per image; large means a wrong --data
     warnings: list[str]
+    measure_excluded: int | None = None  # with measure: non-target images left out of ASR (the attack left them)
 
 
 def _check_pairing(poisoned: PoisonedSet, data: Dataset, target: int) -> tuple[np.ndarray, int, float, list[str]]:
@@ -375,8 +378,9 @@ def _check_pairing(poisoned: PoisonedSet, data: Dataset, target: int) -> tuple[n
     uncovered = int(((y_test != target) & ~covered).sum())
     if uncovered:
         warnings.append(
-            f"{uncovered} non-target test images have no poisoned copy in bd_test; they pass unpoisoned "
-            "(counted as resisted attacks in PA, not in ASR)"
+            f"{uncovered} non-target test images have no poisoned copy in bd_test: they are never used as poisoned "
+            "images (sets built from the stored attack leave them out and count them; `fire eval` refuses an "
+            "evaluation split that holds any)"
         )
     return clean, uncovered, change, warnings
 
@@ -389,19 +393,25 @@ def import_backdoorbench(
     attack: str | None = None,
     target: int | None = None,
     measure: bool = False,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> ImportReport:
     """Write a fire checkpoint directory for a BackdoorBench attack result; see the module docstring.
 
     ``data`` names the local clean data set (``cifar10:PATH``...) whose test split the attack's
     ``bd_test`` indexes. ``attack``/``target`` use one of fire's triggers instead of the stored set.
-    ``measure`` computes CA and ASR over the whole test split now (slow on a CPU at width 64).
+    ``measure`` computes CA and ASR over the whole test split now on ``device`` (slow on a CPU at width 64);
+    non-target images the attack leaves unchanged are left out of ASR and counted (``measure_excluded``).
     """
+    compute, batch_size = resolve_device(device), check_batch_size(batch_size)
     result_path = Path(result_path)
     result = load_attack_result(result_path, trust_pickle=trust_pickle)
     spec, state = parse_model(result)
     model = spec.build()
     model.load_state_dict(state)
     model.eval()
+    if measure:
+        model.to(compute)
     dataset = load_dataset(data)
     if dataset.input_shape != spec.input_shape:
         raise ValueError(f"{data}: images are {dataset.input_shape} (C, H, W), the model takes {spec.input_shape}")
@@ -459,12 +469,16 @@ def import_backdoorbench(
 
     meta = CheckpointMeta(spec=spec, dataset=data, attack=attack_name, target=int(target),
                           poison_rate=poison_rate, seed=0, extra=extra)
+    excluded = None
     if measure:
         from fire_backend.evaluation import attack_metrics
 
         x = to_tensor(dataset.x_test)
         y = torch.from_numpy(dataset.y_test.astype(np.int64))
-        metrics = attack_metrics(model, x, y, resolve_attack(attack_name), meta.target)
+        metrics, excluded = attack_metrics(model, x, y, resolve_attack(attack_name), meta.target,
+                                           batch_size, exclude_unchanged=True)
         meta.ca, meta.asr = metrics.ca, metrics.asr
+        meta.extra["measured"] = {"images": len(y), "poisoned": int((y != meta.target).sum()) - excluded,
+                                  "excluded": excluded}
     save_checkpoint(out, model, meta)
-    return ImportReport(meta, stored, uncovered, change, warnings)
+    return ImportReport(meta, stored, uncovered, change, warnings, excluded)

@@ -13,8 +13,10 @@ import numpy as np
 #: the embedded digits data set's fixed stratified split
 DIGITS_TEST_SIZE = 600
 DIGITS_SPLIT_SEED = 0
-#: the first RESERVE test images are the defender's (clean set, flagged samples); evaluation uses the rest
+#: the defender's reserve: the first RESERVE test images of :func:`stratified_order` with RESERVE_SEED (the clean
+#: set and the flagged samples come from it); everything else in the test split is evaluated
 RESERVE = 200
+RESERVE_SEED = 0
 
 
 def cache_dir() -> Path:
@@ -23,6 +25,17 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"), "fire-backend"
     )
     return Path(base)
+
+
+#: where the tests and benchmarks find the shared data and models (default: ``shared`` beside the project root)
+SHARED_DIR_ENV = "FIRE_SHARED_DIR"
+
+
+def shared_dir(project_root: Path) -> Path:
+    """The shared CIFAR-10 copy and backdoored models (``data/cifar10.npz``, ``models/``): ``$FIRE_SHARED_DIR``,
+    else ``../shared`` beside ``project_root``. Never downloaded; what needs it skips (tests) or stops (benchmarks)
+    with this path when it is absent."""
+    return Path(os.environ.get(SHARED_DIR_ENV) or project_root.parent / "shared").expanduser()
 
 
 def demo_checkpoint_dir() -> Path:
@@ -47,3 +60,42 @@ def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         x, y, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED, stratify=y
     )
     return x_tr, y_tr, x_te, y_te
+
+
+def stratified_order(labels: np.ndarray, seed: int = RESERVE_SEED) -> np.ndarray:
+    """A seeded permutation of a split's positions in which every prefix is class-stratified.
+
+    Each class's images are shuffled and spread evenly over [0, 1) (the j-th of a class's n images sits at
+    (j + u) / n, u a random offset per class); sorting by that key interleaves the classes, so the first k
+    positions hold about k * n_c / N images of each class c, whether the file is stored class by class or
+    shuffled. It depends only on the labels and the seed, never on the images, so a client without the model
+    (the Locust workers, `fire infer --digits`) draws the same split as the library.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    key = np.empty(len(labels), dtype=np.float64)
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(inverse == c))
+        key[members] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.lexsort((rng.random(len(labels)), key))
+
+
+def _split_order(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1)
+    if size < 1 or len(labels) <= size:
+        raise ValueError(f"the test split needs more than {size} images (the defender's reserve of {size} plus "
+                         f"images to evaluate), has {len(labels)}")
+    return stratified_order(labels, seed)
+
+
+def reserve_indices(labels: np.ndarray, size: int = RESERVE, seed: int = RESERVE_SEED) -> np.ndarray:
+    """Positions of the defender's reserve in the test split, in draw order (every prefix class-stratified):
+    the only test images the defender may use (the clean centroid's images first, then the flagged samples)."""
+    return _split_order(labels, size, seed)[:size]
+
+
+def evaluation_indices(labels: np.ndarray, size: int = RESERVE, seed: int = RESERVE_SEED) -> np.ndarray:
+    """Positions of every other test image, in draw order (every prefix class-stratified): what is evaluated,
+    exported for clients and load tests; never overlaps :func:`reserve_indices`."""
+    return _split_order(labels, size, seed)[size:]

@@ -1,25 +1,33 @@
 """Offline evaluation: CA/PA/ASR, the ShrinkPad baseline, FIRE variants, streaming curve, layer sweep.
 
-The defender's data never overlaps the evaluation data: the first ``RESERVE`` test images are the
-defender's (a small clean set and the flagged poisoned samples), the rest are evaluated.
+The defender's data never overlaps the evaluation data: the defender's samples come from the reserve (a
+seeded, class-stratified draw of ``RESERVE`` test images, :mod:`fire_backend.data.reserve`), every other test
+image is evaluated. Work is done where it is needed: latents of the evaluation images are computed the first
+time a figure needs them, never to get a centroid. Models compute on the device they sit on; inputs move
+there one batch at a time.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fire_backend.data import Attack, load_dataset, resolve_attack, to_tensor
+from fire_backend.data import Attack, Dataset, load_dataset, resolve_attack, to_tensor
+from fire_backend.data.attacks import apply_trigger
 from fire_backend.data.augment import shrinkpad_defense, trigger_breaking_augmentations
-from fire_backend.defaults import RESERVE
+from fire_backend.data.reserve import DefenderSamples, defender_samples
+from fire_backend.defaults import evaluation_indices
+from fire_backend.device import DEFAULT_BATCH_SIZE
 from fire_backend.fire import (
     AugmentedEstimator,
+    CompiledRepair,
     Direction,
     PairedEstimator,
     UnpairedEstimator,
@@ -41,98 +49,183 @@ class Metrics:
     asr: float
 
 
-def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def module_device(module: nn.Module) -> torch.device:
+    """Where a model (or one of its halves) computes: the device of its first parameter or buffer."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = DEFAULT_BATCH_SIZE,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """``fn`` over ``x`` in batches, each moved to ``device`` first (when given); the result stays where ``fn``
+    put it."""
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        return fn(chunk if device is None else chunk.to(device, non_blocking=True))
+
     with torch.inference_mode():
-        return torch.cat([fn(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else fn(x)
+        return torch.cat([run(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else run(x)
 
 
-def accuracy_figures(clean_pred: torch.Tensor, poison_pred: torch.Tensor, y: torch.Tensor, target: int) -> Metrics:
-    """CA over all clean inputs; PA and ASR over triggered inputs whose true class is not the target."""
-    keep = y != target
+def predict(model: nn.Module, x: torch.Tensor, batch: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+    """Predicted labels (on the CPU) of ``model`` on ``x``, computed on the model's device."""
+    return batched(model, x, batch, module_device(model)).argmax(1).cpu()
+
+
+def accuracy_figures(clean_pred: torch.Tensor, y: torch.Tensor, poison_pred: torch.Tensor, poison_y: torch.Tensor,
+                     target: int) -> Metrics:
+    """CA over the clean inputs; PA and ASR over the triggered inputs (images whose true class is not the
+    target: only those are poisoned)."""
     return Metrics(
         ca=float((clean_pred == y).float().mean()),
-        pa=float((poison_pred[keep] == y[keep]).float().mean()),
-        asr=float((poison_pred[keep] == target).float().mean()),
+        pa=float((poison_pred == poison_y).float().mean()),
+        asr=float((poison_pred == target).float().mean()),
     )
 
 
-def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, target: int) -> Metrics:
-    clean = batched(model, x).argmax(1)
-    poisoned = batched(model, attack(x)).argmax(1)
-    return accuracy_figures(clean, poisoned, y, target)
+def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, target: int,
+                   batch: int = DEFAULT_BATCH_SIZE, exclude_unchanged: bool = False) -> tuple[Metrics, int]:
+    """CA on ``x``; PA and ASR on its non-target images with the trigger; and how many were excluded.
+
+    By default every non-target image must be poisoned (a stored attack without a copy of one raises); with
+    ``exclude_unchanged`` the images the attack leaves unchanged are left out of PA/ASR and counted instead.
+    """
+    keep = y != target
+    originals = x[keep]
+    if exclude_unchanged:
+        poisoned, changed = apply_trigger(attack, originals)
+        poisoned, poison_y, excluded = poisoned[changed], y[keep][changed], int((~changed).sum())
+    else:
+        poisoned, poison_y, excluded = attack(originals), y[keep], 0
+    return accuracy_figures(predict(model, x, batch), y, predict(model, poisoned, batch), poison_y, target), excluded
 
 
-@dataclass
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The evaluated test images (everything but the reserve), clean and, for non-target ones, triggered."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    poisoned: torch.Tensor  # the non-target images with the trigger (all of them: a stored attack must cover them)
+    poisoned_y: torch.Tensor  # their true labels
+
+
+def evaluation_set(x: np.ndarray, y: np.ndarray, attack: Attack, target: int,
+                   limit: int | None = None) -> EvaluationSet:
+    """The test split (x, y) without the defender's reserve; with ``limit``, its first ``limit`` images in the
+    seeded, class-stratified draw order (a smaller but still balanced evaluation for CPU budgets)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"the evaluation needs at least 1 image, got a limit of {limit}")
+    index = evaluation_indices(y)[:limit]
+    xt = to_tensor(x[index])
+    yt = torch.from_numpy(np.asarray(y)[index].astype(np.int64))
+    keep = yt != target
+    return EvaluationSet(xt, yt, attack(xt[keep]), yt[keep])
+
+
+@dataclass(frozen=True)
 class DefenderData:
-    """The defender's few samples and the disjoint evaluation set, as [0, 1] NCHW tensors."""
+    """The defender's few samples and the disjoint evaluation set."""
 
-    clean: torch.Tensor  # small clean set for the centroid
-    flagged_clean: torch.Tensor  # clean originals of the flagged samples (paired estimator only)
-    flagged: torch.Tensor  # flagged poisoned samples
-    eval_x: torch.Tensor
-    eval_y: torch.Tensor
-    eval_poisoned: torch.Tensor
+    samples: DefenderSamples
+    evaluation: EvaluationSet
+
+    def describe(self) -> dict:
+        """How the defender's samples were drawn and how many images were evaluated (reports, results files)."""
+        return {**self.samples.describe(), "evaluated": len(self.evaluation.y),
+                "evaluated_poisoned": len(self.evaluation.poisoned_y)}
 
 
-def defender_data(
-    x: np.ndarray, y: np.ndarray, attack: Attack, target: int, n_clean: int, n_flagged: int
-) -> DefenderData:
-    if not (1 <= n_clean <= RESERVE and 0 <= n_flagged <= RESERVE):
-        raise ValueError(f"need 1 to {RESERVE} clean and 0 to {RESERVE} flagged samples (the defender's reserve)")
-    if len(x) <= RESERVE:
-        raise ValueError(f"the test split needs more than {RESERVE} images, has {len(x)}")
-    xt, yt = to_tensor(x), torch.from_numpy(np.asarray(y, dtype=np.int64))
-    reserve_x, reserve_y = xt[:RESERVE], yt[:RESERVE]
-    non_target = reserve_x[reserve_y != target][:n_flagged]
-    eval_x, eval_y = xt[RESERVE:], yt[RESERVE:]
+def load_defender_samples(dataset: Dataset | str, attack_name: str, target: int, n_clean: int,
+                          n_flagged: int) -> DefenderSamples:
+    """The defender's samples only (a repository build): reads no evaluation image through the attack."""
+    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    return defender_samples(data.x_test, data.y_test, resolve_attack(attack_name), target, n_clean, n_flagged)
+
+
+def load_for_eval(dataset: str, attack_name: str, target: int, n_clean: int, n_flagged: int,
+                  eval_limit: int | None = None, at_least: int | None = None) -> DefenderData:
+    """The defender's samples and the evaluation set of a checkpoint's data set and attack (``n_flagged``
+    flagged samples, or as many as the reserve holds but at least ``at_least``: `fire eval`'s streaming curve)."""
+    data = load_dataset(dataset)
+    attack = resolve_attack(attack_name)
     return DefenderData(
-        clean=reserve_x[:n_clean],
-        flagged_clean=non_target,
-        flagged=attack(non_target),
-        eval_x=eval_x,
-        eval_y=eval_y,
-        eval_poisoned=attack(eval_x),
+        defender_samples(data.x_test, data.y_test, attack, target, n_clean, n_flagged, at_least),
+        evaluation_set(data.x_test, data.y_test, attack, target, eval_limit),
     )
 
 
 class LayerView:
-    """A model cut at one layer, with the evaluation set's latents computed once."""
+    """A model cut at one layer: the clean centroid from the defender's clean set, direction estimates from its
+    flagged samples, and (computed once, on first use) the evaluation images' latents for figures."""
 
-    def __init__(self, model: nn.Module, layer: str, data: DefenderData) -> None:
+    def __init__(self, model: nn.Module, layer: str, samples: DefenderSamples,
+                 evaluation: EvaluationSet | None = None, batch: int = DEFAULT_BATCH_SIZE) -> None:
         self.layer = layer
         self.head, self.tail = split(model, layer)
-        self.data = data
-        self.clean_latents = batched(self.head, data.eval_x)
-        self.poison_latents = batched(self.head, data.eval_poisoned)
-        self.mu = centroid(batched(self.head, data.clean))
+        self.samples = samples
+        self.evaluation = evaluation
+        self.batch = batch
+        self.device = module_device(model)
+        self.mu = centroid(self.latents(samples.clean)).cpu()
         self.dim = self.mu.numel()
 
-    def estimate(self, kind: str, n_flagged: int) -> torch.Tensor:
-        head, d = self.head, self.data
-        poisoned = batched(head, d.flagged[:n_flagged])
+    def latents(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's output for ``x`` (on the model's device)."""
+        return batched(self.head, x, self.batch, self.device)
+
+    def _evaluated(self) -> EvaluationSet:
+        if self.evaluation is None:
+            raise ValueError("this view has no evaluation set: pass one to compute figures")
+        return self.evaluation
+
+    @functools.cached_property
+    def clean_latents(self) -> torch.Tensor:
+        return self.latents(self._evaluated().x)
+
+    @functools.cached_property
+    def poison_latents(self) -> torch.Tensor:
+        return self.latents(self._evaluated().poisoned)
+
+    def estimator(self, kind: str, n_flagged: int) -> PairedEstimator | UnpairedEstimator:
+        """An estimator of ``kind`` that has observed the first ``n_flagged`` flagged samples."""
+        s = self.samples
+        poisoned = self.latents(s.flagged[:n_flagged])
         if kind == "paired":
             est = PairedEstimator(self.dim)
-            est.observe(poisoned, batched(head, d.flagged_clean[:n_flagged]))
+            est.observe(poisoned, self.latents(s.flagged_clean[:n_flagged]))
         elif kind == "unpaired":
-            est = UnpairedEstimator(self.dim, self.mu, len(d.clean))
+            est = UnpairedEstimator(self.dim, self.mu, len(s.clean))
             est.observe(poisoned=poisoned)
         elif kind == "augmented":
             est = AugmentedEstimator(self.dim)
-            augs = trigger_breaking_augmentations(d.flagged.shape[-1])
-            est.observe_augmented(poisoned, [batched(head, a(d.flagged[:n_flagged])) for a in augs])
+            augs = trigger_breaking_augmentations(s.flagged.shape[-1])
+            est.observe_augmented(poisoned, [self.latents(a(s.flagged[:n_flagged])) for a in augs])
         else:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, not {kind!r}")
-        return est.direction()
+        return est
+
+    def estimate(self, kind: str, n_flagged: int) -> torch.Tensor:
+        return self.estimator(kind, n_flagged).direction()
+
+    def _repaired(self, latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted labels and repair scores (on the CPU) of ``latents`` after the repair."""
+        fixed, score, _ = repair(latents, compiled)
+        return batched(self.tail, fixed, self.batch).argmax(1).cpu(), score.cpu()
 
     def metrics(self, directions: Sequence[Direction], target: int) -> tuple[Metrics, torch.Tensor, torch.Tensor]:
         """Metrics after repair, plus the clean and poisoned scores (for the detector)."""
-        compiled = compile_directions(directions, self.mu, self.dim)
-        clean_fixed, clean_score, _ = repair(self.clean_latents, compiled)
-        poison_fixed, poison_score, _ = repair(self.poison_latents, compiled)
-        clean_pred = batched(self.tail, clean_fixed).argmax(1)
-        poison_pred = batched(self.tail, poison_fixed).argmax(1)
-        keep = self.data.eval_y != target
-        return accuracy_figures(clean_pred, poison_pred, self.data.eval_y, target), clean_score, poison_score[keep]
+        evaluation = self._evaluated()
+        compiled = compile_directions(directions, self.mu, self.dim, self.device)
+        clean_pred, clean_score = self._repaired(self.clean_latents, compiled)
+        poison_pred, poison_score = self._repaired(self.poison_latents, compiled)
+        figures = accuracy_figures(clean_pred, evaluation.y, poison_pred, evaluation.poisoned_y, target)
+        return figures, clean_score, poison_score
+
+    def poisoned_accuracy(self, directions: Sequence[Direction]) -> float:
+        """PA alone (the streaming curve): the tail does not run on the clean images."""
+        pred, _ = self._repaired(self.poison_latents, compile_directions(directions, self.mu, self.dim, self.device))
+        return float((pred == self._evaluated().poisoned_y).float().mean())
 
 
 def detector_tpr(clean_scores: torch.Tensor, poison_scores: torch.Tensor, max_fpr: float = 0.01) -> tuple[float, float]:
@@ -155,6 +248,7 @@ class EvalReport:
     rows: list[EvalRow]
     streaming: list[dict]  # {"flagged": n, "<estimator>": pa, ..., "shrinkpad": pa}
     detector: dict
+    defender: dict = field(default_factory=dict)  # how the reserve was drawn, how many images were evaluated
 
     def to_dict(self) -> dict:
         return {
@@ -162,13 +256,8 @@ class EvalReport:
             "rows": [asdict(r) for r in self.rows],
             "streaming": self.streaming,
             "detector": self.detector,
+            "defender": self.defender,
         }
-
-
-def load_for_eval(model: nn.Module, dataset: str, attack_name: str, target: int, n_clean: int, n_flagged: int):
-    data = load_dataset(dataset)
-    attack = resolve_attack(attack_name)
-    return defender_data(data.x_test, data.y_test, attack, target, n_clean, n_flagged)
 
 
 def evaluate(
@@ -179,12 +268,14 @@ def evaluate(
     n_flagged: int = 20,
     alpha: float = 1.0,
     curve_points: Sequence[int] = (1, 2, 3, 5, 8, 10, 15, 20, 30, 50, 75, 100),
+    batch: int = DEFAULT_BATCH_SIZE,
 ) -> EvalReport:
-    view = LayerView(model, layer, data)
+    view = LayerView(model, layer, data.samples, data.evaluation, batch)
+    evaluation = data.evaluation
     undefended, _, _ = view.metrics([], target)
-    shrink_poison = batched(model, shrinkpad_defense(data.eval_poisoned)).argmax(1)
-    shrink_clean = batched(model, shrinkpad_defense(data.eval_x)).argmax(1)
-    shrink = accuracy_figures(shrink_clean, shrink_poison, data.eval_y, target)
+    shrink = accuracy_figures(predict(model, shrinkpad_defense(evaluation.x), batch), evaluation.y,
+                              predict(model, shrinkpad_defense(evaluation.poisoned), batch), evaluation.poisoned_y,
+                              target)
     rows = [EvalRow("undefended", **asdict(undefended)), EvalRow("shrinkpad", **asdict(shrink))]
     detector: dict = {}
     for kind in ESTIMATORS:
@@ -195,15 +286,15 @@ def evaluate(
             if mode == "projection":
                 tpr, threshold = detector_tpr(clean_s, poison_s)
                 detector[kind] = {"tpr_at_1pct_fpr": tpr, "threshold": threshold}
-    available = len(data.flagged)
+    available = len(data.samples.flagged)
     streaming = []
     for n in [p for p in curve_points if p <= available]:
         point: dict = {"flagged": n, "shrinkpad": shrink.pa}
         for kind in ("unpaired", "augmented"):
-            metrics, _, _ = view.metrics([Direction(view.estimate(kind, n), alpha=alpha)], target)
-            point[kind] = metrics.pa
+            point[kind] = view.poisoned_accuracy([Direction(view.estimate(kind, n), alpha=alpha)])
         streaming.append(point)
-    return EvalReport(layer, rows, streaming, detector)
+    defender = {**data.describe(), "flagged": n_flagged, "flagged_for_curve": available}
+    return EvalReport(layer, rows, streaming, detector, defender)
 
 
 def sweep(
@@ -214,14 +305,15 @@ def sweep(
     n_flagged: int = 20,
     estimator: str = "unpaired",
     alphas: Sequence[float] = ALPHA_GRID,
+    batch: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[list[dict], dict]:
     """Per candidate layer, the best alpha's CA and PA; recommends the layer with the best PA among
     those whose CA drops by at most one point (or the smallest drop if none qualifies)."""
-    base_ca = accuracy_figures(batched(model, data.eval_x).argmax(1), batched(model, data.eval_poisoned).argmax(1),
-                               data.eval_y, target).ca
+    evaluation = data.evaluation
+    base_ca = float((predict(model, evaluation.x, batch) == evaluation.y).float().mean())
     rows = []
     for layer, shape in candidate_layers(model, input_shape):
-        view = LayerView(model, layer, data)
+        view = LayerView(model, layer, data.samples, evaluation, batch)
         beta = view.estimate(estimator, n_flagged)
         best = None
         for alpha in alphas:
@@ -234,7 +326,8 @@ def sweep(
                      "relative": m.pa / m.ca if m.ca else 0.0})
     qualified = [r for r in rows if r["ca"] >= base_ca - 0.01] or rows
     pick = max(qualified, key=lambda r: (r["pa"], r["ca"]))
-    return rows, {"layer": pick["layer"], "alpha": pick["alpha"], "undefended_ca": base_ca}
+    return rows, {"layer": pick["layer"], "alpha": pick["alpha"], "undefended_ca": base_ca,
+                  "defender": data.describe()}
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:

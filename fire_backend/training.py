@@ -12,6 +12,8 @@ from tqdm import tqdm
 
 from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
 from fire_backend.data import load_dataset, resolve_attack, to_tensor
+from fire_backend.defaults import stratified_order
+from fire_backend.device import check_batch_size, resolve_device
 from fire_backend.evaluation import attack_metrics
 from fire_backend.split import ModelSpec
 
@@ -28,9 +30,9 @@ class TrainConfig:
     lr: float = 2e-3
     arch: str | None = None  # None: digits_cnn for 1-channel data, preact_resnet18 otherwise
     width: int | None = None
-    train_subset: int | None = None  # train on the first N training images (CPU budgets)
+    train_subset: int | None = None  # train on a seeded, class-stratified draw of N training images (CPU budgets)
     augment: bool = False  # random crop + flip per image (the usual CIFAR recipe for long GPU runs)
-    device: str | None = None  # None: cuda for preact_resnet18 when available; digits always on the cpu
+    device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU (fire_backend.device)
 
 
 def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
@@ -72,17 +74,18 @@ def poison_training_set(
 
 
 def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> CheckpointMeta:
+    device = resolve_device(config.device)
+    check_batch_size(config.batch_size)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     data = load_dataset(config.data)
     x_np, y_np = data.x_train, data.y_train
-    if config.train_subset:
-        x_np, y_np = x_np[: config.train_subset], y_np[: config.train_subset]
+    if config.train_subset:  # a sample of every class, also from a file stored class by class
+        subset = stratified_order(y_np, config.seed)[: config.train_subset]
+        x_np, y_np = x_np[subset], y_np[subset]
     x, y = to_tensor(x_np), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     x, y = poison_training_set(x, y, config, generator)
     spec = default_spec(config, data.input_shape, data.num_classes)
-    gpu = spec.arch == "preact_resnet18" and torch.cuda.is_available()
-    device = torch.device(config.device or ("cuda" if gpu else "cpu"))
     model = spec.build().to(device)
     epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
@@ -103,9 +106,9 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    model.cpu().eval()
+    model.eval()
     x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test.astype(np.int64))
-    metrics = attack_metrics(model, x_test, y_test, resolve_attack(config.attack), config.target)
+    metrics, _ = attack_metrics(model, x_test, y_test, resolve_attack(config.attack), config.target)
     meta = CheckpointMeta(
         spec=spec,
         dataset=config.data,

@@ -16,7 +16,7 @@ from fire_backend.training import TrainConfig, train_backdoored
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="npz:PATH or cifar10:PATH (shuffled: see cifar_subset.py)")
+    parser.add_argument("--data", required=True, help="npz:PATH or cifar10:PATH (in any order)")
     parser.add_argument("--attack", default="badnets", help="badnets | blended | sig | package.module:function")
     parser.add_argument("--target", type=int, default=0)
     parser.add_argument("--poison-rate", type=float, default=0.1)
@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (Adam, one-cycle)")
     parser.add_argument("--augment", action="store_true", help="random crop + horizontal flip per image")
-    parser.add_argument("--train-subset", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    parser.add_argument("--train-subset", type=int, default=None, help="a class-stratified draw of N images")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     config = TrainConfig(data=args.data, attack=args.attack, target=args.target, poison_rate=args.poison_rate,

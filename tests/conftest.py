@@ -1,4 +1,5 @@
-"""Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores).
+"""Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores), and the
+shared data beside the project (../shared, or FIRE_SHARED_DIR).
 
 Set FIRE_TEST_CACHE=DIR to keep the checkpoints between sessions: an existing DIR/digits-ATTACK
 checkpoint is reused instead of retrained.
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from fire_backend.defaults import SHARED_DIR_ENV, shared_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 DIGITS_ATTACKS = ("badnets", "blended")
 
 
@@ -50,3 +54,19 @@ def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
 def digits_checkpoints(digits_checkpoint: Callable[[str], Path]) -> dict[str, Path]:
     """{"badnets": DIR, "blended": DIR}: digits checkpoints written by `train_backdoored`."""
     return {attack: digits_checkpoint(attack) for attack in DIGITS_ATTACKS}
+
+
+@pytest.fixture(scope="session")
+def shared_file() -> Callable[[str], Path]:
+    """relative path -> that file of the shared data (``../shared`` beside the project root, or $FIRE_SHARED_DIR);
+    the test is skipped with the reason when it is absent (it is never downloaded)."""
+    root = shared_dir(ROOT)
+
+    def get(relative: str) -> Path:
+        path = root / relative
+        if not path.exists():
+            pytest.skip(f"{relative} not found under {root} (the shared data, never downloaded; set {SHARED_DIR_ENV} "
+                        "to where it is)")
+        return path
+
+    return get

@@ -34,6 +34,17 @@ def add_group(subparsers, name: str, help_text: str, dest: str, metavar: str,
     return parent.add_subparsers(dest=dest, metavar=metavar, required=True)
 
 
+def add_device_options(parser: argparse.ArgumentParser, work: str, batch_size: int | None = None) -> None:
+    """``--device`` and ``--batch-size`` for a command that runs a model offline (``work`` says on what)."""
+    from fire_backend.device import DEFAULT_BATCH_SIZE, DEVICE_CHOICES
+
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    parser.add_argument("--device", default="auto", metavar="{" + ",".join(DEVICE_CHOICES) + "}",
+                        help=f"where {work} runs: auto = CUDA when torch sees a GPU, else the CPU (auto); cuda:N "
+                             "picks a GPU")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch ({batch_size})")
+
+
 def say(text: str) -> None:
     """Progress lines of long commands, flushed at once (they interleave with subprocess output)."""
     print(text, flush=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fire_backend.cli.base import CliError, add_command, add_group, emit_json
+from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
 
 
 def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
@@ -16,7 +16,7 @@ def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
         raise CliError("--attack needs --target (the label the trigger flips to)")
     report = import_backdoorbench(
         args.result, args.out, args.data, trust_pickle=args.trust_pickle, attack=args.attack, target=args.target,
-        measure=args.measure,
+        measure=args.measure, device=args.device, batch_size=args.batch_size,
     )
     meta = report.meta
     for warning in report.warnings:
@@ -25,11 +25,13 @@ def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
     print(f"saved {args.out}: {meta.spec.arch} (width {meta.spec.kwargs['width']}, {meta.extra['clean_data']} "
           f"normalization) on {meta.dataset}; {source} -> target {meta.target}")
     if meta.ca is not None:
-        print(f"CA {meta.ca:.4f}  ASR {meta.asr:.4f}")
+        excluded = report.measure_excluded
+        left_out = f" ({excluded} non-target images without a poisoned copy left out of ASR)" if excluded else ""
+        print(f"CA {meta.ca:.4f}  ASR {meta.asr:.4f}{left_out}")
     print(f"next: fire eval --checkpoint {args.out}   |   fire sweep --checkpoint {args.out}")
     emit_json(args, {"checkpoint": str(args.out), "attack": meta.attack, "target": meta.target,
                      "poisoned": report.poisoned, "uncovered": report.uncovered, "ca": meta.ca, "asr": meta.asr,
-                     "warnings": report.warnings})
+                     "measure_excluded": report.measure_excluded, "warnings": report.warnings})
     return 0
 
 
@@ -58,5 +60,6 @@ def register(sub) -> None:
                    help="evaluate with this fire trigger instead of the file's poisoned test set (needs --target)")
     p.add_argument("--target", type=int, default=None, help="target label (default: read from the poisoned set)")
     p.add_argument("--measure", action="store_true",
-                   help="also compute CA and ASR over the whole test split now (slow on a CPU)")
+                   help="also compute CA and ASR over the whole test split now (slow on a CPU: see --device)")
+    add_device_options(p, "--measure")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

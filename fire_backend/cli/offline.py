@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from fire_backend.cli.base import CliError, add_command, add_group, emit_json
+from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fire_backend.training import TrainConfig, train_backdoored
 
-    options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset")
+    options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset",
+               "batch_size", "device")
     config = TrainConfig(**{name: getattr(args, name) for name in options})
     if not 0.0 < config.poison_rate < 1.0:
         raise CliError(f"--poison-rate must be in (0, 1), got {config.poison_rate}")
@@ -23,14 +25,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
+    """The model on --device and the defender's data: up to ``n_flagged`` flagged samples, at least --flagged."""
     if args.flagged < 1 or args.clean < 1:
         raise CliError("--clean and --flagged must be at least 1")
+    if args.eval_images is not None and args.eval_images < 1:
+        raise CliError("--eval-images must be at least 1")
     from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.device import check_batch_size, resolve_device
     from fire_backend.evaluation import load_for_eval
 
-    model, meta = load_checkpoint(args.checkpoint)
-    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, args.clean, n_flagged)
+    check_batch_size(args.batch_size)
+    model, meta = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    data = load_for_eval(meta.dataset, meta.attack, meta.target, args.clean, n_flagged, args.eval_images,
+                         at_least=args.flagged)
     return model, meta, data
+
+
+def _describe_defender(defender: dict) -> str:
+    return (f"{defender['clean']} clean + {defender['flagged']} flagged samples from the defender's reserve "
+            f"({defender['reserve']} test images, class-stratified, seed {defender['seed']}); "
+            f"{defender['evaluated']} other test images evaluated ({defender['evaluated_poisoned']} with the trigger)")
 
 
 def _out_dir(args: argparse.Namespace) -> Path:
@@ -40,13 +54,14 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fire_backend.evaluation import DEFAULT_LAYERS, RESERVE, evaluate, plot_streaming, write_csv
+    from fire_backend.evaluation import DEFAULT_LAYERS, evaluate, plot_streaming, write_csv
 
     model, meta, data = _load_eval_inputs(args, max(args.flagged, 100))
     layer = args.layer or DEFAULT_LAYERS.get(meta.spec.arch)
-    report = evaluate(model, data, meta.target, layer, n_flagged=args.flagged, alpha=args.alpha)
-    print(f"{meta.attack} -> {meta.target} on {meta.dataset}; layer {layer}; {args.clean} clean + "
-          f"{args.flagged} flagged samples (first {RESERVE} test images), {len(data.eval_x)} evaluated")
+    report = evaluate(model, data, meta.target, layer, n_flagged=args.flagged, alpha=args.alpha,
+                      batch=args.batch_size)
+    print(f"{meta.attack} -> {meta.target} on {meta.dataset}; layer {layer}; FIRE from {args.flagged} flagged")
+    print(_describe_defender(report.defender))
     print(f"{'method':28s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
     for row in report.rows:
         print(f"{row.method:28s} {row.ca:7.4f} {row.pa:7.4f} {row.asr:7.4f}")
@@ -56,7 +71,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     write_csv(out / "eval.csv", [r.__dict__ for r in report.rows])
     write_csv(out / "streaming.csv", report.streaming)
     plot_streaming(out / "streaming.png", report.streaming, f"{meta.attack}: PA vs flagged samples ({layer})")
-    print(f"wrote {out}/eval.csv, streaming.csv, streaming.png")
+    (out / "eval.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    print(f"wrote {out}/eval.csv, streaming.csv, streaming.png, eval.json")
     emit_json(args, report.to_dict())
     return 0
 
@@ -66,7 +82,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     model, meta, data = _load_eval_inputs(args, args.flagged)
     rows, recommended = sweep(model, data, meta.target, meta.spec.input_shape, n_flagged=args.flagged,
-                              estimator=args.estimator)
+                              estimator=args.estimator, batch=args.batch_size)
+    print(_describe_defender(recommended["defender"]))
     print(f"{'layer':12s} {'shape':16s} {'alpha':>6s} {'CA':>7s} {'PA':>7s} {'PA/CA':>7s}")
     for r in rows:
         print(f"{r['layer']:12s} {str(tuple(r['shape'])):16s} {r['alpha']:6.2f} {r['ca']:7.4f} {r['pa']:7.4f} "
@@ -75,7 +92,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     write_csv(out / "sweep.csv", [{k: v for k, v in r.items() if k != "shape"} for r in rows])
     plot_sweep(out / "sweep.png", rows, f"{meta.attack}: relative accuracy per layer")
-    print(f"wrote {out}/sweep.csv, sweep.png")
+    (out / "sweep.json").write_text(json.dumps({"rows": rows, "recommended": recommended}, indent=2) + "\n")
+    print(f"wrote {out}/sweep.csv, sweep.png, sweep.json")
     emit_json(args, {"rows": rows, "recommended": recommended})
     return 0
 
@@ -85,14 +103,19 @@ def cmd_data_export(args: argparse.Namespace) -> int:
     from fire_backend.data import load_dataset
     from fire_backend.data.export import export_images
 
+    if args.n is not None and args.n < 1:
+        raise CliError("--n must be at least 1")
     _, meta = load_checkpoint(args.checkpoint)
+    part = "all" if args.include_reserve else args.part
     images = export_images(load_dataset(meta.dataset), meta.attack, meta.target, split=args.split,
-                           poisoned=args.poisoned, n=args.n, part="all" if args.include_reserve else "evaluation")
+                           poisoned=args.poisoned, n=args.n, part=part)
     images.save(args.out)
     print(f"wrote {args.out}: {len(images)} {'poisoned' if args.poisoned else 'clean'} images {images.x.shape[1:]}")
-    emit_json(args, {"out": str(args.out), "n": len(images)})
+    if images.excluded:
+        print(f"left out {images.excluded} non-target images the attack does not change (a stored attack has no "
+              "poisoned copy of them)")
+    emit_json(args, {"out": str(args.out), "n": len(images), "excluded": images.excluded})
     return 0
-
 
 
 def register(sub) -> None:
@@ -111,7 +134,9 @@ def register(sub) -> None:
     p.add_argument("--arch", choices=["digits_cnn", "preact_resnet18"], default=None,
                    help="architecture (default: digits_cnn for 8x8 grayscale, else preact_resnet18)")
     p.add_argument("--width", type=int, default=None, help="base width (digits 32; PreActResNet18 64 = standard)")
-    p.add_argument("--train-subset", type=int, default=None, help="train on the first N images (CPU budgets)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="train on a seeded, class-stratified draw of N training images (CPU budgets)")
+    add_device_options(p, "training (and the final CA/ASR measurement)", batch_size=64)
     p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
@@ -127,6 +152,10 @@ def register(sub) -> None:
         p.add_argument("--clean", type=int, default=100, help="clean samples for the centroid (100)")
         p.add_argument("--flagged", type=int, default=20, help="flagged poisoned samples to estimate from (20)")
         p.add_argument("--out", type=Path, default=None, help="where CSV and PNG go (CHECKPOINT/results)")
+        p.add_argument("--eval-images", type=int, default=None,
+                       help="evaluate only the first N images of the evaluation split's class-stratified draw "
+                            "(CPU budgets; default all)")
+        add_device_options(p, "the model")
         p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
         if name == "eval":
             p.add_argument("--layer", default=None, help="layer to repair (default per architecture; see sweep)")
@@ -146,7 +175,9 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["train", "test"], default="test", help="data split (test)")
     p.add_argument("--poisoned", action="store_true", help="apply the checkpoint's trigger (non-target images)")
     p.add_argument("--n", type=int, default=None, help="at most N images (all)")
-    p.add_argument("--include-reserve", action="store_true",
-                   help="test split: include the defender's reserve (first images), excluded by default")
+    p.add_argument("--part", choices=["evaluation", "reserve", "all"], default="evaluation",
+                   help="test split: the images evaluated (all but the defender's reserve; default), the reserve "
+                        "(with --poisoned: the flagged samples `fire repo build --flagged` uses), or all")
+    p.add_argument("--include-reserve", action="store_true", help="the same as --part all")
     p.add_argument("--out", type=Path, required=True, help=".npz file to write")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fire_backend.cli.base import CliError, add_command, add_group, say
+from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
 from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
 from fire_backend.wire import names
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, stub_environment
@@ -32,7 +32,8 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    settings = build_repository(args.checkpoint, args.out, args.layer, args.flagged, options)
+    settings = build_repository(args.checkpoint, args.out, args.layer, args.flagged, options, device=args.device,
+                                batch_size=args.batch_size)
     start = f"version 1 from {args.flagged} flagged samples" if args.flagged else "no direction (version 0)"
     extras = [what for what, on in ((f"{names.UNDEFENDED_ENSEMBLE} and {names.FIRE_MONOLITHIC}", args.baselines),
                                     (f"{names.BYPASS_PARAMETER} with signed requests", args.allow_bypass)) if on]
@@ -155,6 +156,7 @@ def register(sub) -> None:
     p.add_argument("--alpha", type=float, default=1.0, help="repair strength of learned directions (1.0)")
     p.add_argument("--publish-every", type=int, default=1, help="republish after every k observations (1)")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
+    add_device_options(p, "the build's centroid and --flagged estimate (not the served stages: see --gpu)")
 
     p = add_command(sub, "serve", cmd_serve, "run tritonserver (from the nvidia-pytriton wheel) on a repository",
                     "  fire serve                                  # the embedded digits demo\n"

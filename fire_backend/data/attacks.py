@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from fire_backend.data.stored import STORED_PREFIX, stored_attack
+from fire_backend.data.stored import STORED_PREFIX, StoredAttack, stored_attack
 
 Attack = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,3 +69,17 @@ def resolve_attack(name: str) -> Attack:
     if not callable(target):
         raise ValueError(f"attack {name!r} is not callable")
     return target
+
+
+def attack_name(attack: Attack) -> str:
+    """How error messages name a trigger."""
+    return getattr(attack, "__name__", None) or repr(attack)
+
+
+def apply_trigger(attack: Attack, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attack(x)`` and a bool mask of the images it actually changed, for code that builds a set of poisoned
+    images and must drop (and count) the others instead of passing them off as poisoned: a stored attack's
+    images it has no copy of come back unchanged here rather than raising, as would a trigger that happens to
+    leave an image as it was."""
+    out, _ = attack.partial(x) if isinstance(attack, StoredAttack) else (attack(x), None)
+    return out, (out != x).flatten(1).any(1).cpu()

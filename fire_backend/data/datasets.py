@@ -119,21 +119,3 @@ def load_dataset(spec: str) -> Dataset:
     if kind == "cifar10":
         return load_npz(path) if path.suffix == ".npz" else load_cifar10_folder(path)
     raise ValueError(f"unknown data set kind {kind!r}: use digits, cifar10:PATH or npz:PATH")
-
-
-def shuffled_subset(source: Path, out: Path, train: int | None = None, test: int | None = None,
-                    seed: int = 0) -> Path:
-    """Write a copy of an x_train/y_train/x_test/y_test .npz with each split in a fixed random order (seeded),
-    keeping its first ``train``/``test`` images: for files sorted by class (the shared CIFAR-10 copy), where
-    "the first N" images would all be of one class."""
-    with np.load(source, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    rng = np.random.default_rng(seed)
-    result = {}
-    for split, keep in (("train", train), ("test", test)):
-        order = rng.permutation(len(arrays[f"y_{split}"]))[:keep]
-        result[f"x_{split}"] = arrays[f"x_{split}"][order]
-        result[f"y_{split}"] = arrays[f"y_{split}"][order].astype(np.int64)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **result)
-    return out

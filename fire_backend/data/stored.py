@@ -35,11 +35,13 @@ def write_stored_set(path: Path, x: np.ndarray, y: np.ndarray, index: np.ndarray
 
 
 class StoredAttack:
-    """Replaces each clean image of the stored set by the attacker's poisoned copy; others pass unchanged.
+    """Replaces each clean image of the stored set by the attacker's poisoned copy.
 
     Images are matched by content (a digest of the uint8 image), so this works wherever the clean test
-    images flow: the defender's reserve, the evaluation split, exports. Images of the target class (which
-    an all-to-one attack does not poison) and unknown images come back as they are.
+    images flow: the defender's reserve, the evaluation split, exports. An image the set does not cover (the
+    target class, which an all-to-one attack does not poison, or any image from elsewhere) has no poisoned
+    copy: calling the attack on it is an error, never a silently clean "poisoned" image. Code that builds a set
+    (flagged samples, exports) asks :meth:`partial` instead and drops and counts what is not covered.
     """
 
     def __init__(self, path: Path) -> None:
@@ -51,14 +53,33 @@ class StoredAttack:
         self.path = path
         self.rows = {bytes(k): i for i, k in enumerate(keys)}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        images = to_uint8(x.detach().cpu())
-        rows = [self.rows.get(image_digest(img), -1) for img in images]
-        hits = [i for i, r in enumerate(rows) if r >= 0]
+    def _rows(self, x: torch.Tensor) -> np.ndarray:
+        """The stored row of each image, -1 where the set has no poisoned copy of it."""
+        return np.array([self.rows.get(image_digest(img), -1) for img in to_uint8(x.detach().cpu())], dtype=np.int64)
+
+    def _replace(self, x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         out = x.clone()
-        if hits:
-            out[hits] = to_tensor(self.x[[rows[i] for i in hits]]).to(device=x.device, dtype=x.dtype)
+        hits = np.flatnonzero(rows >= 0)
+        if len(hits):
+            out[torch.from_numpy(hits)] = to_tensor(self.x[rows[hits]]).to(device=x.device, dtype=x.dtype)
         return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The attacker's poisoned copy of every image; a ValueError if the set lacks any of them."""
+        rows = self._rows(x)
+        missing = int((rows < 0).sum())
+        if missing:
+            raise ValueError(
+                f"{missing} of {len(rows)} images have no poisoned copy in the stored attack {self.path}: it holds "
+                "only the test images the attack poisoned (not the target class, nothing from other data). Use "
+                "images it covers, or re-import with --attack NAME --target N for a trigger fire applies itself"
+            )
+        return self._replace(x, rows)
+
+    def partial(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The poisoned copies of the images the set covers, the others unchanged, and the covered mask."""
+        rows = self._rows(x)
+        return self._replace(x, rows), torch.from_numpy(rows >= 0)
 
     def __repr__(self) -> str:
         return f"StoredAttack({str(self.path)!r}, {len(self.x)} images)"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fire_backend.defaults import RESERVE, RESERVE_SEED
 from fire_backend.wire.names import FIRE_ENSEMBLE
 
 #: the folder of a repository that tritonserver serves (``--model-repository``): model directories only
@@ -81,6 +82,11 @@ class ServingSettings:
     max_batch_size: int = 64
     #: the options the repository was built with (``fire bench`` rebuilds the same configuration from them)
     build: dict = field(default_factory=dict)
+
+    #: the defender's reserve the centroid and flagged samples came from (fire_backend.defaults.reserve_indices):
+    #: a served check evaluates on the other test images, drawn by the same rule
+    reserve_size: int = RESERVE
+    reserve_seed: int = RESERVE_SEED
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fire_backend.checkpoint import load_checkpoint
-from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, batched, load_for_eval
-from fire_backend.fire import Direction, UnpairedEstimator
+from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
+from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, load_defender_samples
+from fire_backend.fire import Direction
 from fire_backend.serving.artifacts import (
     ARTIFACTS_DIR,
     CENTROID_FILE,
@@ -293,20 +294,24 @@ def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptio
 
 
 def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | None = None,
-                     flagged: int | None = None, options: RepositoryOptions | None = None) -> ServingSettings:
+                     flagged: int | None = None, options: RepositoryOptions | None = None, device: str = "auto",
+                     batch_size: int = DEFAULT_BATCH_SIZE) -> ServingSettings:
     """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several).
 
     With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network, and
     where today's store versions apply their directions). The clean centroid comes from
     ``options.clean_samples`` images of the defender's reserve. With ``flagged``, the store starts at version 1:
     an unpaired estimate from that many flagged poisoned reserve images; without it, at version 0 (no
-    direction), to be learned online.
+    direction), to be learned online. Only those reserve images are read and run through the head (on
+    ``device``), never the evaluation split.
     """
     options = options or RepositoryOptions()
-    model, meta = load_checkpoint(checkpoint)
+    compute, batch_size = resolve_device(device), check_batch_size(batch_size)
+    model, meta = load_checkpoint(checkpoint, compute)
     shapes = dict(candidate_layers(model, meta.spec.input_shape))
     layers = repair_layers(layer or DEFAULT_LAYERS.get(meta.spec.arch), list(shapes))
     layer = layers[-1]
+    samples = load_defender_samples(meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
     settings = ServingSettings(
         layer=layer, input_shape=meta.spec.input_shape, latent_shape=shapes[layer],
         num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
@@ -323,16 +328,15 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
     save_part(Part(model, 0, len(names)), meta.spec, layer, "full", artifacts / FULL_FILE)
     settings.write(artifacts)
 
-    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
-    view = LayerView(model, layer, data)
-    save_centroid(artifacts, view.mu.numpy(), len(data.clean))
+    view = LayerView(model, layer, samples, batch=batch_size)
+    save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
     store = DirectionStore(artifacts / STORE_DIR).ensure()
     if flagged:
-        estimator = UnpairedEstimator(view.dim, view.mu, len(data.clean))
-        estimator.observe(poisoned=batched(view.head, data.flagged[:flagged]))
+        estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
         ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
-        store.commit(ds, action="build", actor="fire repo build", note={"flagged": flagged})
+        store.commit(ds, action="build", actor="fire repo build",
+                     note={"flagged": flagged, "defender": samples.describe()})
     else:
         store.initialize()
     write_configs(out, settings, options)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fire_backend.defaults import RESERVE, cache_dir, digits_split
+from fire_backend.defaults import cache_dir, digits_split, evaluation_indices
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:
@@ -135,10 +135,13 @@ def _frozen(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def load_digits(n: int | None = None, offset: int = RESERVE) -> Images:
-    """The embedded 8x8 digits test split (scikit-learn), skipping the defender's reserve, as uint8 NHWC."""
+def load_digits(n: int | None = None) -> Images:
+    """The embedded 8x8 digits test split (scikit-learn) without the defender's reserve, as uint8 NHWC: its first
+    ``n`` evaluation images in the split's class-stratified draw order (the images `fire eval` evaluates)."""
     x_test, y_test = _digits_test_split()  # shared, read-only
-    end = len(x_test) if n is None else offset + n
-    if n is not None and (n < 1 or end > len(x_test)):
-        raise ValueError(f"the digits test split has {len(x_test) - offset} images after the reserve, asked for {n}")
-    return Images(x_test[offset:end], y_test[offset:end], np.zeros(end - offset, bool), "digits (test split)")
+    index = evaluation_indices(y_test)
+    if n is not None and not 1 <= n <= len(index):
+        raise ValueError(f"the digits test split has {len(index)} images besides the defender's reserve, "
+                         f"asked for {n}")
+    index = index[:n]
+    return Images(x_test[index], y_test[index], np.zeros(len(index), bool), "digits (test split)")

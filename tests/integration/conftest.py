@@ -13,7 +13,7 @@ import pytest
 from helpers import EVERY_LAYOUT
 
 from fire_backend.data import load_dataset, resolve_attack, to_tensor
-from fire_backend.evaluation import RESERVE
+from fire_backend.defaults import evaluation_indices
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.server import TritonServer, running_server
 from fire_backend.wire.control import ControlClient
@@ -50,7 +50,8 @@ class EvalImages:
 @pytest.fixture(scope="session")
 def badnets_eval() -> EvalImages:
     data = load_dataset("digits")
-    x, y = to_tensor(data.x_test[RESERVE:]), data.y_test[RESERVE:]
+    evaluated = evaluation_indices(data.y_test)
+    x, y = to_tensor(data.x_test[evaluated]), data.y_test[evaluated]
     keep = y != 0
     poisoned = resolve_attack("badnets")(x[keep])
     return EvalImages(x.numpy(), y, poisoned.numpy(), y[keep], 0)

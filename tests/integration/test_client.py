@@ -78,12 +78,13 @@ def test_parse_url_forms():
 
 def test_conversion_matches_the_library():
     from fire_backend.data import load_dataset, to_tensor
-    from fire_backend.evaluation import RESERVE
+    from fire_backend.defaults import evaluation_indices
 
     data = load_dataset("digits")
     digits = load_digits()
-    np.testing.assert_array_equal(digits.x, data.x_test[RESERVE:])  # same split as the training code
-    np.testing.assert_array_equal(digits.y, data.y_test[RESERVE:])
+    evaluated = evaluation_indices(data.y_test)  # same split as the training code: the reserve left out
+    np.testing.assert_array_equal(digits.x, data.x_test[evaluated])
+    np.testing.assert_array_equal(digits.y, data.y_test[evaluated])
     x = to_model_input(digits.x[:5])
     assert x.dtype == np.float32 and x.shape == (5, 1, 8, 8)
     np.testing.assert_allclose(x, to_tensor(digits.x[:5].copy()).numpy(), atol=1e-7)

@@ -17,8 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from helpers import DEFENDED, EVERY_LAYOUT, infer, labels
 
-from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
-from fire_backend.evaluation import RESERVE
+from fire_backend.data import load_dataset, resolve_attack, to_uint8
+from fire_backend.data.reserve import flagged_samples
 from fire_backend.serving.artifacts import ServingSettings
 from fire_backend.serving.server import running_server
 from fire_backend.store import DirectionStore
@@ -31,10 +31,9 @@ pytestmark = pytest.mark.integration
 
 
 def flagged_images(n: int) -> np.ndarray:
-    """Poisoned images from the defender's reserve (disjoint from the evaluation images)."""
+    """The defender's flagged samples from its reserve (disjoint from the evaluation images)."""
     data = load_dataset("digits")
-    x, y = data.x_test[:RESERVE], data.y_test[:RESERVE]
-    return to_uint8(resolve_attack("badnets")(to_tensor(x[y != 0][:n])))
+    return to_uint8(flagged_samples(data.x_test, data.y_test, resolve_attack("badnets"), 0, n).poisoned)
 
 
 def store_snapshot(repository) -> tuple:

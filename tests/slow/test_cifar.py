@@ -1,11 +1,12 @@
 """CIFAR-10 acceptance: small PreActResNet18s backdoored with BadNets, Blended and SIG, repaired by FIRE.
 
-Needs ../shared/data/cifar10.npz (relative to the project root); skipped with the reason when absent.
-That file is sorted by class, so the models train on a fixed random subset of it (shuffled_subset, as
-scripts/cifar_subset.py writes it): TRAIN_SUBSET training images and TEST_SUBSET test images (the first 200 the
-defender's reserve, the rest evaluated). The models (width WIDTH, EPOCHS epochs, no augmentation: it
-costs CA and plants a weaker BadNets backdoor in so few epochs) are trained once per module, about a
-minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs. CA/PA/ASR are printed.
+Needs ../shared/data/cifar10.npz (relative to the project root, or under FIRE_SHARED_DIR); skipped with the
+reason when absent. That file is sorted by class and is used as it is: the models train on a class-stratified
+draw of TRAIN_SUBSET training images (`--train-subset`), the defender's reserve is a class-stratified draw of 200
+test images, and EVAL_IMAGES of the other test images are evaluated (`--eval-images`). The models (width WIDTH,
+EPOCHS epochs, no augmentation: it costs CA and plants a weaker BadNets backdoor in so few epochs) are trained
+once per module, about a minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs.
+CA/PA/ASR are printed.
 The full-size recipe for a GPU machine is scripts/train_cifar_full.sh.
 
 Each model goes through `fire eval` at the default layer (all methods, streaming curve, files), then FIRE's
@@ -27,13 +28,10 @@ import pytest
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
-from fire_backend.data.datasets import shuffled_subset
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10.npz"
-TRAIN_SUBSET, TEST_SUBSET = 12000, 2200
+TRAIN_SUBSET, EVAL_IMAGES = 12000, 2000
 WIDTH, EPOCHS, BATCH = 8, 5, 128
 TARGET = 0
 FLAGGED = 50  # flagged poisoned samples FIRE may learn from
@@ -42,35 +40,24 @@ SWEEP_LAYER = {"badnets": "layer4.0", "blended": "conv1", "sig": "conv1"}
 
 
 @pytest.fixture(scope="module")
-def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not CIFAR.is_file():
-        pytest.skip(f"CIFAR-10 not found at {CIFAR} (the shared data set; it is never downloaded)")
-    cache = os.environ.get("FIRE_TEST_CACHE")
-    root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("cifar")
-    root.mkdir(parents=True, exist_ok=True)
-    data = root / f"cifar10-{TRAIN_SUBSET}-{TEST_SUBSET}.npz"
-    if not data.is_file():
-        shuffled_subset(CIFAR, data, TRAIN_SUBSET, TEST_SUBSET)
-    return root
-
-
-@pytest.fixture(scope="module")
-def cifar_checkpoint(cifar_root: Path) -> Callable[[str], Path]:
+def cifar_checkpoint(shared_file, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """attack -> checkpoint of a width-WIDTH PreActResNet18 backdoored with it (target 0), trained lazily."""
     from fire_backend.training import TrainConfig, train_backdoored
 
-    data = f"npz:{cifar_root / f'cifar10-{TRAIN_SUBSET}-{TEST_SUBSET}.npz'}"
+    data = f"npz:{shared_file('data/cifar10.npz')}"
+    cache = os.environ.get("FIRE_TEST_CACHE")
+    cifar_root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("cifar")
     trained: dict[str, Path] = {}
 
     def get(attack: str) -> Path:
         if attack not in trained:
-            out = cifar_root / f"cifar-{attack}-w{WIDTH}-e{EPOCHS}"
+            out = cifar_root / f"cifar-{attack}-w{WIDTH}-e{EPOCHS}-n{TRAIN_SUBSET}"
             meta_file = out / "meta.json"
             fresh = not meta_file.is_file() or json.loads(meta_file.read_text()).get("dataset") != data
             if fresh:
                 start = time.perf_counter()
                 config = TrainConfig(data=data, attack=attack, target=TARGET, width=WIDTH, epochs=EPOCHS,
-                                     batch_size=BATCH, augment=False)
+                                     batch_size=BATCH, augment=False, train_subset=TRAIN_SUBSET)
                 train_backdoored(config, out, progress=False)
                 print(f"\ntrained {attack} in {time.perf_counter() - start:.0f} s")
             trained[attack] = out
@@ -87,7 +74,7 @@ def run_json(capsys: pytest.CaptureFixture, argv: list[str]) -> dict:
 
 def fire_eval(capsys: pytest.CaptureFixture, checkpoint: Path, out: Path) -> dict:
     return run_json(capsys, ["eval", "--checkpoint", str(checkpoint), "--clean", "100", "--flagged", str(FLAGGED),
-                             "--out", str(out), "--json"])
+                             "--eval-images", str(EVAL_IMAGES), "--out", str(out), "--json"])
 
 
 def print_report(attack: str, checkpoint: Path, report: dict) -> dict[str, dict]:
@@ -112,8 +99,8 @@ def repair_at(checkpoint: Path, layer: str) -> dict[str, dict]:
     from fire_backend.fire import Direction
 
     model, meta = load_checkpoint(checkpoint)
-    data = load_for_eval(model, meta.dataset, meta.attack, meta.target, 100, FLAGGED)
-    view = LayerView(model, layer, data)
+    data = load_for_eval(meta.dataset, meta.attack, meta.target, 100, FLAGGED, EVAL_IMAGES)
+    view = LayerView(model, layer, data.samples, data.evaluation)
     rows = {"undefended": view.metrics([], meta.target)[0]}
     for kind in ("unpaired", "paired"):
         direction = Direction(view.estimate(kind, FLAGGED), alpha=1.0, mode="projection")

@@ -15,7 +15,7 @@ import pytest
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
-from fire_backend.evaluation import RESERVE
+from fire_backend.defaults import evaluation_indices, stratified_order
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +136,8 @@ def test_data_export_writes_uint8_nhwc(
     checkpoint = digits_checkpoints["badnets"]
     digits = load_dataset("digits")
     x_all, y_all = digits.split(split)
-    skip = RESERVE if split == "test" else 0
+    # in the split's class-stratified draw order; the test split without the defender's reserve
+    order = evaluation_indices(y_all) if split == "test" else stratified_order(y_all)
 
     clean = run_json(
         capsys,
@@ -160,8 +161,8 @@ def test_data_export_writes_uint8_nhwc(
         assert data["x"].dtype == np.uint8 and data["x"].shape == (50, 8, 8, 1)
         assert data["y"].dtype == np.int64 and data["y"].shape == (50,)
         assert data["poisoned"].dtype == np.bool_ and not data["poisoned"].any()
-        assert np.array_equal(data["x"], x_all[skip : skip + 50])
-        assert np.array_equal(data["y"], y_all[skip : skip + 50])
+        assert np.array_equal(data["x"], x_all[order[:50]])
+        assert np.array_equal(data["y"], y_all[order[:50]])
 
     run_json(
         capsys,
@@ -182,7 +183,7 @@ def test_data_export_writes_uint8_nhwc(
         x, y = data["x"], data["y"]
         assert x.dtype == np.uint8 and x.ndim == 4 and x.shape[1:] == (8, 8, 1)
         assert data["poisoned"].all() and (y != 0).all()
-        originals = x_all[skip:][y_all[skip:] != 0]
+        originals = x_all[order][y_all[order] != 0]
         assert len(x) == len(originals)
         assert np.array_equal(x, to_uint8(resolve_attack("badnets")(to_tensor(originals))))
 
@@ -203,4 +204,4 @@ def test_data_export_writes_uint8_nhwc(
             ],
         )
         with np.load(tmp_path / "reserve.npz") as data:
-            assert np.array_equal(data["x"], x_all[:3])
+            assert np.array_equal(data["x"], x_all[stratified_order(y_all)[:3]])

@@ -28,17 +28,17 @@ from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import resolve_attack, to_tensor, to_uint8
 from fire_backend.data.stored import stored_attack
-from fire_backend.evaluation import RESERVE, batched
+from fire_backend.defaults import RESERVE, evaluation_indices
+from fire_backend.evaluation import batched
 from fire_backend.models import PreActResNet18
 from fire_backend.serving.artifacts import FULL_FILE
 from fire_backend.split import load_part, split
 
 TARGET = 0
-# A width-64 PreActResNet18 is slow on a CPU: few images, most of the defender's reserve (the first
-# RESERVE test images) in the target class, so that `fire eval`'s streaming curve stays short.
+# A width-64 PreActResNet18 is slow on a CPU: few images, most of them in the target class, so that the
+# defender's reserve holds few flagged samples and `fire eval`'s streaming curve stays short.
 N_TEST = RESERVE + 60
-RESERVE_NON_TARGET = 5
-N_POISONED = RESERVE_NON_TARGET + 54  # all non-target test images: what an all-to-one bd_test holds
+N_POISONED = 20  # all non-target test images: what an all-to-one bd_test holds
 
 
 def poison(image: np.ndarray) -> np.ndarray:
@@ -52,9 +52,8 @@ def poison(image: np.ndarray) -> np.ndarray:
 def clean_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     x_test = rng.integers(0, 256, (N_TEST, 32, 32, 3), dtype=np.uint8)
-    y_test = np.arange(N_TEST, dtype=np.int64) % 10
-    y_test[:RESERVE] = TARGET
-    y_test[: RESERVE : RESERVE // RESERVE_NON_TARGET] = np.arange(RESERVE_NON_TARGET) % 9 + 1
+    y_test = np.full(N_TEST, TARGET, dtype=np.int64)
+    y_test[np.linspace(0, N_TEST - 1, N_POISONED).astype(int)] = np.arange(N_POISONED) % 9 + 1
     path = tmp_path_factory.mktemp("clean") / "clean.npz"
     np.savez(path, x_train=x_test[:20], y_train=y_test[:20], x_test=x_test, y_test=y_test)
     return path, x_test, y_test
@@ -140,10 +139,13 @@ def test_import_and_eval_end_to_end(clean_data, weights, tmp_path: Path, capsys:
     with np.load(checkpoint / POISONED_FILE) as stored:
         assert stored["x"].dtype == np.uint8 and stored["x"].shape == (N_POISONED, 32, 32, 3)
         assert np.array_equal(stored["index"], non_target) and np.array_equal(stored["y"], y_test[non_target])
-    attacked = to_uint8(resolve_attack(meta.attack)(to_tensor(x_test)))
+    attack = resolve_attack(meta.attack)
     expected = x_test.copy()
     expected[non_target] = np.stack([poison(img) for img in x_test[non_target]])
-    assert np.array_equal(attacked, expected)
+    assert np.array_equal(to_uint8(attack(to_tensor(x_test[non_target]))), expected[non_target])
+    # A target-class image has no poisoned copy: an error, never the clean image passed off as poisoned.
+    with pytest.raises(ValueError, match="1 of 2 images have no poisoned copy in the stored attack"):
+        attack(to_tensor(x_test[[non_target[0], int(np.flatnonzero(y_test == TARGET)[0])]]))
 
     out = tmp_path / "eval"
     report = run_json(capsys, ["eval", "--checkpoint", str(checkpoint), "--clean", "20", "--flagged", "5",
@@ -151,11 +153,13 @@ def test_import_and_eval_end_to_end(clean_data, weights, tmp_path: Path, capsys:
     rows = {row["method"]: row for row in report["rows"]}
     assert report["layer"] == "layer4.0" and "fire-unpaired-projection" in rows and "shrinkpad" in rows
     # The undefended figures are the model's on the stored poisoned images of the evaluation split.
-    eval_x, eval_y = x_test[RESERVE:], y_test[RESERVE:]
+    evaluated = evaluation_indices(y_test)
+    eval_x, eval_y = x_test[evaluated], y_test[evaluated]
     keep = eval_y != TARGET
+    assert report["defender"]["evaluated"] == len(evaluated) and report["defender"]["flagged"] == 5
     with torch.inference_mode():
         clean_pred = batched(model, to_tensor(eval_x)).argmax(1).numpy()
-        poison_pred = batched(model, to_tensor(expected[RESERVE:][keep])).argmax(1).numpy()
+        poison_pred = batched(model, to_tensor(expected[evaluated][keep])).argmax(1).numpy()
     assert rows["undefended"]["ca"] == pytest.approx(float((clean_pred == eval_y).mean()))
     assert rows["undefended"]["asr"] == pytest.approx(float((poison_pred == TARGET).mean()))
     assert rows["undefended"]["pa"] == pytest.approx(float((poison_pred == eval_y[keep]).mean()))
@@ -173,10 +177,38 @@ def test_import_and_eval_end_to_end(clean_data, weights, tmp_path: Path, capsys:
         assert torch.allclose(tail(head(x)), model(x), atol=1e-4)
 
     # Exports for clients and load tests carry the attack's own poisoned images too.
-    run_json(capsys, ["data", "export", "--checkpoint", str(checkpoint), "--poisoned", "--n", "5",
+    run_json(capsys, ["data", "export", "--checkpoint", str(checkpoint), "--poisoned", "--n", "3",
                       "--out", str(tmp_path / "poisoned.npz"), "--json"])
     with np.load(tmp_path / "poisoned.npz") as exported:
-        assert np.array_equal(exported["x"], expected[RESERVE:][keep][:5])
+        assert np.array_equal(exported["x"], expected[evaluated][keep][:3])
+
+
+def test_measure_leaves_out_and_counts_images_without_a_poisoned_copy(
+    clean_data, weights, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bd_test lacking some non-target images: --measure's ASR is over the covered ones, the rest counted."""
+    data_path, x_test, y_test = clean_data
+    state = bd_test_state(x_test, y_test)
+    dropped = state["original_index_array"][:3]
+    state["original_index_array"] = state["original_index_array"][3:]
+    state["poison_indicator"][dropped] = 0
+    source = save(attack_result(weights, x_test, y_test, bd_test=state), tmp_path / "attack_result.pt")
+    argv = ["import", "backdoorbench", str(source), "--data", f"npz:{data_path}", "--measure"]
+    if not torch.cuda.is_available():  # the double: torch reports a GPU; --device auto must go for it
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.cuda, "is_available", lambda: True)
+            with pytest.raises(AssertionError, match="not compiled with CUDA"):
+                main([*argv, "--out", str(tmp_path / "gpu")])
+        assert not (tmp_path / "gpu").exists()
+    summary = run_json(capsys, [*argv, "--device", "cpu", "--batch-size", "32", "--out", str(tmp_path / "out"),
+                                "--json"])
+    assert summary["uncovered"] == 3 and summary["measure_excluded"] == 3
+    model, meta = load_checkpoint(tmp_path / "out")
+    assert meta.extra["measured"] == {"images": N_TEST, "poisoned": N_POISONED - 3, "excluded": 3}
+    covered = np.flatnonzero(y_test != TARGET)[3:]
+    with torch.inference_mode():
+        poison_pred = batched(model, to_tensor(np.stack([poison(img) for img in x_test[covered]]))).argmax(1)
+    assert summary["asr"] == pytest.approx(float((poison_pred == TARGET).float().mean()))
 
 
 def test_dataparallel_prefix_and_disk_images(clean_data, weights, tmp_path: Path) -> None:

@@ -11,14 +11,10 @@ import torch
 
 from fire_backend.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, load_checkpoint
 from fire_backend.cli import main
-from fire_backend.data import resolve_attack, to_tensor
+from fire_backend.data import resolve_attack
 from fire_backend.data.augment import shrink_pad, shrinkpad_defense
-from fire_backend.evaluation import (
-    RESERVE,
-    accuracy_figures,
-    defender_data,
-    detector_tpr,
-)
+from fire_backend.defaults import evaluation_indices
+from fire_backend.evaluation import accuracy_figures, detector_tpr
 from fire_backend.training import TrainConfig, default_spec, poison_training_set, train_backdoored
 
 HERE = Path(__file__).resolve().parent
@@ -115,6 +111,7 @@ def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
         "out": str(tmp_path / "c.npz"),
         "n": 7,
+        "excluded": 0,
     }
     with np.load(tmp_path / "c.npz") as clean:
         assert clean["x"].dtype == np.uint8 and clean["x"].shape == (7, 8, 8, 1)
@@ -122,7 +119,8 @@ def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixt
         from fire_backend.data import load_dataset
 
         digits = load_dataset("digits")
-        assert np.array_equal(clean["x"], digits.x_test[RESERVE : RESERVE + 7])  # reserve excluded
+        first = evaluation_indices(digits.y_test)[:7]  # the reserve excluded, in the split's draw order
+        assert np.array_equal(clean["x"], digits.x_test[first])
     assert (
         main(
             [
@@ -147,26 +145,11 @@ def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_accuracy_figures_count_only_non_target_for_pa_and_asr() -> None:
     y = torch.tensor([0, 1, 2, 3])
     clean = torch.tensor([0, 1, 2, 0])
-    poison = torch.tensor([0, 0, 2, 3])  # target 0: sample 0 excluded from PA/ASR
-    m = accuracy_figures(clean, poison, y, target=0)
+    poison_y = y[y != 0]  # target 0: only the other images carry the trigger
+    poison = torch.tensor([0, 2, 3])
+    m = accuracy_figures(clean, y, poison, poison_y, target=0)
     assert m.ca == 0.75
     assert m.pa == pytest.approx(2 / 3) and m.asr == pytest.approx(1 / 3)
-
-
-def test_defender_data_keeps_the_reserve_apart() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (RESERVE + 50, 8, 8, 1), dtype=np.uint8)
-    y = rng.integers(0, 10, RESERVE + 50)
-    attack = resolve_attack("badnets")
-    data = defender_data(x, y, attack, target=0, n_clean=30, n_flagged=10)
-    xt = to_tensor(x)
-    assert torch.equal(data.clean, xt[:30])
-    assert len(data.flagged) == 10 and torch.equal(data.flagged, attack(data.flagged_clean))
-    assert torch.equal(data.eval_x, xt[RESERVE:]) and len(data.eval_y) == 50
-    with pytest.raises(ValueError, match="reserve"):
-        defender_data(x, y, attack, 0, RESERVE + 1, 10)
-    with pytest.raises(ValueError, match="more than"):
-        defender_data(x[:RESERVE], y[:RESERVE], attack, 0, 10, 10)
 
 
 def test_shrinkpad_keeps_shape_and_is_seeded() -> None:
