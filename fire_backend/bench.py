@@ -1,15 +1,20 @@
-"""``fire bench``: the cost of FIRE on the real server, measured with Locust.
+"""``fire bench``: the cost of FIRE on the real server, every layout against the baselines, measured with Locust.
 
-Starts tritonserver on a repository (``fire bench`` defaults to the digits demo's), then for every concurrency
-level runs Locust headless (the package's locustfile, one subprocess per run) against ``fire_ensemble``,
-``undefended_ensemble`` and ``fire_monolithic`` in turn -- interleaved, so drift (thermal, background load)
-hits all three alike.
-Each run sends the locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
+Builds one repository with every way of serving the network (:func:`bench_targets`): the three FIRE layouts
+(``fused``, the default, as ``fire_ensemble``; ``inline`` and ``separate`` under their own names), the undefended
+split (head -> tail, no repair) and the monolithic model (unsplit, no repair); from a checkpoint (with a direction
+estimated from 20 flagged reserve images) or from an existing repository (its network, settings and live
+direction; a store at version 0 gets one synthetic direction, so the repair costs what it costs in service).
+Starts tritonserver once, then, for every concurrency level, runs Locust headless against each target in turn --
+interleaved, so drift (thermal, background load) hits all alike -- ``rounds`` times. Each run sends the
+locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
 
 Latency is per sample: a request's latency divided by its image count, exact (from Locust's ``--latency-file``,
 not its rounded histogram); throughput is samples/s. The first ``warmup`` seconds of each run are left out of
-both. Results: ``bench.json``, ``bench.csv`` and ``bench.png`` in ``--out``, Locust's own CSV/logs under
-``--out/raw``, and a table (:func:`format_table`) the CLI prints. Progress goes to a callback.
+both. Around each run Triton's own per-model counters are read (:mod:`fire_backend.stage_metrics`): per stage, the
+mean dynamic batch and the queue and compute time. Results: ``bench.json``, ``bench.csv`` and ``bench.png`` in
+``--out``, Locust's own CSV/logs under ``--out/raw``, and a table (:func:`format_table`) the CLI prints. Progress
+goes to a callback.
 """
 
 from __future__ import annotations
@@ -18,33 +23,80 @@ import csv
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from fire_backend import stage_metrics
 from fire_backend.loadtest import LOCUSTFILE
 from fire_backend.loadtest.command import locust_command, run_locust
-from fire_backend.wire.names import FIRE_ENSEMBLE, FIRE_MONOLITHIC, UNDEFENDED_ENSEMBLE
+from fire_backend.wire.names import FIRE_MONOLITHIC, UNDEFENDED_ENSEMBLE
 
-#: (row name, model) in the order they run at each concurrency.
-TARGETS = (("fire", FIRE_ENSEMBLE), ("undefended", UNDEFENDED_ENSEMBLE), ("monolithic", FIRE_MONOLITHIC))
+#: how the layouts compare: (row, numerator target, denominator target)
+COMPARISONS = (
+    ("default vs undefended split", "fused", "undefended"),
+    ("fused vs monolithic", "fused", "monolithic"),
+    ("inline vs undefended split", "inline", "undefended"),
+    ("separate vs undefended split", "separate", "undefended"),
+)
+#: the FIRE layout fire_ensemble gets in the bench repository (the builder's default)
+DEFAULT_TARGET = "fused"
 TRAFFIC_IMAGES = 400
+#: flagged reserve images of the direction a bench repository built from a checkpoint starts with
+BENCH_FLAGGED = 20
 Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class Target:
+    """One way of serving the network: the model a client calls, and every model that serves it."""
+
+    name: str
+    model: str
+    stages: tuple[str, ...]
+
+
+def bench_targets() -> list[Target]:
+    """The targets of a bench repository, in the order they run (the models come from the repository builder)."""
+    from fire_backend.serving.repository import LAYOUT_MODELS, served_models
+    from fire_backend.wire.names import FIRE_ENSEMBLE
+
+    targets = []
+    for layout in ("fused", "inline", "separate"):
+        public = FIRE_ENSEMBLE if layout == DEFAULT_TARGET else LAYOUT_MODELS[layout]
+        models = served_models(public, layout)
+        targets.append(Target(layout, public, tuple(models)))
+    targets.append(Target("undefended", UNDEFENDED_ENSEMBLE, tuple(served_models(UNDEFENDED_ENSEMBLE, "inline"))))
+    targets.append(Target("monolithic", FIRE_MONOLITHIC, (FIRE_MONOLITHIC,)))
+    return targets
+
+
+@dataclass(frozen=True)
 class BenchConfig:
-    repository: Path
+    """What to measure: exactly one of ``repository`` and ``checkpoint`` (with ``layer``, ``gpu``)."""
+
+    repository: Path | None = None
+    checkpoint: Path | None = None
+    layer: str | None = None
+    gpu: bool = False
     concurrency: tuple[int, ...] = (1, 16)
     duration_s: float = 15.0
     batch: int = 1
     out: Path = Path("bench-results")
     protocol: str = "grpc"
     warmup_s: float = 2.0
+    rounds: int = 1
     locustfile: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.repository is None) == (self.checkpoint is None):
+            raise ValueError("give a repository or a checkpoint to benchmark (one of them)")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
 
 
 @dataclass
@@ -64,6 +116,9 @@ class BenchRow:
     window_s: float = 0.0
     #: CPU used during the run by processes other than the server and Locust, in cores (shared-machine noise).
     other_load_cores: float | None = None
+    round: int = 1
+    #: Triton's counters for every model that served the target during the run (StageFigures as dicts)
+    stages: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -216,24 +271,47 @@ def _failures(prefix: Path, model: str) -> int:
     return 0
 
 
+def _median_row(rows: Sequence[BenchRow]) -> BenchRow:
+    """One row for a target and concurrency: the medians over its rounds (counts summed)."""
+    first = rows[0]
+    if len(rows) == 1:
+        return first
+    med = {k: statistics.median(getattr(r, k) for r in rows)
+           for k in ("samples_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "window_s")}
+    loads = [r.other_load_cores for r in rows if r.other_load_cores is not None]
+    return BenchRow(target=first.target, concurrency=first.concurrency, model=first.model, batch=first.batch,
+                    requests=sum(r.requests for r in rows), samples=sum(r.samples for r in rows),
+                    failures=sum(r.failures for r in rows), other_load_cores=max(loads) if loads else None,
+                    round=0, **med)
+
+
+def summary_rows(rows: Sequence[BenchRow]) -> list[BenchRow]:
+    """Per target and concurrency, the median over rounds (round 0), in the order the runs were made."""
+    groups: dict[tuple[str, int], list[BenchRow]] = {}
+    for row in rows:
+        groups.setdefault((row.target, row.concurrency), []).append(row)
+    return [_median_row(group) for group in groups.values()]
+
+
 def ratios(rows: Sequence[BenchRow]) -> list[dict]:
-    """Per concurrency: FIRE's throughput and p50/p95 latency relative to undefended and monolithic."""
+    """Per concurrency and comparison (:data:`COMPARISONS`): throughput and p50/p95 ratios and the added p50, each
+    computed within a round (targets measured side by side) and then the median over rounds."""
+    by_key = {(r.round, r.target, r.concurrency): r for r in rows}
     out = []
-    by_key = {(r.target, r.concurrency): r for r in rows}
     for c in sorted({r.concurrency for r in rows}):
-        fire = by_key.get(("fire", c))
-        if fire is None:
-            continue
-        entry: dict = {"concurrency": c}
-        for other in ("undefended", "monolithic"):
-            base = by_key.get((other, c))
-            if base is None:
-                continue
-            entry[f"throughput_fire_vs_{other}"] = fire.samples_per_s / base.samples_per_s if base.samples_per_s \
-                else None
-            entry[f"p50_fire_vs_{other}"] = fire.p50_ms / base.p50_ms if base.p50_ms else None
-            entry[f"p95_fire_vs_{other}"] = fire.p95_ms / base.p95_ms if base.p95_ms else None
-        out.append(entry)
+        for label, num, den in COMPARISONS:
+            per_round = []
+            for rnd in sorted({r.round for r in rows}):
+                a, b = by_key.get((rnd, num, c)), by_key.get((rnd, den, c))
+                if a is None or b is None or not (b.samples_per_s and b.p50_ms and b.p95_ms):
+                    continue
+                per_round.append({"throughput": a.samples_per_s / b.samples_per_s, "p50": a.p50_ms / b.p50_ms,
+                                  "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms})
+            if per_round:
+                entry = {"concurrency": c, "comparison": label, "target": num, "baseline": den,
+                         "rounds": len(per_round)}
+                entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]})
+                out.append(entry)
     return out
 
 
@@ -252,35 +330,41 @@ def _load(settings: dict) -> str:
 
 
 def format_table(report: BenchReport) -> str:
+    rounds = report.settings.get("rounds", 1)
     lines = [f"machine: {describe_machine(report.machine)}",
              f"per-sample latency (request latency / images per request), batch {report.settings.get('batch')}, "
-             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run; Locust on the same "
-             f"machine; 1-min load average {_load(report.settings)}",
+             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run, {rounds} round(s)"
+             f"{' (medians shown)' if rounds > 1 else ''}; Locust on the same machine; 1-min load average "
+             f"{_load(report.settings)}",
              f"{'target':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
              f"{'requests':>9s} {'failures':>8s} {'other load':>10s}"]
-    for r in report.rows:
+    for r in summary_rows(report.rows):
         lines.append(f"{r.target:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} "
                      f"{r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} {_cores(r.other_load_cores):>10s}")
     lines.append("(other load: cores busy with processes other than tritonserver and Locust during the run)")
-    lines.append("FIRE relative to      throughput   p50 latency   p95 latency")
-
-    def fmt(v):
-        return f"{v:.3f}" if v is not None else "-"
-
-    for entry in report.ratios:
-        for other in ("undefended", "monolithic"):
-            if f"throughput_fire_vs_{other}" in entry:
-                throughput, p50, p95 = (fmt(entry[f"{k}_fire_vs_{other}"]) for k in ("throughput", "p50", "p95"))
-                lines.append(f"  {other:11s} c={entry['concurrency']:<4d} {throughput:>10s} {p50:>13s} {p95:>13s}")
+    lines.append(f"{'comparison':29s} {'users':>5s} {'throughput':>10s} {'p50':>7s} {'p95':>7s} {'added p50 ms':>12s}")
+    for e in report.ratios:
+        lines.append(f"{e['comparison']:29s} {e['concurrency']:5d} {e['throughput']:10.3f} {e['p50']:7.3f} "
+                     f"{e['p95']:7.3f} {e['added_p50_ms']:12.3f}")
+    lines.append("Triton's counters per stage (last round): mean batch, queue and compute ms per request, "
+                 "compute ms per inference")
+    last = max((r.round for r in report.rows), default=1)
+    for r in report.rows:
+        if r.round != last:
+            continue
+        for st in r.stages:
+            lines.append(f"  {r.target:11s} c={r.concurrency:<3d} {st['model']:22s} batch {st['mean_batch']:6.2f}  "
+                         f"queue {st['queue_ms']:8.3f}  compute {st['compute_ms']:8.3f}  "
+                         f"per inference {st['compute_ms_per_inference']:8.3f}")
     return "\n".join(lines)
 
 
 def write_outputs(report: BenchReport, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    with (out / "bench.csv").open("w", newline="") as handle:
-        names = list(asdict(report.rows[0]).keys()) if report.rows else ["target"]
-        writer = csv.DictWriter(handle, fieldnames=names)
+    with (out / "bench.csv").open("w", newline="") as handle:  # one line per run; per-stage figures: bench.json
+        names = [f.name for f in fields(BenchRow) if f.name != "stages"]
+        writer = csv.DictWriter(handle, fieldnames=names, extrasaction="ignore")
         writer.writeheader()
         for row in report.rows:
             writer.writerow(asdict(row))
@@ -295,11 +379,13 @@ def plot(report: BenchReport, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     levels = sorted({r.concurrency for r in report.rows})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.8 / len(TARGETS)
-    for i, (target, _) in enumerate(TARGETS):
-        rows = {r.concurrency: r for r in report.rows if r.target == target}
-        xs = np.arange(len(levels)) + (i - (len(TARGETS) - 1) / 2) * width
+    summary = summary_rows(report.rows)
+    names = list(dict.fromkeys(r.target for r in summary))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
+    width = 0.8 / len(names)
+    for i, target in enumerate(names):
+        rows = {r.concurrency: r for r in summary if r.target == target}
+        xs = np.arange(len(levels)) + (i - (len(names) - 1) / 2) * width
         ax1.bar(xs, [rows[c].samples_per_s if c in rows else 0 for c in levels], width, label=target)
         p50 = [rows[c].p50_ms if c in rows else np.nan for c in levels]
         p95 = [rows[c].p95_ms if c in rows else np.nan for c in levels]
@@ -314,8 +400,8 @@ def plot(report: BenchReport, path: Path) -> None:
     ax1.legend()
     ax2.legend(fontsize=7, ncol=2)
     m = report.machine
-    fig.suptitle(f"fire bench, batch {report.settings.get('batch')}: {m['cores']} cores, "
-                 f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}", fontsize=10)
+    fig.suptitle(f"fire bench, {report.settings.get('arch', '')} batch {report.settings.get('batch')}: "
+                 f"{m['cores']} cores, {'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -344,18 +430,66 @@ def _run(config: BenchConfig, locustfile: Path, url: str, model: str, users: int
     return latency_file
 
 
+def bench_repository(config: BenchConfig, progress: Progress) -> Path:
+    """The repository with every target (``config.out/repository``), built from the checkpoint or rebuilt from the
+    given repository (which is left as it is)."""
+    from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings
+    from fire_backend.serving.repository import (
+        LAYOUT_MODELS,
+        RepositoryOptions,
+        build_repository,
+        rebuild_repository,
+    )
+    from fire_backend.store import DirectionStore
+
+    out = config.out / "repository"
+    compare = tuple(layout for layout in LAYOUT_MODELS if layout != DEFAULT_TARGET)
+    if config.checkpoint is not None:
+        options = RepositoryOptions(layout=DEFAULT_TARGET, compare_layouts=compare, baselines=True, gpu=config.gpu)
+        progress(f"building the bench repository {out} from {config.checkpoint} "
+                 f"(a direction from {BENCH_FLAGGED} flagged reserve images)")
+        build_repository(config.checkpoint, out, config.layer, flagged=BENCH_FLAGGED, options=options)
+        return out
+    source = ServingSettings.read(config.repository / ARTIFACTS_DIR)
+    recorded = RepositoryOptions.from_record(source.build)
+    options = RepositoryOptions.from_record({**asdict(recorded), "layout": DEFAULT_TARGET,
+                                             "compare_layouts": compare, "baselines": True, "allow_bypass": False,
+                                             "gpu": recorded.gpu or config.gpu})
+    progress(f"rebuilding {config.repository} with every layout and the baselines into {out}")
+    settings = rebuild_repository(config.repository, out, options)
+    store = DirectionStore(out / ARTIFACTS_DIR / STORE_DIR)
+    if store.live_version() == 0:
+        _synthetic_direction(store, settings)
+        progress("the repository's store has no direction yet: the bench copy got one synthetic direction")
+    return out
+
+
+def _synthetic_direction(store, settings) -> None:
+    """One random direction (the repair's cost does not depend on its values), committed to the bench copy."""
+    import torch
+
+    from fire_backend.fire import Direction
+    from fire_backend.serving.artifacts import load_centroid
+    from fire_backend.store import DirectionSet
+
+    center, _ = load_centroid(store.root.parent)
+    beta = torch.randn(settings.latent_dim, generator=torch.Generator().manual_seed(0))
+    store.commit(DirectionSet(center, [Direction(beta)], None), action="push", actor="fire bench",
+                 note={"synthetic": True})
+
+
 def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
-    """Serve the repository and measure every target at every concurrency; writes the files into ``config.out``."""
+    """Build the bench repository, serve it, and measure every target at every concurrency, ``rounds`` times."""
     from fire_backend.data import load_dataset
     from fire_backend.data.export import write_traffic
-    from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, require_fire_repository
+    from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
     from fire_backend.serving.server import running_server
     from fire_backend.wire.client import FireClient
 
     locustfile = (config.locustfile or LOCUSTFILE).resolve()
     if not locustfile.is_file():
         raise FileNotFoundError(f"{locustfile}: no such Locust file")
-    repository = require_fire_repository(config.repository.resolve())
+    repository = bench_repository(config, progress).resolve()
     out = config.out
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -364,39 +498,47 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
         raise ValueError(f"{repository}: serving settings name no data set: cannot make bench traffic")
     traffic = write_traffic(load_dataset(settings.dataset), settings.attack, settings.target, out / "data",
                             TRAFFIC_IMAGES)
-    target = max(settings.target, 0)
+    label = max(settings.target, 0)
+    targets = bench_targets()
     rows: list[BenchRow] = []
-    progress(f"fire bench: {repository}, concurrency {','.join(map(str, config.concurrency))}, "
-             f"{config.duration_s:g} s per run (+{config.warmup_s:g} s warm-up), batch {config.batch}, "
-             f"{config.protocol}")
+    progress(f"fire bench: {repository}, {settings.arch} repaired at {', '.join(settings.repair_layers)}, "
+             f"concurrency {','.join(map(str, config.concurrency))}, {config.duration_s:g} s per run "
+             f"(+{config.warmup_s:g} s warm-up), {config.rounds} round(s), batch {config.batch}, {config.protocol}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     with running_server(repository, http_inference=config.protocol == "http") as server:
         url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
         with FireClient(url) as client:
             server_version = client.server_metadata().get("version")
-            for _, model in TARGETS:  # load check and first-call warm-up, outside the measured runs
-                client.infer_batches(np.zeros((config.batch, *client.model_info(model).input_shape), np.float32),
-                                     config.batch, model)
+            for t in targets:  # load check and first-call warm-up, outside the measured runs
+                client.infer_batches(np.zeros((config.batch, *client.model_info(t.model).input_shape), np.float32),
+                                     config.batch, t.model)
         progress(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at {url}")
-        for users in config.concurrency:
-            for name, model in TARGETS:
-                prefix = raw / f"{name}-c{users}"
-                meter = CpuMeter(server.pid)
-                meter.start()
-                latency_file = _run(config, locustfile, url, model, users, prefix, traffic, target)
-                other = meter.other_cores()
-                stats = summarize(latency_file, config.warmup_s)
-                row = BenchRow(target=name, concurrency=users, model=model, batch=config.batch,
-                               failures=_failures(prefix, model), other_load_cores=other, **stats)
-                rows.append(row)
-                progress(f"  {name:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} "
-                         f"ms, p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, "
-                         f"{row.failures} failures; other load {_cores(other)} cores)")
+        for rnd in range(1, config.rounds + 1):
+            for users in config.concurrency:
+                for t in targets:
+                    prefix = raw / f"{t.name}-c{users}-r{rnd}"
+                    meter = CpuMeter(server.pid)
+                    before = stage_metrics.scrape(server.urls["metrics"])
+                    meter.start()
+                    latency_file = _run(config, locustfile, url, t.model, users, prefix, traffic, label)
+                    other = meter.other_cores()
+                    stages = stage_metrics.difference(before, stage_metrics.scrape(server.urls["metrics"]), t.stages)
+                    stats = summarize(latency_file, config.warmup_s)
+                    row = BenchRow(target=t.name, concurrency=users, model=t.model, batch=config.batch,
+                                   failures=_failures(prefix, t.model), other_load_cores=other, round=rnd,
+                                   stages=[s.to_dict() for s in stages], **stats)
+                    rows.append(row)
+                    progress(f"  round {rnd} {t.name:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, "
+                             f"p50 {row.p50_ms:.3f} ms, p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms "
+                             f"({row.requests} requests, {row.failures} failures; other load {_cores(other)} cores)")
     machine = machine_info(server_version)
-    settings_out = {"repository": str(repository), "concurrency": list(config.concurrency),
-                    "duration_s": config.duration_s, "warmup_s": config.warmup_s, "batch": config.batch,
-                    "protocol": config.protocol, "locustfile": str(locustfile), "elapsed_s": time.time() - started,
+    settings_out = {"repository": str(repository), "source": str(config.repository or config.checkpoint),
+                    "arch": settings.arch, "repair_layers": list(settings.repair_layers),
+                    "gpu": bool(settings.build.get("gpu")), "concurrency": list(config.concurrency),
+                    "duration_s": config.duration_s, "warmup_s": config.warmup_s, "rounds": config.rounds,
+                    "batch": config.batch, "protocol": config.protocol, "locustfile": str(locustfile),
+                    "targets": {t.name: list(t.stages) for t in targets}, "elapsed_s": time.time() - started,
                     # load generator and server share this machine; other load skews the numbers
                     "loadavg_1m_start": load_start,
                     "loadavg_1m_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

@@ -8,8 +8,8 @@ store); latents are flattened to (N, D).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -220,6 +220,16 @@ class CompiledRepair:
     projection: torch.Tensor  # (K,) bool
     thresholds: torch.Tensor  # (K,)
     version: int = 0
+    # Derived once here, so a served batch runs as few tensor operations as possible (on a small model each
+    # operation's dispatch costs more than its arithmetic).
+    neg_offsets: torch.Tensor = field(init=False, repr=False)
+    all_projection: bool = field(init=False, repr=False)
+    unit_alphas: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.neg_offsets = -self.offsets
+        self.all_projection = bool(self.projection.all())
+        self.unit_alphas = bool((self.alphas == 1.0).all())
 
     @property
     def empty(self) -> bool:
@@ -271,11 +281,89 @@ def repair(latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tenso
         zeros = torch.zeros(n, device=latents.device)
         return latents, zeros, torch.zeros(n, dtype=torch.bool, device=latents.device)
     flat = latents.flatten(1)
-    beyond = torch.addmm(-compiled.offsets, flat, compiled.units.t())  # (N, K)
-    coefficients = beyond / compiled.norms
-    removed = torch.where(
-        compiled.projection, compiled.alphas * beyond.clamp_min(0.0), compiled.alphas * compiled.norms
-    )
+    beyond = torch.addmm(compiled.neg_offsets, flat, compiled.units.t())  # (N, K)
+    if compiled.all_projection:
+        removed = beyond.clamp_min(0.0)
+        if not compiled.unit_alphas:
+            removed = removed * compiled.alphas
+    else:
+        removed = torch.where(
+            compiled.projection, compiled.alphas * beyond.clamp_min(0.0), compiled.alphas * compiled.norms
+        )
     repaired = torch.addmm(flat, removed, compiled.units, alpha=-1.0).reshape(latents.shape)
+    coefficients = beyond / compiled.norms
+    if coefficients.shape[1] == 1:
+        score = coefficients[:, 0]
+        return repaired, score, score > compiled.thresholds[0]
     flagged = (coefficients > compiled.thresholds).any(dim=1)
     return repaired, coefficients.max(dim=1).values, flagged
+
+
+@dataclass
+class RepairPlan:
+    """One direction version compiled for every layer it repairs: what a served network applies as it runs.
+
+    ``repairs`` maps a layer (a stage name of the network) to its compiled directions. Layers without a direction
+    are left out, so they cost nothing. The forward pass reaches the layers in the network's stage order, so a
+    deeper layer always sees a latent already repaired upstream. One plan serves a whole batch: a request never
+    mixes versions.
+    """
+
+    repairs: dict[str, CompiledRepair] = field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(self.repairs)
+
+
+def compile_plan(
+    direction_sets: Mapping[str, tuple[Sequence[Direction], torch.Tensor | None]],
+    dims: Mapping[str, int],
+    device: str | torch.device = "cpu",
+    version: int = 0,
+) -> RepairPlan:
+    """A plan from ``{layer: (directions, clean centroid)}``; ``dims`` holds each repairable layer's latent size."""
+    repairs = {}
+    for layer, (directions, center) in direction_sets.items():
+        if layer not in dims:
+            raise ValueError(f"no repairable latent at layer {layer!r}; configured layers: {', '.join(dims)}")
+        if directions:
+            repairs[layer] = compile_directions(directions, center, dims[layer], device, version)
+    return RepairPlan(repairs, version)
+
+
+class RepairPass:
+    """Applies a plan to one batch while the network runs, and collects the per-sample outputs.
+
+    ``hooks`` go to :meth:`fire_backend.split.Part.forward`, which calls each at its layer. Per sample, the score
+    is the largest over the repaired layers and a sample is flagged when any layer flags it; with nothing to
+    repair the score is 0. ``keep`` (bool, one per row) marks rows that keep their unrepaired latent at every
+    layer (bypassing requests); their scores are still computed (shadow mode).
+    """
+
+    def __init__(self, plan: RepairPlan, keep: torch.Tensor | None = None) -> None:
+        self.plan = plan
+        self.keep = keep if keep is not None and bool(keep.any()) else None
+        self._score: torch.Tensor | None = None
+        self._flagged: torch.Tensor | None = None
+        self.hooks: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            layer: self._hook(compiled) for layer, compiled in plan.repairs.items()}
+
+    def _hook(self, compiled: CompiledRepair) -> Callable[[torch.Tensor], torch.Tensor]:
+        def apply(latents: torch.Tensor) -> torch.Tensor:
+            repaired, score, flagged = repair(latents, compiled)
+            self._score = score if self._score is None else torch.maximum(self._score, score)
+            self._flagged = flagged if self._flagged is None else self._flagged | flagged
+            if self.keep is None:
+                return repaired
+            keep = self.keep.to(latents.device).reshape(-1, *([1] * (latents.dim() - 1)))
+            return torch.where(keep, latents, repaired)
+
+        return apply
+
+    def outputs(self, n: int, device: str | torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, flagged) of the ``n`` samples, after the network ran."""
+        if self._score is None:
+            return torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+        return self._score, self._flagged

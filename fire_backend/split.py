@@ -6,6 +6,7 @@ is exact because both halves call the very stage modules of the original forward
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,16 +44,36 @@ class Part(nn.Module):
     def __init__(self, model: nn.Module, start: int, stop: int) -> None:
         super().__init__()
         self.model = model
-        self._steps = [module for _, module in model.stages()[start:stop]]
+        self._steps = list(model.stages()[start:stop])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self._steps:
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The names of this part's stages, in order (a hook can sit after any of them)."""
+        return tuple(name for name, _ in self._steps)
+
+    def forward(self, x: torch.Tensor, hooks: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                ) -> torch.Tensor:
+        """Run the stages; ``hooks[name]`` (if any) replaces the latent after stage ``name`` (in-process repair)."""
+        if not hooks:
+            for _, step in self._steps:
+                x = step(x)
+            return x
+        for name, step in self._steps:
             x = step(x)
+            hook = hooks.get(name)
+            if hook is not None:
+                x = hook(x)
         return x
+
+    def check_hooks(self, layers: Iterable[str]) -> None:
+        """ValueError naming the part's layers when a hook could never run here."""
+        missing = [layer for layer in layers if layer not in self.layers]
+        if missing:
+            raise ValueError(f"layers {', '.join(missing)} are not in this part; its layers: {', '.join(self.layers)}")
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         """Only the weights this part uses, under the full model's key names."""
-        owned = {id(t) for step in self._steps for t in (*step.parameters(), *step.buffers())}
+        owned = {id(t) for _, step in self._steps for t in (*step.parameters(), *step.buffers())}
         return {k: v for k, v in self.model.state_dict(keep_vars=True).items() if id(v) in owned}
 
 

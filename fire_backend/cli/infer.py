@@ -22,6 +22,7 @@ from fire_backend.wire.names import (
     PROTOCOLS,
     UNDEFENDED_ENSEMBLE,
 )
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 if TYPE_CHECKING:
     from fire_backend.wire.images import Images
@@ -124,6 +125,8 @@ def register(sub) -> None:
     p.add_argument("--n", type=int, default=None, help="at most N images of the source (all)")
     p.add_argument("--batch", type=int, default=1, help="images per request (1: one by one; at most 64)")
     p.add_argument("--bypass", action="store_true",
-                   help=f"ask {DEFAULT_MODEL} to skip the repair ({BYPASS_PARAMETER})")
+                   help=f"ask {DEFAULT_MODEL} to skip the repair ({BYPASS_PARAMETER}): only a repository built with "
+                        f"--allow-bypass honours it, and the request is signed with the control token "
+                        f"(${TOKEN_FILE_ENV} or ${TOKEN_ENV})")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (60)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON line at the end")

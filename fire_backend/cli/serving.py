@@ -11,7 +11,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fire_backend.cli.base import add_command, add_device_options, add_group, say
+from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
+from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
 from fire_backend.wire import names
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, stub_environment
 
@@ -22,16 +23,23 @@ if TYPE_CHECKING:
 def cmd_repo_build(args: argparse.Namespace) -> int:
     from fire_backend.serving.repository import RepositoryOptions, build_repository
 
-    options = RepositoryOptions(
-        max_batch_size=args.max_batch, gpu=args.gpu, repair_instances=args.repair_instances,
-        torch_threads=args.torch_threads, flag_threshold=args.threshold, alpha=args.alpha,
-        publish_every=args.publish_every,
-    )
+    try:
+        options = RepositoryOptions(
+            layout=args.layout, baselines=args.baselines, allow_bypass=args.allow_bypass,
+            max_batch_size=args.max_batch, gpu=args.gpu, model_instances=args.model_instances,
+            repair_instances=args.repair_instances, torch_threads=args.torch_threads, flag_threshold=args.threshold,
+            alpha=args.alpha, publish_every=args.publish_every,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     settings = build_repository(args.checkpoint, args.out, args.layer, args.flagged, options, device=args.device,
                                 batch_size=args.batch_size)
     start = f"version 1 from {args.flagged} flagged samples" if args.flagged else "no direction (version 0)"
-    print(f"wrote {args.out}: {settings.arch} split after {settings.layer}, latent {list(settings.latent_shape)}, "
-          f"input {list(settings.input_shape)}, max batch {args.max_batch}; store starts at {start}")
+    extras = [what for what, on in ((f"{names.UNDEFENDED_ENSEMBLE} and {names.FIRE_MONOLITHIC}", args.baselines),
+                                    (f"{names.BYPASS_PARAMETER} with signed requests", args.allow_bypass)) if on]
+    print(f"wrote {args.out}: {settings.arch}, {settings.layout} layout, repairs after {settings.layer}, latent "
+          f"{list(settings.latent_shape)}, input {list(settings.input_shape)}, max batch {args.max_batch}; store "
+          f"starts at {start}{'; also ' + ', '.join(extras) if extras else ''}")
     print(f"serve it with: fire serve --repository {args.out}")
     return 0
 
@@ -134,18 +142,32 @@ def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
 def register(sub) -> None:
     repo_sub = add_group(sub, "repo", "build a Triton model repository for a checkpoint", "repo_command", "ACTION")
     p = add_command(repo_sub, "build", cmd_repo_build,
-                    f"write {names.FIRE_ENSEMBLE} (head -> FIRE repair -> tail), {names.UNDEFENDED_ENSEMBLE}, "
-                    f"{names.FIRE_MONOLITHIC} and {names.FIRE_CONTROL} for a checkpoint split at a layer",
+                    f"write {names.FIRE_ENSEMBLE} (the network with FIRE at a layer, in a layout) and "
+                    f"{names.FIRE_CONTROL} for a checkpoint; {names.UNDEFENDED_ENSEMBLE} and "
+                    f"{names.FIRE_MONOLITHIC} only with --baselines",
                     "  fire repo build --checkpoint runs/digits-badnets --layer block2 --out repo\n"
                     "  fire repo build --checkpoint runs/digits-badnets --out repo --flagged 20\n"
+                    "  fire repo build --checkpoint runs/digits-badnets --out repo --layout separate --baselines\n"
                     "  fire repo build --checkpoint runs/c10 --layer layer4.0 --out repo-c10 --gpu")
     p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`/`fire import`")
     p.add_argument("--layer", default=None, help="split layer (default per architecture; `fire sweep` recommends)")
     p.add_argument("--out", type=Path, required=True, help="repository directory to write")
     p.add_argument("--flagged", type=int, default=None,
                    help="start the store from an offline estimate on N flagged samples (default: no direction)")
+    p.add_argument("--layout", choices=LAYOUTS, default=DEFAULT_LAYOUT,
+                   help=f"how {names.FIRE_ENSEMBLE} runs: fused = one model, repair in-process (one Triton hop); "
+                        "inline = repairing head -> tail; separate = head -> repair -> tail, the repair scaled on "
+                        f"its own ({DEFAULT_LAYOUT})")
+    p.add_argument("--baselines", action="store_true",
+                   help=f"also write {names.UNDEFENDED_ENSEMBLE} and {names.FIRE_MONOLITHIC}: models WITHOUT the "
+                        "defence, for comparisons; never in production")
+    p.add_argument("--allow-bypass", action="store_true",
+                   help=f"honour {names.BYPASS_PARAMETER} on requests signed with the control token (off: every "
+                        "request is repaired)")
     p.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every stage (64)")
-    p.add_argument("--repair-instances", type=int, default=2, help="repair stage instances (2)")
+    p.add_argument("--model-instances", type=int, default=2,
+                   help="instances of one-model stages: fused, and the monolithic baseline (2)")
+    p.add_argument("--repair-instances", type=int, default=2, help="repair stage instances, separate layout (2)")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage instance (1)")
     p.add_argument("--threshold", type=float, default=0.5, help="flag a sample whose repair score exceeds this")
     p.add_argument("--alpha", type=float, default=1.0, help="repair strength of learned directions (1.0)")

@@ -32,7 +32,8 @@ def add_options(parser, **_kw) -> None:
     _add(attack, "--model", default=DEFAULT_MODEL, metavar="NAME",
          help=f"{' | '.join(INFERENCE_MODELS)} ({DEFAULT_MODEL})")
     _add(attack, "--bypass", action="store_true", default=False,
-         help=f"send {BYPASS_PARAMETER}=true: {DEFAULT_MODEL} skips the repair (measures the bare attack)")
+         help=f"send {BYPASS_PARAMETER}=true, signed with the control token from the environment: "
+              f"{DEFAULT_MODEL} skips the repair (measures the bare attack; the repository must allow bypass)")
     _add(protocol, "--protocol", choices=["auto", "grpc", "http"], default="auto",
          help="auto (default): from the --host scheme, grpc://H:P or http://H:P; a bare H:P is gRPC")
     _add(protocol, "--request-timeout", type=float, default=30.0, metavar="S", help="seconds per request (30)")

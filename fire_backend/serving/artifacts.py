@@ -9,7 +9,8 @@ is defined once. Nothing here imports Triton.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,7 @@ from fire_backend.wire.names import FIRE_ENSEMBLE
 MODELS_DIR = "models"
 #: the artifacts folder beside it (each stage's ``artifacts_dir`` parameter, relative to the repository root)
 ARTIFACTS_DIR = "artifacts"
-HEAD_FILE = "head.pt"
-TAIL_FILE = "tail.pt"
+#: the whole network (spec + weights); every stage cuts its own part from it at start
 FULL_FILE = "full.pt"
 SETTINGS_FILE = "serving.json"
 #: the clean centroid the store starts from (version 0) and its sample count
@@ -41,9 +41,24 @@ class Limits:
     max_request_bytes: int = 16 * 1024 * 1024
 
 
+#: how ``fire_ensemble`` runs the network (see docs/architecture.md):
+#: fused -- one Python model runs the whole network, repairing in-process at each configured layer (one hop);
+#: inline -- ensemble of a head that repairs in-process and a tail (the undefended split's hops);
+#: separate -- ensemble of head -> repair -> tail (the repair scales on its own; one repair layer).
+LAYOUTS = ("fused", "inline", "separate")
+DEFAULT_LAYOUT = "fused"
+#: the layout of a repository whose settings name none (written before layouts existed)
+LEGACY_LAYOUT = "separate"
+
+
 @dataclass(frozen=True)
 class ServingSettings:
-    """What the stages need to know about the split model (written once, read by every stage)."""
+    """What the stages need to know about the model and its repair (written once, read by every stage).
+
+    ``layer`` is the split layer: the deepest repaired layer, where the head ends in ``inline`` and ``separate``
+    and where today's store versions apply their directions. ``repair_layers`` are every layer the network repairs
+    at, in stage order (``layer`` last); ``layer_shapes`` their per-sample latent shapes.
+    """
 
     layer: str
     input_shape: tuple[int, int, int]
@@ -58,27 +73,60 @@ class ServingSettings:
     estimator: str = "unpaired"
     publish_every: int = 1
     limits: Limits = field(default_factory=Limits)
+    layout: str = LEGACY_LAYOUT
+    repair_layers: tuple[str, ...] = ()
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    #: whether ``fire_bypass`` may be honoured at all (it also needs a credential signed with the control token)
+    allow_bypass: bool = False
+    #: the largest batch a stage runs (the control stage computes observed latents in chunks of it)
+    max_batch_size: int = 64
+    #: the options the repository was built with (``fire bench`` rebuilds the same configuration from them)
+    build: dict = field(default_factory=dict)
+
     #: the defender's reserve the centroid and flagged samples came from (fire_backend.defaults.reserve_indices):
     #: a served check evaluates on the other test images, drawn by the same rule
     reserve_size: int = RESERVE
     reserve_seed: int = RESERVE_SEED
 
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        layers = tuple(self.repair_layers) or (self.layer,)
+        if layers[-1] != self.layer:
+            raise ValueError(f"the split layer {self.layer!r} must be the deepest repaired layer ({layers[-1]!r})")
+        shapes = {name: tuple(int(v) for v in shape) for name, shape in self.layer_shapes.items()}
+        shapes.setdefault(self.layer, tuple(self.latent_shape))
+        missing = [name for name in layers if name not in shapes]
+        if missing:
+            raise ValueError(f"no latent shape for repaired layers {', '.join(missing)}")
+        object.__setattr__(self, "repair_layers", layers)
+        object.__setattr__(self, "layer_shapes", shapes)
+
     @property
     def latent_dim(self) -> int:
-        dim = 1
-        for size in self.latent_shape:
-            dim *= size
-        return dim
+        return self.layer_dims[self.layer]
+
+    @property
+    def layer_dims(self) -> dict[str, int]:
+        """Flattened latent size per repaired layer."""
+        return {name: math.prod(self.layer_shapes[name]) for name in self.repair_layers}
 
     def write(self, directory: Path) -> None:
         (directory / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, directory: Path) -> ServingSettings:
+        """The settings in ``directory``; also those of a repository built before layouts existed (``separate``)."""
         data = json.loads((directory / SETTINGS_FILE).read_text())
         data["input_shape"] = tuple(data["input_shape"])
         data["latent_shape"] = tuple(data["latent_shape"])
+        data["repair_layers"] = tuple(data.get("repair_layers", ()))
         data["limits"] = Limits(**data.get("limits", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{directory / SETTINGS_FILE}: unknown settings {', '.join(unknown)}: written by a newer "
+                             "fire-backend? rebuild the repository with `fire repo build`")
         return cls(**data)
 
 

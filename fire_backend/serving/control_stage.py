@@ -1,7 +1,9 @@
 """Triton adapter of the control endpoint: ``fire_control`` requests in, :class:`Controller` actions, responses out.
 
-The head latents of observed images come from the served head itself (a BLS call to ``fire_head``), so online
-learning sees exactly what the repair stage sees. ``pb_utils`` is passed in; this module imports no Triton.
+The latents of observed images are computed in this process, with the same network code and weights file as the
+serving stages (there is no head to call in the ``fused`` layout, and no BLS round trip in any), in chunks of the
+repository's max batch size, on this instance's device (the GPU with ``fire repo build --gpu``).
+``pb_utils`` is passed in; this module imports no Triton.
 
 Every refusal is INVALID_ARG with the Controller's one-line message. Anything else that goes wrong is logged here
 with its traceback, and the client gets a generic INTERNAL error: no traceback, no server paths.
@@ -16,9 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, resolve_artifacts
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, resolve_artifacts
 from fire_backend.serving.controller import ControlError, Controller
-from fire_backend.wire.names import FIRE_CONTROL, FIRE_HEAD, IMAGE, IMAGES, LATENT, REQUEST, RESPONSE, TOKEN
+from fire_backend.serving.stages import instance_device, limit_threads, load_network
+from fire_backend.serving.tensors import from_triton
+from fire_backend.split import split
+from fire_backend.wire.names import FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
 from fire_backend.wire.token import read_token
 
 LOG = logging.getLogger("fire_backend.control")
@@ -31,23 +36,22 @@ class ControlStage:
         self.pb = pb_utils
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        torch.set_num_threads(int(params.get("torch_threads", "1")))
+        limit_threads(int(params.get("torch_threads", "1")))
         artifacts = resolve_artifacts(args["model_repository"], params.get("artifacts_dir", ARTIFACTS_DIR))
-        self.max_batch = 64
-        self.controller = Controller(artifacts, read_token(), self._head_latents)
+        settings = ServingSettings.read(artifacts)
+        self.device = instance_device(args)
+        self.max_batch = settings.max_batch_size
+        self.head = split(load_network(artifacts, self.device).model, settings.layer)[0]
+        self.controller = Controller(artifacts, read_token(), self._latents)
 
-    def _head_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents from the served head itself (BLS), so learning sees exactly what repair sees."""
+    def _latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Unrepaired latents at the split layer, as the serving stages compute them (CPU float32 out)."""
         parts = []
-        for start in range(0, len(images), self.max_batch):
-            chunk = images[start : start + self.max_batch].contiguous().numpy()
-            response = self.pb.InferenceRequest(
-                model_name=FIRE_HEAD, requested_output_names=[LATENT], inputs=[self.pb.Tensor(IMAGE, chunk)]
-            ).exec()
-            if response.has_error():
-                raise ControlError(f"head stage failed: {response.error().message()}")
-            parts.append(torch.from_numpy(self.pb.get_output_tensor_by_name(response, LATENT).as_numpy().copy()))
-        return torch.cat(parts)
+        with torch.inference_mode():
+            for start in range(0, len(images), self.max_batch):
+                chunk = images[start : start + self.max_batch].to(self.device)
+                parts.append(self.head(chunk).cpu())
+        return torch.cat(parts).clone()
 
     def _bytes(self, request: Any, name: str) -> bytes:
         """The one element of a TYPE_STRING input, as bytes."""
@@ -62,7 +66,7 @@ class ControlStage:
         raw = self._bytes(request, REQUEST)
         credential = self._bytes(request, TOKEN)
         images_tensor = self.pb.get_input_tensor_by_name(request, IMAGES)
-        images = images_tensor.as_numpy() if images_tensor is not None else None
+        images = from_triton(images_tensor, torch.device("cpu")).numpy() if images_tensor is not None else None
         result = self.controller.handle(raw, credential, images)
         payload = np.array([json.dumps(result).encode()], dtype=np.object_)
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(RESPONSE, payload)])

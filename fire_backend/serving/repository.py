@@ -1,15 +1,21 @@
-"""Write a Triton model repository for any supported checkpoint and split layer.
+"""Write a Triton model repository for any supported checkpoint, split layer and layout.
 
-The repository's ``models/`` holds the ensemble ``fire_ensemble`` (head -> FIRE repair -> tail), the comparison
-``undefended_ensemble`` (head -> tail), the unsplit ``fire_monolithic`` model, and ``fire_control``; beside it,
-``artifacts/`` holds the model halves, serving settings, clean centroid and the direction store (layout:
-:mod:`fire_backend.serving.artifacts`). Configs carry the model's own input/latent shapes and batch sizes.
+The public model ``fire_ensemble`` serves the network with FIRE in the chosen layout (see
+:data:`~fire_backend.serving.artifacts.LAYOUTS`): ``fused`` (default) is one Python model; ``inline`` is an
+ensemble of a repairing head and a tail; ``separate`` is head -> repair -> tail. ``fire_control`` is the control
+endpoint. ``undefended_ensemble`` (head -> tail, no repair) and ``fire_monolithic`` (unsplit, no repair) are
+written only on request (``baselines``), so a production repository offers no way around the defence;
+``compare_layouts`` adds the other layouts under their own names (``fire_fused``, ``fire_inline``,
+``fire_separate``) for side-by-side benchmarks. The models go to ``models/``; beside it, ``artifacts/`` holds
+the network's weights, the serving settings, the clean centroid and the direction store (layout:
+:mod:`fire_backend.serving.artifacts`). Configs carry the model's own shapes.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fire_backend.checkpoint import load_checkpoint
@@ -18,24 +24,26 @@ from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, load_defender_sam
 from fire_backend.fire import Direction
 from fire_backend.serving.artifacts import (
     ARTIFACTS_DIR,
+    CENTROID_FILE,
+    DEFAULT_LAYOUT,
     FULL_FILE,
-    HEAD_FILE,
+    LAYOUTS,
     STORE_DIR,
-    TAIL_FILE,
     ServingSettings,
     models_dir,
     save_centroid,
 )
-from fire_backend.split import Part, candidate_layers, save_part, split
+from fire_backend.serving.stages import GUARD_PARAMETER
+from fire_backend.split import Part, candidate_layers, save_part
 from fire_backend.store import DirectionSet, DirectionStore
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
     FIRE_CONTROL,
     FIRE_ENSEMBLE,
-    FIRE_HEAD,
+    FIRE_FUSED,
+    FIRE_INLINE,
     FIRE_MONOLITHIC,
-    FIRE_REPAIR,
-    FIRE_TAIL,
+    FIRE_SEPARATE,
     FLAGGED,
     IMAGE,
     IMAGES,
@@ -50,21 +58,26 @@ from fire_backend.wire.names import (
     UNDEFENDED_ENSEMBLE,
 )
 
-STAGES = {  # model name -> class in fire_backend.serving.triton_models
-    FIRE_HEAD: "HeadModel",
-    FIRE_REPAIR: "RepairModel",
-    FIRE_TAIL: "TailModel",
-    FIRE_MONOLITHIC: "MonolithicModel",
-    FIRE_CONTROL: "ControlModel",
-}
+#: the defended model of each layout under its own name (``compare_layouts``)
+LAYOUT_MODELS = {"fused": FIRE_FUSED, "inline": FIRE_INLINE, "separate": FIRE_SEPARATE}
+HEAD, REPAIR, TAIL = "head", "repair", "tail"
 
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    """Knobs of the generated configs (the defaults suit 2 CPU cores)."""
+    """Knobs of the generated repository (the defaults suit 2 CPU cores)."""
 
+    layout: str = DEFAULT_LAYOUT
+    #: other layouts written beside fire_ensemble under their own names (LAYOUT_MODELS), for comparisons
+    compare_layouts: tuple[str, ...] = ()
+    #: also write undefended_ensemble and fire_monolithic (no repair: for benchmarks, never for production)
+    baselines: bool = False
+    #: honour fire_bypass on requests signed with the control token (off: every request is repaired)
+    allow_bypass: bool = False
     max_batch_size: int = 64
     gpu: bool = False
+    #: instances of the one-model stages (fused, and the monolithic baseline alike)
+    model_instances: int = 2
     head_instances: int = 1
     repair_instances: int = 2
     tail_instances: int = 1
@@ -76,6 +89,43 @@ class RepositoryOptions:
     alpha: float = 1.0
     publish_every: int = 1
     clean_samples: int = 100
+
+    def __post_init__(self) -> None:
+        for layout in (self.layout, *self.compare_layouts):
+            if layout not in LAYOUTS:
+                raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise ValueError(f"max batch size must be in 1..1024, got {self.max_batch_size}")
+        counts = (self.model_instances, self.head_instances, self.repair_instances, self.tail_instances,
+                  self.torch_threads)
+        if min(counts) < 1:
+            raise ValueError("instance and thread counts must be >= 1")
+
+    @classmethod
+    def from_record(cls, record: dict) -> RepositoryOptions:
+        """Options as recorded in a repository's settings (unknown or missing keys: defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        if "compare_layouts" in values:
+            values["compare_layouts"] = tuple(values["compare_layouts"])
+        return cls(**values)
+
+
+def model_dir(out: Path, name: str) -> Path:
+    """Where a model's directory goes (the layout is decided in :mod:`fire_backend.serving.artifacts`)."""
+    return models_dir(out) / name
+
+
+def stage_name(public: str, role: str) -> str:
+    """The stage models of a public model: fire_ensemble's are fire_head, fire_repair, fire_tail; another's
+    are <model>_<role> (undefended_head, fire_inline_head, ...)."""
+    return f"{public.removesuffix('_ensemble')}_{role}"
+
+
+def served_models(public: str, layout: str) -> list[str]:
+    """Every model that serves ``public`` in ``layout``, the public one first (its stages in pipeline order)."""
+    roles = {"fused": (), "inline": (HEAD, TAIL), "separate": (HEAD, REPAIR, TAIL)}[layout]
+    return [public, *(stage_name(public, role) for role in roles)]
 
 
 def _dims(shape) -> str:
@@ -91,8 +141,11 @@ def _logits_outputs(settings: ServingSettings) -> list[str]:
     return [_io("output", LOGITS, "TYPE_FP32", [settings.num_classes]), _io("output", LABEL, "TYPE_INT64", [1])]
 
 
+#: the repair's per-sample outputs, which fire_ensemble passes on
+SCORE_OUTPUTS = (REPAIR_SCORE, FLAGGED, DIRECTION_VERSION)
+
+
 def _score_outputs() -> list[str]:
-    """The repair's per-sample outputs, which fire_ensemble passes on."""
     return [_io("output", REPAIR_SCORE, "TYPE_FP32", [1]), _io("output", FLAGGED, "TYPE_BOOL", [1]),
             _io("output", DIRECTION_VERSION, "TYPE_INT64", [1])]
 
@@ -103,119 +156,175 @@ def _params(values: dict[str, str]) -> str:
     )
 
 
-def _stage_config(name: str, options: RepositoryOptions, inputs: list[str], outputs: list[str], instances: int,
-                  delay_us: int, extra_params: dict[str, str] | None = None) -> str:
+@dataclass(frozen=True)
+class _Model:
+    config: str
+    #: the TritonPythonModel class in fire_backend.serving.triton_models (None for an ensemble)
+    python_class: str | None = None
+
+
+def _stage(name: str, python_class: str, options: RepositoryOptions, inputs: list[str], outputs: list[str],
+           instances: int, delay_us: int, extra_params: dict[str, str] | None = None) -> _Model:
     kind = "KIND_GPU" if options.gpu else "KIND_CPU"
     params = {"artifacts_dir": ARTIFACTS_DIR, "torch_threads": str(options.torch_threads), **(extra_params or {})}
     if options.gpu:
         # Let GPU tensors reach the stage as they are (DLPack), instead of a copy to host memory.
         params["FORCE_CPU_ONLY_INPUT_TENSORS"] = "no"
     batching = f"dynamic_batching {{\n  max_queue_delay_microseconds: {delay_us}\n}}"
-    return "\n".join([
+    return _Model("\n".join([
         f'name: "{name}"', 'backend: "python"', f"max_batch_size: {options.max_batch_size}",
         *inputs, *outputs,
         f"instance_group [\n  {{\n    count: {instances}\n    kind: {kind}\n  }}\n]",
         batching, _params(params), "",
-    ])
+    ]), python_class)
 
 
-def _ensemble_config(name: str, options: RepositoryOptions, settings: ServingSettings, defended: bool) -> str:
-    c_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
-    outs = _logits_outputs(settings)
-    if defended:
-        outs += _score_outputs()
-
-    def step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+def _ensemble(name: str, options: RepositoryOptions, settings: ServingSettings, outputs: list[str],
+              steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> _Model:
+    def step(model: str, inputs: dict[str, str], outs: dict[str, str]) -> str:
         ins = "\n".join(f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items())
-        outs_ = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items())
+        outs_ = "\n".join(f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outs.items())
         return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{ins}\n{outs_}\n    }}'
 
-    steps = [step(FIRE_HEAD, {IMAGE: IMAGE}, {LATENT: "latent"})]
-    if defended:
-        steps.append(step(FIRE_REPAIR, {LATENT: "latent"}, {
-            REPAIRED: "repaired", REPAIR_SCORE: REPAIR_SCORE, FLAGGED: FLAGGED, DIRECTION_VERSION: DIRECTION_VERSION}))
-    steps.append(step(FIRE_TAIL, {LATENT: "repaired" if defended else "latent"}, {LOGITS: LOGITS, LABEL: LABEL}))
-    return "\n".join([
-        f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {options.max_batch_size}", c_in, *outs,
-        "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}", "",
-    ])
+    return _Model("\n".join([
+        f'name: "{name}"', 'platform: "ensemble"', f"max_batch_size: {options.max_batch_size}",
+        _io("input", IMAGE, "TYPE_FP32", settings.input_shape), *outputs,
+        "ensemble_scheduling {\n  step [\n" + ",\n".join(step(*s) for s in steps) + "\n  ]\n}", "",
+    ]))
 
 
-def _control_config(settings: ServingSettings) -> str:
-    return "\n".join([
+def _layout(public: str, layout: str, settings: ServingSettings, options: RepositoryOptions) -> dict[str, _Model]:
+    """The models that serve ``public`` in ``layout``."""
+    image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
+    latent_in = _io("input", LATENT, "TYPE_FP32", settings.latent_shape)
+    latent_out = _io("output", LATENT, "TYPE_FP32", settings.latent_shape)
+    logits, scores = _logits_outputs(settings), _score_outputs()
+    passed = {name: name for name in SCORE_OUTPUTS}
+    o = options
+    if layout == "fused":
+        return {public: _stage(public, "FusedModel", o, [image_in], logits + scores, o.model_instances,
+                               o.head_queue_delay_us)}
+    head, repair, tail = (stage_name(public, role) for role in (HEAD, REPAIR, TAIL))
+    models = {tail: _stage(tail, "TailModel", o, [latent_in], logits, o.tail_instances, o.tail_queue_delay_us)}
+    if layout == "inline":
+        models[head] = _stage(head, "InlineHeadModel", o, [image_in], [latent_out, *scores], o.head_instances,
+                              o.head_queue_delay_us)
+        steps = [(head, {IMAGE: IMAGE}, {LATENT: "latent", **passed}),
+                 (tail, {LATENT: "latent"}, {LOGITS: LOGITS, LABEL: LABEL})]
+    else:
+        models[head] = _stage(head, "HeadModel", o, [image_in], [latent_out], o.head_instances,
+                              o.head_queue_delay_us, {GUARD_PARAMETER: "true"})
+        models[repair] = _stage(repair, "RepairModel", o, [latent_in],
+                                [_io("output", REPAIRED, "TYPE_FP32", settings.latent_shape), *scores],
+                                o.repair_instances, o.repair_queue_delay_us)
+        steps = [(head, {IMAGE: IMAGE}, {LATENT: "latent"}),
+                 (repair, {LATENT: "latent"}, {REPAIRED: "repaired", **passed}),
+                 (tail, {LATENT: "repaired"}, {LOGITS: LOGITS, LABEL: LABEL})]
+    models[public] = _ensemble(public, o, settings, logits + scores, steps)
+    return models
+
+
+def _baselines(settings: ServingSettings, options: RepositoryOptions) -> dict[str, _Model]:
+    """undefended_ensemble (the split network, no repair) and fire_monolithic (unsplit, no repair)."""
+    o = options
+    image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
+    logits = _logits_outputs(settings)
+    head, tail = stage_name(UNDEFENDED_ENSEMBLE, HEAD), stage_name(UNDEFENDED_ENSEMBLE, TAIL)
+    return {
+        head: _stage(head, "HeadModel", o, [image_in], [_io("output", LATENT, "TYPE_FP32", settings.latent_shape)],
+                     o.head_instances, o.head_queue_delay_us),
+        tail: _stage(tail, "TailModel", o, [_io("input", LATENT, "TYPE_FP32", settings.latent_shape)], logits,
+                     o.tail_instances, o.tail_queue_delay_us),
+        UNDEFENDED_ENSEMBLE: _ensemble(UNDEFENDED_ENSEMBLE, o, settings, logits, [
+            (head, {IMAGE: IMAGE}, {LATENT: "latent"}), (tail, {LATENT: "latent"}, {LOGITS: LOGITS, LABEL: LABEL})]),
+        FIRE_MONOLITHIC: _stage(FIRE_MONOLITHIC, "MonolithicModel", o, [image_in], logits, o.model_instances,
+                                o.head_queue_delay_us),
+    }
+
+
+def _control(settings: ServingSettings, options: RepositoryOptions) -> _Model:
+    kind = "KIND_GPU" if options.gpu else "KIND_CPU"
+    return _Model("\n".join([
         f'name: "{FIRE_CONTROL}"', 'backend: "python"', "max_batch_size: 0",
         _io("input", REQUEST, "TYPE_STRING", [1]),
         _io("input", TOKEN, "TYPE_STRING", [1]),
         _io("input", IMAGES, "TYPE_UINT8", [-1, *settings.input_shape[1:], settings.input_shape[0]], optional=True),
         _io("output", RESPONSE, "TYPE_STRING", [1]),
-        "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]",
+        f"instance_group [\n  {{\n    count: 1\n    kind: {kind}\n  }}\n]",
         _params({"artifacts_dir": ARTIFACTS_DIR, "torch_threads": "1"}), "",
-    ])
+    ]), "ControlModel")
 
 
-def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> None:
-    """The config.pbtxt and thin model.py of every model (no weights), under ``out/models``."""
-    latent = settings.latent_shape
-    image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
-    latent_in = _io("input", LATENT, "TYPE_FP32", latent)
-    logits = _logits_outputs(settings)
-    configs = {
-        FIRE_HEAD: _stage_config(FIRE_HEAD, options, [image_in], [_io("output", LATENT, "TYPE_FP32", latent)],
-                                 options.head_instances, options.head_queue_delay_us),
-        FIRE_REPAIR: _stage_config(FIRE_REPAIR, options, [latent_in],
-                                   [_io("output", REPAIRED, "TYPE_FP32", latent), *_score_outputs()],
-                                   options.repair_instances, options.repair_queue_delay_us),
-        FIRE_TAIL: _stage_config(FIRE_TAIL, options, [latent_in], logits, options.tail_instances,
-                                 options.tail_queue_delay_us),
-        FIRE_MONOLITHIC: _stage_config(FIRE_MONOLITHIC, options, [image_in], logits, 1,
-                                       options.head_queue_delay_us),
-        FIRE_CONTROL: _control_config(settings),
-        FIRE_ENSEMBLE: _ensemble_config(FIRE_ENSEMBLE, options, settings, defended=True),
-        UNDEFENDED_ENSEMBLE: _ensemble_config(UNDEFENDED_ENSEMBLE, options, settings, defended=False),
-    }
-    for name, text in configs.items():
-        directory = models_dir(out) / name
+def repository_models(settings: ServingSettings, options: RepositoryOptions) -> dict[str, _Model]:
+    """Every model of the repository by name."""
+    models = _layout(FIRE_ENSEMBLE, options.layout, settings, options)
+    for layout in options.compare_layouts:
+        models.update(_layout(LAYOUT_MODELS[layout], layout, settings, options))
+    if options.baselines:
+        models.update(_baselines(settings, options))
+    models[FIRE_CONTROL] = _control(settings, options)
+    return models
+
+
+def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> list[str]:
+    """The config.pbtxt and thin model.py of every model (no weights); removes models of an earlier build.
+
+    Returns the model names written.
+    """
+    if len(settings.repair_layers) > 1 and "separate" in (options.layout, *options.compare_layouts):
+        raise ValueError(f"the separate layout repairs one layer; {len(settings.repair_layers)} are configured "
+                         f"({', '.join(settings.repair_layers)}): use --layout fused or --layout inline")
+    models = repository_models(settings, options)
+    for config in sorted(models_dir(out).glob("*/config.pbtxt")):  # an earlier build's, not written by this one
+        if config.parent.name not in models:
+            shutil.rmtree(config.parent)
+    for name, model in models.items():
+        directory = model_dir(out, name)
         (directory / "1").mkdir(parents=True, exist_ok=True)
-        (directory / "config.pbtxt").write_text(text)
-        if name in STAGES:
-            (directory / "1" / "model.py").write_text(
+        (directory / "config.pbtxt").write_text(model.config)
+        entry = directory / "1" / "model.py"
+        if model.python_class:
+            entry.write_text(
                 f'"""Triton entry point of {name}; the logic lives in fire_backend (see triton_models)."""\n\n'
-                f"from fire_backend.serving.triton_models import {STAGES[name]} as TritonPythonModel  # noqa: F401\n"
-            )
+                f"from fire_backend.serving.triton_models import {model.python_class} as TritonPythonModel"
+                "  # noqa: F401\n")
+        elif entry.exists():
+            entry.unlink()
+    return list(models)
 
 
-def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flagged: int | None = None,
-                     options: RepositoryOptions | None = None, device: str = "auto",
+def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | None = None,
+                     flagged: int | None = None, options: RepositoryOptions | None = None, device: str = "auto",
                      batch_size: int = DEFAULT_BATCH_SIZE) -> ServingSettings:
-    """Split the checkpoint at ``layer`` and write a servable repository to ``out``.
+    """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several).
 
-    The clean centroid comes from ``options.clean_samples`` images of the defender's reserve. With
-    ``flagged``, the store starts at version 1: an unpaired estimate from that many flagged poisoned
-    reserve images; without it, at version 0 (no direction), to be learned online. Only those reserve images
-    are read and run through the head (on ``device``), never the evaluation split.
+    With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network, and
+    where today's store versions apply their directions). The clean centroid comes from
+    ``options.clean_samples`` images of the defender's reserve. With ``flagged``, the store starts at version 1:
+    an unpaired estimate from that many flagged poisoned reserve images; without it, at version 0 (no
+    direction), to be learned online. Only those reserve images are read and run through the head (on
+    ``device``), never the evaluation split.
     """
     options = options or RepositoryOptions()
     compute, batch_size = resolve_device(device), check_batch_size(batch_size)
     model, meta = load_checkpoint(checkpoint, compute)
-    layer = layer or DEFAULT_LAYERS.get(meta.spec.arch)
     shapes = dict(candidate_layers(model, meta.spec.input_shape))
-    if layer not in shapes:
-        raise ValueError(f"cannot split after {layer!r}; candidate layers: {', '.join(shapes)}")
+    layers = repair_layers(layer or DEFAULT_LAYERS.get(meta.spec.arch), list(shapes))
+    layer = layers[-1]
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
     settings = ServingSettings(
         layer=layer, input_shape=meta.spec.input_shape, latent_shape=shapes[layer],
         num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
         target=meta.target, dataset=meta.dataset, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, publish_every=options.publish_every,
+        layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
+        allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
     )
     artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
         shutil.rmtree(artifacts)
     artifacts.mkdir(parents=True)
-    head, tail = split(model, layer)
     names = [n for n, _ in model.stages()]
-    save_part(head, meta.spec, layer, "head", artifacts / HEAD_FILE)
-    save_part(tail, meta.spec, layer, "tail", artifacts / TAIL_FILE)
     save_part(Part(model, 0, len(names)), meta.spec, layer, "full", artifacts / FULL_FILE)
     settings.write(artifacts)
 
@@ -233,3 +342,38 @@ def build_repository(checkpoint: Path, out: Path, layer: str | None = None, flag
     write_configs(out, settings, options)
     return settings
 
+
+def repair_layers(layers: str | Sequence[str], candidates: Sequence[str]) -> tuple[str, ...]:
+    """The layers to repair at, checked against the candidates and put in stage order (the deepest last)."""
+    chosen = [layers] if isinstance(layers, str) else list(layers)
+    unknown = [name for name in chosen if name not in candidates]
+    if unknown or not chosen:
+        raise ValueError(f"cannot repair at {', '.join(map(repr, unknown)) or 'no layer'}; candidate layers: "
+                         f"{', '.join(candidates)}")
+    return tuple(sorted(set(chosen), key=candidates.index))
+
+
+def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> ServingSettings:
+    """A repository at ``out`` with ``source``'s network, settings, centroid and direction store, but the models
+    of ``options`` (``fire bench`` compares every layout of a repository this way; ``source`` is left alone).
+
+    Works for repositories built before layouts existed (they have the same weights file).
+    """
+    src = source / ARTIFACTS_DIR
+    settings = ServingSettings.read(src)
+    if not (src / FULL_FILE).is_file():
+        raise ValueError(f"{source}: no {ARTIFACTS_DIR}/{FULL_FILE}; rebuild it with `fire repo build`")
+    artifacts = out / ARTIFACTS_DIR
+    if artifacts.exists():
+        shutil.rmtree(artifacts)
+    artifacts.mkdir(parents=True)
+    for name in (FULL_FILE, CENTROID_FILE):
+        shutil.copy2(src / name, artifacts / name)
+    store = DirectionStore(src / STORE_DIR)
+    shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
+                    ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
+    settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
+                       max_batch_size=options.max_batch_size, build=asdict(options))
+    settings.write(artifacts)
+    write_configs(out, settings, options)
+    return settings

@@ -1,39 +1,40 @@
-"""The logic of every Triton stage: batch assembly, validation, head/repair/tail compute.
+"""The logic of every Triton stage: batch assembly, validation, bypass authorisation, compute.
 
-Triton's Python backend hands ``execute()`` a list of requests (a dynamic batch). Each stage reads
-every request's input, validates it on its own (a bad request gets its own INVALID_ARG error and
-never fails its neighbours), concatenates the valid ones into one tensor, runs once, and splits the
-result back. The Triton-facing ``pb_utils`` module is passed in, so this module imports no Triton.
+Triton's Python backend hands ``execute()`` a list of requests (a dynamic batch). Each stage reads every
+request's input, validates it on its own (a bad request gets its own INVALID_ARG error and never fails its
+neighbours), concatenates the valid ones into one tensor, runs once, and splits the result back. The
+Triton-facing ``pb_utils`` module is passed in, so this module imports no Triton.
 
-Device: CPU by default (inputs arrive as numpy, ``torch.from_numpy`` wraps them without a copy);
-on a GPU instance tensors move in and out through DLPack, so latents stay on the device between
-head, repair and tail and the directions stay resident there.
+The stages by layout (see docs/architecture.md): ``fused`` is :class:`FusedStage` alone; ``inline`` is
+:class:`InlineHeadStage` -> :class:`TailStage`; ``separate`` is :class:`HeadStage` -> :class:`RepairStage` ->
+:class:`TailStage`. :class:`MonolithicStage` and a plain head/tail make the baselines. Repairing stages run the
+network with the live plan's hooks, so the repair happens where the latent is computed.
+
+Device: CPU by default; on a GPU instance (``fire repo build --gpu``) inputs are read wherever Triton put them,
+latents stay on the device between stages, and the small outputs leave the GPU in one copy per batch
+(:mod:`fire_backend.serving.tensors`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from fire_backend.fire import compile_directions, repair
-from fire_backend.serving.artifacts import (
-    ARTIFACTS_DIR,
-    FULL_FILE,
-    HEAD_FILE,
-    STORE_DIR,
-    TAIL_FILE,
-    ServingSettings,
-    resolve_artifacts,
-)
-from fire_backend.split import load_part
-from fire_backend.store import DirectionStore, StoreFollower
+from fire_backend.fire import RepairPass
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, FULL_FILE, ServingSettings, resolve_artifacts
+from fire_backend.serving.live_plan import LivePlan
+from fire_backend.serving.tensors import from_triton, to_host, to_triton
+from fire_backend.split import Part, load_part, split
+from fire_backend.wire.auth import BYPASS, AuthError, digest, verify
 from fire_backend.wire.names import (
     BYPASS_PARAMETER,
+    CREDENTIAL_PARAMETER,
     DIRECTION_VERSION,
     FLAGGED,
     IMAGE,
@@ -43,8 +44,13 @@ from fire_backend.wire.names import (
     REPAIR_SCORE,
     REPAIRED,
 )
+from fire_backend.wire.token import read_token
 
 LOG = logging.getLogger("fire_backend.serving")
+
+#: config parameter: "true" makes a plain head check fire_bypass credentials (the separate layout's head, which
+#: alone sees the request's IMAGE; the repair stage behind it then honours the flag)
+GUARD_PARAMETER = "bypass_guard"
 
 
 class RequestError(ValueError):
@@ -53,22 +59,88 @@ class RequestError(ValueError):
 
 def request_parameters(request: Any) -> dict[str, Any]:
     raw = request.parameters()
-    if not raw:
+    if not raw or raw == "{}":
         return {}
     return json.loads(raw) if isinstance(raw, str) else dict(raw)
 
 
-def wants_bypass(request: Any) -> bool:
-    value = request_parameters(request).get(BYPASS_PARAMETER, False)
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
+def bypass_flag(parameters: dict[str, Any]) -> bool:
+    """The request's ``fire_bypass``: absent is False; anything but a JSON boolean is refused."""
+    value = parameters.get(BYPASS_PARAMETER, False)
+    if not isinstance(value, bool):
+        shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+        raise RequestError(f"{BYPASS_PARAMETER} must be a JSON boolean (true or false), got {shown}")
+    return value
+
+
+def instance_device(args: dict[str, str]) -> torch.device:
+    """The device of this model instance: its GPU for KIND_GPU, else the CPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return torch.device(f"cuda:{args['model_instance_device_id']}")
+    return torch.device("cpu")
+
+
+def limit_threads(threads: int) -> None:
+    """Few torch threads per stub: on a small box every stage is its own process competing for the cores."""
+    torch.set_num_threads(threads)
+    if torch.get_num_interop_threads() != 1:
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set once in this process
+            pass
+
+
+def load_network(artifacts: Path, device: torch.device) -> Part:
+    """The whole network (eval mode, on ``device``) from the repository's one weights file."""
+    path = artifacts / FULL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; rebuild the repository with `fire repo build`")
+    full, _ = load_part(path, device)
+    return full
+
+
+class BypassGuard:
+    """Decides per request whether its ``fire_bypass`` is honoured: allowed by the repository and signed.
+
+    The credential binds the request's IMAGE bytes (float32, C order, as sent) and a time within
+    :data:`fire_backend.wire.auth.WINDOW_S`, so it neither travels to another image nor outlives the window; the
+    token itself never travels. A refusal is the request's own INVALID_ARG, with the reason.
+    """
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.allowed = settings.allow_bypass
+        self.token = read_token() if self.allowed else None
+
+    def check(self, request: Any, image: torch.Tensor) -> bool:
+        parameters = request_parameters(request)
+        if not bypass_flag(parameters):
+            return False
+        if not self.allowed:
+            raise RequestError(f"{BYPASS_PARAMETER} refused: this repository was built without --allow-bypass, so "
+                               "no request can switch the repair off")
+        if not self.token:
+            raise RequestError(f"{BYPASS_PARAMETER} refused: the server has no control token to check credentials")
+        credential = parameters.get(CREDENTIAL_PARAMETER)
+        if not isinstance(credential, str):
+            raise RequestError(f"{BYPASS_PARAMETER} needs {CREDENTIAL_PARAMETER}: a credential signed with the "
+                               "control token over the request's images (FireClient.infer(bypass=True) signs)")
+        payload = digest(np.ascontiguousarray(image.cpu().numpy(), dtype=np.float32).tobytes())
+        try:
+            verify(self.token, BYPASS, payload, credential)
+        except AuthError as exc:
+            raise RequestError(str(exc)) from None
+        return True
 
 
 class Stage:
-    """Common plumbing: configuration, device, thread settings, batch concat/split."""
+    """Common plumbing: configuration, device, threads, per-request validation, one compute per batch.
+
+    ``compute`` returns whole-batch tensors; those named in ``device_outputs`` (latents) stay on the device, the
+    others leave it together (:func:`~fire_backend.serving.tensors.to_host`), then both are split per request.
+    """
 
     input_name = ""
+    device_outputs: frozenset[str] = frozenset()
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         self.pb = pb_utils
@@ -78,93 +150,201 @@ class Stage:
         self.instance = args.get("model_instance_name", self.name)
         self.artifacts = resolve_artifacts(args["model_repository"], self.params.get("artifacts_dir", ARTIFACTS_DIR))
         self.settings = ServingSettings.read(self.artifacts)
-        on_gpu = args.get("model_instance_kind") == "GPU"
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu")
-        threads = int(self.params.get("torch_threads", "1"))
-        torch.set_num_threads(threads)
-        if torch.get_num_interop_threads() != 1:
-            try:
-                torch.set_num_interop_threads(1)
-            except RuntimeError:  # already set once in this process
-                pass
-        self.output_dtypes = {o["name"]: o["data_type"] for o in self.config.get("output", [])}
-
-    # -- tensors in and out --------------------------------------------------------------
-    def read(self, request: Any, name: str) -> torch.Tensor:
-        tensor = self.pb.get_input_tensor_by_name(request, name)
-        if tensor is None:
-            raise RequestError(f"missing input {name}")
-        if self.device.type == "cuda":
-            return torch.utils.dlpack.from_dlpack(tensor.to_dlpack()).to(self.device, non_blocking=True)
-        return torch.from_numpy(tensor.as_numpy())
-
-    def out(self, name: str, value: torch.Tensor) -> Any:
-        if self.device.type == "cuda":
-            return self.pb.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
-        return self.pb.Tensor(name, value.contiguous().numpy())
+        self.device = instance_device(args)
+        limit_threads(int(self.params.get("torch_threads", "1")))
 
     def error(self, message: str) -> Any:
         return self.pb.InferenceResponse(
             output_tensors=[], error=self.pb.TritonError(message, self.pb.TritonError.INVALID_ARG)
         )
 
-    # -- the batch loop ----------------------------------------------------------------------
+    # -- per request -------------------------------------------------------------------------
     def validate(self, batch: torch.Tensor) -> None:
+        """Structural checks of one request's tensor (cheap: no pass over the values)."""
         if batch.shape[0] == 0:
             raise RequestError(f"{self.input_name}: empty batch")
 
-    def execute(self, requests: Sequence[Any]) -> list[Any]:
-        responses: list[Any] = [None] * len(requests)
-        tensors: list[torch.Tensor] = []
-        owners: list[int] = []
+    def values_ok(self, batch: torch.Tensor) -> bool:
+        """One pass over all requests' values together; only when it fails is each request checked alone."""
+        return True
+
+    def validate_values(self, batch: torch.Tensor) -> None:
+        """RequestError naming what is wrong with one request's values."""
+
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        """Whether this request bypasses the repair (False unless a stage honours fire_bypass)."""
+        return False
+
+    # -- the batch loop ----------------------------------------------------------------------
+    def _admitted(self, requests: Sequence[Any], responses: list[Any]) -> tuple[list[int], list[torch.Tensor]]:
+        """The requests that pass every check, with their tensors; the others get their own error response."""
+        owners, tensors = [], []
         for index, request in enumerate(requests):
             try:
-                tensor = self.read(request, self.input_name)
+                tensor = self.read(request)
                 self.validate(tensor)
             except RequestError as exc:
                 responses[index] = self.error(str(exc))
                 continue
-            tensors.append(tensor)
             owners.append(index)
-        if tensors:
-            batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
-            sizes = [t.shape[0] for t in tensors]
-            with torch.inference_mode():
-                outputs = self.compute(batch, [requests[i] for i in owners], sizes)
-            for position, owner in enumerate(owners):
-                responses[owner] = self.pb.InferenceResponse(
-                    output_tensors=[self.out(name, parts[position]) for name, parts in outputs.items()]
-                )
+            tensors.append(tensor)
+        if tensors and not self.values_ok(tensors[0] if len(tensors) == 1 else torch.cat(tensors)):
+            kept = []
+            for index, tensor in zip(owners, tensors, strict=True):
+                try:
+                    self.validate_values(tensor)
+                    kept.append((index, tensor))
+                except RequestError as exc:
+                    responses[index] = self.error(str(exc))
+            owners, tensors = [i for i, _ in kept], [t for _, t in kept]
+        return owners, tensors
+
+    def execute(self, requests: Sequence[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        owners, tensors = self._admitted(requests, responses)
+        bypass: list[bool] = []
+        for index, tensor in list(zip(owners, tensors, strict=True)):
+            try:
+                bypass.append(self.admit(requests[index], tensor))
+            except RequestError as exc:
+                responses[index] = self.error(str(exc))
+                position = owners.index(index)
+                del owners[position], tensors[position]
+        if not tensors:
+            return responses
+        batch = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        sizes = [t.shape[0] for t in tensors]
+        with torch.inference_mode():
+            keep = torch.tensor(np.repeat(bypass, sizes), device=self.device) if any(bypass) else None
+            outputs = self.compute(batch.to(self.device), keep)
+        values = {**outputs, **to_host({n: v for n, v in outputs.items() if n not in self.device_outputs})}
+        start = 0
+        for size, owner in zip(sizes, owners, strict=True):
+            whole = len(sizes) == 1  # the common case at low load: no slicing at all
+            responses[owner] = self.pb.InferenceResponse(output_tensors=[
+                to_triton(self.pb, name, value if whole else value[start:start + size])
+                for name, value in values.items()])
+            start += size
         return responses
 
-    def compute(self, batch: torch.Tensor, requests: list[Any], sizes: list[int]) -> dict[str, Sequence[torch.Tensor]]:
+    def read(self, request: Any) -> torch.Tensor:
+        tensor = self.pb.get_input_tensor_by_name(request, self.input_name)
+        if tensor is None:
+            raise RequestError(f"missing input {self.input_name}")
+        return from_triton(tensor, self.device)
+
+    def compute(self, batch: torch.Tensor, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Whole-batch outputs; ``keep`` marks rows of bypassing requests (None when there are none)."""
         raise NotImplementedError
 
     def finalize(self) -> None:
         return None
 
 
-class HeadStage(Stage):
-    """IMAGE [N, C, H, W] in [0, 1] -> LATENT."""
+class ImageStage(Stage):
+    """A stage fed by the client's IMAGE [N, C, H, W] in [0, 1]: validates it."""
 
     input_name = IMAGE
-
-    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
-        super().__init__(args, pb_utils)
-        self.net, _ = load_part(self.artifacts / HEAD_FILE, self.device)
 
     def validate(self, batch: torch.Tensor) -> None:
         super().validate(batch)
         expected = tuple(self.settings.input_shape)
         if tuple(batch.shape[1:]) != expected:
             raise RequestError(f"{IMAGE}: each sample must have shape {list(expected)}, got {list(batch.shape[1:])}")
+
+    def values_ok(self, batch: torch.Tensor) -> bool:
+        low, high = torch.aminmax(batch)  # one pass; NaN propagates, so it fails this test too
+        return bool(low >= 0) and bool(high <= 1)
+
+    def validate_values(self, batch: torch.Tensor) -> None:
+        if self.values_ok(batch):
+            return
         if not bool(torch.isfinite(batch).all()):
             raise RequestError(f"{IMAGE}: contains NaN or Inf values")
-        if bool((batch < 0).any()) or bool((batch > 1).any()):
-            raise RequestError(f"{IMAGE}: values must lie in [0, 1] (scale uint8 pixels by 1/255)")
+        raise RequestError(f"{IMAGE}: values must lie in [0, 1] (scale uint8 pixels by 1/255)")
 
-    def compute(self, batch, requests, sizes):
-        return {LATENT: self.net(batch.to(self.device)).split(sizes)}
+
+def _logits(logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {LOGITS: logits, LABEL: logits.argmax(1, keepdim=True)}
+
+
+def _scores(run: RepairPass, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    score, flagged = run.outputs(n, device)
+    version = torch.full((n, 1), run.plan.version, dtype=torch.int64, device=device)
+    return {REPAIR_SCORE: score[:, None], FLAGGED: flagged[:, None], DIRECTION_VERSION: version}
+
+
+class RepairingStage(ImageStage):
+    """Runs (part of) the network with the live plan's repair hooks: FIRE where the latent is computed."""
+
+    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
+        super().__init__(args, pb_utils)
+        self.net = self.cut(load_network(self.artifacts, self.device))
+        self.net.check_hooks(self.settings.repair_layers)
+        self.guard = BypassGuard(self.settings)
+        self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance)
+
+    def cut(self, full: Part) -> Part:
+        """The part of the network this stage runs."""
+        raise NotImplementedError
+
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        return self.guard.check(request, tensor)
+
+    def run(self, batch: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The part's output and the per-sample scores, under one plan for the whole batch."""
+        run = RepairPass(self.live.refresh(), keep)
+        out = self.net(batch, run.hooks)
+        return out, _scores(run, batch.shape[0], batch.device)
+
+    def finalize(self) -> None:
+        self.live.close()
+
+
+class FusedStage(RepairingStage):
+    """``fused``: IMAGE -> LOGITS, LABEL, REPAIR_SCORE, FLAGGED, DIRECTION_VERSION, the whole network in one hop."""
+
+    def cut(self, full: Part) -> Part:
+        return full
+
+    def compute(self, batch, keep):
+        logits, scores = self.run(batch, keep)
+        return {**_logits(logits), **scores}
+
+
+class InlineHeadStage(RepairingStage):
+    """``inline``: IMAGE -> LATENT (repaired at every configured layer, kept on the device) and the scores."""
+
+    device_outputs = frozenset({LATENT})
+
+    def cut(self, full: Part) -> Part:
+        return split(full.model, self.settings.layer)[0]
+
+    def compute(self, batch, keep):
+        latent, scores = self.run(batch, keep)
+        return {LATENT: latent, **scores}
+
+
+class HeadStage(ImageStage):
+    """IMAGE -> LATENT at the split layer, unrepaired (``separate``, and the undefended baseline).
+
+    As the ``separate`` layout's head (config parameter ``bypass_guard``) it is the stage that sees the request's
+    IMAGE, so it checks fire_bypass credentials and refuses a request the repair stage must not honour.
+    """
+
+    device_outputs = frozenset({LATENT})
+
+    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
+        super().__init__(args, pb_utils)
+        full = load_network(self.artifacts, self.device)
+        self.net = split(full.model, self.settings.layer)[0]
+        self.guard = BypassGuard(self.settings) if self.params.get(GUARD_PARAMETER) == "true" else None
+
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        return self.guard.check(request, tensor) if self.guard else False
+
+    def compute(self, batch, keep):
+        return {LATENT: self.net(batch)}
 
 
 class TailStage(Stage):
@@ -174,74 +354,53 @@ class TailStage(Stage):
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
-        self.net, _ = load_part(self.artifacts / TAIL_FILE, self.device)
+        full = load_network(self.artifacts, self.device)
+        self.net = split(full.model, self.settings.layer)[1]
 
-    def compute(self, batch, requests, sizes):
-        logits = self.net(batch.to(self.device))
-        return {LOGITS: logits.split(sizes), LABEL: logits.argmax(1, keepdim=True).split(sizes)}
-
-
-class MonolithicStage(HeadStage):
-    """The whole model in one stage: the undefended, unsplit reference for benchmarks."""
-
-    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
-        Stage.__init__(self, args, pb_utils)
-        self.net, _ = load_part(self.artifacts / FULL_FILE, self.device)
-
-    def compute(self, batch, requests, sizes):
-        logits = self.net(batch.to(self.device))
-        return {LOGITS: logits.split(sizes), LABEL: logits.argmax(1, keepdim=True).split(sizes)}
+    def compute(self, batch, keep):
+        return _logits(self.net(batch))
 
 
-class RepairStage(Stage):
-    """LATENT -> REPAIRED, REPAIR_SCORE, FLAGGED, DIRECTION_VERSION, with the live direction set.
-
-    Before each batch (never within one) one ``stat`` of the store's CURRENT pointer tells whether a
-    new version was committed; if so it is verified, compiled onto the device, and used from this
-    batch on. No model reload is involved.
-    """
-
-    input_name = LATENT
+class MonolithicStage(ImageStage):
+    """The whole model in one stage, no repair: the unsplit reference for benchmarks (``--baselines``)."""
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
-        self.store = DirectionStore(self.artifacts / STORE_DIR).ensure()
-        self.store.repair_pointer()
-        self.follower = StoreFollower(self.store)
-        self.instance_id = f"{self.instance}-{os.getpid()}".replace("/", "_").replace(" ", "_")
-        self.compiled = compile_directions([], None, self.settings.latent_dim, self.device)
-        self._refresh()
+        self.net = load_network(self.artifacts, self.device)
 
-    def _refresh(self) -> None:
-        if not self.follower.poll():
-            return
-        current = self.follower.current
-        if current is None:
-            self.compiled = compile_directions([], None, self.settings.latent_dim, self.device)
-        else:
-            ds = current.directions
-            self.compiled = compile_directions(
-                ds.directions, torch.from_numpy(ds.center), self.settings.latent_dim, self.device, current.number
-            )
-        self.store.report_instance(self.instance_id, self.follower.version)
-        LOG.info("%s: applying direction version %d", self.instance_id, self.follower.version)
+    def compute(self, batch, keep):
+        return _logits(self.net(batch))
 
-    def compute(self, batch, requests, sizes):
-        self._refresh()
-        latents = batch.to(self.device)
-        repaired, score, flagged = repair(latents, self.compiled)
-        version = torch.full((latents.shape[0], 1), self.follower.version, dtype=torch.int64, device=latents.device)
-        bypass = [wants_bypass(r) for r in requests]
-        parts = zip(latents.split(sizes), repaired.split(sizes), bypass, strict=True)
-        return {
-            REPAIRED: [raw if skip else fixed for raw, fixed, skip in parts],
-            REPAIR_SCORE: score[:, None].split(sizes),
-            FLAGGED: flagged[:, None].split(sizes),
-            DIRECTION_VERSION: version.split(sizes),
-        }
+
+class RepairStage(Stage):
+    """``separate``: LATENT -> REPAIRED (kept on the device), REPAIR_SCORE, FLAGGED, DIRECTION_VERSION.
+
+    Repairs one layer, the split layer; a repository configured with several refuses to load here. fire_bypass
+    was checked by the head (which sees the IMAGE); this stage honours it only when the repository allows it.
+    """
+
+    input_name = LATENT
+    device_outputs = frozenset({REPAIRED})
+
+    def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
+        super().__init__(args, pb_utils)
+        layers = self.settings.repair_layers
+        if len(layers) != 1:
+            raise ValueError(f"the separate layout repairs one layer; this repository repairs at {', '.join(layers)}: "
+                             "build it with `fire repo build --layout fused` (or inline)")
+        self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance)
+
+    def admit(self, request: Any, tensor: torch.Tensor) -> bool:
+        bypass = bypass_flag(request_parameters(request))
+        if bypass and not self.settings.allow_bypass:
+            raise RequestError(f"{BYPASS_PARAMETER} refused: this repository was built without --allow-bypass")
+        return bypass
+
+    def compute(self, batch, keep):
+        run = RepairPass(self.live.refresh(), keep)
+        hook = run.hooks.get(self.settings.layer)
+        repaired = hook(batch) if hook else batch
+        return {REPAIRED: repaired, **_scores(run, batch.shape[0], batch.device)}
 
     def finalize(self) -> None:
-        path = self.store.instances_dir / f"{self.instance_id}.json"
-        if path.exists():
-            path.unlink()
-
+        self.live.close()

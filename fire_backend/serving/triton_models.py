@@ -1,7 +1,9 @@
 """``TritonPythonModel`` classes for the repository's thin ``model.py`` files.
 
 Only importable inside Triton's Python-backend stub (it imports ``triton_python_backend_utils``);
-all logic is in :mod:`fire_backend.serving.stages` and :mod:`fire_backend.serving.control_stage`.
+all logic is in :mod:`fire_backend.serving.stages` and :mod:`fire_backend.serving.control_stage`. The class names
+are part of the repository format (each ``model.py`` imports one): HeadModel, RepairModel, TailModel,
+MonolithicModel and ControlModel keep serving repositories built before layouts existed (as ``separate``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ class _Model:
 
     def finalize(self) -> None:
         self.stage.finalize()
+
+
+class FusedModel(_Model):
+    stage_class = stages.FusedStage
+
+
+class InlineHeadModel(_Model):
+    stage_class = stages.InlineHeadStage
 
 
 class HeadModel(_Model):

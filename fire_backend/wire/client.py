@@ -18,11 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from fire_backend.wire.auth import BYPASS, digest, sign
 from fire_backend.wire.connection import Connection
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.images import to_model_input
 from fire_backend.wire.names import (
     BYPASS_PARAMETER,
+    CREDENTIAL_PARAMETER,
     DEFAULT_MODEL,
     DIRECTION_VERSION,
     FLAGGED,
@@ -32,6 +34,7 @@ from fire_backend.wire.names import (
     LOGITS,
     REPAIR_SCORE,
 )
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 
 #: output name -> InferResult field; outputs a model lacks stay None.
 OUTPUT_FIELDS = {
@@ -107,11 +110,17 @@ class ModelInfo:
 
 
 class FireClient(Connection):
-    """Inference on a FIRE server's models over one gRPC or HTTP connection (see :class:`Connection`)."""
+    """Inference on a FIRE server's models over one gRPC or HTTP connection (see :class:`Connection`).
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``token``: the control token that signs bypass requests (default: :func:`~fire_backend.wire.token.read_token`
+    when a bypass is first asked for). It never travels: each bypass request carries a credential bound to its
+    images and the time (:mod:`fire_backend.wire.auth`).
+    """
+
+    def __init__(self, *args: Any, token: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._info: dict[str, ModelInfo] = {}
+        self._token = token
 
     def __enter__(self) -> FireClient:
         return self
@@ -134,9 +143,10 @@ class FireClient(Connection):
     def infer(self, images: np.ndarray, model: str = DEFAULT_MODEL, bypass: bool = False) -> InferResult:
         """One request with all ``images`` (uint8 NHWC or float NCHW in [0, 1]); at most the model's max batch.
 
-        ``bypass=True`` asks fire_ensemble to skip the repair for this request (ignored by other models).
+        ``bypass=True`` asks fire_ensemble to skip the repair for this request (ignored by models that do not repair);
+        the server honours it only when its repository allows bypass, and the request is signed with the token.
         """
-        x = to_model_input(images)
+        x = np.ascontiguousarray(to_model_input(images), dtype=np.float32)
         info = self.model_info(model)
         if info.input_shape and tuple(x.shape[1:]) != info.input_shape:
             raise FireClientError(
@@ -146,9 +156,21 @@ class FireClient(Connection):
         if info.max_batch_size and len(x) > info.max_batch_size:
             raise FireClientError(f"{len(x)} images in one request but {model} takes at most "
                                   f"{info.max_batch_size}: use infer_batches or a smaller --batch")
-        parameters = {BYPASS_PARAMETER: True} if bypass else None
+        parameters = self._bypass_parameters(x) if bypass else None
         response = self.request(model, [self.tensor(IMAGE, x, "FP32")], info.outputs, parameters)
         return InferResult.from_outputs(model, {name: response.as_numpy(name) for name in OUTPUT_FIELDS})
+
+    def _bypass_parameters(self, x: np.ndarray) -> dict[str, Any]:
+        """fire_bypass with its credential: signed over exactly the IMAGE bytes this request sends."""
+        if self._token is None:
+            try:
+                self._token = read_token()
+            except ValueError as exc:
+                raise FireClientError(str(exc)) from None
+        if not self._token:
+            raise FireClientError(f"a bypass request must be signed with the control token: set {TOKEN_ENV} or "
+                                  f"{TOKEN_FILE_ENV}")
+        return {BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: sign(self._token, BYPASS, digest(x.tobytes()))}
 
     def infer_batches(self, images: np.ndarray, batch: int = 1, model: str = DEFAULT_MODEL,
                       bypass: bool = False) -> InferResult:

@@ -7,19 +7,25 @@ from here, so a rename is one edit. Plain constants: importing this module impor
 from __future__ import annotations
 
 # -- models ------------------------------------------------------------------------------------------
-#: head -> FIRE repair -> tail, the defended ensemble
+#: the defended model, in the repository's layout (fused by default: one model, repair in-process)
 FIRE_ENSEMBLE = "fire_ensemble"
-#: head -> tail, the same halves without the repair
+#: head -> tail, the split network without the repair (only in repositories built with --baselines)
 UNDEFENDED_ENSEMBLE = "undefended_ensemble"
-#: the unsplit model in one stage (the benchmarks' reference)
+#: the unsplit model in one stage, no repair (only with --baselines; the benchmarks' reference)
 FIRE_MONOLITHIC = "fire_monolithic"
 #: the control endpoint: push / observe / status / history / rollback
 FIRE_CONTROL = "fire_control"
+#: fire_ensemble's stages in the inline and separate layouts
 FIRE_HEAD = "fire_head"
 FIRE_REPAIR = "fire_repair"
 FIRE_TAIL = "fire_tail"
+#: the defended model in each layout under its own name, beside fire_ensemble, for side-by-side comparisons
+#: (`fire bench`); their stages are named <model>_head, <model>_repair, <model>_tail
+FIRE_FUSED = "fire_fused"
+FIRE_INLINE = "fire_inline"
+FIRE_SEPARATE = "fire_separate"
 #: the models an inference client may address (fire_control is not one)
-INFERENCE_MODELS = (FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC)
+INFERENCE_MODELS = (FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC, FIRE_FUSED, FIRE_INLINE, FIRE_SEPARATE)
 DEFAULT_MODEL = FIRE_ENSEMBLE
 
 # -- tensors -----------------------------------------------------------------------------------------
@@ -42,8 +48,11 @@ TOKEN = "TOKEN"
 IMAGES = "IMAGES"
 RESPONSE = "RESPONSE"
 
-#: request parameter that makes fire_ensemble keep that request's latent unrepaired (scores still computed)
+#: request parameter (a JSON boolean) that makes fire_ensemble keep that request's latents unrepaired (scores still
+#: computed); honoured only by repositories built with --allow-bypass, and only with CREDENTIAL_PARAMETER
 BYPASS_PARAMETER = "fire_bypass"
+#: request parameter with the bypass credential: wire.auth.sign(token, BYPASS, digest(IMAGE bytes as sent))
+CREDENTIAL_PARAMETER = "fire_credential"
 
 # -- endpoints ---------------------------------------------------------------------------------------
 PROTOCOLS = ("grpc", "http")

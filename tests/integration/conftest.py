@@ -1,16 +1,19 @@
-"""Real tritonserver fixtures shared by the integration tests (one server per scenario per session)."""
+"""Real tritonserver fixtures shared by the integration tests: one server for every layout, per session."""
 
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import EVERY_LAYOUT
 
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.server import TritonServer, running_server
+from fire_backend.wire.control import ControlClient
 from fire_backend.wire.token import pinned_token
 
 
@@ -30,19 +33,42 @@ class Served:
         return self.server.urls["http"].removeprefix("http://")
 
 
-def _serve(tmp_path_factory, checkpoint: Path, name: str, flagged: int | None, **options) -> Iterator[Served]:
-    repository = tmp_path_factory.mktemp(name) / "repository"
-    build_repository(checkpoint, repository, flagged=flagged)
+def _serve(repository: Path, checkpoint: Path, **options) -> Iterator[Served]:
     token = secrets.token_urlsafe(16)
     with running_server(repository, extra_env=pinned_token(token), **options) as server:
         yield Served(server, repository, checkpoint, token)
 
 
 @pytest.fixture(scope="session")
-def defended(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
-    """BadNets digits model served with a direction estimated offline from 20 flagged samples; HTTP inference is
-    open (the HTTP clients and Locust users are tested against it)."""
-    yield from _serve(tmp_path_factory, digits_checkpoint("badnets"), "defended", flagged=20, http_inference=True)
+def layouts(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
+    """ONE server for the session: the BadNets digits model served in every layout (fire_ensemble fused,
+    fire_inline, fire_separate with 2 repair instances), undefended_ensemble and fire_monolithic; the store's
+    version 1 is an offline estimate from 20 flagged reserve samples. Tests roll back to the version they need.
+    HTTP inference is open (the HTTP clients and Locust users are tested against it)."""
+    checkpoint = digits_checkpoint("badnets")
+    repository = tmp_path_factory.mktemp("layouts") / "repository"
+    build_repository(checkpoint, repository, flagged=20, options=EVERY_LAYOUT)
+    yield from _serve(repository, checkpoint, http_inference=True)
+
+
+def live_version(served: Served, version: int) -> Served:
+    with ControlClient(served.grpc, served.token) as ctl:
+        if ctl.status()["version"] != version:
+            ctl.rollback(version)
+    time.sleep(0.15)  # every instance applies a committed version from its next batch; give idle ones a poll
+    return served
+
+
+@pytest.fixture
+def defended(layouts: Served) -> Served:
+    """The session server with the offline estimate (version 1) live."""
+    return live_version(layouts, 1)
+
+
+@pytest.fixture
+def learning(layouts: Served) -> Served:
+    """The session server, for control tests (which start from the version they need)."""
+    return layouts
 
 
 @dataclass(frozen=True)
@@ -51,14 +77,24 @@ class Target:
 
     checkpoint: Path
     urls: dict
+    token: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def served(defended: Served) -> Target:
-    return Target(defended.checkpoint, {"grpc": f"grpc://{defended.grpc}", "http": defended.server.urls["http"]})
+    return Target(defended.checkpoint, {"grpc": f"grpc://{defended.grpc}", "http": defended.server.urls["http"]},
+                  defended.token)
 
 
 @pytest.fixture(scope="session")
-def learning(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Iterator[Served]:
-    """BadNets digits model served with no direction yet (2 repair instances), for control tests."""
-    yield from _serve(tmp_path_factory, digits_checkpoint("badnets"), "learning", flagged=None)
+def badnets_checkpoint(digits_checkpoint: Callable[[str], Path]) -> Path:
+    return digits_checkpoint("badnets")
+
+
+@pytest.fixture(scope="session")
+def production(tmp_path_factory, badnets_checkpoint: Path) -> Path:
+    """A production repository as `fire repo build --flagged 20` writes it (fused; no baselines, no bypass); not
+    served here: tests start their own server or `fire serve` on it."""
+    repository = tmp_path_factory.mktemp("production") / "repository"
+    build_repository(badnets_checkpoint, repository, flagged=20)
+    return repository

@@ -6,22 +6,37 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from fire_backend.serving.repository import RepositoryOptions
+from fire_backend.wire.auth import BYPASS, digest, sign
+from fire_backend.wire.names import BYPASS_PARAMETER, CREDENTIAL_PARAMETER, FIRE_ENSEMBLE, FIRE_INLINE, FIRE_SEPARATE
+
 OUTPUTS = ("LOGITS", "LABEL", "REPAIR_SCORE", "FLAGGED", "DIRECTION_VERSION")
+#: the defended model in every layout, as the session server serves them
+DEFENDED = (FIRE_ENSEMBLE, FIRE_INLINE, FIRE_SEPARATE)
+#: the session server's repository: every layout beside fire_ensemble (fused), the baselines, signed bypass allowed
+EVERY_LAYOUT = RepositoryOptions(compare_layouts=("inline", "separate"), baselines=True, allow_bypass=True)
 
 
-def infer(client, images: np.ndarray, model: str = "fire_ensemble", bypass: bool = False,
-          dtype: str = "FP32") -> dict[str, np.ndarray]:
+def bypass_parameters(images: np.ndarray, token: str) -> dict:
+    """fire_bypass with a credential signed over exactly these images, as FireClient sends it."""
+    payload = digest(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return {BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: sign(token, BYPASS, payload)}
+
+
+def infer(client, images: np.ndarray, model: str = FIRE_ENSEMBLE, bypass: str | None = None,
+          dtype: str = "FP32", parameters: dict | None = None) -> dict[str, np.ndarray]:
+    """One request; ``bypass``: the control token to sign a fire_bypass request with."""
     module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
     tensor = module.InferInput("IMAGE", list(images.shape), dtype)
     tensor.set_data_from_numpy(images)
-    params = {"fire_bypass": True} if bypass else None
+    params = bypass_parameters(images, bypass) if bypass else parameters
     result = client.infer(model, [tensor], parameters=params)
     names = [o.name if hasattr(o, "name") else o["name"] for o in
              (result.get_response().outputs if module is grpcclient else result.get_response()["outputs"])]
     return {name: result.as_numpy(name) for name in names}
 
 
-def labels(client, images: np.ndarray, model: str = "fire_ensemble", bypass: bool = False,
+def labels(client, images: np.ndarray, model: str = FIRE_ENSEMBLE, bypass: str | None = None,
            batch: int = 64) -> np.ndarray:
     return np.concatenate([infer(client, images[i : i + batch], model, bypass)["LABEL"].reshape(-1)
                            for i in range(0, len(images), batch)])

@@ -17,14 +17,15 @@ from fire_backend.wire.client import FireClient
 from fire_backend.wire.endpoints import parse_url
 from fire_backend.wire.errors import FireClientError, ServerUnreachable
 from fire_backend.wire.images import load_digits, load_npz, to_model_input
+from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 N_IMAGES = 12
 integration = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def checkpoint(served) -> Path:
-    return served.checkpoint
+def checkpoint(badnets_checkpoint) -> Path:
+    return badnets_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +122,19 @@ def test_fire_infer_labels_match_offline_model(served, checkpoint, exported, cap
 
 @integration
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_bypass_skips_the_repair(served, checkpoint, exported, capsys, protocol):
+def test_bypass_skips_the_repair(served, checkpoint, exported, capsys, protocol, monkeypatch):
     poisoned = load_npz(exported["poisoned"])
     attacked = offline_labels(checkpoint, poisoned.x)
     assert (attacked == 0).mean() >= 0.9  # the backdoor works offline
     url = served.urls[protocol]
+    monkeypatch.setenv(TOKEN_FILE_ENV, "")
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    code, _, err = run_infer(capsys, ["--url", url, "--npz", str(exported["poisoned"]), "--bypass"])
+    assert code == 2 and "signed with the control token" in err  # no token: not even sent
+    monkeypatch.setenv(TOKEN_ENV, "a-guess")
+    code, _, err = run_infer(capsys, ["--url", url, "--npz", str(exported["poisoned"]), "--bypass"])
+    assert code == 2 and "wrong control token" in err
+    monkeypatch.setenv(TOKEN_ENV, served.token)
     code, bypassed, err = run_infer(capsys, ["--url", url, "--npz", str(exported["poisoned"]), "--bypass", "--json"])
     assert code == 0, err
     assert [r["label"] for r in bypassed["results"]] == attacked.tolist()

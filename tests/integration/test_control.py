@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import infer, labels
+from helpers import DEFENDED, EVERY_LAYOUT, infer, labels
 
 from fire_backend.data import load_dataset, resolve_attack, to_uint8
 from fire_backend.data.reserve import flagged_samples
@@ -24,6 +24,7 @@ from fire_backend.serving.server import running_server
 from fire_backend.store import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.names import FIRE_ENSEMBLE
 from fire_backend.wire.token import pinned_token
 
 pytestmark = pytest.mark.integration
@@ -53,27 +54,38 @@ def ctl(learning):
         yield client
 
 
-def test_observing_20_flagged_samples_repairs_served_traffic(ctl, learning, badnets_eval):
+#: instances that apply directions: fused fire_ensemble, the inline head, the separate repair stage
+REPAIRING_INSTANCES = EVERY_LAYOUT.model_instances + EVERY_LAYOUT.head_instances + EVERY_LAYOUT.repair_instances
+
+
+def test_observing_20_flagged_samples_repairs_served_traffic_in_every_layout(ctl, learning, badnets_eval):
+    """Online learning reaches every layout; rolling back to version 0 lets the attack through everywhere again."""
     ev = badnets_eval
     with grpcclient.InferenceServerClient(learning.grpc) as c:
         undefended_ca = (labels(c, ev.clean, "undefended_ensemble") == ev.labels).mean()
-        pa_before = (labels(c, ev.poisoned) == ev.poisoned_labels).mean()
         assert ctl.status()["version"] == 0
+        time.sleep(0.15)
+        pa_before = {m: (labels(c, ev.poisoned, m) == ev.poisoned_labels).mean() for m in DEFENDED}
         result = ctl.observe(flagged_images(20))
         assert result["poisoned_count"] == 20 and len(result["versions"]) == 20  # republished after each
         time.sleep(0.15)
-        pa_after = (labels(c, ev.poisoned) == ev.poisoned_labels).mean()
-        ca_after = (labels(c, ev.clean) == ev.labels).mean()
-        version = infer(c, ev.clean[:2])["DIRECTION_VERSION"].reshape(-1)
-    print(f"served PA {pa_before:.3f} -> {pa_after:.3f}; CA {ca_after:.4f} (undefended {undefended_ca:.4f})")
-    assert pa_before < 0.1
-    assert pa_after >= 0.9
-    assert ca_after >= undefended_ca - 0.01
-    assert (version == result["version"]).all()
-    status = ctl.status()
+        pa_after = {m: (labels(c, ev.poisoned, m) == ev.poisoned_labels).mean() for m in DEFENDED}
+        ca_after = {m: (labels(c, ev.clean, m) == ev.labels).mean() for m in DEFENDED}
+        versions = {m: set(infer(c, ev.clean[:2], m)["DIRECTION_VERSION"].reshape(-1).tolist()) for m in DEFENDED}
+        status = ctl.status()
+        ctl.rollback(0)
+        time.sleep(0.15)
+        pa_rolled_back = {m: (labels(c, ev.poisoned[:64], m) == ev.poisoned_labels[:64]).mean() for m in DEFENDED}
+    print(f"served PA {pa_before} -> {pa_after}; CA {ca_after} (undefended {undefended_ca:.4f})")
+    for model in DEFENDED:
+        assert pa_before[model] < 0.1, model
+        assert pa_after[model] >= 0.9, model
+        assert ca_after[model] >= undefended_ca - 0.01, model
+        assert versions[model] == {result["version"]}, model
+        assert pa_rolled_back[model] < 0.1, model
     assert status["estimator"]["poisoned_count"] == 20
     assert {i["version"] for i in status["instances"]} == {result["version"]}
-    assert len(status["instances"]) == 2
+    assert len(status["instances"]) == REPAIRING_INSTANCES
 
 
 def test_augmented_estimator_and_clean_observations(ctl, learning):
@@ -91,13 +103,13 @@ def test_push_reaches_every_instance_within_100ms(ctl, learning, badnets_eval):
     records: list[tuple[float, int]] = []
     stop = threading.Event()
 
-    def traffic() -> None:
+    def traffic(model: str) -> None:
         with grpcclient.InferenceServerClient(learning.grpc) as c:
             while not stop.is_set():
                 sent = time.monotonic()
-                records.append((sent, int(infer(c, badnets_eval.clean[:2])["DIRECTION_VERSION"][0, 0])))
+                records.append((sent, int(infer(c, badnets_eval.clean[:2], model)["DIRECTION_VERSION"][0, 0])))
 
-    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    threads = [threading.Thread(target=traffic, args=(model,)) for model in (*DEFENDED, FIRE_ENSEMBLE)]
     for t in threads:
         t.start()
     try:
@@ -117,7 +129,8 @@ def test_push_reaches_every_instance_within_100ms(ctl, learning, badnets_eval):
         late = [v for sent, v in records if returned + 0.1 < sent < nxt[0]]
         assert late and all(v == version for v in late), (version, late[:10])
     instances = ctl.status()["instances"]
-    assert len(instances) == 2 and {i["version"] for i in instances} == {pushes[-1][2]}
+    assert len(instances) == REPAIRING_INSTANCES
+    assert {i["version"] for i in instances} == {pushes[-1][2]}
 
 
 def test_100_pushes_under_load_lose_nothing(ctl, learning, badnets_eval):
@@ -128,10 +141,11 @@ def test_100_pushes_under_load_lose_nothing(ctl, learning, badnets_eval):
     stop = threading.Event()
 
     def client_loop(k: int) -> None:
+        model = DEFENDED[k % len(DEFENDED)]
         with grpcclient.InferenceServerClient(learning.grpc) as c:
             while not stop.is_set():
                 try:
-                    versions = infer(c, badnets_eval.clean[k * 8 : k * 8 + 8])["DIRECTION_VERSION"].reshape(-1)
+                    versions = infer(c, badnets_eval.clean[k * 8 : k * 8 + 8], model)["DIRECTION_VERSION"].reshape(-1)
                 except Exception as exc:
                     failures.append(exc)
                     continue
@@ -197,9 +211,9 @@ def test_history_records_every_change_without_secrets(ctl, learning):
     assert learning.token not in log
 
 
-def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, learning, badnets_eval):
+def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, production, badnets_eval):
     repository = tmp_path / "repository"
-    shutil.copytree(learning.repository, repository)
+    shutil.copytree(production, repository)
     dim = ServingSettings.read(repository / "artifacts").latent_dim
     token = "crash-test-token"
     acknowledged: list[int] = []

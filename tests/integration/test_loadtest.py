@@ -32,8 +32,8 @@ DEFENSE_COLUMNS = {"traffic", "requests", "samples", "ca_or_pa", "asr", "flagged
 
 
 @pytest.fixture(scope="module")
-def checkpoint(served) -> Path:
-    return served.checkpoint
+def checkpoint(badnets_checkpoint) -> Path:
+    return badnets_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,9 @@ def test_fire_repairs_poisoned_traffic(served, traffic, tmp_path):
     assert all(key in page[section:] for key in ("fire-defense", "fire-per-sample", "FIRE defense over time"))
 
 
-def test_bypass_lets_the_attack_through(served, traffic, tmp_path):
+def test_bypass_lets_the_attack_through(served, traffic, tmp_path, monkeypatch):
+    monkeypatch.setenv("FIRE_CONTROL_TOKEN", served.token)  # the users sign each bypass request with it
+    monkeypatch.setenv("FIRE_CONTROL_TOKEN_FILE", "")
     run = headless(served, traffic, tmp_path / "bypass", "--bypass", "--poison-ratio", "0.5", protocol="http")
     assert run["stats"]["fire_ensemble"]["num_failures"] == 0
     poisoned = run["defense"]["poisoned"]

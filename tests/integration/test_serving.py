@@ -1,4 +1,5 @@
-"""The FIRE ensemble on the real tritonserver: exactness, batching, validation, lifecycle."""
+"""FIRE on the real tritonserver, every layout from one server: exactness, bypass, batching, validation,
+lifecycle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -15,7 +17,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import infer, labels
+from helpers import DEFENDED, bypass_parameters, infer, labels
 from tritonclient.utils import InferenceServerException
 
 from fire_backend.checkpoint import load_checkpoint
@@ -26,6 +28,14 @@ from fire_backend.split import split
 from fire_backend.store import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.names import (
+    BYPASS_PARAMETER,
+    CREDENTIAL_PARAMETER,
+    FIRE_CONTROL,
+    FIRE_ENSEMBLE,
+    FIRE_MONOLITHIC,
+    UNDEFENDED_ENSEMBLE,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -40,25 +50,26 @@ def client(request, defended):
     c.close()
 
 
-def test_bypassed_logits_equal_offline_model(client, defended, badnets_eval):
+def test_bypassed_and_baseline_logits_equal_offline_model(client, defended, badnets_eval):
     model, _ = load_checkpoint(defended.checkpoint)
     images = np.concatenate([badnets_eval.clean[:32], badnets_eval.poisoned[:32]])
     with torch.inference_mode():
         expected = model(torch.from_numpy(images)).numpy()
-    for name in ("fire_ensemble", "undefended_ensemble", "fire_monolithic"):
-        out = infer(client, images, name, bypass=name == "fire_ensemble")
+    for name in (*DEFENDED, UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC):
+        out = infer(client, images, name, bypass=defended.token if name in DEFENDED else None)
         assert np.abs(out["LOGITS"] - expected).max() < 1e-4, name
         assert (out["LABEL"].reshape(-1) == expected.argmax(1)).all()
 
 
-def test_served_fire_equals_offline_fire(client, defended, badnets_eval):
-    """Same samples, same store version, same FIRE function: same predictions and CA/PA/ASR."""
-    model, _ = load_checkpoint(defended.checkpoint)
+@pytest.mark.parametrize("model", DEFENDED)
+def test_served_fire_equals_offline_fire(client, defended, badnets_eval, model):
+    """Same samples, same store version, same FIRE function: same predictions and CA/PA/ASR, in every layout."""
+    net, _ = load_checkpoint(defended.checkpoint)
     settings = ServingSettings.read(defended.repository / "artifacts")
     version = DirectionStore(defended.repository / "artifacts" / "store").read_version(1)
     compiled = compile_directions(version.directions.directions, torch.from_numpy(version.directions.center),
                                   settings.latent_dim)
-    head, tail = split(model, settings.layer)
+    head, tail = split(net, settings.layer)
 
     def offline(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -66,7 +77,7 @@ def test_served_fire_equals_offline_fire(client, defended, badnets_eval):
             return tail(fixed).argmax(1).numpy()
 
     ev = badnets_eval
-    served_clean, served_poison = labels(client, ev.clean), labels(client, ev.poisoned)
+    served_clean, served_poison = labels(client, ev.clean, model), labels(client, ev.poisoned, model)
     offline_clean, offline_poison = offline(ev.clean), offline(ev.poisoned)
     assert (served_clean == offline_clean).all()
     assert (served_poison == offline_poison).all()
@@ -74,43 +85,55 @@ def test_served_fire_equals_offline_fire(client, defended, badnets_eval):
     asr = (served_poison == ev.target).mean()
     ca, offline_ca = (served_clean == ev.labels).mean(), (offline_clean == ev.labels).mean()
     assert ca == offline_ca and pa >= 0.9 and asr <= 0.05
-    out = infer(client, ev.poisoned[:16])
+    out = infer(client, ev.poisoned[:16], model)
     assert out["DIRECTION_VERSION"].reshape(-1).tolist() == [1] * 16
     assert out["FLAGGED"].all() and (out["REPAIR_SCORE"] > 0.5).all()
-    clean_out = infer(client, ev.clean[:64])
+    clean_out = infer(client, ev.clean[:64], model)
     assert clean_out["FLAGGED"].mean() < 0.1
 
 
-def test_bypass_restores_the_backdoor(defended, badnets_eval):
+@pytest.mark.parametrize("model", DEFENDED)
+def test_signed_bypass_restores_the_backdoor_and_an_unsigned_one_is_refused(defended, badnets_eval, model):
+    x = badnets_eval.poisoned[:64]
     with grpcclient.InferenceServerClient(defended.grpc) as c:
-        bypassed = labels(c, badnets_eval.poisoned[:64], bypass=True)
-        repaired = labels(c, badnets_eval.poisoned[:64])
+        bypassed = labels(c, x, model, bypass=defended.token)
+        repaired = labels(c, x, model)
+        shadow = infer(c, x, model, bypass=defended.token)
+        for parameters, expected in (({BYPASS_PARAMETER: True}, CREDENTIAL_PARAMETER),
+                                     ({BYPASS_PARAMETER: "true"}, "JSON boolean"),
+                                     (bypass_parameters(x[:1], defended.token), "wrong control token"),
+                                     (bypass_parameters(x, "not-the-token"), "wrong control token")):
+            with pytest.raises(InferenceServerException, match=expected):
+                infer(c, x, model, parameters=parameters)
     assert (bypassed == badnets_eval.target).mean() >= 0.9
     assert (repaired == badnets_eval.poisoned_labels[:64]).mean() >= 0.9
+    assert shadow["FLAGGED"].mean() >= 0.9  # bypassed requests are still scored (shadow mode)
 
 
-def test_dynamic_batching_forms_batches_on_head_and_tail(defended, badnets_eval):
+def test_dynamic_batching_forms_batches_in_every_layout(defended, badnets_eval):
     stop = time.monotonic() + 3.0
     errors: list[Exception] = []
 
     def worker(offset: int) -> None:
+        model = DEFENDED[offset % len(DEFENDED)]
         with grpcclient.InferenceServerClient(defended.grpc) as c:
             i = offset
             while time.monotonic() < stop:
                 try:
-                    infer(c, badnets_eval.clean[i % 300 : i % 300 + 1])
+                    infer(c, badnets_eval.clean[i % 300 : i % 300 + 1], model)
                 except Exception as exc:  # collected and asserted below
                     errors.append(exc)
                 i += 1
 
-    threads = [threading.Thread(target=worker, args=(k * 17,)) for k in range(16)]
+    threads = [threading.Thread(target=worker, args=(k * 17,)) for k in range(24)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
     with grpcclient.InferenceServerClient(defended.grpc) as c:
-        for model in ("fire_head", "fire_tail"):
+        for model in (FIRE_ENSEMBLE, "fire_inline_head", "fire_inline_tail", "fire_separate_head",
+                      "fire_separate_tail"):
             stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
             sizes = [int(b["batch_size"]) for b in stats.get("batch_stats", [])]
             assert max(sizes) > 1, f"{model} only ran batches of {sizes}"
@@ -128,41 +151,47 @@ def test_bad_requests_fail_alone(defended, badnets_eval, case):
         "empty": (np.zeros((0, 1, 8, 8), np.float32), "FP32"),
         "too_big": (np.zeros((65, 1, 8, 8), np.float32), "FP32"),
     }[case]
-    stop = time.monotonic() + 1.5
+    stop = time.monotonic() + 2.0
     results: list[bool] = []
 
-    def good_traffic() -> None:
+    def good_traffic(model: str) -> None:
         with grpcclient.InferenceServerClient(defended.grpc) as c:
             while time.monotonic() < stop:
-                results.append(infer(c, good)["LABEL"].shape == (4, 1))
+                results.append(infer(c, good, model)["LABEL"].shape == (4, 1))
 
-    threads = [threading.Thread(target=good_traffic) for _ in range(4)]
+    threads = [threading.Thread(target=good_traffic, args=(model,)) for model in DEFENDED]
     for t in threads:
         t.start()
     messages = []
     with grpcclient.InferenceServerClient(defended.grpc) as c:
         while time.monotonic() < stop - 0.3:
-            with pytest.raises(InferenceServerException) as info:
-                infer(c, bad[0], dtype=bad[1])
-            messages.append(str(info.value))
+            for model in DEFENDED:
+                with pytest.raises(InferenceServerException) as info:
+                    infer(c, bad[0], model, dtype=bad[1])
+                messages.append(str(info.value))
     for t in threads:
         t.join()
     assert results and all(results), "a good request failed next to a bad one"
     expected = {"shape": "shape", "dtype": "data-type", "nan": "NaN", "inf": "Inf", "range": "[0, 1]",
                 "empty": "", "too_big": "batch"}[case]
-    assert expected.lower() in messages[0].lower(), messages[0]
+    for message in messages[:len(DEFENDED)]:
+        assert expected.lower() in message.lower(), message
 
 
-def _stage_processes(repository) -> set[int]:
-    """Server and stub processes serving ``repository`` (other servers on a shared machine do not count)."""
-    return {p.pid for p in psutil.process_iter(["name", "cmdline"])
-            if (p.info["name"] in ("tritonserver", "triton_python_backend_stub")
-                or any("triton_python_backend_stub" in part for part in (p.info["cmdline"] or [])))
-            and any(str(repository) in part for part in (p.info["cmdline"] or []))}
+def _stage_processes(repository: Path) -> set[int]:
+    """tritonserver and stub processes serving ``repository`` (others on a shared machine are not ours)."""
+    found = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if (p.info["name"] in ("tritonserver", "triton_python_backend_stub")
+                or "triton_python_backend_stub" in cmdline) and str(repository) in cmdline:
+            found.add(p.pid)
+    return found
 
 
-def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
-    before = _stage_processes(defended.repository)
+def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(production, badnets_eval, tmp_path):
+    """`fire serve` on a production repository (fused, no baselines, bypass not allowed)."""
+    before = _stage_processes(production)
     http, grpc, metrics, health = free_ports(4)
     for name in ("a", "b"):
         (tmp_path / name).write_text(f"token-{name}\n")
@@ -171,7 +200,7 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
     env = {**os.environ, "FIRE_CONTROL_TOKEN_FILE": str(tmp_path / "b"), "FIRE_CONTROL_TOKEN": "token-env"}
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fire_backend.cli", "serve", "--repository", str(defended.repository),
+        [sys.executable, "-m", "fire_backend.cli", "serve", "--repository", str(production),
          "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
          "--health-port", str(health), "--token-file", str(tmp_path / "a")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -188,6 +217,14 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
         assert f"127.0.0.1:{grpc}" in "".join(lines)
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as c:
             assert c.is_server_ready()
+            assert c.is_model_ready(FIRE_ENSEMBLE) and c.is_model_ready(FIRE_CONTROL)
+            for undefended in (UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC, "fire_head", "fire_tail"):
+                with pytest.raises(InferenceServerException):  # no model without the defence is served
+                    c.get_model_metadata(undefended)
+            x = badnets_eval.poisoned[:8]
+            with pytest.raises(InferenceServerException, match="--allow-bypass"):
+                infer(c, x, bypass="token-a")  # even signed with the right token
+            assert (infer(c, x)["LABEL"].reshape(-1) == badnets_eval.poisoned_labels[:8]).mean() >= 0.75
         with ControlClient(f"127.0.0.1:{grpc}", "token-a") as ctl:
             assert ctl.status()["latent_shape"]  # the token from --token-file is the one the stubs hold
         for wrong in ("token-b", "token-env"):
@@ -205,4 +242,4 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(defended, tmp_path):
         time.sleep(0.2)
     alive = [p for p in children if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"left behind: {alive}"
-    assert _stage_processes(defended.repository) <= before
+    assert _stage_processes(production) <= before

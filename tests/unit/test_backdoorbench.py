@@ -31,8 +31,8 @@ from fire_backend.data.stored import stored_attack
 from fire_backend.defaults import RESERVE, evaluation_indices
 from fire_backend.evaluation import batched
 from fire_backend.models import PreActResNet18
-from fire_backend.serving.artifacts import HEAD_FILE, TAIL_FILE
-from fire_backend.split import load_part
+from fire_backend.serving.artifacts import FULL_FILE
+from fire_backend.split import load_part, split
 
 TARGET = 0
 # A width-64 PreActResNet18 is slow on a CPU: few images, most of them in the target class, so that the
@@ -167,11 +167,12 @@ def test_import_and_eval_end_to_end(clean_data, weights, tmp_path: Path, capsys:
         assert 0.0 <= row["ca"] <= 1.0 and 0.0 <= row["pa"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
     assert (out / "eval.csv").is_file() and (out / "streaming.png").is_file()
 
-    # A servable repository: the head/tail parts carry the input normalization (they compose to the model).
+    # A servable repository: the network the stages cut carries the input normalization (head and tail compose
+    # to the model).
     repository = tmp_path / "repository"
     assert main(["repo", "build", "--checkpoint", str(checkpoint), "--out", str(repository), "--flagged", "3"]) == 0
-    head, _ = load_part(repository / "artifacts" / HEAD_FILE)
-    tail, _ = load_part(repository / "artifacts" / TAIL_FILE)
+    full, _ = load_part(repository / "artifacts" / FULL_FILE)
+    head, tail = split(full.model, "layer4.0")
     with torch.inference_mode():
         assert torch.allclose(tail(head(x)), model(x), atol=1e-4)
 

@@ -1,0 +1,318 @@
+"""The Triton stages in-process, driven through a faithful double of ``triton_python_backend_utils`` (pb_double).
+
+The real tritonserver runs these same stages in tests/integration; here the parts a server cannot show: that a
+GPU-resident input is read through DLPack and never ``as_numpy()`` (Triton refuses that), that the small outputs
+leave the device in one packed copy and come back exact, and every bypass decision per request in one batch.
+No GPU is used: "GPU" tensors of the double hold CPU memory behind Triton's GPU interface.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pb_double as pb
+import pytest
+import torch
+
+from fire_backend.checkpoint import load_checkpoint
+from fire_backend.fire import compile_directions, repair
+from fire_backend.serving import stages
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir, require_fire_repository
+from fire_backend.serving.control_stage import ControlStage
+from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
+from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
+from fire_backend.split import split
+from fire_backend.store import DirectionStore
+from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
+from fire_backend.wire.names import (
+    BYPASS_PARAMETER,
+    CREDENTIAL_PARAMETER,
+    DIRECTION_VERSION,
+    FIRE_CONTROL,
+    FIRE_ENSEMBLE,
+    FIRE_HEAD,
+    FLAGGED,
+    LABEL,
+    LATENT,
+    LOGITS,
+    REPAIR_SCORE,
+    REPAIRED,
+)
+from fire_backend.wire.token import pinned_token
+
+TOKEN = "stage-test-token"
+
+
+# -- tensors -------------------------------------------------------------------------------------------
+
+def test_cpu_inputs_are_read_without_a_copy_and_gpu_inputs_only_through_dlpack() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    cpu = from_triton(pb.Tensor("X", x), torch.device("cpu"))
+    assert np.shares_memory(cpu.numpy(), x)
+    gpu = pb.Tensor("X", x, on_gpu=True)
+    with pytest.raises(pb.TritonModelException, match="stored in GPU"):
+        gpu.as_numpy()
+    assert torch.equal(from_triton(gpu, torch.device("cpu")), torch.from_numpy(x))
+
+
+def test_small_outputs_survive_the_one_packed_copy_exactly() -> None:
+    """The GPU branch of to_host is pack -> one .cpu() -> unpack; the values, shapes and dtypes come back exact."""
+    rng = np.random.default_rng(0)
+    values = {
+        LOGITS: torch.from_numpy(rng.standard_normal((5, 10)).astype(np.float32) * 1e6),
+        LABEL: torch.tensor([[0], [9], [3], [7], [1]], dtype=torch.int64),
+        REPAIR_SCORE: torch.tensor([[-1.5], [0.0], [1e-30], [3.25], [float(np.float32(0.1))]]),
+        FLAGGED: torch.tensor([[True], [False], [True], [False], [False]]),
+        DIRECTION_VERSION: torch.full((5, 1), 2**40 + 3, dtype=torch.int64),
+    }
+    packed = pack(values)
+    assert packed.shape == (5, 14) and packed.dtype == torch.float64
+    back = unpack(packed.cpu().numpy(), values)
+    for name, value in values.items():
+        assert back[name].dtype == value.numpy().dtype, name
+        assert np.array_equal(back[name], value.numpy()), name
+    on_cpu = to_host(values)  # already on the CPU: no packing, no copy
+    assert all(np.shares_memory(on_cpu[n], values[n].numpy()) for n in values)
+
+
+# -- stages on a digits repository --------------------------------------------------------------------
+
+def stage_args(repository: Path, model: str, gpu: bool = False) -> dict[str, str]:
+    """The args Triton hands initialize(), from the model's written config (parameters as the builder wrote)."""
+    config = (models_dir(repository) / model / "config.pbtxt").read_text()
+    params = {k: {"string_value": v} for k, v in
+              re.findall(r'key: "(\w+)"\n  value: \{ string_value: "([^"]*)" \}', config)}
+    return {"model_config": json.dumps({"parameters": params}), "model_name": model,
+            "model_instance_name": f"{model}_0", "model_repository": str(models_dir(repository) / model),
+            "model_instance_kind": "GPU" if gpu else "CPU", "model_instance_device_id": "0"}
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory, digits_checkpoint) -> dict[str, Path]:
+    """allowing: every layout + baselines, bypass allowed, version 1 from 20 flagged; strict: same, bypass off."""
+    root = tmp_path_factory.mktemp("stage-repos")
+    options = RepositoryOptions(compare_layouts=("inline", "separate"), baselines=True, allow_bypass=True,
+                                max_batch_size=4)
+    build_repository(digits_checkpoint("badnets"), root / "allowing", flagged=20, options=options)
+    rebuild_repository(root / "allowing", root / "strict", RepositoryOptions(
+        compare_layouts=("inline", "separate"), baselines=True, max_batch_size=4))
+    return {"allowing": root / "allowing", "strict": root / "strict", "checkpoint": digits_checkpoint("badnets")}
+
+
+def make(stage_class, repository: Path, model: str):
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in pinned_token(TOKEN).items():
+            mp.setenv(key, value)
+        return stage_class(stage_args(repository, model), pb)
+
+
+@pytest.fixture(scope="module")
+def offline(repos):
+    """The offline reference: the checkpoint's model and the store's version 1, repaired by fire.repair."""
+    model, _ = load_checkpoint(repos["checkpoint"])
+    settings = ServingSettings.read(repos["allowing"] / ARTIFACTS_DIR)
+    version = DirectionStore(repos["allowing"] / ARTIFACTS_DIR / "store").read_version(1)
+    compiled = compile_directions(version.directions.directions, torch.from_numpy(version.directions.center),
+                                  settings.latent_dim)
+    head, tail = split(model, settings.layer)
+
+    def run(x: np.ndarray, repaired: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            latent = head(torch.from_numpy(x))
+            fixed, score, _ = repair(latent, compiled)
+            return tail(fixed if repaired else latent).numpy(), score.numpy()
+
+    return run
+
+
+def digits(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32)
+
+
+def credential(x: np.ndarray, token: str = TOKEN, now: float | None = None, purpose: str = BYPASS) -> str:
+    return sign(token, purpose, digest(np.ascontiguousarray(x, dtype=np.float32).tobytes()), now=now)
+
+
+def test_fused_stage_repairs_per_request_and_bypasses_only_signed_rows(repos, offline) -> None:
+    fused = make(stages.FusedStage, repos["allowing"], FIRE_ENSEMBLE)
+    a, b, c = digits(2, 1), digits(3, 2), digits(1, 3)
+    responses = fused.execute([
+        pb.image_request(a, on_gpu=True),
+        pb.image_request(b, on_gpu=True, **{BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(b)}),
+        pb.image_request(c),
+    ])
+    assert all(r.error is None for r in responses)
+    for x, response, repaired in ((a, responses[0], True), (b, responses[1], False), (c, responses[2], True)):
+        out = response.outputs()
+        logits, score = offline(x, repaired)
+        assert np.allclose(out[LOGITS], logits, atol=1e-5)
+        assert (out[LABEL].ravel() == logits.argmax(1)).all()
+        assert np.allclose(out[REPAIR_SCORE].ravel(), score, atol=1e-5)  # scored even when bypassed
+        assert out[DIRECTION_VERSION].ravel().tolist() == [1] * len(x)
+        assert out[FLAGGED].dtype == np.bool_ and out[LABEL].dtype == np.int64
+
+
+@pytest.mark.parametrize("case", ["not_allowed", "string", "number", "no_credential", "other_images", "expired",
+                                  "wrong_token", "control_purpose"])
+def test_a_refused_bypass_fails_alone_and_says_why(repos, case) -> None:
+    repository = repos["strict" if case == "not_allowed" else "allowing"]
+    fused = make(stages.FusedStage, repository, FIRE_ENSEMBLE)
+    x, other = digits(2, 4), digits(2, 5)
+    parameters, expected = {
+        "not_allowed": ({BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x)}, "--allow-bypass"),
+        "string": ({BYPASS_PARAMETER: "true", CREDENTIAL_PARAMETER: credential(x)}, "JSON boolean"),
+        "number": ({BYPASS_PARAMETER: 0.5}, "JSON boolean"),
+        "no_credential": ({BYPASS_PARAMETER: True}, f"needs {CREDENTIAL_PARAMETER}"),
+        "other_images": ({BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(other)}, "wrong control token"),
+        "expired": ({BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x, now=time.time() - 300)},
+                    "off the server's clock"),
+        "wrong_token": ({BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x, token="guess")},
+                        "wrong control token"),
+        "control_purpose": ({BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x, purpose=CONTROL)},
+                            "wrong control token"),
+    }[case]
+    good = digits(3, 6)
+    responses = fused.execute([pb.image_request(good), pb.image_request(x, **parameters), pb.image_request(good)])
+    assert responses[0].error is None and responses[2].error is None
+    error = responses[1].error
+    assert error is not None and error.code == pb.TritonError.INVALID_ARG
+    assert expected in error.message(), error.message()
+    assert TOKEN not in error.message()
+    assert np.allclose(responses[0].outputs()[LOGITS], responses[2].outputs()[LOGITS], atol=1e-5)
+    unbypassed = fused.execute([pb.image_request(x, **{BYPASS_PARAMETER: False})])[0]
+    assert unbypassed.error is None  # false is just "no bypass"
+
+
+def test_inline_and_separate_stages_give_the_fused_answer(repos) -> None:
+    repository = repos["allowing"]
+    x = digits(4, 7)
+    fused = make(stages.FusedStage, repository, FIRE_ENSEMBLE).execute([pb.image_request(x)])[0].outputs()
+    head = make(stages.InlineHeadStage, repository, "fire_inline_head").execute([pb.image_request(x)])[0]
+    tail = make(stages.TailStage, repository, "fire_inline_tail")
+    latent = {t.name(): t for t in head.output_tensors}[LATENT]
+    inline = tail.execute([pb.InferenceRequest({LATENT: latent})])[0].outputs()
+    assert np.allclose(inline[LOGITS], fused[LOGITS], atol=1e-5)
+    for name in (REPAIR_SCORE, FLAGGED, DIRECTION_VERSION):
+        assert np.array_equal(head.outputs()[name], fused[name]), name
+
+    plain = make(stages.HeadStage, repository, "fire_separate_head").execute([pb.image_request(x)])[0]
+    repair_stage = make(stages.RepairStage, repository, "fire_separate_repair")
+    fixed = repair_stage.execute([pb.InferenceRequest({LATENT: plain.output_tensors[0]})])[0]
+    repaired = {t.name(): t for t in fixed.output_tensors}[REPAIRED]
+    separate = make(stages.TailStage, repository, "fire_separate_tail").execute(
+        [pb.InferenceRequest({LATENT: pb.Tensor(LATENT, repaired.array)})])[0].outputs()
+    assert np.allclose(separate[LOGITS], fused[LOGITS], atol=1e-5)
+    assert np.array_equal(fixed.outputs()[DIRECTION_VERSION], fused[DIRECTION_VERSION])
+
+
+def test_separate_head_checks_the_credential_and_repair_honours_only_allowed_bypass(repos) -> None:
+    x = digits(2, 8)
+    signed = {BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x)}
+    head = make(stages.HeadStage, repos["allowing"], "fire_separate_head")
+    assert head.execute([pb.image_request(x, **signed)])[0].error is None
+    refused = head.execute([pb.image_request(x, **{BYPASS_PARAMETER: True})])[0].error
+    assert refused is not None and CREDENTIAL_PARAMETER in refused.message()
+    undefended = make(stages.HeadStage, repos["allowing"], "undefended_head")  # no guard: ignores the flag
+    assert undefended.execute([pb.image_request(x, **{BYPASS_PARAMETER: True})])[0].error is None
+
+    latent = pb.Tensor(LATENT, np.asarray(head.execute([pb.image_request(x)])[0].output_tensors[0].array))
+    allowing = make(stages.RepairStage, repos["allowing"], "fire_separate_repair")
+    kept = allowing.execute([pb.InferenceRequest({LATENT: latent}, {BYPASS_PARAMETER: True})])[0]
+    assert np.array_equal(kept.outputs()[REPAIRED], latent.array)
+    strict = make(stages.RepairStage, repos["strict"], "fire_separate_repair")
+    error = strict.execute([pb.InferenceRequest({LATENT: latent}, {BYPASS_PARAMETER: True})])[0].error
+    assert error is not None and "--allow-bypass" in error.message()
+
+
+def test_image_validation_refuses_each_bad_request_alone(repos) -> None:
+    fused = make(stages.FusedStage, repos["strict"], FIRE_ENSEMBLE)
+    good = digits(2, 9)
+    bad = {"shape": np.zeros((1, 1, 8, 9), np.float32), "nan": np.full((1, 1, 8, 8), np.nan, np.float32),
+           "range": np.full((1, 1, 8, 8), 2.0, np.float32), "empty": np.zeros((0, 1, 8, 8), np.float32)}
+    responses = fused.execute([pb.image_request(good), *(pb.image_request(x) for x in bad.values())])
+    assert responses[0].error is None
+    messages = [r.error.message() for r in responses[1:]]
+    for expected, message in zip(("shape", "NaN", "[0, 1]", "empty"), messages, strict=True):
+        assert expected in message
+
+
+def test_several_layers_are_configured_in_stage_order_and_separate_refuses_them(repos, tmp_path) -> None:
+    out = tmp_path / "two"
+    settings = build_repository(repos["checkpoint"], out, ["block2", "block1"], options=RepositoryOptions(
+        layout="inline"))
+    assert settings.repair_layers == ("block1", "block2") and settings.layer == "block2"
+    assert set(settings.layer_dims) == {"block1", "block2"}
+    head = make(stages.InlineHeadStage, out, FIRE_HEAD)
+    assert head.net.layers[-1] == "block2"
+    with pytest.raises(ValueError, match="separate layout repairs one layer.*--layout fused"):
+        write_configs(out, settings, RepositoryOptions(layout="separate"))
+    with pytest.raises(ValueError, match="separate layout repairs one layer"):
+        make(stages.RepairStage, out, FIRE_HEAD)
+
+
+def test_control_stage_computes_latents_in_process_in_chunks_of_the_max_batch(repos) -> None:
+    control = make(ControlStage, repos["allowing"], FIRE_CONTROL)
+    assert control.max_batch == 4
+    calls = []
+    head = control.head
+    control.head = lambda x: calls.append(len(x)) or head(x)
+    x = torch.from_numpy(digits(10, 10))
+    latents = control._latents(x)
+    model, _ = load_checkpoint(repos["checkpoint"])
+    with torch.inference_mode():
+        expected = split(model, "block2")[0](x)
+    assert calls == [4, 4, 2]
+    assert torch.allclose(latents, expected, atol=1e-6)
+    assert not latents.is_inference()  # the estimators may fold it into running means
+
+
+def legacy_settings(settings: ServingSettings) -> dict:
+    """serving.json as the version before layouts wrote it."""
+    legacy = {k: v for k, v in settings.__dict__.items()
+              if k not in ("layout", "repair_layers", "layer_shapes", "allow_bypass", "max_batch_size", "build")}
+    legacy["limits"] = settings.limits.__dict__
+    return legacy
+
+
+def test_a_repository_written_before_layouts_serves_as_separate(repos, tmp_path) -> None:
+    """The previous version's repository: serving.json without a layout, models importing HeadModel/RepairModel/
+    TailModel (whose configs carry no bypass_guard); in the current directory layout it serves as ``separate``,
+    refusing every bypass; with its models at the root it gets a message naming `fire repo build`."""
+    settings = ServingSettings.read(repos["allowing"] / ARTIFACTS_DIR)
+    old = tmp_path / "old"
+    shutil.copytree(repos["strict"], old)
+    (old / ARTIFACTS_DIR / "serving.json").write_text(json.dumps(legacy_settings(settings)))
+    read = ServingSettings.read(old / ARTIFACTS_DIR)
+    assert read.layout == "separate" and read.repair_layers == (read.layer,) and not read.allow_bypass
+    assert read.layer_dims == {read.layer: settings.latent_dim}
+    for name, role in (("fire_head", "head"), ("fire_repair", "repair"), ("fire_tail", "tail")):
+        source = models_dir(old) / f"fire_separate_{role}"
+        text = (source / "config.pbtxt").read_text().replace(f"fire_separate_{role}", name)
+        text = re.sub(r'parameters \{\n  key: "bypass_guard"\n  value: \{ string_value: "true" \}\n\}\n?', "", text)
+        (models_dir(old) / name / "1").mkdir(parents=True)
+        (models_dir(old) / name / "config.pbtxt").write_text(text)
+    x = digits(3, 11)
+    head = make(stages.HeadStage, old, "fire_head")
+    assert head.guard is None
+    latent = head.execute([pb.image_request(x, **{BYPASS_PARAMETER: True})])[0].output_tensors[0]
+    repair_stage = make(stages.RepairStage, old, "fire_repair")
+    refused = repair_stage.execute([pb.InferenceRequest({LATENT: latent}, {BYPASS_PARAMETER: True})])[0]
+    assert refused.error is not None and "--allow-bypass" in refused.error.message()
+    fixed = {t.name(): t for t in repair_stage.execute([pb.InferenceRequest({LATENT: latent})])[0].output_tensors}
+    out = make(stages.TailStage, old, "fire_tail").execute(
+        [pb.InferenceRequest({LATENT: pb.Tensor(LATENT, fixed[REPAIRED].array)})])[0].outputs()
+    fused = make(stages.FusedStage, repos["strict"], FIRE_ENSEMBLE).execute([pb.image_request(x)])[0].outputs()
+    assert np.allclose(out[LOGITS], fused[LOGITS], atol=1e-5)
+
+    (old / ARTIFACTS_DIR / "serving.json").write_text(json.dumps({**legacy_settings(settings), "future_field": 1}))
+    with pytest.raises(ValueError, match="unknown settings future_field.*fire repo build"):
+        ServingSettings.read(old / ARTIFACTS_DIR)
+    for model in models_dir(old).iterdir():  # the layout before models/ existed
+        model.rename(old / model.name)
+    with pytest.raises(ValueError, match="fire repo build"):
+        require_fire_repository(old)
