@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 from observability import ALERTS, Exposition, alert_rules, dashboard_queries, load_dashboard, promql_metric_names
 
 from fire_backend.serving import metrics as m
+from fire_backend.serving.artifacts import models_dir
 from fire_backend.serving.ports import free_port
 from fire_backend.serving.server import TritonServer, running_server
 from fire_backend.wire.names import BYPASS_PARAMETER
@@ -93,9 +94,10 @@ class TritonPythonModel:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = tmp_path_factory.mktemp("metrics-probe") / "repository"
-    (repository / MODEL / "1").mkdir(parents=True)
-    (repository / MODEL / "config.pbtxt").write_text(CONFIG)
-    (repository / MODEL / "1" / "model.py").write_text(MODEL_PY)
+    model = models_dir(repository) / MODEL
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(CONFIG)
+    (model / "1" / "model.py").write_text(MODEL_PY)
     with running_server(repository, startup_timeout_s=120) as running:
         yield running
 
