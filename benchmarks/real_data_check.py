@@ -78,11 +78,11 @@ def served_check(repository: Path, checkpoint: Path, eval_images: int, batch: in
     evaluation = evaluation_set(data.x_test, data.y_test, resolve_attack(meta.attack), meta.target, eval_images)
     clean, poisoned = evaluation.x.numpy(), evaluation.poisoned.numpy()
     y, poisoned_y = evaluation.y.numpy(), evaluation.poisoned_y.numpy()
+    token = secrets.token_urlsafe(16)
     start = time.perf_counter()
-    with running_server(repository, extra_env=pinned_token(secrets.token_urlsafe(16)),
-                        restricted_api_key=secrets.token_urlsafe(16)) as server:
+    with running_server(repository, extra_env=pinned_token(token)) as server:
         started = time.perf_counter() - start
-        with FireClient(server.urls["grpc"]) as client:
+        with FireClient(server.urls["grpc"], token=token) as client:
             defended = [client.infer_batches(x, batch) for x in (clean, poisoned)]
             bypassed = [client.infer_batches(x, batch, bypass=True) for x in (clean, poisoned)]
     return {
@@ -138,7 +138,7 @@ def main() -> int:
     rows = {row["method"]: row for row in report["rows"]}
     step(timings, "fire repo build", False,
          [str(FIRE), "repo", "build", "--checkpoint", str(checkpoint), "--layer", args.layer, "--flagged",
-          str(args.flagged), "--torch-threads", str(args.torch_threads), "--out", str(repository)])
+          str(args.flagged), "--torch-threads", str(args.torch_threads), "--allow-bypass", "--out", str(repository)])
     served = served_check(repository, checkpoint, args.eval_images, args.batch)
     timings["served check"] = served.pop("server_start_s") + served.pop("infer_s")
     offline = {k: rows[OFFLINE_ROW][k] for k in ("ca", "pa", "asr")}
