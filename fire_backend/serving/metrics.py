@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from fire_backend import store_damage
 from fire_backend.wire.names import BYPASS_PARAMETER
 
 LOG = logging.getLogger("fire_backend.metrics")
@@ -113,11 +114,11 @@ CONTROL_RESULTS = (RESULT_OK, RESULT_REFUSED_AUTH, RESULT_REFUSED_VALIDATION, RE
 #: ``action`` label of an action name the controller does not know (client-chosen text never becomes a label)
 OTHER_ACTION = "other"
 
-#: ``kind`` of a store error
-STORE_CHECKSUM = "checksum"
-STORE_TORN_LINE = "torn_line"
-STORE_UNREADABLE_POINTER = "unreadable_pointer"
-STORE_ERROR_KINDS = (STORE_CHECKSUM, STORE_TORN_LINE, STORE_UNREADABLE_POINTER)
+#: ``kind`` of a store error (the store reports them: fire_backend.store_damage)
+STORE_CHECKSUM = store_damage.CHECKSUM
+STORE_TORN_LINE = store_damage.TORN_LINE
+STORE_UNREADABLE_POINTER = store_damage.UNREADABLE_POINTER
+STORE_ERROR_KINDS = store_damage.KINDS
 
 #: REPAIR_SCORE is about 0 for clean inputs and about 1 for triggered ones (threshold 0.5 by default): fine
 #: buckets in between, a few below 0 and up to 2.
