@@ -179,6 +179,24 @@ def exported_names() -> set[str]:
     return {family.name for family in FAMILIES}
 
 
+#: what a short summary of a run shows (``fire demo``): traffic, the attack signal, versions, control actions
+SUMMARY_FAMILIES = (REQUESTS_TOTAL, SAMPLES_TOTAL, FLAGGED_SAMPLES_TOTAL, BYPASSED_REQUESTS_TOTAL, APPLIED_VERSION,
+                    APPLY_LAG_SECONDS, LIVE_VERSION, CONTROL_ACTIONS_TOTAL, STORE_ERRORS_TOTAL)
+
+
+def summary_lines(page: str) -> list[str]:
+    """The sample lines of a /metrics page that tell what FIRE did: SUMMARY_FAMILIES, counters that moved
+    (a counter at 0 says nothing), every gauge."""
+    kinds = {family.name: family.kind for family in SUMMARY_FAMILIES}
+    lines = []
+    for line in page.splitlines():
+        name, _, rest = line.partition("{")
+        kind = kinds.get(name)
+        if kind is not None and (kind == GAUGE or rest.rsplit(" ", 1)[-1] not in ("0", "0.0")):
+            lines.append(line)
+    return lines
+
+
 def _flat(parts: list[Any]) -> np.ndarray:
     """The parts (numpy arrays or torch tensors, any device) as one flat numpy array.
 
