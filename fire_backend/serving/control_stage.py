@@ -39,6 +39,10 @@ from fire_backend.wire.token import read_token
 
 LOG = logging.getLogger("fire_backend.control")
 
+#: a refused REQUEST (perhaps unauthenticated: the size check and the credential come first) is parsed for its
+#: ``action`` label only up to this size, so refusing stays cheap; a larger refused one counts as action "other"
+REFUSED_LABEL_BYTES = 4096
+
 
 class ControlStage:
     """Adapter between Triton requests and the Controller (one request at a time: max_batch_size 0)."""
@@ -88,10 +92,9 @@ class ControlStage:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
-            action = ""  # counted as "other" unless the REQUEST names a known action
+            raw = None
             try:
                 raw = self._bytes(request, REQUEST)
-                action = action_of(raw) or action
                 responses.append(self._one(request, raw))
                 result = RESULT_OK
             except AuthRefused as exc:
@@ -107,7 +110,8 @@ class ControlStage:
                 responses.append(self._error(f"{FIRE_CONTROL}: internal error; the server log has the details",
                                              self.pb.TritonError.INTERNAL))
                 result = RESULT_ERROR
-            self.metrics.control(action, result)
+            labelled = raw is not None and (result == RESULT_OK or len(raw) <= REFUSED_LABEL_BYTES)
+            self.metrics.control((action_of(raw) if labelled else None) or "", result)
         return responses
 
     def _error(self, message: str, code: Any) -> Any:

@@ -303,7 +303,7 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     from pb_metrics_double import PbMetrics
 
     from fire_backend.serving import metrics as m
-    from fire_backend.serving.control_stage import ControlStage
+    from fire_backend.serving.control_stage import REFUSED_LABEL_BYTES, ControlStage
     from fire_backend.serving.controller import ACTIONS
 
     server = PbMetrics()
@@ -332,6 +332,9 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     assert invalid.error.code == "INVALID_ARG" and "unknown field" in invalid.error.message
     (garbage,) = stage.execute([request(b"\xff not json", b"nonsense")])
     assert garbage.error.code == "INVALID_ARG"
+    padded = json.dumps({"action": "push", "directions": [{"beta": [0.0] * REFUSED_LABEL_BYTES}]}).encode()
+    (big,) = stage.execute([request(padded, b"nonsense")])  # refused unread: its label is not parsed either
+    assert big.error.code == "INVALID_ARG"
 
     controller.handle = broken
     (failed,) = stage.execute([request(raw, b"x")])
@@ -344,6 +347,6 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     counted = {(s.labels["action"], s.labels["result"]): s.value
                for s in page.select(m.CONTROL_ACTIONS_TOTAL.name) if s.value}
     assert counted == {("status", m.RESULT_OK): 1, ("status", m.RESULT_REFUSED_AUTH): 1,
-                       ("status", m.RESULT_REFUSED_VALIDATION): 1, (m.OTHER_ACTION, m.RESULT_REFUSED_AUTH): 1,
+                       ("status", m.RESULT_REFUSED_VALIDATION): 1, (m.OTHER_ACTION, m.RESULT_REFUSED_AUTH): 2,
                        ("status", m.RESULT_ERROR): 1}
     stage.metrics.close()
