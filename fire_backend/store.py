@@ -43,6 +43,7 @@ import torch
 from fire_backend.atomic import atomic_write
 from fire_backend.fire import MODES, Direction, EstimatorState
 from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
+from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER, DamageListener
 
 LOG = logging.getLogger("fire_backend.store")
 MAGIC = "fire-backend/direction-set/v1"
@@ -126,11 +127,28 @@ def _line_checksum(entry: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-class DirectionStore:
-    """Reads and writes one store directory. Cheap to construct; safe across processes."""
+def _parse_pointer(raw: bytes) -> tuple[int, str] | None:
+    try:
+        data = json.loads(raw)
+        number, sha = data["version"], data["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(number, int) or isinstance(number, bool) or number < 0 or not isinstance(sha, str):
+        return None
+    return number, sha
 
-    def __init__(self, root: Path) -> None:
+
+class DirectionStore:
+    """Reads and writes one store directory. Cheap to construct; safe across processes.
+
+    ``on_damage``, when given, hears of each damaged part this object meets, once per distinct damage (a
+    reader meets the same torn line on every read): a stage passes its metrics' ``store_error``.
+    """
+
+    def __init__(self, root: Path, on_damage: DamageListener | None = None) -> None:
         self.root = Path(root)
+        self.on_damage = on_damage
+        self._damage_seen: set[tuple[str, tuple]] = set()
         self.versions_dir = self.root / "versions"
         self.history_path = self.root / "history.jsonl"
         self.current_path = self.root / "CURRENT"
@@ -170,6 +188,12 @@ class DirectionStore:
                 self._lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _damaged(self, kind: str, *key: object) -> None:
+        """Tell ``on_damage`` of damage this object meets for the first time (``key`` tells damages apart)."""
+        if self.on_damage is not None and (kind, key) not in self._damage_seen:
+            self._damage_seen.add((kind, key))
+            self.on_damage(kind)
+
     # -- versions -------------------------------------------------------------------------
     def read_version(self, number: int) -> Version:
         """Load and verify one version file; raises StoreError if it is missing, partial or corrupt."""
@@ -185,15 +209,19 @@ class DirectionStore:
         try:
             header = json.loads(head)
         except ValueError:
-            raise StoreError(f"version {number}: unreadable header in {name}") from None
-        if not sep or not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != number:
-            raise StoreError(f"version {number}: {name} is not a direction-set file")
+            header = None
         digest = hashlib.sha256(payload).hexdigest()
+        if not sep or not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != number:
+            self._damaged(CHECKSUM, number, hashlib.sha256(raw).hexdigest())
+            problem = f"unreadable header in {name}" if header is None else f"{name} is not a direction-set file"
+            raise StoreError(f"version {number}: {problem}")
         if digest != header.get("sha256") or len(payload) != header.get("size"):
+            self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: checksum mismatch in {name} (partial or corrupt file); not served")
         try:
             directions = DirectionSet.from_bytes(payload)
         except (ValueError, KeyError, OSError) as exc:
+            self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: unreadable payload in {name} ({exc})") from None
         return Version(number, digest, directions, header)
 
@@ -201,6 +229,7 @@ class DirectionStore:
         """:meth:`read_version`, and its checksum must be ``sha256`` (the committed one) when given."""
         version = self.read_version(number)
         if sha256 and version.sha256 != sha256:
+            self._damaged(CHECKSUM, number, version.sha256)
             raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
         return version
 
@@ -226,7 +255,8 @@ class DirectionStore:
         except FileNotFoundError:
             return [], []
         entries, torn = [], []
-        for index, line in enumerate(text.splitlines(), start=1):
+        lines = text.splitlines()
+        for index, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)
                 valid = isinstance(entry, dict) and entry.get("check") == _line_checksum(entry) \
@@ -237,6 +267,9 @@ class DirectionStore:
                 entries.append((index, entry))
             else:
                 torn.append(index)
+                # A last line without its newline may be an append in progress: damage only once it is followed.
+                if index < len(lines) or text.endswith("\n"):
+                    self._damaged(TORN_LINE, index, hashlib.sha256(line.encode()).hexdigest())
         return entries, torn
 
     def _append_history(self, entry: dict) -> dict:
@@ -295,6 +328,14 @@ class DirectionStore:
             return False
         return True
 
+    def committed_at(self, number: int, sha256: str = "") -> float | None:
+        """When ``number`` (with ``sha256``, when given) last became live: the time of its newest history line."""
+        for _, entry in reversed(self._read_history()[0]):
+            if entry["live"] == number and (not sha256 or entry.get("sha256", "") == sha256):
+                time_ = entry.get("time")
+                return float(time_) if isinstance(time_, (int, float)) else None
+        return None
+
     def live_version(self) -> int:
         """The version an instance starting now applies (0 when none verifies)."""
         return self.resolve().verified or 0
@@ -323,13 +364,17 @@ class DirectionStore:
     def read_pointer(self) -> tuple[int, str] | None:
         """CURRENT's (version, sha256); None when it is missing, empty or unreadable: damage, never "version 0"."""
         try:
-            data = json.loads(self.current_path.read_bytes())
-            number, sha = data["version"], data["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+            raw = self.current_path.read_bytes()
+        except FileNotFoundError:
             return None
-        if not isinstance(number, int) or isinstance(number, bool) or number < 0 or not isinstance(sha, str):
-            return None
-        return number, sha
+        except OSError as exc:
+            raw = str(exc.errno).encode()
+            pointer = None
+        else:
+            pointer = _parse_pointer(raw)
+        if pointer is None:
+            self._damaged(UNREADABLE_POINTER, hashlib.sha256(raw).hexdigest())
+        return pointer
 
     # -- writers ---------------------------------------------------------------------------
     def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int:
@@ -357,8 +402,8 @@ class DirectionStore:
             return number
 
     # -- repair instances ------------------------------------------------------------------
-    def report_instance(self, instance: str, version: int) -> None:
-        self.registry.report(instance, version)
+    def report_instance(self, instance: str, version: int, lag_s: float | None = None) -> None:
+        self.registry.report(instance, version, lag_s)
 
     def instances(self) -> list[dict]:
         """The instances that run (on this host; every entry of other hosts), each with its applied version."""

@@ -30,7 +30,21 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
     for inst in status.get("instances", []):
         where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
-        print(f"  repair instance {inst['instance']}{where}: applying version {inst['version']}")
+        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, status['version'])}")
+    for inst in status.get("gone", []):
+        print(f"  repair instance {inst['instance']}: GONE (pid {inst.get('pid')} no longer runs; it last applied "
+              f"version {inst['version']})")
+
+
+def _applied(instance: dict[str, Any], live: int) -> str:
+    """An instance's version against the live one, and how long it took or how long it has been behind."""
+    version, lag, behind = instance["version"], instance.get("lag_s"), instance.get("behind_s")
+    if version != live:
+        since = f" for {behind:.1f} s" if behind is not None else ""
+        return f"version {version}, BEHIND the live version {live}{since}"
+    if lag is None:
+        return f"version {version} (live; applied at start)"
+    return f"version {version} (live; applied {lag * 1000:.0f} ms after its commit)"
 
 
 def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +140,9 @@ def register(sub) -> None:
     after = argparse.ArgumentParser(add_help=False)
     _connection_options(after, after_action=True)
     actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
-    actions.add_parser("status", parents=[after], help="live version, directions, estimator counts, repair instances")
+    actions.add_parser("status", parents=[after],
+                       help="live version, directions, estimator counts, each repair instance's version and lag "
+                            "(and instances that are gone)")
     actions.add_parser("history", parents=[after], help="audit log: time, action, version, token id, content hash")
     rb = actions.add_parser("rollback", parents=[after], help="make an earlier committed version live again")
     rb.add_argument("version", type=int, help="version number (0 = no direction)")

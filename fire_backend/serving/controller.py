@@ -31,6 +31,7 @@ from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, load_centroid
 from fire_backend.store import DirectionSet, DirectionStore, StoreError, validate_direction_set
+from fire_backend.store_damage import DamageListener
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
 from fire_backend.wire.names import IMAGES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
@@ -41,6 +42,10 @@ ESTIMATORS = ("unpaired", "augmented")
 
 class ControlError(ValueError):
     """The action is refused; nothing was changed."""
+
+
+class AuthRefused(ControlError):
+    """The action is refused for its credential (missing, wrong, expired, replayed); nothing was changed."""
 
 
 def token_id(token: str) -> str:
@@ -136,13 +141,23 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     return body
 
 
+def action_of(raw: bytes) -> str | None:
+    """The action a REQUEST names, when it is one of ACTIONS (None otherwise); for counting, before any check."""
+    try:
+        action = json.loads(raw).get("action")
+    except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), or not an object
+        return None
+    return action if isinstance(action, str) and action in ACTION_FIELDS else None
+
+
 class Controller:
     """Triton-independent control logic; ``latents`` computes head latents for observed images."""
 
-    def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor],
+                 on_damage: DamageListener | None = None) -> None:
         self.artifacts = artifacts
         self.settings = ServingSettings.read(artifacts)
-        self.store = DirectionStore(artifacts / STORE_DIR).ensure()
+        self.store = DirectionStore(artifacts / STORE_DIR, on_damage).ensure()
         self.store.initialize()
         self.store.repair_pointer()
         self.token = token
@@ -177,7 +192,7 @@ class Controller:
     def _authenticate(self, request: bytes, credential: bytes | str, images: np.ndarray | None,
                       now: float | None) -> Credential:
         if self.token is None:
-            raise ControlError("permission denied: the server has no control token configured "
+            raise AuthRefused("permission denied: the server has no control token configured "
                                f"(set {TOKEN_ENV} or {TOKEN_FILE_ENV} for `fire serve`)")
         if isinstance(credential, bytes):
             try:
@@ -189,14 +204,14 @@ class Controller:
             signed = verify(self.token, CONTROL, digest(request, pixels), credential, now=now)
             self.replay.remember(signed, now=now)
         except AuthError as exc:
-            raise ControlError(str(exc)) from None
+            raise AuthRefused(str(exc)) from None
         return signed
 
     def _refuse_replay(self, nonce: str) -> None:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
         since = time.time() - 2 * WINDOW_S
         if any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.store.history()):
-            raise ControlError("permission denied: this credential was already used (replayed request)")
+            raise AuthRefused("permission denied: this credential was already used (replayed request)")
 
     # -- read-only ---------------------------------------------------------------------------
     def _live(self, intact: bool) -> tuple[int, DirectionSet]:
@@ -230,8 +245,23 @@ class Controller:
             "estimator": None if est is None else {
                 "kind": est.kind, "poisoned_count": est.poisoned_count, "clean_count": est.clean_count},
             "publish_every": self.settings.publish_every,
-            "instances": self.store.instances(),
+            **self._instances(state.version, state.sha256),
         }
+
+    def _instances(self, live: int, sha256: str) -> dict[str, list[dict[str, Any]]]:
+        """``instances``: the running repair instances, each with the version it applies, ``lag_s`` (seconds from
+        that version's commit until it applied it; None for the version it started with) and ``behind_s`` (None
+        when it applies the live version, else seconds since the live version was committed); ``gone``: entries
+        of instances that no longer run (killed outright; `fire serve` prunes them)."""
+        entries = self.store.registry.entries()
+        since = self.store.committed_at(live, sha256)
+        now = time.time()
+        running = []
+        for entry in entries:
+            if entry["alive"] is not False:
+                behind = None if entry["version"] == live else (now - since if since is not None else None)
+                running.append({**entry, "lag_s": entry.get("lag_s"), "behind_s": behind})
+        return {"instances": running, "gone": [e for e in entries if e["alive"] is False]}
 
     # -- writers -----------------------------------------------------------------------------
     def rollback(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:

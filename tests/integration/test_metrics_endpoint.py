@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import observability
 import pytest
 import tritonclient.grpc as grpcclient
 from observability import ALERTS, Exposition, alert_rules, dashboard_queries, load_dashboard, promql_metric_names
@@ -103,20 +104,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
 
 
 def scrape(server: TritonServer) -> Exposition:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(server.urls["metrics"], timeout=10) as response:
-        return Exposition(response.read().decode())
+    return observability.scrape(server.urls["metrics"])
 
 
 def wait_for(server: TritonServer, condition: Callable[[Exposition], bool], what: str,
              timeout_s: float = 15.0) -> Exposition:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        page = scrape(server)
-        if condition(page):
-            return page
-        assert time.monotonic() < deadline, f"{what}: not on /metrics after {timeout_s:.0f} s"
-        time.sleep(0.1)
+    return observability.wait_for(server.urls["metrics"], condition, what, timeout_s)
 
 
 def send(client: grpcclient.InferenceServerClient, scores: np.ndarray, **params: object) -> np.ndarray:

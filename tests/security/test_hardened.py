@@ -353,9 +353,10 @@ def test_finding6_status_agrees_with_what_is_served(hardened: Hardened) -> None:
 # -- finding 4: a killed stage process was never replaced; readiness stayed 200 -----------------------------
 
 def test_finding4_a_killed_stage_is_replaced_while_readiness_says_so(hardened: Hardened, badnets_eval) -> None:
-    """kill -9 of one repairing stub (the fused model), under traffic, with CURRENT damaged on top (finding 3 for
-    the instances that start afterwards): detected, reloaded, reported, /ready 503 meanwhile; afterwards nothing
-    fails, the new instances apply the live version, and status lists exactly the running instances."""
+    """kill -9 of one repairing stub (fire_ensemble, fused since issue 15), under traffic, with CURRENT damaged on
+    top (finding 3 for the instances that start afterwards): detected, reloaded, reported, /ready 503 meanwhile;
+    afterwards nothing fails, the new instances apply the live version, and status lists exactly the running
+    instances."""
     store = hardened.store
     live = store.resolve().version
     original = store.current_path.read_bytes()

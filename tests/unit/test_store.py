@@ -205,6 +205,54 @@ def test_the_instance_registry_lists_running_instances_only(store: DirectionStor
                                                                      "fire_repair_0_0-remote.json"]
 
 
+def test_damage_is_reported_by_kind_once_per_distinct_damage(tmp_path: Path) -> None:
+    from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER
+
+    met: list[str] = []
+    store = DirectionStore(tmp_path / "store", met.append).ensure()
+    store.initialize()
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    assert met == []  # a healthy store reports nothing
+    # A flipped byte in version 2's payload: met on every read, reported once.
+    path = store.version_path(2)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for _ in range(3):
+        assert store.resolve().verified == 1
+    assert met == [CHECKSUM]
+    # A torn line in the middle of the history counts; a last line still without its newline (an append in
+    # progress, as a reader may see it) does not, until it is followed.
+    with open(store.history_path, "ab") as handle:
+        handle.write(b'{"action": "push", "ver')
+    store.history()
+    assert met == [CHECKSUM]
+    with open(store.history_path, "ab") as handle:
+        handle.write(b"\n")
+    store.history()
+    store.history()
+    assert met == [CHECKSUM, TORN_LINE]
+    store.current_path.write_bytes(b"{not json")
+    assert store.read_pointer() is None and store.read_pointer() is None
+    assert met == [CHECKSUM, TORN_LINE, UNREADABLE_POINTER]
+    store.current_path.write_bytes(b'{"version": "2"}')  # other damage: reported again
+    store.read_pointer()
+    assert met == [CHECKSUM, TORN_LINE, UNREADABLE_POINTER, UNREADABLE_POINTER]
+    # The same damage met by a follower (a repair instance) and without a listener: nothing breaks.
+    assert StoreFollower(DirectionStore(store.root)).poll() is True
+
+
+def test_committed_at_is_the_time_of_the_newest_line_that_made_a_version_live(store: DirectionStore) -> None:
+    first = store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    store.rollback(first)
+    lines = store.history()
+    assert store.committed_at(first) == lines[-1]["time"] > lines[0]["time"]
+    assert store.committed_at(first, lines[0]["sha256"]) == lines[-1]["time"]
+    assert store.committed_at(first, "0" * 64) is None and store.committed_at(7) is None
+
+
 def test_rollback(store: DirectionStore) -> None:
     for seed in (1, 2, 3):
         store.commit(direction_set(seed), "push")
