@@ -139,3 +139,26 @@ def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_workin
     assert all(0.0 <= s.flip <= 1.0 and 0.0 <= s.change <= 1.0 for s in scores)
     with pytest.raises(ValueError, match="at least 5 flagged"):
         rank_subsets(Evidence(net, samples.clean, samples.flagged[:3], ["block1"]), EstimationSettings())
+
+
+def test_fire_sweep_ranks_with_the_same_code_as_the_control_endpoint(digits_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.cli import main
+    from fire_backend.evaluation import load_defender_samples
+
+    checkpoint = digits_checkpoint("badnets")
+    assert main(["sweep", "--checkpoint", str(checkpoint), "--eval-images", "100", "--out", str(tmp_path),
+                 "--json"]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    ranking = report["ranking"]
+    assert report["recommended"]["layers"] == ranking[0]["layers"]
+    assert "label-free ranking" in capsys.readouterr().out
+    model, meta = load_checkpoint(checkpoint)
+    samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
+    evidence = Evidence(Part(model, 0, len(model.stages())), samples.clean, samples.flagged, ["block1", "block2"])
+    direct = [s.to_dict() for s in rank_subsets(evidence, EstimationSettings())]
+    assert [{k: r[k] for k in direct[0]} for r in ranking] == direct
+    assert all(0.0 <= r["pa"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 for r in ranking)
+    assert ranking[0]["pa"] >= 0.9  # the subset ranked first without labels works (PA with labels)
