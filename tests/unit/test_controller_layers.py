@@ -97,3 +97,16 @@ def test_refusals_change_nothing(controller, built) -> None:
         act(controller, "observe", flagged, estimator="augmented")
     assert snapshot(artifacts).keys() >= before.keys()
     assert act(controller, "status")["version"] == 0
+
+
+def test_build_with_flagged_samples_ranks_and_learns_every_layer_offline(digits_checkpoint, tmp_path) -> None:
+    from fire_backend.store import DirectionStore
+
+    build_repository(digits_checkpoint("badnets"), tmp_path / "repo", flagged=20)
+    store = DirectionStore(tmp_path / "repo" / ARTIFACTS_DIR / "store")
+    version = store.read_version(store.live_version())
+    layered = version.layered
+    assert version.number == 1 and list(layered.sets) == list(LAYERS) and len(layered.flagged) == 20
+    chosen = layered.ranking[0]["layers"]
+    assert [layer for layer, n in layered.counts("block2").items() if n] == chosen
+    assert store.history()[-1]["layers"] == chosen
