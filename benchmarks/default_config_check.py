@@ -20,7 +20,6 @@ the layers the ranking chose and its table; the exit status is 0 whatever the fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -30,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-from real_data_check import ATTACKS, FIRE, ROOT, figures, step
+from real_data_check import FIRE, figures, imported_checkpoint, shared_model_parser, step
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack
-from fire_backend.defaults import shared_dir
 from fire_backend.evaluation import evaluation_set
 from fire_backend.serving.server import running_server
 from fire_backend.wire.client import FireClient
@@ -95,36 +93,14 @@ def served_learning(repository: Path, checkpoint: Path, flagged_file: Path, flag
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attack", choices=ATTACKS, default="badnets", help="which shared model (badnets)")
-    parser.add_argument("--flagged", type=int, default=20, help="flagged reserve images observed online (20)")
-    parser.add_argument("--eval-images", type=int, default=2000, help="evaluation images (2000)")
-    parser.add_argument("--batch", type=int, default=64, help="images per inference request (64)")
-    parser.add_argument("--torch-threads", type=int, default=2, help="torch threads per served stage (2)")
-    parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
-                        help="the shared data and models (FIRE_SHARED_DIR, else ../shared beside the project)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "default-check",
-                        help="where the record, checkpoint, flagged images and repository go (runs/default-check)")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    parser = shared_model_parser(__doc__, "default-check")
     args = parser.parse_args()
 
-    cifar = args.shared / "data" / "cifar10.npz"
-    weights = args.shared / "models" / f"cifar10_preactresnet18_{args.attack}.fp16.pt"
-    maker = args.shared / "models" / "make_attack_result.py"
-    missing = [str(p) for p in (cifar, weights, maker) if not p.is_file()]
-    if missing:
-        raise SystemExit(f"missing shared files: {', '.join(missing)} (set FIRE_SHARED_DIR or --shared)")
     work = args.work / args.attack
-    record, checkpoint, repository = work / "record", work / "checkpoint", work / "repository"
-    flagged_file = work / f"flagged-{args.flagged}.npz"
+    repository, flagged_file = work / "repository", work / f"flagged-{args.flagged}.npz"
     timings: dict[str, float] = {}
     begin = time.perf_counter()
-    step(timings, "attack result", (record / "attack_result.pt").is_file(),
-         [sys.executable, str(maker), "--weights", str(weights), "--attack", args.attack, "--data", str(cifar),
-          "--out", str(record)])
-    step(timings, "fire import", (checkpoint / "meta.json").is_file(),
-         [str(FIRE), "import", "backdoorbench", str(record / "attack_result.pt"), "--data", f"cifar10:{cifar}",
-          "--out", str(checkpoint)])
+    checkpoint = imported_checkpoint(args.shared, args.attack, work, timings)
     step(timings, "fire repo build", False,
          [str(FIRE), "repo", "build", "--checkpoint", str(checkpoint), "--allow-bypass", "--torch-threads",
           str(args.torch_threads), "--out", str(repository)])
