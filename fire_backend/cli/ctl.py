@@ -12,6 +12,7 @@ from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 
 DEFAULT_CTL_URL = f"{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -94,7 +95,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     if not token:
         raise CliError(f"no control token: pass --token-file, or set {TOKEN_FILE_ENV} or {TOKEN_ENV}")
     try:
-        with ControlClient(args.url, token) as client:
+        with ControlClient(args.url, token, timeout_s=args.timeout) as client:
             result = _act(client, args)
     except FireClientError as exc:
         raise CliError(str(exc)) from None
@@ -119,6 +120,9 @@ def _connection_options(parser: argparse.ArgumentParser, after_action: bool) -> 
                         help=f"file holding the token (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print the server's answer as one JSON line")
+    parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S),
+                        help=f"seconds to wait for an answer ({DEFAULT_TIMEOUT_S:g}: an observe that learns several "
+                             "layers of a full-size network takes tens of seconds on a CPU)")
 
 
 def register(sub) -> None:
@@ -149,5 +153,6 @@ def register(sub) -> None:
     obs.add_argument("--clean", action="store_true", help="the images are clean (refine the centroid)")
     obs.add_argument("--estimator", choices=["unpaired", "augmented"], default=None,
                      help="streaming estimator (server default: unpaired)")
-    obs.add_argument("--publish-every", type=int, default=None, help="republish after every k images (server: 1)")
+    obs.add_argument("--publish-every", type=int, default=None,
+                     help="republish after every k images (server default: 1; with several layers: once per request)")
     obs.add_argument("--chunk", type=int, default=64, help="images per request (64)")

@@ -392,13 +392,15 @@ class Controller:
     def _observe_layers(self, request: dict[str, Any], images: np.ndarray, actor: str,
                         note: dict[str, Any]) -> dict[str, Any]:
         """Learn every configured layer from all flagged images kept so far plus these, ranking the layer subsets
-        without labels; one committed version per ``publish_every`` images."""
+        without labels; one committed version per ``publish_every`` images, by default one for the whole request
+        (each version re-learns and re-ranks from everything kept: republishing after every image would multiply
+        the cost, tens of seconds per version for a full-size network on a CPU)."""
         if _given(request, "clean", False):
             raise ControlError("observe: a repository repairing at several layers takes its clean evidence from the "
                                "reserve it was built with; observe flagged images only")
         if _given(request, "estimator", "unpaired") != "unpaired":
             raise ControlError("observe: several layers are learned with the unpaired estimator only")
-        every = _given(request, "publish_every", self.settings.publish_every)
+        every = _given(request, "publish_every", len(images))
         if every < 1:
             raise ControlError("observe: 'publish_every' must be >= 1")
         settings = estimation_settings(self.settings)

@@ -65,9 +65,9 @@ def test_observe_learns_every_layer_as_one_version_and_records_the_ranking(contr
 
 def test_observe_again_re_estimates_from_every_flagged_image_kept(controller, built) -> None:
     _, flagged = built
-    first = act(controller, "observe", flagged[:10], publish_every=10)
+    first = act(controller, "observe", flagged[:10])  # several layers: one version per request by default
     second = act(controller, "observe", flagged[10:], publish_every=5)
-    assert len(second["versions"]) == 2 and second["poisoned_count"] == 20
+    assert len(first["versions"]) == 1 and len(second["versions"]) == 2 and second["poisoned_count"] == 20
     assert second["version"] > first["version"] and act(controller, "status")["flagged_kept"] == 20
 
 
