@@ -124,6 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [
+        measure("preact_resnet18", PreActResNet18(width=args.width), "layer1.0", (3, 32, 32), args.batch, args.repeats),
         measure("preact_resnet18", PreActResNet18(width=args.width), "layer3.1", (3, 32, 32), args.batch, args.repeats),
         measure("preact_resnet18", PreActResNet18(width=args.width), "layer4.0", (3, 32, 32), args.batch, args.repeats),
         measure("digits_cnn", DigitsCNN(), "block2", (1, 8, 8), args.batch, args.repeats * 10),
