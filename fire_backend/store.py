@@ -4,7 +4,9 @@ Layout of a store directory (it may sit on a volume shared by several servers):
 
     versions/00000007.fire   one file per version: a JSON header line (with the SHA-256 of the
                              payload) followed by an .npz payload; written to a temp file, fsynced,
-                             renamed, directory fsynced
+                             renamed, directory fsynced. The payload holds one direction set (the
+                             split layer's: the first format, still read and written) or one per
+                             configured layer (:class:`LayeredSet`), committed together
     history.jsonl            the audit log and the commit point: one JSON line per change, each with
                              its own checksum; the live version is the last valid line's ``live``
     CURRENT                  a small pointer to the live version, rewritten atomically after the
@@ -46,7 +48,11 @@ from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
 from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER, DamageListener
 
 LOG = logging.getLogger("fire_backend.store")
+#: the one-layer format (still read and written for one-layer sets) and the several-layer one (older fire-backend
+#: refuses it as "not a direction-set file" rather than misreading it)
 MAGIC = "fire-backend/direction-set/v1"
+MAGIC_LAYERED = "fire-backend/direction-set/v2"
+MAGICS = (MAGIC, MAGIC_LAYERED)
 
 
 class StoreError(Exception):
@@ -55,7 +61,7 @@ class StoreError(Exception):
 
 @dataclass
 class DirectionSet:
-    """What a version holds: the clean centroid, the live directions, and the estimator state."""
+    """What a version holds at one layer: the clean centroid, the live directions, and the estimator state."""
 
     center: np.ndarray  # float32 (D,)
     directions: list[Direction] = field(default_factory=list)
@@ -65,7 +71,8 @@ class DirectionSet:
     def dim(self) -> int:
         return int(self.center.size)
 
-    def to_bytes(self) -> bytes:
+    def arrays(self, prefix: str = "") -> dict[str, Any]:
+        """The set as named arrays (``prefix`` keeps several layers' sets apart in one payload)."""
         arrays: dict[str, Any] = {"center": np.asarray(self.center, dtype=np.float32)}
         arrays["betas"] = np.stack([d.beta.reshape(-1).cpu().numpy().astype(np.float32) for d in self.directions]) \
             if self.directions else np.zeros((0, self.dim), np.float32)
@@ -78,32 +85,100 @@ class DirectionSet:
             arrays.update(est_kind=np.array(e.kind), est_poisoned_mean=e.poisoned_mean.astype(np.float64),
                           est_poisoned_count=np.array(e.poisoned_count), est_clean_mean=e.clean_mean.astype(np.float64),
                           est_clean_count=np.array(e.clean_count))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
+        return {prefix + key: value for key, value in arrays.items()}
+
+    @classmethod
+    def of_arrays(cls, data: Any, prefix: str = "") -> DirectionSet:
+        def get(key: str) -> np.ndarray:
+            return data[prefix + key]
+
+        directions = [
+            Direction(torch.from_numpy(get("betas")[i].copy()), float(get("alphas")[i]), str(get("modes")[i]),
+                      float(get("thresholds")[i]), str(get("names")[i]))
+            for i in range(len(get("betas")))
+        ]
+        estimator = None
+        if prefix + "est_kind" in data.files:
+            estimator = EstimatorState(str(get("est_kind")), get("est_poisoned_mean").copy(),
+                                       int(get("est_poisoned_count")), get("est_clean_mean").copy(),
+                                       int(get("est_clean_count")))
+        return cls(get("center").copy(), directions, estimator)
+
+    def to_bytes(self) -> bytes:
+        return _npz(self.arrays())
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> DirectionSet:
         with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-            directions = [
-                Direction(torch.from_numpy(data["betas"][i].copy()), float(data["alphas"][i]), str(data["modes"][i]),
-                          float(data["thresholds"][i]), str(data["names"][i]))
-                for i in range(len(data["betas"]))
-            ]
-            estimator = None
-            if "est_kind" in data.files:
-                estimator = EstimatorState(str(data["est_kind"]), data["est_poisoned_mean"].copy(),
-                                           int(data["est_poisoned_count"]), data["est_clean_mean"].copy(),
-                                           int(data["est_clean_count"]))
-            return cls(data["center"].copy(), directions, estimator)
+            return cls.of_arrays(data)
+
+
+def _npz(arrays: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+#: the layer of a set written by the one-layer format: the repository's split layer (``settings.layer``)
+SPLIT = ""
+
+
+@dataclass
+class LayeredSet:
+    """What a version holds across layers, committed as one: a direction set per configured layer (a layer with
+    no direction repairs nothing), the flagged images the learned directions were estimated from (uint8
+    N x H x W x C, so a later observation re-estimates from all of them: exact in ``ordered`` mode, and what the
+    label-free ranking folds over), and the ranking that chose the repaired layers.
+    """
+
+    sets: dict[str, DirectionSet]
+    flagged: np.ndarray | None = None
+    ranking: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ValueError("a layered set needs at least one layer")
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, Any] = {"layers": np.array(list(self.sets), dtype="U64"),
+                                  "ranking": np.array(json.dumps(self.ranking))}
+        for i, ds in enumerate(self.sets.values()):
+            arrays.update(ds.arrays(f"{i}/"))
+        if self.flagged is not None:
+            arrays["flagged"] = np.asarray(self.flagged, dtype=np.uint8)
+        return _npz(arrays)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> LayeredSet:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+            if "layers" not in data.files:  # the one-layer format: the split layer's set
+                return cls({SPLIT: DirectionSet.of_arrays(data)})
+            sets = {str(layer): DirectionSet.of_arrays(data, f"{i}/") for i, layer in enumerate(data["layers"])}
+            flagged = data["flagged"].copy() if "flagged" in data.files else None
+            return cls(sets, flagged, json.loads(str(data["ranking"])))
+
+    def at(self, split_layer: str) -> dict[str, DirectionSet]:
+        """The sets by layer name, a one-layer version's set named ``split_layer``."""
+        return {split_layer if layer == SPLIT else layer: ds for layer, ds in self.sets.items()}
+
+    def counts(self, split_layer: str) -> dict[str, int]:
+        """How many directions each layer holds."""
+        return {layer: len(ds.directions) for layer, ds in self.at(split_layer).items()}
 
 
 @dataclass(frozen=True)
 class Version:
     number: int
     sha256: str
-    directions: DirectionSet
+    layered: LayeredSet
     header: dict
+
+    @property
+    def directions(self) -> DirectionSet:
+        """The set of a one-layer version (a StoreError for a version with several layers: use ``layered``)."""
+        if len(self.layered.sets) != 1:
+            raise StoreError(f"version {self.number} holds {len(self.layered.sets)} layers")
+        return next(iter(self.layered.sets.values()))
 
 
 @dataclass(frozen=True)
@@ -211,7 +286,8 @@ class DirectionStore:
         except ValueError:
             header = None
         digest = hashlib.sha256(payload).hexdigest()
-        if not sep or not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != number:
+        if not sep or not isinstance(header, dict) or header.get("magic") not in MAGICS \
+                or header.get("version") != number:
             self._damaged(CHECKSUM, number, hashlib.sha256(raw).hexdigest())
             problem = f"unreadable header in {name}" if header is None else f"{name} is not a direction-set file"
             raise StoreError(f"version {number}: {problem}")
@@ -219,11 +295,11 @@ class DirectionStore:
             self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: checksum mismatch in {name} (partial or corrupt file); not served")
         try:
-            directions = DirectionSet.from_bytes(payload)
+            layered = LayeredSet.from_bytes(payload)
         except (ValueError, KeyError, OSError) as exc:
             self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: unreadable payload in {name} ({exc})") from None
-        return Version(number, digest, directions, header)
+        return Version(number, digest, layered, header)
 
     def verified_version(self, number: int, sha256: str = "") -> Version:
         """:meth:`read_version`, and its checksum must be ``sha256`` (the committed one) when given."""
@@ -233,10 +309,11 @@ class DirectionStore:
             raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
         return version
 
-    def _write_version(self, number: int, directions: DirectionSet, meta: dict) -> str:
+    def _write_version(self, number: int, directions: DirectionSet | LayeredSet, meta: dict) -> str:
         payload = directions.to_bytes()
         digest = hashlib.sha256(payload).hexdigest()
-        header = {"magic": MAGIC, "version": number, "sha256": digest, "size": len(payload), **meta}
+        magic = MAGIC_LAYERED if isinstance(directions, LayeredSet) else MAGIC
+        header = {"magic": magic, "version": number, "sha256": digest, "size": len(payload), **meta}
         atomic_write(self.version_path(number), json.dumps(header).encode() + b"\n" + payload)
         return digest
 
@@ -377,8 +454,10 @@ class DirectionStore:
         return pointer
 
     # -- writers ---------------------------------------------------------------------------
-    def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int:
-        """Write a new version and make it live. Returns its number."""
+    def commit(self, directions: DirectionSet | LayeredSet, action: str, actor: str = "local",
+               note: dict | None = None) -> int:
+        """Write a new version and make it live: one set (the split layer's), or every layer's set at once under one
+        number. Returns its number."""
         with self.locked():
             existing = [int(p.stem) for p in self.versions_dir.glob("*.fire") if p.stem.isdigit()]
             history = self.history()

@@ -28,6 +28,9 @@ SETTINGS_FILE = "serving.json"
 #: the clean centroid the store starts from (version 0) and its sample count
 CENTROID_FILE = "centroid.npz"
 STORE_DIR = "store"
+#: the defender's clean reserve images the centroid came from (uint8 N x H x W x C): the control endpoint's clean
+#: evidence when it estimates several layers and ranks them
+RESERVE_FILE = "reserve.npz"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,12 @@ class ServingSettings:
     default_threshold: float = 0.5
     estimator: str = "unpaired"
     publish_every: int = 1
+    #: how ``observe`` estimates a repository with several repair layers (fire_backend.multilayer): ``independent``
+    #: (every layer from unrepaired latents, the measured default) or ``ordered`` (deeper layers on latents repaired
+    #: upstream); the Welch z-score filter (0: the plain shift) and the non-target clean reference
+    estimation: str = "independent"
+    estimation_z: float = 4.0
+    nontarget_reference: bool = True
     limits: Limits = field(default_factory=Limits)
     layout: str = LEGACY_LAYOUT
     repair_layers: tuple[str, ...] = ()
@@ -172,6 +181,19 @@ def resolve_artifacts(model_repository: str, configured: str) -> Path:
 
 def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:
     np.savez(artifacts / CENTROID_FILE, center=np.asarray(center, dtype=np.float32), count=np.array(count))
+
+
+def save_reserve(artifacts: Path, clean: np.ndarray) -> None:
+    np.savez(artifacts / RESERVE_FILE, clean=np.asarray(clean, dtype=np.uint8))
+
+
+def load_reserve(artifacts: Path) -> np.ndarray:
+    """The clean reserve images (uint8 N x H x W x C) a repository was built with."""
+    path = artifacts / RESERVE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; rebuild the repository with `fire repo build`")
+    with np.load(path) as data:
+        return data["clean"].copy()
 
 
 def load_centroid(artifacts: Path) -> tuple[np.ndarray, int]:

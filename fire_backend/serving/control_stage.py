@@ -1,8 +1,9 @@
 """Triton adapter of the control endpoint: ``fire_control`` requests in, :class:`Controller` actions, responses out.
 
-The latents of observed images are computed in this process, with the same network code and weights file as the
-serving stages (there is no head to call in the ``fused`` layout, and no BLS round trip in any), in chunks of the
-repository's max batch size, on this instance's device (the GPU with ``fire repo build --gpu``).
+The latents of observed images (at every configured layer, and the predictions the label-free ranking needs) are
+computed in this process, with the same network code and weights file as the serving stages (there is no head to
+call in the ``fused`` layout, and no BLS round trip in any), in chunks of the repository's max batch size, on
+this instance's device (the GPU with ``fire repo build --gpu``).
 ``pb_utils`` is passed in; this module imports no Triton.
 
 Every refusal is INVALID_ARG with the Controller's one-line message. Anything else that goes wrong is logged here
@@ -56,12 +57,14 @@ class ControlStage:
         settings = ServingSettings.read(artifacts)
         self.device = instance_device(args)
         self.max_batch = settings.max_batch_size
-        self.head = split(load_network(artifacts, self.device).model, settings.layer)[0]
+        network = load_network(artifacts, self.device)
+        self.head = split(network.model, settings.layer)[0]
         # The gauge reads the store through an object of its own: damage is the controller's to report.
         watched = DirectionStore(artifacts / STORE_DIR)
         self.metrics = ControlMetrics(pb_utils, args["model_name"], args.get("model_instance_name", args["model_name"]),
                                       ACTIONS, live_version=lambda: watched.resolve().version)
-        self.controller = Controller(artifacts, read_token(), self._latents, self.metrics.store_error)
+        self.controller = Controller(artifacts, read_token(), self._latents, network,
+                                     on_damage=self.metrics.store_error)
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """Unrepaired latents at the split layer, as the serving stages compute them (CPU float32 out)."""

@@ -36,13 +36,13 @@ WATCH_INTERVAL_S = 0.5
 def plan_of(version: Version | None, settings: ServingSettings, device: torch.device) -> RepairPlan:
     """Compile a store version for the repository's repaired layers (version 0: nothing to repair).
 
-    Today a version holds one direction set, applied at the split layer ``settings.layer``; the plan already
-    takes a set per layer, so a store that keeps one per layer only changes this function.
+    A version holds a direction set per layer (one written in the one-layer format applies at the split layer
+    ``settings.layer``); a configured layer without a direction in the version is not repaired.
     """
     if version is None:
         return RepairPlan({}, 0)
-    ds = version.directions
-    sets = {settings.layer: (ds.directions, torch.from_numpy(ds.center))}
+    layered = version.layered.at(settings.layer)
+    sets = {layer: (ds.directions, torch.from_numpy(ds.center)) for layer, ds in layered.items()}
     return compile_plan(sets, settings.layer_dims, device, version.number)
 
 

@@ -31,7 +31,7 @@ HELP_OPTIONS = {
     ("eval",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--layer", "--alpha", "--device",
                 "--batch-size", "--eval-images", "examples:"],
     ("sweep",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--estimator", "--device",
-                 "--batch-size", "--eval-images", "examples:"],
+                 "--batch-size", "--eval-images", "--rank-layers", "--estimation", "examples:"],
     ("data",): ["export"],
     ("data", "export"): [
         "--checkpoint",
