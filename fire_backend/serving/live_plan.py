@@ -86,15 +86,18 @@ class LivePlan:
                     self._apply()
 
     def _apply(self, start: bool = False) -> None:
-        """Compile and use the follower's version; report it (the lag only for a propagation, not at start)."""
+        """Compile and use the follower's version; report it (the lag only for a propagation, not at start).
+
+        Reported before the new plan is swapped in, so that whoever sees the plan also sees the report."""
         current = self.follower.current
         number = self.follower.version
-        self.plan = plan_of(current, self.settings, self.device)
+        plan = plan_of(current, self.settings, self.device)
         committed = None if start else self.store.committed_at(number, current.sha256 if current else "")
         lag = None if committed is None else max(0.0, time.time() - committed)
         self.store.report_instance(self.instance_id, number, lag)
         if self.metrics is not None:
             self.metrics.applied(number, committed)
+        self.plan = plan
         LOG.info("%s: applying direction version %d", self.instance_id, number)
 
     def close(self) -> None:
