@@ -118,7 +118,7 @@ def plot(path: Path, results: dict[str, dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3.4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(3.3 * len(results), 3.7), sharey=True, squeeze=False)
     for ax, (name, result) in zip(axes[0], results.items(), strict=True):
         xs = [p["flagged"] for p in result["points"]]
         ax.plot(xs, [p["pa"] for p in result["points"]], marker="o", label="FIRE default (PA)")
@@ -131,8 +131,8 @@ def plot(path: Path, results: dict[str, dict]) -> None:
                title=f"{name} ({result['images']} images)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy / attack success")
-    axes[0][-1].legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
