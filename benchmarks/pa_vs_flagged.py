@@ -156,9 +156,12 @@ def main() -> int:
     torch.set_num_threads(args.torch_threads)
 
     begin = time.perf_counter()
-    checkpoints = {} if args.no_shared else {
-        f"CIFAR-10 {attack}": imported_checkpoint(args.shared, attack, args.work / attack, {})
-        for attack in SHARED_ATTACKS}
+    try:
+        checkpoints = {} if args.no_shared else {
+            f"CIFAR-10 {attack}": imported_checkpoint(args.shared, attack, args.work / attack, {})
+            for attack in SHARED_ATTACKS}
+    except SystemExit as exc:
+        raise SystemExit(f"{exc}; or --no-shared for the digits attacks only") from None
     checkpoints.update({f"digits {attack}": digits_checkpoint(args.digits, attack) for attack in DIGITS_ATTACKS})
     results = {}
     for name, checkpoint in checkpoints.items():
