@@ -16,6 +16,7 @@ the layers the ranking chose and its table; the exit status is 0 whatever the fi
 
     python benchmarks/default_config_check.py --attack badnets
     python benchmarks/default_config_check.py --attack blended --eval-images 2000 --json
+    PYTHONPATH=benchmarks python benchmarks/default_config_check.py --checkpoint runs/c10-star  # fire train's
 """
 
 from __future__ import annotations
@@ -94,13 +95,21 @@ def served_learning(repository: Path, checkpoint: Path, flagged_file: Path, flag
 
 def main() -> int:
     parser = shared_model_parser(__doc__, "default-check")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a fire checkpoint (`fire train`) instead of a shared model; its attack is the one "
+                             "recorded in it (a custom trigger needs its module on PYTHONPATH)")
     args = parser.parse_args()
 
-    work = args.work / args.attack
-    repository, flagged_file = work / "repository", work / f"flagged-{args.flagged}.npz"
     timings: dict[str, float] = {}
     begin = time.perf_counter()
-    checkpoint = imported_checkpoint(args.shared, args.attack, work, timings)
+    if args.checkpoint:
+        checkpoint = args.checkpoint
+        args.attack = load_checkpoint(checkpoint)[1].attack
+        work = args.work / checkpoint.name
+    else:
+        work = args.work / args.attack
+        checkpoint = imported_checkpoint(args.shared, args.attack, work, timings)
+    repository, flagged_file = work / "repository", work / f"flagged-{args.flagged}.npz"
     step(timings, "fire repo build", False,
          [str(FIRE), "repo", "build", "--checkpoint", str(checkpoint), "--allow-bypass", "--torch-threads",
           str(args.torch_threads), "--out", str(repository)])
