@@ -52,6 +52,16 @@ class StoreError(Exception):
     """A store operation could not be carried out; the store is unchanged."""
 
 
+class Conflict(StoreError):
+    """Another writer committed first inside a :meth:`locked` block of a store that locks optimistically (etcd);
+    nothing of the block was committed from then on: run the block again on the new live version."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's engine could not be reached in time; a write's outcome is unknown (the message says how to
+    find it in the history)."""
+
+
 @dataclass
 class DirectionSet:
     """What a version holds: the clean centroid, the live directions, and the estimator state."""
@@ -303,10 +313,11 @@ class DirectionStore:
         atomic_write(self.current_path, json.dumps({"version": number, "sha256": sha}).encode())
 
     def initialize(self) -> None:
-        """A new store: no version yet (version 0, no direction)."""
+        """A new store: no version yet (version 0, no direction); an existing one: ``CURRENT`` repaired if needed."""
         self.ensure()
         if not self.current_path.exists():
             self._publish(0, "")
+        self.repair_pointer()
 
     def repair_pointer(self) -> None:
         """Make CURRENT name the committed version (after a crash between the two writes, or when unreadable).
@@ -357,6 +368,12 @@ class DirectionStore:
             return number
 
     # -- repair instances ------------------------------------------------------------------
+    def follower(self, instance: str) -> InstanceFollower:
+        """What repair instance ``instance`` follows the store with (a crash's stale ``CURRENT`` repaired first)."""
+        self.ensure()
+        self.repair_pointer()
+        return InstanceFollower(self, instance)
+
     def report_instance(self, instance: str, version: int) -> None:
         self.registry.report(instance, version)
 
@@ -425,6 +442,26 @@ class StoreFollower:
             return False
         self.current = version
         return True
+
+
+class InstanceFollower(StoreFollower):
+    """A repair instance's follower: also records in the instance registry which version the instance applies."""
+
+    def __init__(self, store: DirectionStore, instance: str) -> None:
+        super().__init__(store)
+        self.instance = instance
+        self._reported: int | None = None
+
+    def poll(self) -> bool:
+        changed = super().poll()
+        if self._reported != self.version:
+            self.store.report_instance(self.instance, self.version)
+            self._reported = self.version
+        return changed
+
+    def close(self) -> None:
+        """Withdraw the instance from the registry (its model is unloading)."""
+        (self.store.instances_dir / f"{self.instance}.json").unlink(missing_ok=True)
 
 
 def validate_direction_set(ds: DirectionSet, dim: int, max_norm: float, max_alpha: float, max_directions: int) -> None:

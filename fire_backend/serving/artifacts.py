@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fire_backend.defaults import RESERVE, RESERVE_SEED
 from fire_backend.wire.names import FIRE_ENSEMBLE
+
+if TYPE_CHECKING:
+    from fire_backend.store_backends import StoreBackend
 
 #: the folder of a repository that tritonserver serves (``--model-repository``): model directories only
 MODELS_DIR = "models"
@@ -87,6 +92,8 @@ class ServingSettings:
     #: a served check evaluates on the other test images, drawn by the same rule
     reserve_size: int = RESERVE
     reserve_seed: int = RESERVE_SEED
+    #: the direction store's URL (fire_backend.store_backends); empty: the file store in ``artifacts/store``
+    store: str = ""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -168,6 +175,14 @@ def resolve_artifacts(model_repository: str, configured: str) -> Path:
     if not (path / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; build the repository with `fire repo build`")
     return path
+
+
+def repository_store(artifacts: Path, settings: ServingSettings) -> StoreBackend:
+    """The direction store a repository's stages and control endpoint share: ``$FIRE_STORE_URL`` (``fire serve
+    --store``) if set, else the one it was built with (``fire repo build --store``), else ``artifacts/store``."""
+    from fire_backend.store_backends import STORE_URL_ENV, open_store
+
+    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR)
 
 
 def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:

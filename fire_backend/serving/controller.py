@@ -9,9 +9,11 @@ time window, each nonce accepted once), so the token itself never crosses the wi
 The request is a JSON object checked field by field before anything runs: booleans are JSON booleans, integers
 JSON integers, unknown fields are refused. A refused action changes nothing and says why in one line.
 
-The store is the only state: each action reads the live version under the store lock, changes it, and commits,
-so several control instances or servers on one shared store stay consistent and a crash loses nothing
-committed. Writers record their credential's nonce in the history, so a captured request cannot be replayed
+The store is the only state: each action reads the live version, changes it, and commits in one atomic block
+(the file store's lock, or etcd's compare-and-set: a block that lost the race runs again on the new version), so
+several control instances or servers on one store stay consistent, two operators never both create version N,
+and a crash loses nothing committed.
+Writers record their credential's nonce in the history, so a captured request cannot be replayed
 against another server on the same store, nor after a restart.
 """
 
@@ -22,21 +24,24 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, load_centroid
-from fire_backend.store import DirectionSet, DirectionStore, StoreError, validate_direction_set
+from fire_backend.serving.artifacts import ServingSettings, load_centroid, repository_store
+from fire_backend.store import Conflict, DirectionSet, StoreError, validate_direction_set
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
 from fire_backend.wire.names import IMAGES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 LEARNED = "learned"
 ESTIMATORS = ("unpaired", "augmented")
+#: how often a writer's block runs again after losing a compare-and-set race before it gives up
+CONFLICT_TRIES = 8
+T = TypeVar("T")
 
 
 class ControlError(ValueError):
@@ -142,9 +147,8 @@ class Controller:
     def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.artifacts = artifacts
         self.settings = ServingSettings.read(artifacts)
-        self.store = DirectionStore(artifacts / STORE_DIR).ensure()
+        self.store = repository_store(artifacts, self.settings)
         self.store.initialize()
-        self.store.repair_pointer()
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits
@@ -161,6 +165,12 @@ class Controller:
             raise ControlError(f"{REQUEST} of {len(request)} bytes; at most {self.limits.max_request_bytes}")
         signed = self._authenticate(request, credential, images, now)
         body = parse_request(request)
+        try:
+            return self._run(body, signed, images)
+        except StoreError as exc:  # e.g. the engine unreachable: the message says what is known of the outcome
+            raise ControlError(str(exc)) from None
+
+    def _run(self, body: dict[str, Any], signed: Credential, images: np.ndarray | None) -> dict[str, Any]:
         action = body["action"]
         if action == "status":
             return self.status()
@@ -191,6 +201,18 @@ class Controller:
         except AuthError as exc:
             raise ControlError(str(exc)) from None
         return signed
+
+    def _atomically(self, block: Callable[[], T]) -> T:
+        """Run a read-derive-commit ``block`` as one: under the file store's lock, or optimistically on etcd, where a
+        block that lost the race to another writer (Conflict) runs again on the version that writer made live."""
+        for _ in range(CONFLICT_TRIES):
+            try:
+                with self.store.locked():
+                    return block()
+            except Conflict:
+                continue
+        raise ControlError(f"the store changed under this request {CONFLICT_TRIES} times in a row (busy concurrent "
+                           "writers); nothing more was committed, try again")
 
     def _refuse_replay(self, nonce: str) -> None:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
@@ -238,12 +260,12 @@ class Controller:
         version = request["version"]
         if version < 0:
             raise ControlError("rollback: 'version' must be >= 0")
-        with self.store.locked():
+
+        def block() -> None:
             self._refuse_replay(note["nonce"])
-            try:
-                self.store.rollback(version, actor, note)
-            except StoreError as exc:
-                raise ControlError(str(exc)) from None
+            self.store.rollback(version, actor, note)
+
+        self._atomically(block)
         return {"version": version, "action": "rollback"}
 
     def push(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:
@@ -257,7 +279,8 @@ class Controller:
                     float(_given(entry, "threshold", self.settings.default_threshold)), _given(entry, "name", f"d{i}")))
             except (OverflowError, ValueError) as exc:
                 raise ControlError(f"push: direction {i}: {exc}") from None
-        with self.store.locked():
+
+        def block() -> int:
             self._refuse_replay(note["nonce"])
             _, live = self._live(intact=False)
             center = live.center
@@ -268,8 +291,9 @@ class Controller:
                     raise ControlError(f"push: center: {exc}") from None
             ds = DirectionSet(center, directions, live.estimator)
             self._validate(ds)
-            number = self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
-        return {"version": number, "action": "push"}
+            return self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
+
+        return {"version": self._atomically(block), "action": "push"}
 
     def observe(self, request: dict[str, Any], images: np.ndarray | None, actor: str,
                 note: dict[str, Any]) -> dict[str, Any]:
@@ -287,12 +311,16 @@ class Controller:
         if kind == "augmented" and not clean:
             augs = trigger_breaking_augmentations(batch.shape[-1])
             twins = torch.stack([self.latents(a(batch)).reshape(len(batch), -1) for a in augs])
-        versions = []
-        with self.store.locked():
-            self._refuse_replay(note["nonce"])
+        versions: list[int] = []
+
+        def block() -> tuple:
+            # A block run again after a lost race folds only the chunks not yet committed, onto the new live version
+            # (whose history already holds this request's nonce once a chunk is in).
+            if not versions:
+                self._refuse_replay(note["nonce"])
             _, live = self._live(intact=True)
             estimator, centroid = self._estimator(live, kind)
-            for start in range(0, len(batch), every):
+            for start in range(every * len(versions), len(batch), every):
                 stop = min(start + every, len(batch))
                 if clean:
                     centroid.update(latents[start:stop])
@@ -304,6 +332,9 @@ class Controller:
                 self._validate(ds)
                 versions.append(self.store.commit(ds, "observe-clean" if clean else "observe", actor,
                                                   {"samples": stop - start, "estimator": kind, **note}))
+            return estimator, centroid
+
+        estimator, centroid = self._atomically(block)
         return {"version": versions[-1], "versions": versions, "action": "observe",
                 "poisoned_count": estimator.count, "clean_count": centroid.count}
 

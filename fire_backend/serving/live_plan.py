@@ -2,8 +2,9 @@
 
 Every stage that repairs (``fused``, the ``inline`` head, the ``separate`` repair stage) holds one. Before each
 batch, never within one, :meth:`LivePlan.refresh` asks the store follower whether a new version was committed
-(one ``stat``); if so the version is verified, compiled onto the device for every configured layer, and used from
-that batch on, and the instance reports what it applies. No model reload is involved.
+(the file store: one ``stat``; etcd: an attribute its watch thread sets); if so the verified version is compiled
+onto the device for every configured layer and used from that batch on, and the instance reports what it
+applies. No model reload is involved.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import torch
 
 from fire_backend.fire import RepairPlan, compile_plan
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings
-from fire_backend.store import DirectionStore, StoreFollower, Version
+from fire_backend.serving.artifacts import ServingSettings, repository_store
+from fire_backend.store import Version
 
 LOG = logging.getLogger("fire_backend.serving")
 
@@ -40,13 +41,11 @@ class LivePlan:
     def __init__(self, artifacts: Path, settings: ServingSettings, device: torch.device, instance: str) -> None:
         self.settings = settings
         self.device = device
-        self.store = DirectionStore(artifacts / STORE_DIR).ensure()
-        self.store.repair_pointer()
-        self.follower = StoreFollower(self.store)
         self.instance_id = f"{instance}-{os.getpid()}".replace("/", "_").replace(" ", "_")
+        self.follower = repository_store(artifacts, settings).follower(self.instance_id)
         self.follower.poll()
         self.plan = RepairPlan({}, 0)
-        self._apply()  # reports the start version too, version 0 included
+        self._apply()
 
     def refresh(self) -> RepairPlan:
         """The plan to apply to the next batch (re-compiled only when the live version changed)."""
@@ -56,10 +55,8 @@ class LivePlan:
 
     def _apply(self) -> None:
         self.plan = plan_of(self.follower.current, self.settings, self.device)
-        self.store.report_instance(self.instance_id, self.follower.version)
         LOG.info("%s: applying direction version %d", self.instance_id, self.follower.version)
 
     def close(self) -> None:
-        """Withdraw this instance from the store's registry (the model is unloading)."""
-        path = self.store.instances_dir / f"{self.instance_id}.json"
-        path.unlink(missing_ok=True)
+        """Stop following and withdraw this instance from the store's registry (the model is unloading)."""
+        self.follower.close()

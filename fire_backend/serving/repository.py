@@ -36,6 +36,7 @@ from fire_backend.serving.artifacts import (
 from fire_backend.serving.stages import GUARD_PARAMETER
 from fire_backend.split import Part, candidate_layers, save_part
 from fire_backend.store import DirectionSet, DirectionStore
+from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
     FIRE_CONTROL,
@@ -89,6 +90,9 @@ class RepositoryOptions:
     alpha: float = 1.0
     publish_every: int = 1
     clean_samples: int = 100
+    #: the direction store's URL (fire_backend.store_backends: file:///DIR or etcd://HOST:PORT/PREFIX); empty: the
+    #: file store in the repository's artifacts
+    store: str = ""
 
     def __post_init__(self) -> None:
         for layout in (self.layout, *self.compare_layouts):
@@ -100,6 +104,8 @@ class RepositoryOptions:
                   self.torch_threads)
         if min(counts) < 1:
             raise ValueError("instance and thread counts must be >= 1")
+        if self.store:
+            open_store(self.store)  # the URL's form only (ValueError naming the fix); nothing is contacted
 
     @classmethod
     def from_record(cls, record: dict) -> RepositoryOptions:
@@ -319,6 +325,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         default_threshold=options.flag_threshold, publish_every=options.publish_every,
         layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
         allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
+        store=options.store,
     )
     artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
@@ -330,7 +337,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
 
     view = LayerView(model, layer, samples, batch=batch_size)
     save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
-    store = DirectionStore(artifacts / STORE_DIR).ensure()
+    store = open_store(settings.store, artifacts / STORE_DIR)
     if flagged:
         estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
@@ -370,8 +377,9 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
     for name in (FULL_FILE, CENTROID_FILE):
         shutil.copy2(src / name, artifacts / name)
     store = DirectionStore(src / STORE_DIR)
-    shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
-                    ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
+    if store.root.is_dir():  # a file store in the artifacts (an etcd store is shared: the settings name it)
+        shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
+                        ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
                        max_batch_size=options.max_batch_size, build=asdict(options))
     settings.write(artifacts)

@@ -1,0 +1,209 @@
+"""The etcd direction store on a real etcd (loopback, free ports, bounded): versions, compare-and-set between two
+writers, durability across an engine crash, lost answers, and the follower's watch across an outage."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fire_backend.etcd.client import EngineUnavailable
+from fire_backend.etcd.follower import EtcdFollower
+from fire_backend.etcd.local import LocalEtcd
+from fire_backend.etcd.store import CHUNK, EtcdStore
+from fire_backend.fire import Direction
+from fire_backend.serving.artifacts import ServingSettings, save_centroid
+from fire_backend.serving.controller import Controller
+from fire_backend.store import Conflict, DirectionSet, StoreError
+from fire_backend.store_backends import STORE_URL_ENV, open_store
+from fire_backend.wire.auth import CONTROL, digest, sign
+
+pytestmark = pytest.mark.etcd
+DIM = 16
+
+
+def direction_set(seed: int, dim: int = DIM) -> DirectionSet:
+    rng = np.random.default_rng(seed)
+    beta = torch.from_numpy(rng.standard_normal(dim).astype(np.float32))
+    center = rng.standard_normal(dim).astype(np.float32)
+    return DirectionSet(center, [Direction(beta, 1.0, "projection", 0.5, f"d{seed}")])
+
+
+def store_of(etcd: LocalEtcd, prefix: str = "/fire/test") -> EtcdStore:
+    store = open_store(etcd.url(prefix))
+    assert isinstance(store, EtcdStore)
+    return store
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_versions_history_and_rollback(etcd: LocalEtcd) -> None:
+    store = store_of(etcd)
+    store.initialize()
+    assert store.resolve().version == 0 and store.history() == []
+    big = direction_set(1, dim=300_000)  # 1.2 MB of center alone: several chunks
+    assert store.commit(big, "push", "op") == 1
+    assert store.commit(direction_set(2), "push", "op") == 2
+    assert len(big.to_bytes()) > 2 * CHUNK
+    assert np.array_equal(store.read_version(1).directions.center, big.center)
+    assert store.rollback(1, "op") == 1
+    assert store.resolve().version == 1 and store.resolve().verified == 1
+    assert store.commit(direction_set(3), "push", "op") == 3  # numbers keep growing after a rollback
+    assert [(e["seq"], e["action"], e["version"]) for e in store.history()] == [
+        (1, "push", 1), (2, "push", 2), (3, "rollback", 1), (4, "push", 3)]
+    with pytest.raises(StoreError, match="never committed"):
+        store.rollback(7)
+    assert store.resolve().version == 3 and len(store.history()) == 4
+
+
+def test_two_replicas_never_both_create_version_n(etcd: LocalEtcd) -> None:
+    """Two stores (two replicas' connections) commit as fast as they can: every version is created once."""
+    stores = [store_of(etcd), store_of(etcd)]
+    made: list[list[int]] = [[], []]
+
+    def writer(i: int) -> None:
+        for k in range(25):
+            made[i].append(stores[i].commit(direction_set(100 * i + k), "push", f"replica-{i}"))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(made[0] + made[1]) == list(range(1, 51)) and not set(made[0]) & set(made[1])
+    history = stores[0].history()
+    assert [e["seq"] for e in history] == list(range(1, 51)) and [e["version"] for e in history] == list(range(1, 51))
+    assert sum(s.conflicts for s in stores) > 0  # the race really happened (and was retried)
+
+
+def test_a_stale_read_derive_commit_raises_conflict_and_commits_nothing(etcd: LocalEtcd) -> None:
+    mine, theirs = store_of(etcd), store_of(etcd)
+    with pytest.raises(Conflict), mine.locked():
+        theirs.commit(direction_set(1), "push")
+        mine.commit(direction_set(2), "push")
+    assert [e["actor"] for e in mine.history()] == ["local"] and mine.resolve().version == 1
+
+
+def test_two_controllers_fold_every_observation(etcd: LocalEtcd, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two control endpoints (two replicas) observe at once: conflicts re-run the block, so no count is lost."""
+    monkeypatch.setenv(STORE_URL_ENV, etcd.url("/fire/ctl"))
+    weights = torch.from_numpy(np.random.default_rng(0).standard_normal((DIM, DIM)).astype(np.float32))
+
+    def head(batch: torch.Tensor) -> torch.Tensor:
+        return batch.reshape(len(batch), -1) @ weights
+
+    ServingSettings(layer="b", input_shape=(1, 4, 4), latent_shape=(DIM,), num_classes=10, arch="t").write(tmp_path)
+    save_centroid(tmp_path, np.zeros(DIM, np.float32), 10)
+    controllers = [Controller(tmp_path, "tok", head) for _ in range(2)]
+    answers: list[dict] = []
+
+    def observe(controller: Controller, seed: int) -> None:
+        for k in range(6):
+            images = np.random.default_rng(seed * 100 + k).integers(0, 255, (4, 4, 4, 1), dtype=np.uint8)
+            raw = json.dumps({"action": "observe", "publish_every": 2}).encode()
+            answers.append(controller.handle(raw, sign("tok", CONTROL, digest(raw, images.tobytes())), images))
+
+    threads = [threading.Thread(target=observe, args=(c, i)) for i, c in enumerate(controllers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    versions = sorted(v for a in answers for v in a["versions"])
+    assert len(answers) == 12 and versions == list(range(1, 25))
+    final = controllers[0].store.read_version(24).directions.estimator
+    assert final is not None and final.poisoned_count == 48  # 12 requests x 4 images, none lost to a race
+
+
+def test_acknowledged_commits_survive_an_engine_crash(etcd: LocalEtcd) -> None:
+    store = store_of(etcd)
+    acknowledged = [store.commit(direction_set(k), "push") for k in range(5)]
+    etcd.stop(kill=True)
+    landed: list[int] = []
+    during = threading.Thread(target=lambda: landed.append(store.commit(direction_set(9), "push")))
+    during.start()  # blocks inside commit() while the engine is down
+    time.sleep(0.5)
+    assert not landed
+    etcd.start()
+    during.join(15)
+    assert landed == [6]
+    assert [e["version"] for e in store.history()] == [*acknowledged, 6]
+    assert all(store.read_version(n).sha256 for n in range(1, 7))
+
+
+def test_a_lost_answer_is_settled_by_the_commit_id(etcd: LocalEtcd, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transaction lands but its answer is lost: the retry finds it and creates no second version."""
+    store = store_of(etcd)
+    real = store.client.txn
+    calls: list[int] = []
+
+    def lossy(*args, **kwargs):
+        calls.append(1)
+        answer = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise EngineUnavailable("answer lost")
+        return answer
+
+    monkeypatch.setattr(store.client, "txn", lossy)
+    assert store.commit(direction_set(1), "push") == 1
+    assert len(store.history()) == 1 and store.resolved == 1
+
+
+def test_the_follower_serves_through_an_outage_and_catches_up(etcd: LocalEtcd) -> None:
+    store = store_of(etcd)
+    store.commit(direction_set(1), "push")
+    follower = store_of(etcd).follower("replica-a")
+    try:
+        assert follower.poll() and follower.version == 1
+        assert not follower.poll()  # nothing new: no recompile
+        etcd.stop(kill=True)
+        wait_for(lambda: not follower.status()["engine_reachable"])
+        assert follower.version == 1 and follower.current is not None  # the last verified version stays
+        etcd.start()
+        store.commit(direction_set(2), "push")  # committed after the restart: reached by the resumed watch
+        wait_for(lambda: follower.version == 2)
+        status = follower.status()
+        assert status["engine_reachable"] and status["outages"] == 1
+        wait_for(lambda: any(r["instance"] == "replica-a" and r["version"] == 2 for r in store.instances()))
+    finally:
+        follower.close()
+    assert not any(r["instance"] == "replica-a" for r in store.instances())  # withdrawn with its lease
+
+
+def test_a_version_that_does_not_verify_is_never_served(etcd: LocalEtcd) -> None:
+    store = store_of(etcd)
+    store.commit(direction_set(1), "push")
+    follower = store.follower("replica-b")
+    try:
+        live = json.loads(store.client.get(store.live_key)[0].value)
+        store.client.put(store.live_key, json.dumps({**live, "version": 2, "sha256": "0" * 64}).encode())
+        time.sleep(0.3)
+        assert follower.version == 1 and follower.current is not None  # refused; the verified one stays
+        store.commit(direction_set(3), "push")  # the next good version (number 2 again) is applied
+        wait_for(lambda: follower.version == 2)
+        assert follower.current is not None and follower.current.directions.directions[0].name == "d3"
+    finally:
+        follower.close()
+
+
+def test_a_starting_instance_refuses_to_load_without_the_engine(etcd: LocalEtcd) -> None:
+    store = store_of(etcd)
+    etcd.stop(kill=True)
+    follower = EtcdFollower(store, "replica-c")
+    follower.start()
+    with pytest.raises(StoreError, match="no answer from the etcd store"):
+        follower.wait_ready(0.3)
+    follower.join(2)
+    assert not follower.is_alive() and follower.current is None
