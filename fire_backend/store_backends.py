@@ -14,12 +14,13 @@ thread). Nothing here connects: :func:`open_store` only parses and builds.
 from __future__ import annotations
 
 import contextlib
-import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-if TYPE_CHECKING:  # the stores import torch; the CLI imports this module's names without it
+if TYPE_CHECKING:  # the stores import torch (the CLI imports this module without it); ssl only with TLS
+    import ssl
+
     from fire_backend.store import DirectionSet, LiveState, Version
 
 #: overrides the repository's store URL for every stage of a server (``fire serve --store`` sets it)
@@ -115,6 +116,11 @@ def _tls(url: str, options: dict[str, str]) -> ssl.SSLContext | None:
     """HTTPS to etcd when ``ca`` is given; ``cert``/``key``: our client certificate (etcd --client-cert-auth)."""
     if not options:
         return None
+    try:
+        import ssl
+    except ImportError as exc:  # seen in a Python-backend stub whose libpython is older than the stdlib it loads
+        raise ValueError(f"store URL {url!r}: TLS needs Python's ssl module, which does not load here "
+                         f"({exc})") from None
     if "ca" not in options or ("key" in options and "cert" not in options):
         raise ValueError(f"store URL {url!r}: TLS needs ca= (and cert= with key= for a client certificate)")
     try:

@@ -16,11 +16,13 @@ import http.client
 import json
 import select
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # ssl is imported only with TLS: a Python-backend stub may be unable to load _ssl
+    import ssl
 
 RETRYABLE = ("no leader", "timed out", "leader changed", "is closing", "transport is closing", "stopped")
 
@@ -113,7 +115,7 @@ class EtcdClient:
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             self._local.conn = None
-            if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc).upper():
+            if self.tls is not None and "CERTIFICATE" in str(exc).upper():
                 raise EngineError(
                     f"etcd {self.host}:{self.port}: TLS refused ({exc}); check ca=, cert=, key=") from None
             # A kept-alive connection the engine closed (restart): a read is simply sent again. A
@@ -260,7 +262,8 @@ class EtcdClient:
 
 def _recv(sock: socket.socket, idle: float) -> bytes | None:
     """Some bytes, or None after ``idle`` seconds of silence; EngineUnavailable on EOF."""
-    buffered = isinstance(sock, ssl.SSLSocket) and sock.pending()  # decrypted bytes select() can't see
+    pending = getattr(sock, "pending", None)  # an SSLSocket's decrypted bytes, which select() can't see
+    buffered = pending is not None and pending()
     if not buffered and not select.select([sock], [], [], idle)[0]:
         return None
     data = sock.recv(65536)

@@ -44,7 +44,7 @@ class FollowedStore(Protocol):
 
     def parse(self, kv: KV | None) -> Pointer: ...
 
-    def fetch(self, pointer: Pointer) -> Version: ...
+    def fetch(self, pointer: Pointer, header: dict | None = None, wait_s: float = ...) -> Version: ...
 
     def resolve(self) -> LiveState: ...
 
@@ -119,7 +119,7 @@ class EtcdFollower(threading.Thread):
         if self._refused == (pointer.version, pointer.sha256):
             return
         try:
-            version = self.store.fetch(pointer) if pointer.version else None
+            version = self.store.fetch(pointer, wait_s=0) if pointer.version else None
         except StoreUnavailable:
             self._seen_revision = seen  # not refused, just not fetched: the next read applies it
             raise

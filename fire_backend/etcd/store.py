@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from fire_backend.etcd.client import KV, EngineError, EngineUnavailable, EtcdClient
 from fire_backend.etcd.follower import EtcdFollower
@@ -43,12 +43,15 @@ from fire_backend.store import MAGIC, Conflict, DirectionSet, LiveState, StoreEr
 CHUNK = 512 * 1024
 #: how long a commit keeps retrying while the engine is unreachable before it reports "outcome unknown"
 COMMIT_DEADLINE_S = 10.0
+#: how long a read waits out an unreachable engine before it reports it
+READ_WAIT_S = 5.0
 #: how many earlier committed versions resolve() tries when the live one does not verify
 FALLBACK_VERSIONS = 16
 
 
 #: a commit's transaction: its history entry, the pointer it makes live, and keys it creates
 Plan = tuple[dict[str, Any], Pointer, list[tuple[bytes, bytes]]]
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -97,19 +100,29 @@ class EtcdStore:
         return self.prefix + b"/instances/" + instance.encode()
 
     # -- reads ------------------------------------------------------------------------------
+    def _read(self, what: str, read: Callable[[], R], wait_s: float = READ_WAIT_S) -> R:
+        """``read()``, waiting out an outage of up to ``wait_s`` (a control action spans an engine restart)."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            try:
+                with engine_errors(what):
+                    return read()
+            except StoreUnavailable:
+                if time.monotonic() >= give_up:
+                    raise
+                time.sleep(0.1)
+
     def pointer(self) -> Pointer:
         """``P/live`` now (a linearizable read)."""
-        with engine_errors("read the live version"):
-            return self._raw_pointer()
+        return self._read("read the live version", self._raw_pointer)
 
     def history(self) -> list[dict]:
-        with engine_errors("read the history"):
-            return [json.loads(kv.value) for kv in self.client.get_prefix(self.prefix + b"/history/")]
+        kvs = self._read("read the history", lambda: self.client.get_prefix(self.prefix + b"/history/"))
+        return [json.loads(kv.value) for kv in kvs]
 
     def read_version(self, number: int) -> Version:
         """Load and verify one version; StoreError if it is missing, partial or corrupt."""
-        with engine_errors(f"read version {number}"):
-            kv, _ = self.client.get(self.version_key(number))
+        kv, _ = self._read(f"read version {number}", lambda: self.client.get(self.version_key(number)))
         if kv is None:
             raise StoreError(f"version {number} does not exist")
         try:
@@ -127,11 +140,11 @@ class EtcdStore:
             raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
         return version
 
-    def fetch(self, pointer: Pointer, header: dict | None = None) -> Version:
+    def fetch(self, pointer: Pointer, header: dict | None = None, wait_s: float = READ_WAIT_S) -> Version:
         """The payload ``pointer`` names, verified against it (size, chunk count, SHA-256) and decoded."""
         number = pointer.version
-        with engine_errors(f"read version {number}"):
-            chunks = self.client.get_prefix(self.blob_prefix(pointer.sha256))
+        chunks = self._read(f"read version {number}", lambda: self.client.get_prefix(self.blob_prefix(pointer.sha256)),
+                            wait_s)
         payload = b"".join(c.value for c in chunks)
         if len(chunks) != pointer.chunks or len(payload) != pointer.size \
                 or hashlib.sha256(payload).hexdigest() != pointer.sha256:
@@ -344,5 +357,5 @@ class EtcdStore:
         self.client.put(self.instance_key(instance), json.dumps(record).encode(), lease=lease)
 
     def instances(self) -> list[dict]:
-        with engine_errors("list the instances"):
-            return [json.loads(kv.value) for kv in self.client.get_prefix(self.prefix + b"/instances/")]
+        kvs = self._read("list the instances", lambda: self.client.get_prefix(self.prefix + b"/instances/"))
+        return [json.loads(kv.value) for kv in kvs]
