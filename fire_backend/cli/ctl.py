@@ -30,7 +30,9 @@ def _print_status(status: dict[str, Any]) -> None:
         print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
     for inst in status.get("instances", []):
         where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
-        print(f"  repair instance {inst['instance']}{where}: applying version {inst['version']}")
+        store = "" if inst.get("engine_reachable", True) else "; store unreachable, serving its last verified version"
+        outages = f"; {inst['outages']} store outage(s) so far" if inst.get("outages") else ""
+        print(f"  repair instance {inst['instance']}{where}: applying version {inst['version']}{store}{outages}")
 
 
 def _observe(client, args: argparse.Namespace) -> dict[str, Any]:

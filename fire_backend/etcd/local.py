@@ -21,8 +21,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fire_backend.etcd.client import EtcdClient
+
+if TYPE_CHECKING:
+    import ssl
 
 ETCD_BINARY = "etcd"
 READY_TIMEOUT_S = 20.0
@@ -49,19 +53,27 @@ def free_port() -> int:
 
 @dataclass
 class LocalEtcd:
-    """One etcd process; :meth:`start` again after :meth:`stop` restarts it on the same ports and data."""
+    """One etcd process; :meth:`start` again after :meth:`stop` restarts it on the same ports and data.
+
+    ``tls_dir``: serve HTTPS and require client certificates (``ca.crt``, ``server.crt``/``.key`` with serverAuth
+    and clientAuth, ``client.crt``/``.key``); :meth:`url` then names the client's files.
+    """
 
     data_dir: Path
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    tls_dir: Path | None = None
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
     def url(self, prefix: str) -> str:
-        return f"etcd://{self.endpoint}/{prefix.strip('/')}"
+        url = f"etcd://{self.endpoint}/{prefix.strip('/')}"
+        if self.tls_dir:
+            url += f"?ca={self.tls_dir}/ca.crt&cert={self.tls_dir}/client.crt&key={self.tls_dir}/client.key"
+        return url
 
     @property
     def log_path(self) -> Path:
@@ -71,14 +83,17 @@ class LocalEtcd:
         binary = etcd_binary()
         if binary is None:
             raise RuntimeError("etcd is not installed: apt-get install etcd-server")
-        client, peer = f"http://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        client, peer = f"{'https' if self.tls_dir else 'http'}://{self.endpoint}", f"http://127.0.0.1:{self.peer_port}"
+        tls = [] if not self.tls_dir else [
+            "--cert-file", str(self.tls_dir / "server.crt"), "--key-file", str(self.tls_dir / "server.key"),
+            "--trusted-ca-file", str(self.tls_dir / "ca.crt"), "--client-cert-auth"]
         return [binary, "--name", "fire", "--data-dir", str(self.data_dir),
                 "--listen-client-urls", client, "--advertise-client-urls", client,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", f"fire={peer}", "--initial-cluster-state", "new",
                 "--logger", "zap", "--log-level", "warn",
                 "--heartbeat-interval", "20", "--election-timeout", "200",
-                "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000"]
+                "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000", *tls]
 
     def start(self, ready_timeout: float = READY_TIMEOUT_S) -> float:
         """Start, and wait until /health says true (one retry: a start has hung once in many); returns seconds."""
@@ -97,7 +112,7 @@ class LocalEtcd:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         atexit.register(self.stop, kill=True)  # never outlive the process that started it
-        probe = EtcdClient("127.0.0.1", self.client_port, timeout=0.5)
+        probe = EtcdClient("127.0.0.1", self.client_port, timeout=0.5, tls=self._client_tls())
         while time.monotonic() - t0 < ready_timeout:
             if self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}; the end of {self.log_path}:\n"
@@ -108,6 +123,15 @@ class LocalEtcd:
         self.stop(kill=True)
         raise TimeoutError(f"etcd not ready after {ready_timeout} s; the end of {self.log_path}:\n"
                            f"{self.log_path.read_text()[-2000:]}")
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        if not self.tls_dir:
+            return None
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        context.load_cert_chain(str(self.tls_dir / "client.crt"), str(self.tls_dir / "client.key"))
+        return context
 
     def stop(self, kill: bool = False) -> None:
         """SIGTERM (graceful) or SIGKILL (a crash), and wait for the exit."""

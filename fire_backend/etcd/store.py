@@ -79,6 +79,7 @@ class EtcdStore:
         self.prefix = ("/" + prefix.strip("/")).encode()
         self.url = url or f"etcd://{client.host}:{client.port}{self.prefix.decode()}"
         self.live_key = self.prefix + b"/live"
+        self.read_wait_s = READ_WAIT_S
         self._section = threading.local()  # the Pointer a locked() block started from (per thread)
         self.conflicts = 0  # transactions lost to another writer
         self.resolved = 0  # commits whose answer was lost, found landed by their commit id
@@ -100,9 +101,10 @@ class EtcdStore:
         return self.prefix + b"/instances/" + instance.encode()
 
     # -- reads ------------------------------------------------------------------------------
-    def _read(self, what: str, read: Callable[[], R], wait_s: float = READ_WAIT_S) -> R:
-        """``read()``, waiting out an outage of up to ``wait_s`` (a control action spans an engine restart)."""
-        give_up = time.monotonic() + wait_s
+    def _read(self, what: str, read: Callable[[], R], wait_s: float | None = None) -> R:
+        """``read()``, waiting out an outage of up to ``wait_s`` (default ``read_wait_s``: a control action spans an
+        engine restart)."""
+        give_up = time.monotonic() + (self.read_wait_s if wait_s is None else wait_s)
         while True:
             try:
                 with engine_errors(what):
@@ -140,7 +142,7 @@ class EtcdStore:
             raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
         return version
 
-    def fetch(self, pointer: Pointer, header: dict | None = None, wait_s: float = READ_WAIT_S) -> Version:
+    def fetch(self, pointer: Pointer, header: dict | None = None, wait_s: float | None = None) -> Version:
         """The payload ``pointer`` names, verified against it (size, chunk count, SHA-256) and decoded."""
         number = pointer.version
         chunks = self._read(f"read version {number}", lambda: self.client.get_prefix(self.blob_prefix(pointer.sha256)),
@@ -189,9 +191,6 @@ class EtcdStore:
                 damage.append(str(exc))
             return False
         return True
-
-    def live_version(self) -> int:
-        return self.resolve().verified or 0
 
     # -- writers ----------------------------------------------------------------------------
     def initialize(self) -> None:

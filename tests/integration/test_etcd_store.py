@@ -4,6 +4,9 @@ writers, durability across an engine crash, lost answers, and the follower's wat
 from __future__ import annotations
 
 import json
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -13,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from fire_backend.etcd.client import EngineUnavailable
+from fire_backend.etcd.client import EngineUnavailable, EtcdClient
 from fire_backend.etcd.follower import EtcdFollower
-from fire_backend.etcd.local import LocalEtcd
+from fire_backend.etcd.local import LocalEtcd, etcd_binary
 from fire_backend.etcd.store import CHUNK, EtcdStore
 from fire_backend.fire import Direction
 from fire_backend.serving.artifacts import ServingSettings, save_centroid
@@ -207,3 +210,52 @@ def test_a_starting_instance_refuses_to_load_without_the_engine(etcd: LocalEtcd)
         follower.wait_ready(0.3)
     follower.join(2)
     assert not follower.is_alive() and follower.current is None
+
+
+@pytest.fixture
+def tls_dir(tmp_path: Path) -> Path:
+    """A throwaway CA with a server certificate (serverAuth and clientAuth: the gateway dials etcd's own gRPC with
+    it) and a client certificate, made with Debian's openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path / "tls"
+    d.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=fire-test-ca")
+    for name, usage in (("server", "serverAuth,clientAuth"), ("client", "clientAuth")):
+        san = "subjectAltName=IP:127.0.0.1\n" if name == "server" else ""
+        (d / f"{name}.ext").write_text(f"{san}extendedKeyUsage={usage}\n")
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "1", "-extfile", f"{name}.ext")
+    return d
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path, tls_dir: Path) -> None:
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server; CI installs it)")
+    engine = LocalEtcd(tmp_path / "etcd-tls" / "data", tls_dir=tls_dir)
+    engine.start()
+    try:
+        store = open_store(engine.url("/fire/tls"))
+        follower = store.follower("replica-tls")
+        try:
+            assert store.commit(direction_set(1), "push") == 1
+            wait_for(lambda: follower.version == 1)
+        finally:
+            follower.close()
+        ca_only = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
+        without_cert = EtcdStore(EtcdClient("127.0.0.1", engine.client_port, 2.0, ca_only), "/fire/tls")
+        plaintext = EtcdStore(EtcdClient("127.0.0.1", engine.client_port, 2.0), "/fire/tls")
+        for refused in (without_cert, plaintext):
+            refused.read_wait_s = 0
+        with pytest.raises(StoreError):  # refused by an alert, or under TLS 1.3 by a bare EOF
+            without_cert.history()
+        with pytest.raises(StoreError, match="unreachable"):
+            plaintext.history()
+    finally:
+        engine.stop(kill=True)

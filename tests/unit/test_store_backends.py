@@ -1,5 +1,6 @@
-"""Choosing the direction store by URL: what each form opens, and a clear error for each malformed one (nothing is
-contacted: the etcd store's own tests run a real engine, tests/integration/test_etcd_store.py)."""
+"""Choosing the direction store by URL: what each form opens, and a clear error for each malformed one or, at
+`fire serve --store`, for a store that does not answer (the etcd store's own tests run a real engine:
+tests/integration/test_etcd_store.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from fire_backend.cli import main
+from fire_backend.etcd.local import free_port
 from fire_backend.etcd.store import EtcdStore
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, repository_store
+from fire_backend.serving.artifacts import MODELS_DIR, STORE_DIR, ServingSettings, repository_store
 from fire_backend.store import DirectionStore
 from fire_backend.store_backends import STORE_URL_ENV, open_store
+from fire_backend.wire.names import FIRE_ENSEMBLE
 
 
 def test_no_url_is_the_file_store_in_the_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,3 +56,21 @@ def test_tls_options_load_the_named_files(tmp_path: Path) -> None:
 def test_a_malformed_url_is_refused_with_the_fix(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("?", r"\?")):
         open_store(url)
+
+
+def fake_repository(root: Path) -> Path:
+    (root / MODELS_DIR / FIRE_ENSEMBLE).mkdir(parents=True)
+    (root / MODELS_DIR / FIRE_ENSEMBLE / "config.pbtxt").write_text("")
+    return root
+
+
+def test_fire_serve_refuses_a_store_that_does_not_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Checked once before tritonserver starts, so a wrong address is one line, not a failed load per stage."""
+    url = f"etcd://127.0.0.1:{free_port()}/fire/prod"  # nothing listens there
+    assert main(["serve", "--repository", str(fake_repository(tmp_path)), "--store", url]) == 2
+    assert "--store: read the live version: the etcd store is unreachable" in capsys.readouterr().err
+
+
+def test_fire_serve_refuses_a_malformed_store_url(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--repository", str(fake_repository(tmp_path)), "--store", "etcd://h:2379"]) == 2
+    assert "name a key prefix" in capsys.readouterr().err
