@@ -363,6 +363,7 @@ def repair_layers(layers: str | Sequence[str], candidates: Sequence[str]) -> tup
 def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> ServingSettings:
     """A repository at ``out`` with ``source``'s network, settings, centroid and direction store, but the models
     of ``options`` (``fire bench`` compares every layout of a repository this way; ``source`` is left alone).
+    A file store in the artifacts is copied; the copy follows the store ``options.store`` names (empty: that copy).
 
     Works for repositories built before layouts existed (they have the same weights file).
     """
@@ -381,7 +382,7 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
         shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
                         ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
-                       max_batch_size=options.max_batch_size, build=asdict(options))
+                       max_batch_size=options.max_batch_size, build=asdict(options), store=options.store)
     settings.write(artifacts)
     write_configs(out, settings, options)
     return settings
