@@ -9,12 +9,12 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import wait_for
 
 from fire_backend.etcd.client import EngineUnavailable, EtcdClient
 from fire_backend.etcd.follower import EtcdFollower
@@ -43,13 +43,6 @@ def store_of(etcd: LocalEtcd, prefix: str = "/fire/test") -> EtcdStore:
     assert isinstance(store, EtcdStore)
     return store
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 def test_versions_history_and_rollback(etcd: LocalEtcd) -> None:
