@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "unit"))
+sys.path[:0] = [str(ROOT / "tests" / "unit"), str(ROOT / "tests")]  # pb_double, test_stages and what they import
 
 import pb_double as pb  # noqa: E402
 from test_stages import stage_args  # noqa: E402

@@ -63,6 +63,40 @@ def step(timings: dict[str, float], name: str, done: bool, command: list[str]) -
     return proc.stdout
 
 
+def shared_model_parser(description: str, work: str) -> argparse.ArgumentParser:
+    """The options of a check on a shared model: attack, flagged and evaluation images, serving, folders."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attack", choices=ATTACKS, default="badnets", help="which shared model (badnets)")
+    parser.add_argument("--flagged", type=int, default=20, help="flagged samples from the reserve (20)")
+    parser.add_argument("--eval-images", type=int, default=2000, help="evaluation images (2000)")
+    parser.add_argument("--batch", type=int, default=64, help="images per inference request (64)")
+    parser.add_argument("--torch-threads", type=int, default=2, help="torch threads per served stage (2)")
+    parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
+                        help="the shared data and models (FIRE_SHARED_DIR, else ../shared beside the project)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / work,
+                        help=f"where the record, checkpoint, results and repository go (runs/{work})")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    return parser
+
+
+def imported_checkpoint(shared: Path, attack: str, work: Path, timings: dict[str, float]) -> Path:
+    """``work/checkpoint``: the shared model of ``attack`` as a checkpoint (steps 1-2; reused when already there)."""
+    cifar = shared / "data" / "cifar10.npz"
+    weights = shared / "models" / f"cifar10_preactresnet18_{attack}.fp16.pt"
+    maker = shared / "models" / "make_attack_result.py"
+    missing = [str(p) for p in (cifar, weights, maker) if not p.is_file()]
+    if missing:
+        raise SystemExit(f"missing shared files: {', '.join(missing)} (set FIRE_SHARED_DIR or --shared)")
+    record, checkpoint = work / "record", work / "checkpoint"
+    step(timings, "attack result", (record / "attack_result.pt").is_file(),
+         [sys.executable, str(maker), "--weights", str(weights), "--attack", attack, "--data", str(cifar),
+          "--out", str(record)])
+    step(timings, "fire import", (checkpoint / "meta.json").is_file(),
+         [str(FIRE), "import", "backdoorbench", str(record / "attack_result.pt"), "--data", f"cifar10:{cifar}",
+          "--out", str(checkpoint)])
+    return checkpoint
+
+
 def figures(labels: np.ndarray, y: np.ndarray, poisoned_labels: np.ndarray, poisoned_y: np.ndarray,
             target: int) -> dict[str, float]:
     return {"ca": float((labels == y).mean()), "pa": float((poisoned_labels == poisoned_y).mean()),
@@ -78,11 +112,11 @@ def served_check(repository: Path, checkpoint: Path, eval_images: int, batch: in
     evaluation = evaluation_set(data.x_test, data.y_test, resolve_attack(meta.attack), meta.target, eval_images)
     clean, poisoned = evaluation.x.numpy(), evaluation.poisoned.numpy()
     y, poisoned_y = evaluation.y.numpy(), evaluation.poisoned_y.numpy()
+    token = secrets.token_urlsafe(16)
     start = time.perf_counter()
-    with running_server(repository, extra_env=pinned_token(secrets.token_urlsafe(16)),
-                        restricted_api_key=secrets.token_urlsafe(16)) as server:
+    with running_server(repository, extra_env=pinned_token(token)) as server:
         started = time.perf_counter() - start
-        with FireClient(server.urls["grpc"]) as client:
+        with FireClient(server.urls["grpc"], token=token) as client:
             defended = [client.infer_batches(x, batch) for x in (clean, poisoned)]
             bypassed = [client.infer_batches(x, batch, bypass=True) for x in (clean, poisoned)]
     return {
@@ -97,39 +131,16 @@ def served_check(repository: Path, checkpoint: Path, eval_images: int, batch: in
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--attack", choices=ATTACKS, default="badnets", help="which shared model (badnets)")
+    parser = shared_model_parser(__doc__, "real-data-check")
     parser.add_argument("--layer", default="layer4.0", help="the layer to repair at (layer4.0)")
-    parser.add_argument("--flagged", type=int, default=20, help="flagged samples from the reserve (20)")
-    parser.add_argument("--eval-images", type=int, default=2000, help="evaluation images, offline and served (2000)")
     parser.add_argument("--tolerance", type=float, default=0.03, help="allowed |served PA - offline PA| (0.03)")
-    parser.add_argument("--batch", type=int, default=64, help="images per inference request (64)")
-    parser.add_argument("--torch-threads", type=int, default=2, help="torch threads per served stage (2)")
-    parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
-                        help="the shared data and models (FIRE_SHARED_DIR, else ../shared beside the project)")
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "real-data-check",
-                        help="where the record, checkpoint, eval results and repository go (runs/real-data-check)")
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
     args = parser.parse_args()
 
-    cifar = args.shared / "data" / "cifar10.npz"
-    weights = args.shared / "models" / f"cifar10_preactresnet18_{args.attack}.fp16.pt"
-    maker = args.shared / "models" / "make_attack_result.py"
-    missing = [str(p) for p in (cifar, weights, maker) if not p.is_file()]
-    if missing:
-        raise SystemExit(f"missing shared files: {', '.join(missing)} (set FIRE_SHARED_DIR or --shared)")
     work = args.work / args.attack
-    record, checkpoint = work / "record", work / "checkpoint"
     eval_out, repository = work / f"eval-{args.layer}-{args.eval_images}", work / f"repository-{args.layer}"
     timings: dict[str, float] = {}
     begin = time.perf_counter()
-
-    step(timings, "attack result", (record / "attack_result.pt").is_file(),
-         [sys.executable, str(maker), "--weights", str(weights), "--attack", args.attack, "--data", str(cifar),
-          "--out", str(record)])
-    step(timings, "fire import", (checkpoint / "meta.json").is_file(),
-         [str(FIRE), "import", "backdoorbench", str(record / "attack_result.pt"), "--data", f"cifar10:{cifar}",
-          "--out", str(checkpoint)])
+    checkpoint = imported_checkpoint(args.shared, args.attack, work, timings)
     eval_file = eval_out / "eval.json"
     step(timings, "fire eval", False,
          [str(FIRE), "eval", "--checkpoint", str(checkpoint), "--layer", args.layer, "--flagged", str(args.flagged),
@@ -138,7 +149,7 @@ def main() -> int:
     rows = {row["method"]: row for row in report["rows"]}
     step(timings, "fire repo build", False,
          [str(FIRE), "repo", "build", "--checkpoint", str(checkpoint), "--layer", args.layer, "--flagged",
-          str(args.flagged), "--torch-threads", str(args.torch_threads), "--out", str(repository)])
+          str(args.flagged), "--torch-threads", str(args.torch_threads), "--allow-bypass", "--out", str(repository)])
     served = served_check(repository, checkpoint, args.eval_images, args.batch)
     timings["served check"] = served.pop("server_start_s") + served.pop("infer_s")
     offline = {k: rows[OFFLINE_ROW][k] for k in ("ca", "pa", "asr")}

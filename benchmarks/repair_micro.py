@@ -2,7 +2,9 @@
 
 For a batch of 64 on the PreActResNet18 split (and the digits CNN), time the head forward pass and
 the fused repair (projection mode, one and four directions) in the same run, interleaved, and print
-the ratio repair / head. Target: <= 5% on PreActResNet18. Also times the per-batch version check.
+the ratio repair / head. Target: <= 5% on PreActResNet18. Also times the per-batch version check, and the
+whole network as the fused stage runs it (``Part.forward`` with a ``RepairPass``) repairing at the default pair
+of layers against the deepest one alone (issue 16's target: two layers cost <= 2% more than one).
 
     python benchmarks/repair_micro.py [--batch 64] [--repeats 30] [--width 64] [--json]
 """
@@ -19,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from fire_backend.fire import Direction, compile_directions, repair
+from fire_backend.fire import Direction, RepairPass, compile_directions, compile_plan, repair
 from fire_backend.models import DigitsCNN, PreActResNet18
-from fire_backend.split import split
+from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS
+from fire_backend.split import Part, candidate_layers, split
 from fire_backend.store import DirectionSet, DirectionStore, StoreFollower
 
 
@@ -58,6 +61,28 @@ def measure(name: str, model: torch.nn.Module, layer: str, input_shape, batch: i
             results[f"repair_ms_k{k}"] = repair_ms
             results[f"ratio_k{k}"] = repair_ms / head_ms
     return results
+
+
+def layers_cost(model: torch.nn.Module, arch: str, input_shape, batch: int, repeats: int) -> dict:
+    """Whole-network milliseconds per batch, interleaved: no repair, the deepest default layer, the default pair."""
+    model.eval()
+    pair = DEFAULT_REPAIR_LAYERS[arch]
+    dims = {name: torch.Size(shape).numel() for name, shape in candidate_layers(model, input_shape)}
+    sets = {layer: ([Direction(torch.randn(dims[layer]))], torch.randn(dims[layer])) for layer in pair}
+    plans = {"none": compile_plan({}, dims), "one": compile_plan({pair[-1]: sets[pair[-1]]}, dims),
+             "pair": compile_plan(sets, dims)}
+    net, x = Part(model, 0, len(model.stages())), torch.rand(batch, *input_shape)
+    times: dict[str, list[float]] = {name: [] for name in plans}
+    with torch.inference_mode():
+        for _ in range(3):  # warm-up
+            for plan in plans.values():
+                net(x, RepairPass(plan).hooks)
+        for _ in range(repeats):  # interleaved so drift hits all equally
+            for name, plan in plans.items():
+                times[name] += timed(lambda p=plan: net(x, RepairPass(p).hooks), 1)
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return {"model": arch, "layers": list(pair), "batch": batch, **{f"{k}_ms": v for k, v in ms.items()},
+            "pair_over_one": ms["pair"] / ms["one"], "one_over_none": ms["one"] / ms["none"]}
 
 
 def version_switch_cost(dim: int, repeats: int = 50) -> float:
@@ -99,10 +124,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [
+        measure("preact_resnet18", PreActResNet18(width=args.width), "layer1.0", (3, 32, 32), args.batch, args.repeats),
         measure("preact_resnet18", PreActResNet18(width=args.width), "layer3.1", (3, 32, 32), args.batch, args.repeats),
         measure("preact_resnet18", PreActResNet18(width=args.width), "layer4.0", (3, 32, 32), args.batch, args.repeats),
         measure("digits_cnn", DigitsCNN(), "block2", (1, 8, 8), args.batch, args.repeats * 10),
     ]
+    layer_rows = [layers_cost(PreActResNet18(width=args.width), "preact_resnet18", (3, 32, 32), args.batch,
+                              args.repeats),
+                  layers_cost(DigitsCNN(), "digits_cnn", (1, 8, 8), args.batch, args.repeats * 10)]
     poll_us = version_check_cost()
     switch_ms = {dim: version_switch_cost(dim) for dim in (1024, 16384)}
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}")
@@ -111,11 +140,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:16s} {r['layer']:9s} {r['latent_dim']:6d} {r['head_ms']:9.3f} {r['repair_ms_k1']:16.4f} "
               f"{r['ratio_k1']:7.2%} {r['repair_ms_k4']:16.4f} {r['ratio_k4']:7.2%}")
+    for r in layer_rows:
+        print(f"{r['model']:16s} whole network: none {r['none_ms']:.3f} ms, {r['layers'][-1]} {r['one_ms']:.3f} ms, "
+              f"{'+'.join(r['layers'])} {r['pair_ms']:.3f} ms; two layers / one: {r['pair_over_one'] - 1:+.2%}")
     print(f"version check per batch (StoreFollower.poll, unchanged): {poll_us:.2f} us")
     for dim, ms in switch_ms.items():
         print(f"switch to a new version (read, verify, compile), D={dim}: {ms:.3f} ms")
     if args.json:
-        print(json.dumps({"rows": rows, "poll_us": poll_us, "switch_ms": switch_ms}))
+        print(json.dumps({"rows": rows, "layers": layer_rows, "poll_us": poll_us, "switch_ms": switch_ms}))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``fire bench``: the cost of FIRE on the real server, every layout against the baselines, measured with Locust.
 
 Builds one repository with every way of serving the network (:func:`bench_targets`): the three FIRE layouts
-(``fused``, the default, as ``fire_ensemble``; ``inline`` and ``separate`` under their own names), the undefended
+(``fused``, the default, as ``fire_ensemble``; ``inline`` and ``separate`` under their own names; ``separate`` only
+where the repository repairs at one layer, :func:`bench_layouts`), the undefended
 split (head -> tail, no repair) and the monolithic model (unsplit, no repair); from a checkpoint (with a direction
 estimated from 20 flagged reserve images) or from an existing repository (its network, settings and live
 direction; a store at version 0 gets one synthetic direction, so the repair costs what it costs in service).
@@ -60,13 +61,19 @@ class Target:
     stages: tuple[str, ...]
 
 
-def bench_targets() -> list[Target]:
+def bench_layouts(repair_layers: int) -> tuple[str, ...]:
+    """The FIRE layouts a bench repository serves: all three for one repair layer; ``separate`` repairs one layer,
+    so a repository repairing at several (the default build) is compared in ``fused`` and ``inline``."""
+    return ("fused", "inline", "separate") if repair_layers == 1 else ("fused", "inline")
+
+
+def bench_targets(layouts: Sequence[str]) -> list[Target]:
     """The targets of a bench repository, in the order they run (the models come from the repository builder)."""
     from fire_backend.serving.repository import LAYOUT_MODELS, served_models
     from fire_backend.wire.names import FIRE_ENSEMBLE
 
     targets = []
-    for layout in ("fused", "inline", "separate"):
+    for layout in layouts:
         public = FIRE_ENSEMBLE if layout == DEFAULT_TARGET else LAYOUT_MODELS[layout]
         models = served_models(public, layout)
         targets.append(Target(layout, public, tuple(models)))
@@ -434,23 +441,20 @@ def bench_repository(config: BenchConfig, progress: Progress) -> Path:
     """The repository with every target (``config.out/repository``), built from the checkpoint or rebuilt from the
     given repository (which is left as it is)."""
     from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings
-    from fire_backend.serving.repository import (
-        LAYOUT_MODELS,
-        RepositoryOptions,
-        build_repository,
-        rebuild_repository,
-    )
+    from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository
     from fire_backend.store import DirectionStore
 
     out = config.out / "repository"
-    compare = tuple(layout for layout in LAYOUT_MODELS if layout != DEFAULT_TARGET)
     if config.checkpoint is not None:
+        # no layer named: the default build, which repairs at several layers
+        compare = tuple(layout for layout in bench_layouts(1 if config.layer else 2) if layout != DEFAULT_TARGET)
         options = RepositoryOptions(layout=DEFAULT_TARGET, compare_layouts=compare, baselines=True, gpu=config.gpu)
         progress(f"building the bench repository {out} from {config.checkpoint} "
                  f"(a direction from {BENCH_FLAGGED} flagged reserve images)")
         build_repository(config.checkpoint, out, config.layer, flagged=BENCH_FLAGGED, options=options)
         return out
     source = ServingSettings.read(config.repository / ARTIFACTS_DIR)
+    compare = tuple(layout for layout in bench_layouts(len(source.repair_layers)) if layout != DEFAULT_TARGET)
     recorded = RepositoryOptions.from_record(source.build)
     options = RepositoryOptions.from_record({**asdict(recorded), "layout": DEFAULT_TARGET,
                                              "compare_layouts": compare, "baselines": True, "allow_bypass": False,
@@ -461,21 +465,26 @@ def bench_repository(config: BenchConfig, progress: Progress) -> Path:
     store = DirectionStore(out / ARTIFACTS_DIR / STORE_DIR)
     if store.live_version() == 0:
         _synthetic_direction(store, settings)
-        progress("the repository's store has no direction yet: the bench copy got one synthetic direction")
+        progress("the repository's store has no direction yet: the bench copy got one synthetic direction per layer")
     return out
 
 
 def _synthetic_direction(store, settings) -> None:
-    """One random direction (the repair's cost does not depend on its values), committed to the bench copy."""
+    """One random direction at every repaired layer (the repair's cost does not depend on its values), committed to
+    the bench copy as one version; the split layer's centroid is the repository's, the others' zero."""
+    import numpy as np
     import torch
 
     from fire_backend.fire import Direction
     from fire_backend.serving.artifacts import load_centroid
-    from fire_backend.store import DirectionSet
+    from fire_backend.store import DirectionSet, LayeredSet
 
     center, _ = load_centroid(store.root.parent)
-    beta = torch.randn(settings.latent_dim, generator=torch.Generator().manual_seed(0))
-    store.commit(DirectionSet(center, [Direction(beta)], None), action="push", actor="fire bench",
+    generator = torch.Generator().manual_seed(0)
+    sets = {layer: DirectionSet(center if layer == settings.layer else np.zeros(dim, np.float32),
+                                [Direction(torch.randn(dim, generator=generator))])
+            for layer, dim in settings.layer_dims.items()}
+    store.commit(sets[settings.layer] if len(sets) == 1 else LayeredSet(sets), action="push", actor="fire bench",
                  note={"synthetic": True})
 
 
@@ -500,7 +509,7 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
     traffic = write_traffic(load_dataset(settings.dataset), settings.attack, settings.target, out / "data",
                             TRAFFIC_IMAGES)
     label = max(settings.target, 0)
-    targets = bench_targets()
+    targets = bench_targets(bench_layouts(len(settings.repair_layers)))
     rows: list[BenchRow] = []
     progress(f"fire bench: {repository}, {settings.arch} repaired at {', '.join(settings.repair_layers)}, "
              f"concurrency {','.join(map(str, config.concurrency))}, {config.duration_s:g} s per run "

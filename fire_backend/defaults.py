@@ -17,6 +17,9 @@ DIGITS_SPLIT_SEED = 0
 #: set and the flagged samples come from it); everything else in the test split is evaluated
 RESERVE = 200
 RESERVE_SEED = 0
+#: how directions at several layers are estimated (fire_backend.multilayer): each layer from unrepaired latents
+#: (the measured default), or deeper layers on latents repaired upstream
+ESTIMATION_MODES = ("independent", "ordered")
 
 
 def cache_dir() -> Path:

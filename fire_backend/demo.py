@@ -25,15 +25,17 @@ from fire_backend.data.export import export_images
 from fire_backend.defaults import demo_checkpoint_dir, demo_repository_dir
 from fire_backend.loadtest.command import locust_command, locust_summary, run_locust
 from fire_backend.serving.artifacts import is_fire_repository
+from fire_backend.serving.metrics import MetricsConfig, summary_lines
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.server import running_server
+from fire_backend.stage_metrics import fetch
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.names import FIRE_ENSEMBLE
 from fire_backend.wire.token import pinned_token
 
 Progress = Callable[[str], None]
-DEMO_STEPS = 8
+DEMO_STEPS = 9
 DEMO_ATTACK = "badnets"
 
 
@@ -119,7 +121,8 @@ def plot_curve(path: Path, seen: list[int], pa: list[float], pa_before: float) -
 
 def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 8,
              progress: Progress = _silent) -> dict:
-    """The whole story; returns the summary also written to ``out/demo.json`` (before, after, load, curve)."""
+    """The whole story; returns the summary also written to ``out/demo.json`` (before, after, load, curve, and
+    the FIRE lines of the server's /metrics at the end)."""
 
     def step(number: int, text: str) -> None:
         progress(f"[{number}/{DEMO_STEPS}] {text}")
@@ -175,8 +178,13 @@ def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 
             load = locust_summary(prefix)
             progress(f"      {load['samples_per_s']:.0f} samples/s, p50 {load['p50_ms']:.2f} ms/sample, "
                      f"{load['failures']} failures, live PA {load['pa']:.3f}")
-            step(8, "stopping tritonserver")
+            time.sleep(MetricsConfig().flush_interval_s + 0.5)  # the stages' last flush
+            metrics = {"url": server.urls["metrics"], "lines": summary_lines(fetch(server.urls["metrics"]))}
+            step(8, f"FIRE's own metrics, beside Triton's, on {metrics['url']}: {len(metrics['lines'])} lines "
+                    "that moved (shown at the end)")
+            step(9, "stopping tritonserver")
     plot_curve(out / "demo_pa_vs_flagged.png", seen, curve, before.pa)
-    summary = {"before": asdict(before), "after": asdict(after), "load": load, "curve": {"seen": seen, "pa": curve}}
+    summary = {"before": asdict(before), "after": asdict(after), "load": load, "curve": {"seen": seen, "pa": curve},
+               "metrics": metrics}
     (out / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -35,7 +35,8 @@ from fire_backend.fire import (
     compile_directions,
     repair,
 )
-from fire_backend.split import candidate_layers, split
+from fire_backend.multilayer import LayerSets, repairs_of, run
+from fire_backend.split import Part, candidate_layers, split
 
 ESTIMATORS = ("paired", "unpaired", "augmented")
 DEFAULT_LAYERS = {"digits_cnn": "block2", "preact_resnet18": "layer4.0"}
@@ -98,6 +99,16 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
     else:
         poisoned, poison_y, excluded = attack(originals), y[keep], 0
     return accuracy_figures(predict(model, x, batch), y, predict(model, poisoned, batch), poison_y, target), excluded
+
+
+def subset_metrics(net: Part, evaluation: EvaluationSet, target: int, sets: LayerSets,
+                   batch: int = DEFAULT_BATCH_SIZE) -> Metrics:
+    """CA/PA/ASR with the directions of ``sets`` repaired at their layers as the network runs (what the fused
+    layout serves)."""
+    hooks = repairs_of(sets, module_device(net))
+    clean, _ = run(net, evaluation.x, hooks, (), batch)
+    poisoned, _ = run(net, evaluation.poisoned, hooks, (), batch)
+    return accuracy_figures(clean.argmax(1), evaluation.y, poisoned.argmax(1), evaluation.poisoned_y, target)
 
 
 @dataclass(frozen=True)

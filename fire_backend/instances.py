@@ -2,7 +2,7 @@
 
 Each repair instance writes ``<id>.json`` (its instance name, pid, host, version) whenever it applies a version,
 and removes it when Triton unloads it. A process killed outright cannot remove its entry, so readers tell live
-entries from stale ones by the pid on this host (``fire ctl status`` lists live ones only) and the supervisor of
+entries from stale ones by the pid on this host (``fire ctl status`` marks them gone) and the supervisor of
 ``fire serve`` deletes the stale ones. Torn-free (atomic rename) and torch-free, so the supervisor can use it.
 Entries of other hosts (a store on a shared volume) are listed as they are: their pids mean nothing here.
 """
@@ -29,11 +29,12 @@ class InstanceRegistry:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
 
-    def report(self, instance: str, version: int) -> None:
-        """Record that ``instance`` (this process) applies ``version``."""
+    def report(self, instance: str, version: int, lag_s: float | None = None) -> None:
+        """Record that ``instance`` (this process) applies ``version``, ``lag_s`` seconds after its commit (None
+        for the version it started with, which was no propagation)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         entry = {"instance": instance, "version": version, "pid": os.getpid(), "host": this_host(),
-                 "time": time.time()}
+                 "time": time.time(), "lag_s": lag_s}
         atomic_write(self.directory / f"{instance}.json", json.dumps(entry).encode())
 
     def entries(self) -> list[dict[str, Any]]:

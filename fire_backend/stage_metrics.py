@@ -44,11 +44,16 @@ def parse(text: str) -> Counters:
     return out
 
 
-def scrape(url: str, timeout_s: float = 10.0) -> Counters:
-    """The counters now, from a metrics URL (``http://host:port/metrics``); loopback, no proxy."""
+def fetch(url: str, timeout_s: float = 10.0) -> str:
+    """The page of a metrics URL (``http://host:port/metrics``) as text; loopback, no proxy."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=timeout_s) as response:
-        return parse(response.read().decode())
+        return response.read().decode()
+
+
+def scrape(url: str, timeout_s: float = 10.0) -> Counters:
+    """The counters now, from a metrics URL."""
+    return parse(fetch(url, timeout_s))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ Layout of a store directory (it may sit on a volume shared by several servers):
 
     versions/00000007.fire   one file per version: a JSON header line (with the SHA-256 of the
                              payload) followed by an .npz payload; written to a temp file, fsynced,
-                             renamed, directory fsynced
+                             renamed, directory fsynced. The payload holds one direction set (the
+                             split layer's: the first format, still read and written) or one per
+                             configured layer (:class:`LayeredSet`), committed together
     history.jsonl            the audit log and the commit point: one JSON line per change, each with
                              its own checksum; the live version is the last valid line's ``live``
     CURRENT                  a small pointer to the live version, rewritten atomically after the
@@ -32,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,14 @@ import torch
 from fire_backend.atomic import atomic_write
 from fire_backend.fire import MODES, Direction, EstimatorState
 from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
+from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER, DamageListener
 
 LOG = logging.getLogger("fire_backend.store")
+#: the one-layer format (still read and written for one-layer sets) and the several-layer one (older fire-backend
+#: refuses it as "not a direction-set file" rather than misreading it)
 MAGIC = "fire-backend/direction-set/v1"
+MAGIC_LAYERED = "fire-backend/direction-set/v2"
+MAGICS = (MAGIC, MAGIC_LAYERED)
 
 
 class StoreError(Exception):
@@ -64,7 +71,7 @@ class StoreUnavailable(StoreError):
 
 @dataclass
 class DirectionSet:
-    """What a version holds: the clean centroid, the live directions, and the estimator state."""
+    """What a version holds at one layer: the clean centroid, the live directions, and the estimator state."""
 
     center: np.ndarray  # float32 (D,)
     directions: list[Direction] = field(default_factory=list)
@@ -74,7 +81,8 @@ class DirectionSet:
     def dim(self) -> int:
         return int(self.center.size)
 
-    def to_bytes(self) -> bytes:
+    def arrays(self, prefix: str = "") -> dict[str, Any]:
+        """The set as named arrays (``prefix`` keeps several layers' sets apart in one payload)."""
         arrays: dict[str, Any] = {"center": np.asarray(self.center, dtype=np.float32)}
         arrays["betas"] = np.stack([d.beta.reshape(-1).cpu().numpy().astype(np.float32) for d in self.directions]) \
             if self.directions else np.zeros((0, self.dim), np.float32)
@@ -87,32 +95,100 @@ class DirectionSet:
             arrays.update(est_kind=np.array(e.kind), est_poisoned_mean=e.poisoned_mean.astype(np.float64),
                           est_poisoned_count=np.array(e.poisoned_count), est_clean_mean=e.clean_mean.astype(np.float64),
                           est_clean_count=np.array(e.clean_count))
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        return buffer.getvalue()
+        return {prefix + key: value for key, value in arrays.items()}
+
+    @classmethod
+    def of_arrays(cls, data: Any, prefix: str = "") -> DirectionSet:
+        def get(key: str) -> np.ndarray:
+            return data[prefix + key]
+
+        directions = [
+            Direction(torch.from_numpy(get("betas")[i].copy()), float(get("alphas")[i]), str(get("modes")[i]),
+                      float(get("thresholds")[i]), str(get("names")[i]))
+            for i in range(len(get("betas")))
+        ]
+        estimator = None
+        if prefix + "est_kind" in data.files:
+            estimator = EstimatorState(str(get("est_kind")), get("est_poisoned_mean").copy(),
+                                       int(get("est_poisoned_count")), get("est_clean_mean").copy(),
+                                       int(get("est_clean_count")))
+        return cls(get("center").copy(), directions, estimator)
+
+    def to_bytes(self) -> bytes:
+        return _npz(self.arrays())
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> DirectionSet:
         with np.load(io.BytesIO(payload), allow_pickle=False) as data:
-            directions = [
-                Direction(torch.from_numpy(data["betas"][i].copy()), float(data["alphas"][i]), str(data["modes"][i]),
-                          float(data["thresholds"][i]), str(data["names"][i]))
-                for i in range(len(data["betas"]))
-            ]
-            estimator = None
-            if "est_kind" in data.files:
-                estimator = EstimatorState(str(data["est_kind"]), data["est_poisoned_mean"].copy(),
-                                           int(data["est_poisoned_count"]), data["est_clean_mean"].copy(),
-                                           int(data["est_clean_count"]))
-            return cls(data["center"].copy(), directions, estimator)
+            return cls.of_arrays(data)
+
+
+def _npz(arrays: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+#: the layer of a set written by the one-layer format: the repository's split layer (``settings.layer``)
+SPLIT = ""
+
+
+@dataclass
+class LayeredSet:
+    """What a version holds across layers, committed as one: a direction set per configured layer (a layer with
+    no direction repairs nothing), the flagged images the learned directions were estimated from (uint8
+    N x H x W x C, so a later observation re-estimates from all of them: exact in ``ordered`` mode, and what the
+    label-free ranking folds over), and the ranking that chose the repaired layers.
+    """
+
+    sets: dict[str, DirectionSet]
+    flagged: np.ndarray | None = None
+    ranking: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.sets:
+            raise ValueError("a layered set needs at least one layer")
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, Any] = {"layers": np.array(list(self.sets), dtype="U64"),
+                                  "ranking": np.array(json.dumps(self.ranking))}
+        for i, ds in enumerate(self.sets.values()):
+            arrays.update(ds.arrays(f"{i}/"))
+        if self.flagged is not None:
+            arrays["flagged"] = np.asarray(self.flagged, dtype=np.uint8)
+        return _npz(arrays)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> LayeredSet:
+        with np.load(io.BytesIO(payload), allow_pickle=False) as data:
+            if "layers" not in data.files:  # the one-layer format: the split layer's set
+                return cls({SPLIT: DirectionSet.of_arrays(data)})
+            sets = {str(layer): DirectionSet.of_arrays(data, f"{i}/") for i, layer in enumerate(data["layers"])}
+            flagged = data["flagged"].copy() if "flagged" in data.files else None
+            return cls(sets, flagged, json.loads(str(data["ranking"])))
+
+    def at(self, split_layer: str) -> dict[str, DirectionSet]:
+        """The sets by layer name, a one-layer version's set named ``split_layer``."""
+        return {split_layer if layer == SPLIT else layer: ds for layer, ds in self.sets.items()}
+
+    def counts(self, split_layer: str) -> dict[str, int]:
+        """How many directions each layer holds."""
+        return {layer: len(ds.directions) for layer, ds in self.at(split_layer).items()}
 
 
 @dataclass(frozen=True)
 class Version:
     number: int
     sha256: str
-    directions: DirectionSet
+    layered: LayeredSet
     header: dict
+
+    @property
+    def directions(self) -> DirectionSet:
+        """The set of a one-layer version (a StoreError for a version with several layers: use ``layered``)."""
+        if len(self.layered.sets) != 1:
+            raise StoreError(f"version {self.number} holds {len(self.layered.sets)} layers")
+        return next(iter(self.layered.sets.values()))
 
 
 @dataclass(frozen=True)
@@ -136,11 +212,28 @@ def _line_checksum(entry: dict) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
-class DirectionStore:
-    """Reads and writes one store directory. Cheap to construct; safe across processes."""
+def _parse_pointer(raw: bytes) -> tuple[int, str] | None:
+    try:
+        data = json.loads(raw)
+        number, sha = data["version"], data["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(number, int) or isinstance(number, bool) or number < 0 or not isinstance(sha, str):
+        return None
+    return number, sha
 
-    def __init__(self, root: Path) -> None:
+
+class DirectionStore:
+    """Reads and writes one store directory. Cheap to construct; safe across processes.
+
+    ``on_damage``, when given, hears of each damaged part this object meets, once per distinct damage (a
+    reader meets the same torn line on every read): a stage passes its metrics' ``store_error``.
+    """
+
+    def __init__(self, root: Path, on_damage: DamageListener | None = None) -> None:
         self.root = Path(root)
+        self.on_damage = on_damage
+        self._damage_seen: set[tuple[str, tuple]] = set()
         self.versions_dir = self.root / "versions"
         self.history_path = self.root / "history.jsonl"
         self.current_path = self.root / "CURRENT"
@@ -180,6 +273,12 @@ class DirectionStore:
                 self._lock_depth = 0
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def _damaged(self, kind: str, *key: object) -> None:
+        """Tell ``on_damage`` of damage this object meets for the first time (``key`` tells damages apart)."""
+        if self.on_damage is not None and (kind, key) not in self._damage_seen:
+            self._damage_seen.add((kind, key))
+            self.on_damage(kind)
+
     # -- versions -------------------------------------------------------------------------
     def read_version(self, number: int) -> Version:
         """Load and verify one version file; raises StoreError if it is missing, partial or corrupt."""
@@ -195,29 +294,36 @@ class DirectionStore:
         try:
             header = json.loads(head)
         except ValueError:
-            raise StoreError(f"version {number}: unreadable header in {name}") from None
-        if not sep or not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("version") != number:
-            raise StoreError(f"version {number}: {name} is not a direction-set file")
+            header = None
         digest = hashlib.sha256(payload).hexdigest()
+        if not sep or not isinstance(header, dict) or header.get("magic") not in MAGICS \
+                or header.get("version") != number:
+            self._damaged(CHECKSUM, number, hashlib.sha256(raw).hexdigest())
+            problem = f"unreadable header in {name}" if header is None else f"{name} is not a direction-set file"
+            raise StoreError(f"version {number}: {problem}")
         if digest != header.get("sha256") or len(payload) != header.get("size"):
+            self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: checksum mismatch in {name} (partial or corrupt file); not served")
         try:
-            directions = DirectionSet.from_bytes(payload)
+            layered = LayeredSet.from_bytes(payload)
         except (ValueError, KeyError, OSError) as exc:
+            self._damaged(CHECKSUM, number, digest)
             raise StoreError(f"version {number}: unreadable payload in {name} ({exc})") from None
-        return Version(number, digest, directions, header)
+        return Version(number, digest, layered, header)
 
     def verified_version(self, number: int, sha256: str = "") -> Version:
         """:meth:`read_version`, and its checksum must be ``sha256`` (the committed one) when given."""
         version = self.read_version(number)
         if sha256 and version.sha256 != sha256:
+            self._damaged(CHECKSUM, number, version.sha256)
             raise StoreError(f"version {number}: its checksum differs from the committed one; not served")
         return version
 
-    def _write_version(self, number: int, directions: DirectionSet, meta: dict) -> str:
+    def _write_version(self, number: int, directions: DirectionSet | LayeredSet, meta: dict) -> str:
         payload = directions.to_bytes()
         digest = hashlib.sha256(payload).hexdigest()
-        header = {"magic": MAGIC, "version": number, "sha256": digest, "size": len(payload), **meta}
+        magic = MAGIC_LAYERED if isinstance(directions, LayeredSet) else MAGIC
+        header = {"magic": magic, "version": number, "sha256": digest, "size": len(payload), **meta}
         atomic_write(self.version_path(number), json.dumps(header).encode() + b"\n" + payload)
         return digest
 
@@ -236,7 +342,8 @@ class DirectionStore:
         except FileNotFoundError:
             return [], []
         entries, torn = [], []
-        for index, line in enumerate(text.splitlines(), start=1):
+        lines = text.splitlines()
+        for index, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)
                 valid = isinstance(entry, dict) and entry.get("check") == _line_checksum(entry) \
@@ -247,6 +354,9 @@ class DirectionStore:
                 entries.append((index, entry))
             else:
                 torn.append(index)
+                # A last line without its newline may be an append in progress: damage only once it is followed.
+                if index < len(lines) or text.endswith("\n"):
+                    self._damaged(TORN_LINE, index, hashlib.sha256(line.encode()).hexdigest())
         return entries, torn
 
     def _append_history(self, entry: dict) -> dict:
@@ -305,6 +415,14 @@ class DirectionStore:
             return False
         return True
 
+    def committed_at(self, number: int, sha256: str = "") -> float | None:
+        """When ``number`` (with ``sha256``, when given) last became live: the time of its newest history line."""
+        for _, entry in reversed(self._read_history()[0]):
+            if entry["live"] == number and (not sha256 or entry.get("sha256", "") == sha256):
+                time_ = entry.get("time")
+                return float(time_) if isinstance(time_, (int, float)) else None
+        return None
+
     def live_version(self) -> int:
         """The version an instance starting now applies (0 when none verifies)."""
         return self.resolve().verified or 0
@@ -334,17 +452,23 @@ class DirectionStore:
     def read_pointer(self) -> tuple[int, str] | None:
         """CURRENT's (version, sha256); None when it is missing, empty or unreadable: damage, never "version 0"."""
         try:
-            data = json.loads(self.current_path.read_bytes())
-            number, sha = data["version"], data["sha256"]
-        except (OSError, ValueError, KeyError, TypeError):
+            raw = self.current_path.read_bytes()
+        except FileNotFoundError:
             return None
-        if not isinstance(number, int) or isinstance(number, bool) or number < 0 or not isinstance(sha, str):
-            return None
-        return number, sha
+        except OSError as exc:
+            raw = str(exc.errno).encode()
+            pointer = None
+        else:
+            pointer = _parse_pointer(raw)
+        if pointer is None:
+            self._damaged(UNREADABLE_POINTER, hashlib.sha256(raw).hexdigest())
+        return pointer
 
     # -- writers ---------------------------------------------------------------------------
-    def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int:
-        """Write a new version and make it live. Returns its number."""
+    def commit(self, directions: DirectionSet | LayeredSet, action: str, actor: str = "local",
+               note: dict | None = None) -> int:
+        """Write a new version and make it live: one set (the split layer's), or every layer's set at once under one
+        number. Returns its number."""
         with self.locked():
             existing = [int(p.stem) for p in self.versions_dir.glob("*.fire") if p.stem.isdigit()]
             history = self.history()
@@ -374,8 +498,12 @@ class DirectionStore:
         self.repair_pointer()
         return InstanceFollower(self, instance)
 
-    def report_instance(self, instance: str, version: int) -> None:
-        self.registry.report(instance, version)
+    def report_instance(self, instance: str, version: int, lag_s: float | None = None) -> None:
+        self.registry.report(instance, version, lag_s)
+
+    def instance_entries(self) -> list[dict]:
+        """Every instance entry, each with ``alive``: True/False on this host, None for another host's."""
+        return self.registry.entries()
 
     def instances(self) -> list[dict]:
         """The instances that run (on this host; every entry of other hosts), each with its applied version."""
@@ -445,19 +573,29 @@ class StoreFollower:
 
 
 class InstanceFollower(StoreFollower):
-    """A repair instance's follower: also records in the instance registry which version the instance applies."""
+    """A repair instance's follower: also records in the instance registry which version the instance applies and
+    how long after its commit (``committed``: that commit's time; None for the version it started with, which was
+    no propagation). It has no thread of its own: the caller polls (:meth:`subscribe` says so)."""
 
     def __init__(self, store: DirectionStore, instance: str) -> None:
         super().__init__(store)
         self.instance = instance
-        self._reported: int | None = None
+        self.committed: float | None = None
+        self._reported: tuple[int, str] | None = None
 
     def poll(self) -> bool:
         changed = super().poll()
-        if self._reported != self.version:
-            self.store.report_instance(self.instance, self.version)
-            self._reported = self.version
+        applied = (self.version, self.current.sha256 if self.current else "")
+        if self._reported != applied:
+            self.committed = None if self._reported is None else self.store.committed_at(*applied)
+            lag = None if self.committed is None else max(0.0, time.time() - self.committed)  # clock skew: >= 0
+            self.store.report_instance(self.instance, self.version, lag)
+            self._reported = applied
         return changed
+
+    def subscribe(self, listener: Callable[[], None]) -> bool:
+        """False: nothing calls ``listener``, the owner polls (:class:`fire_backend.store_backends.RepairFollower`)."""
+        return False
 
     def close(self) -> None:
         """Withdraw the instance from the registry (its model is unloading)."""

@@ -14,6 +14,7 @@ thread). Nothing here connects: :func:`open_store` only parses and builds.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl, urlsplit
@@ -21,7 +22,8 @@ from urllib.parse import parse_qsl, urlsplit
 if TYPE_CHECKING:  # the stores import torch (the CLI imports this module without it); ssl only with TLS
     import ssl
 
-    from fire_backend.store import DirectionSet, LiveState, Version
+    from fire_backend.store import DirectionSet, LayeredSet, LiveState, Version
+    from fire_backend.store_damage import DamageListener
 
 #: overrides the repository's store URL for every stage of a server (``fire serve --store`` sets it)
 STORE_URL_ENV = "FIRE_STORE_URL"
@@ -32,14 +34,24 @@ TLS_OPTIONS = ("ca", "cert", "key")
 
 
 class RepairFollower(Protocol):
-    """What a repair instance asks before each batch: did the version to apply change, and what is it now."""
+    """What a repair instance asks before each batch: did the version to apply change, and what is it now.
+
+    ``committed``: when the version it holds was committed (None for the version it started with: no propagation).
+    It reports the version and its lag to the store's instance records itself.
+    """
 
     current: Version | None
+    committed: float | None
 
     @property
     def version(self) -> int: ...
 
     def poll(self) -> bool: ...
+
+    def subscribe(self, listener: Callable[[], None]) -> bool:
+        """Have the follower's own thread call ``listener`` after each change of ``current``; False when it has no
+        thread (the file store's: its owner polls, also while idle)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -59,34 +71,41 @@ class StoreBackend(Protocol):
 
     def history(self) -> list[dict]: ...
 
-    def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int: ...
+    def commit(self, directions: DirectionSet | LayeredSet, action: str, actor: str = "local",
+               note: dict | None = None) -> int: ...
 
     def rollback(self, number: int, actor: str = "local", note: dict | None = None) -> int: ...
 
+    def committed_at(self, number: int, sha256: str = "") -> float | None: ...
+
     def instances(self) -> list[dict]: ...
+
+    def instance_entries(self) -> list[dict]: ...
 
     def follower(self, instance: str) -> RepairFollower: ...
 
 
-def open_store(url: str, default_root: Path | None = None) -> StoreBackend:
-    """The store ``url`` names (empty: the file store at ``default_root``); ValueError naming the fix."""
+def open_store(url: str, default_root: Path | None = None, on_damage: DamageListener | None = None) -> StoreBackend:
+    """The store ``url`` names (empty: the file store at ``default_root``); ValueError naming the fix.
+
+    ``on_damage`` hears of each damaged part the store meets (a stage passes its metrics' ``store_error``)."""
     from fire_backend.store import DirectionStore
 
     if not url:
         if default_root is None:
             raise ValueError("no store URL given")
-        return DirectionStore(default_root)
+        return DirectionStore(default_root, on_damage)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
         raise ValueError(f"store URL {url!r}: use file:///DIR or etcd://HOST:PORT/PREFIX")
     if scheme == "file":
         if not rest.startswith("/"):
             raise ValueError(f"store URL {url!r}: name an absolute directory, e.g. file:///srv/fire/store")
-        return DirectionStore(Path(rest))
-    return _etcd_store(url)
+        return DirectionStore(Path(rest), on_damage)
+    return _etcd_store(url, on_damage)
 
 
-def _etcd_store(url: str) -> StoreBackend:
+def _etcd_store(url: str, on_damage: DamageListener | None) -> StoreBackend:
     from fire_backend.etcd.client import EtcdClient
     from fire_backend.etcd.store import EtcdStore
 
@@ -109,7 +128,7 @@ def _etcd_store(url: str) -> StoreBackend:
     unknown = sorted(set(options) - set(TLS_OPTIONS))
     if unknown:
         raise ValueError(f"store URL {url!r}: unknown option {unknown[0]!r} (allowed: {', '.join(TLS_OPTIONS)})")
-    return EtcdStore(EtcdClient(host, port, ETCD_TIMEOUT_S, _tls(url, options)), parts.path, url)
+    return EtcdStore(EtcdClient(host, port, ETCD_TIMEOUT_S, _tls(url, options)), parts.path, url, on_damage)
 
 
 def _tls(url: str, options: dict[str, str]) -> ssl.SSLContext | None:

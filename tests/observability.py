@@ -1,10 +1,13 @@
-"""What the observability tests share: Triton's /metrics text parsed, and the metric names that the
+"""What the observability tests share: Triton's /metrics text scraped and parsed, and the metric names that the
 dashboard and the alert rules in docs/deploy query."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +61,25 @@ class Exposition:
 
 
 # -- what dashboards and alert rules query --------------------------------------------------------------------
+
+def scrape(url: str) -> Exposition:
+    """One scrape of a /metrics URL (no proxy: the servers listen on loopback)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as response:
+        return Exposition(response.read().decode())
+
+
+def wait_for(url: str, condition: Callable[[Exposition], bool], what: str, timeout_s: float = 15.0,
+             every_s: float = 0.1) -> Exposition:
+    """Scrape until ``condition`` holds; the page where it did. AssertionError naming ``what`` at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        page = scrape(url)
+        if condition(page):
+            return page
+        assert time.monotonic() < deadline, f"{what}: not on /metrics after {timeout_s:.0f} s"
+        time.sleep(every_s)
+
 
 DEPLOY = Path(__file__).resolve().parents[1] / "docs" / "deploy"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"

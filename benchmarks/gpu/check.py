@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fire_backend import stage_metrics
-from fire_backend.bench import bench_targets, machine_info
+from fire_backend.bench import bench_layouts, bench_targets, machine_info
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset
 from fire_backend.data.export import export_images
@@ -64,7 +64,7 @@ def main() -> int:
     clean = export_images(data, meta.attack, meta.target, n=args.eval)
     poisoned = export_images(data, meta.attack, meta.target, poisoned=True, n=args.eval)
     flagged = export_images(data, meta.attack, meta.target, poisoned=True, n=FLAGGED, part="reserve")
-    targets = bench_targets()
+    targets = bench_targets(bench_layouts(len(settings.repair_layers)))
     token = secrets.token_urlsafe(16)
     report: dict = {"checkpoint": str(args.checkpoint), "arch": settings.arch, "layer": settings.layer,
                     "gpu": args.gpu, "eval_images": len(clean), "flagged": len(flagged)}

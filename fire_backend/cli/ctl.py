@@ -12,6 +12,7 @@ from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 
 DEFAULT_CTL_URL = f"{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
+DEFAULT_TIMEOUT_S = 600.0
 
 
 def _print_status(status: dict[str, Any]) -> None:
@@ -28,11 +29,32 @@ def _print_status(status: dict[str, Any]) -> None:
               f"|beta| {d['norm']:.4g}")
     if est:
         print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
+    if len(status.get("repair_layers", ())) > 1:
+        counts = ", ".join(f"{layer} {n}" for layer, n in status["layers"].items())
+        print(f"  directions per layer: {counts}   ({status['estimation']} estimation, "
+              f"{status['flagged_kept']} flagged images kept)")
+        for rank, r in enumerate(status.get("ranking", [])[:5], start=1):
+            print(f"  ranked {rank}: {'+'.join(r['layers']):24s} flip {r['flip']:.2f} change {r['change']:.2f} "
+                  f"clean_tv {r['clean_tv']:.3f}")
     for inst in status.get("instances", []):
         where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
         store = "" if inst.get("engine_reachable", True) else "; store unreachable, serving its last verified version"
         outages = f"; {inst['outages']} store outage(s) so far" if inst.get("outages") else ""
-        print(f"  repair instance {inst['instance']}{where}: applying version {inst['version']}{store}{outages}")
+        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, status['version'])}{store}{outages}")
+    for inst in status.get("gone", []):
+        print(f"  repair instance {inst['instance']}: GONE (pid {inst.get('pid')} no longer runs; it last applied "
+              f"version {inst['version']})")
+
+
+def _applied(instance: dict[str, Any], live: int) -> str:
+    """An instance's version against the live one, and how long it took or how long it has been behind."""
+    version, lag, behind = instance["version"], instance.get("lag_s"), instance.get("behind_s")
+    if version != live:
+        since = f" for {behind:.1f} s" if behind is not None else ""
+        return f"version {version}, BEHIND the live version {live}{since}"
+    if lag is None:
+        return f"version {version} (live; applied at start)"
+    return f"version {version} (live; applied {lag * 1000:.0f} ms after its commit)"
 
 
 def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
@@ -48,8 +70,9 @@ def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
                                 publish_every=args.publish_every)
     if not args.json:
         kind = "clean" if args.clean else "flagged poisoned"
-        print(f"observed {len(images)} {kind} images: live version {result['version']} "
-              f"({result['poisoned_count']} poisoned, {result['clean_count']} clean)")
+        counts = f"{result['poisoned_count']} poisoned, {result['clean_count']} clean" if "clean_count" in result \
+            else f"{result['poisoned_count']} flagged kept; repairing at {', '.join(result['layers'])}"
+        print(f"observed {len(images)} {kind} images: live version {result['version']} ({counts})")
     return result
 
 
@@ -72,7 +95,7 @@ def _act(client, args: argparse.Namespace) -> dict[str, Any]:
             print(f"live version is now {result['version']}")
     elif args.ctl_command == "push":
         directions, center = read_direction_file(args.file)
-        result = client.push(directions, center)
+        result = client.push(directions, center, args.layer)
         if not args.json:
             print(f"pushed {len(directions)} direction(s): live version {result['version']}")
     else:
@@ -88,7 +111,7 @@ def cmd_ctl(args: argparse.Namespace) -> int:
     if not token:
         raise CliError(f"no control token: pass --token-file, or set {TOKEN_FILE_ENV} or {TOKEN_ENV}")
     try:
-        with ControlClient(args.url, token) as client:
+        with ControlClient(args.url, token, timeout_s=args.timeout) as client:
             result = _act(client, args)
     except FireClientError as exc:
         raise CliError(str(exc)) from None
@@ -113,6 +136,9 @@ def _connection_options(parser: argparse.ArgumentParser, after_action: bool) -> 
                         help=f"file holding the token (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
     parser.add_argument("--json", action="store_true", default=default(False),
                         help="print the server's answer as one JSON line")
+    parser.add_argument("--timeout", type=float, default=default(DEFAULT_TIMEOUT_S),
+                        help=f"seconds to wait for an answer ({DEFAULT_TIMEOUT_S:g}: an observe that learns several "
+                             "layers of a full-size network takes tens of seconds on a CPU)")
 
 
 def register(sub) -> None:
@@ -128,17 +154,22 @@ def register(sub) -> None:
     after = argparse.ArgumentParser(add_help=False)
     _connection_options(after, after_action=True)
     actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
-    actions.add_parser("status", parents=[after], help="live version, directions, estimator counts, repair instances")
+    actions.add_parser("status", parents=[after],
+                       help="live version, directions (per layer), estimator counts, ranking, each repair "
+                            "instance's version and lag (and instances that are gone)")
     actions.add_parser("history", parents=[after], help="audit log: time, action, version, token id, content hash")
     rb = actions.add_parser("rollback", parents=[after], help="make an earlier committed version live again")
     rb.add_argument("version", type=int, help="version number (0 = no direction)")
     push = actions.add_parser("push", parents=[after], help="push a direction set from an .npz file")
     push.add_argument("file", type=Path, help=".npz with beta and optional alpha, mode, threshold, name, center")
+    push.add_argument("--layer", default=None,
+                      help="the layer whose set the push replaces (default: the split layer; the others are kept)")
     obs = actions.add_parser("observe", parents=[after],
                              help="fold flagged poisoned (or --clean) images into the live estimate")
     obs.add_argument("file", type=Path, help=".npz with x (uint8 N x H x W x C), as `fire data export` writes")
     obs.add_argument("--clean", action="store_true", help="the images are clean (refine the centroid)")
     obs.add_argument("--estimator", choices=["unpaired", "augmented"], default=None,
                      help="streaming estimator (server default: unpaired)")
-    obs.add_argument("--publish-every", type=int, default=None, help="republish after every k images (server: 1)")
+    obs.add_argument("--publish-every", type=int, default=None,
+                     help="republish after every k images (server default: 1; with several layers: once per request)")
     obs.add_argument("--chunk", type=int, default=64, help="images per request (64)")

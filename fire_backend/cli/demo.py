@@ -24,6 +24,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for name, figures in rows:
         print(f"{name:30s} {figures['ca']:7.4f} {figures['pa']:7.4f} {figures['asr']:7.4f} "
               f"{figures['p50_ms']:14.3f} {figures['samples_per_s']:10.0f}")
+    metrics = summary["metrics"]
+    print(f"\nFIRE on {metrics['url']} at the end (the server is gone now; `fire serve` keeps it up):")
+    for line in metrics["lines"]:
+        print(f"  {line}")
     print(f"\nwrote {args.out / 'demo_pa_vs_flagged.png'}")
     emit_json(args, summary)
     return 0

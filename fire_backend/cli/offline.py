@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
+from fire_backend.defaults import ESTIMATION_MODES
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,13 +90,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{r['layer']:12s} {str(tuple(r['shape'])):16s} {r['alpha']:6.2f} {r['ca']:7.4f} {r['pa']:7.4f} "
               f"{r['relative']:7.4f}")
     print(f"recommended: --layer {recommended['layer']} --alpha {recommended['alpha']}")
+    ranking = _rank(args, model, meta, data)
+    recommended["layers"] = ranking[0]["layers"]
     out = _out_dir(args)
     write_csv(out / "sweep.csv", [{k: v for k, v in r.items() if k != "shape"} for r in rows])
     plot_sweep(out / "sweep.png", rows, f"{meta.attack}: relative accuracy per layer")
-    (out / "sweep.json").write_text(json.dumps({"rows": rows, "recommended": recommended}, indent=2) + "\n")
+    (out / "sweep.json").write_text(json.dumps({"rows": rows, "recommended": recommended, "ranking": ranking},
+                                               indent=2) + "\n")
     print(f"wrote {out}/sweep.csv, sweep.png, sweep.json")
-    emit_json(args, {"rows": rows, "recommended": recommended})
+    emit_json(args, {"rows": rows, "recommended": recommended, "ranking": ranking})
     return 0
+
+
+def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
+    """The label-free ranking of the layer subsets the control endpoint ranks online (the same code), each with
+    the CA/PA/ASR its repair reaches on the evaluation images (labels used for these figures only)."""
+    from fire_backend.evaluation import subset_metrics
+    from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS, EstimationSettings, Evidence, estimate, rank_subsets
+    from fire_backend.split import Part
+
+    layers = args.rank_layers or list(DEFAULT_REPAIR_LAYERS.get(meta.spec.arch, ()))
+    if not layers:
+        raise CliError(f"no default layers to rank for {meta.spec.arch}: name them with --rank-layers")
+    settings = EstimationSettings(args.estimation, batch=args.batch_size)
+    net = Part(model, 0, len(model.stages()))
+    evidence = Evidence(net, data.samples.clean, data.samples.flagged[:args.flagged], layers, args.batch_size)
+    ranking = []
+    print(f"label-free ranking ({settings.mode} estimation; flip - 2 x change, then clean_tv):")
+    print(f"{'layers':28s} {'flip':>6s} {'change':>7s} {'tv':>7s}   {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    for score in rank_subsets(evidence, settings):
+        figures = subset_metrics(net, data.evaluation, meta.target, estimate(evidence, score.layers, settings),
+                                 args.batch_size)
+        ranking.append({**score.to_dict(), "ca": figures.ca, "pa": figures.pa, "asr": figures.asr})
+        print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.change:7.2f} {score.clean_tv:7.4f}   "
+              f"{figures.ca:7.4f} {figures.pa:7.4f} {figures.asr:7.4f}")
+    print(f"ranked first: --layer {' --layer '.join(ranking[0]['layers'])}")
+    return ranking
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
@@ -163,6 +193,11 @@ def register(sub) -> None:
         else:
             p.add_argument("--estimator", choices=["paired", "unpaired", "augmented"], default="unpaired",
                            help="direction estimator (unpaired)")
+            p.add_argument("--rank-layers", action="append", default=None,
+                           help="a layer whose subsets the label-free ranking scores; repeat (default: the "
+                                "architecture's pair that `fire repo build` configures)")
+            p.add_argument("--estimation", choices=ESTIMATION_MODES, default="independent",
+                           help="how the ranked subsets are estimated (independent)")
 
     data_sub = add_group(sub, "data", "export images for clients, Locust and `fire ctl observe`", "data_command",
                          "ACTION")

@@ -12,6 +12,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
+from fire_backend.defaults import ESTIMATION_MODES
 from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
 from fire_backend.store_backends import STORE_URL_ENV
 from fire_backend.wire import names
@@ -29,7 +30,7 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
             layout=args.layout, baselines=args.baselines, allow_bypass=args.allow_bypass,
             max_batch_size=args.max_batch, gpu=args.gpu, model_instances=args.model_instances,
             repair_instances=args.repair_instances, torch_threads=args.torch_threads, flag_threshold=args.threshold,
-            alpha=args.alpha, publish_every=args.publish_every, store=args.store or "",
+            alpha=args.alpha, publish_every=args.publish_every, estimation=args.estimation, store=args.store or "",
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -38,7 +39,8 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
     start = f"version 1 from {args.flagged} flagged samples" if args.flagged else "no direction (version 0)"
     extras = [what for what, on in ((f"{names.UNDEFENDED_ENSEMBLE} and {names.FIRE_MONOLITHIC}", args.baselines),
                                     (f"{names.BYPASS_PARAMETER} with signed requests", args.allow_bypass)) if on]
-    print(f"wrote {args.out}: {settings.arch}, {settings.layout} layout, repairs after {settings.layer}, latent "
+    layers = ", ".join(settings.repair_layers)
+    print(f"wrote {args.out}: {settings.arch}, {settings.layout} layout, repairs after {layers}, split latent "
           f"{list(settings.latent_shape)}, input {list(settings.input_shape)}, max batch {args.max_batch}; store "
           f"starts at {start}{'; also ' + ', '.join(extras) if extras else ''}")
     if args.store:
@@ -169,12 +171,16 @@ def register(sub) -> None:
                     f"write {names.FIRE_ENSEMBLE} (the network with FIRE at a layer, in a layout) and "
                     f"{names.FIRE_CONTROL} for a checkpoint; {names.UNDEFENDED_ENSEMBLE} and "
                     f"{names.FIRE_MONOLITHIC} only with --baselines",
+                    "  fire repo build --checkpoint runs/digits-badnets --out repo     # the default layer pair\n"
                     "  fire repo build --checkpoint runs/digits-badnets --layer block2 --out repo\n"
                     "  fire repo build --checkpoint runs/digits-badnets --out repo --flagged 20\n"
                     "  fire repo build --checkpoint runs/digits-badnets --out repo --layout separate --baselines\n"
                     "  fire repo build --checkpoint runs/c10 --layer layer4.0 --out repo-c10 --gpu")
     p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`/`fire import`")
-    p.add_argument("--layer", default=None, help="split layer (default per architecture; `fire sweep` recommends)")
+    p.add_argument("--layer", action="append", default=None,
+                   help="a layer to repair at; repeat for several, the deepest is the split layer (default: the "
+                        "architecture's measured pair, e.g. layer1.0 and layer4.0 for preact_resnet18; observe then "
+                        "ranks their subsets without labels; `fire sweep` ranks them offline)")
     p.add_argument("--out", type=Path, required=True, help="repository directory to write")
     p.add_argument("--flagged", type=int, default=None,
                    help="start the store from an offline estimate on N flagged samples (default: no direction)")
@@ -196,6 +202,9 @@ def register(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.5, help="flag a sample whose repair score exceeds this")
     p.add_argument("--alpha", type=float, default=1.0, help="repair strength of learned directions (1.0)")
     p.add_argument("--publish-every", type=int, default=1, help="republish after every k observations (1)")
+    p.add_argument("--estimation", choices=ESTIMATION_MODES, default="independent",
+                   help="how observe estimates several layers: independent = each from unrepaired latents (the "
+                        "measured default); ordered = deeper layers on latents repaired upstream")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
     add_store_option(p, "the direction store the repository's servers share, recorded in its settings")
     add_device_options(p, "the build's centroid and --flagged estimate (not the served stages: see --gpu)")

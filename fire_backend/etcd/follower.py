@@ -10,6 +10,11 @@ Changes arrive in revision order and are applied only forwards; a broken stream 
 IDLE_S of silence one linearizable read checks that the engine is still there and that nothing was missed (a
 partitioned member neither sends nor closes). While the engine is unreachable the last verified version stays
 in force; the outage is logged once, shown by :meth:`status`, and written to the instance record on return.
+
+The thread is also what applies a version on an idle instance: :meth:`EtcdFollower.subscribe` has it call the
+owner (the stage's live plan) after each change, so the owner needs no polling thread of its own. The instance
+record carries ``lag_s``: seconds from the version's commit (the time ``P/live`` records) until it was verified
+here; None for the version the instance started with.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fire_backend.etcd.client import IDLE, KV, EngineError, EngineUnavailable, EtcdClient, WatchCompacted
@@ -60,6 +66,9 @@ class EtcdFollower(threading.Thread):
         super().__init__(name=f"fire-follower-{instance}", daemon=True)
         self.store, self.instance, self.idle, self.lease_ttl = store, instance, idle, lease_ttl
         self.current: Version | None = None  # replaced whole: readers need no lock
+        self._applied_at = 0.0
+        self.committed: float | None = None  # the commit time of ``current`` (None: the version it started with)
+        self._listener: Callable[[], None] | None = None
         self._polled: Version | None = None
         self._seen_revision = 0
         self._refused: tuple[int, str] | None = None
@@ -83,6 +92,11 @@ class EtcdFollower(threading.Thread):
         self._polled = current
         return True
 
+    def subscribe(self, listener: Callable[[], None]) -> bool:
+        """Call ``listener`` from this thread after each change of ``current`` (it must not raise, nor block long)."""
+        self._listener = listener
+        return True
+
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Block until the first verified read; StoreUnavailable if the engine is not reached in time (the instance
         then refuses to load rather than serve without the committed defence)."""
@@ -92,7 +106,9 @@ class EtcdFollower(threading.Thread):
                                    f"({self.last_error}); check the store URL, TLS options and the engine")
 
     def status(self) -> dict[str, Any]:
-        return {"instance": self.instance, "version": self.version, "engine_reachable": self.down_since is None,
+        lag = None if self.committed is None else max(0.0, self._applied_at - self.committed)  # clock skew: >= 0
+        return {"instance": self.instance, "version": self.version, "lag_s": lag,
+                "engine_reachable": self.down_since is None,
                 "down_since": self.down_since, "last_error": self.last_error if self.down_since else "",
                 "outages": self.outages, "pid": os.getpid(), "host": this_host(), "time": time.time()}
 
@@ -132,9 +148,17 @@ class EtcdFollower(threading.Thread):
                     return
             else:
                 return
+        self.committed = (pointer.time or None) if self.ready.is_set() else None
+        self._applied_at = time.time()
         self.current = version
         LOG.info("%s: direction version %d verified", self.instance, self.version)
         self._changed.set()
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - the owner's failure must not stop the following
+                LOG.exception("%s: applying version %d failed", self.instance, self.version)
 
     def _fallback(self) -> Version | None:
         """At start, when the live version does not verify: the newest earlier one that does (as the file store)."""

@@ -18,6 +18,8 @@ class Pointer:
     mod_revision: int = 0
     size: int = 0
     chunks: int = 0
+    #: when the commit that wrote this pointer was made (seconds since the epoch; 0: not recorded)
+    time: float = 0.0
 
     @classmethod
     def parse(cls, raw: bytes | None, mod_revision: int) -> Pointer:
@@ -25,9 +27,11 @@ class Pointer:
             return cls()
         data = json.loads(raw)
         return cls(int(data["version"]), str(data["sha256"]), int(data["seq"]), int(data["next"]),
-                   str(data.get("commit_id", "")), mod_revision, int(data.get("size", 0)), int(data.get("chunks", 0)))
+                   str(data.get("commit_id", "")), mod_revision, int(data.get("size", 0)), int(data.get("chunks", 0)),
+                   float(data.get("time", 0.0)))
 
     def record(self) -> bytes:
         fields = {"version": self.version, "sha256": self.sha256, "seq": self.seq, "next": self.next,
-                  "commit_id": self.commit_id, "size": self.size, "chunks": self.chunks}
+                  "commit_id": self.commit_id, "size": self.size, "chunks": self.chunks,
+                  "time": self.time}
         return json.dumps(fields, sort_keys=True).encode()

@@ -3,13 +3,15 @@ history, rollback, no lost commit) carried across hosts, for several servers beh
 
 Key layout under a prefix P (``etcd://host:port/P``; one prefix per deployment), values JSON unless noted:
 
-    P/live                  {"version", "sha256", "size", "chunks", "seq", "next", "commit_id"}: the commit point.
+    P/live                  {"version", "sha256", "size", "chunks", "seq", "next", "commit_id", "time"}: the commit
+                            point.
                             Absent: version 0 (no direction), next version 1. It names everything a follower
                             needs to fetch and verify the payload
     P/versions/00000007     the manifest of version 7 ({"magic", "version", "sha256", "size", "chunks", ...});
                             written once
     P/history/0000000012    one audit entry per change (commit or rollback), sequence 12; written once
-    P/blobs/<sha256>/0000   the payload (the file store's .npz bytes) in chunks of CHUNK bytes; content-addressed,
+    P/blobs/<sha256>/0000   the payload (the file store's .npz bytes, one-layer or layered: the manifest's magic
+                            says which, as a version file's header does) in chunks of CHUNK bytes; content-addressed,
                             so a retried or repeated payload reuses its chunks
     P/instances/<id>        what each repair instance applies and whether it reaches the engine; on a lease, so
                             a dead instance disappears after its TTL
@@ -37,7 +39,19 @@ from typing import Any, TypeVar
 from fire_backend.etcd.client import KV, EngineError, EngineUnavailable, EtcdClient
 from fire_backend.etcd.follower import EtcdFollower
 from fire_backend.etcd.pointer import Pointer
-from fire_backend.store import MAGIC, Conflict, DirectionSet, LiveState, StoreError, StoreUnavailable, Version
+from fire_backend.store import (
+    MAGIC,
+    MAGIC_LAYERED,
+    MAGICS,
+    Conflict,
+    DirectionSet,
+    LayeredSet,
+    LiveState,
+    StoreError,
+    StoreUnavailable,
+    Version,
+)
+from fire_backend.store_damage import CHECKSUM, DamageListener
 
 #: payload chunk size: under etcd's default 1.5 MiB request limit even base64-encoded
 CHUNK = 512 * 1024
@@ -72,7 +86,7 @@ class EtcdStore:
     raises :class:`Conflict` when another writer committed since (the caller runs the block again).
     """
 
-    def __init__(self, client: EtcdClient, prefix: str, url: str = "") -> None:
+    def __init__(self, client: EtcdClient, prefix: str, url: str = "", on_damage: DamageListener | None = None) -> None:
         if not prefix.strip("/"):
             raise ValueError("the etcd store needs a key prefix, e.g. etcd://127.0.0.1:2379/fire/prod")
         self.client = client
@@ -83,6 +97,8 @@ class EtcdStore:
         self._section = threading.local()  # the Pointer a locked() block started from (per thread)
         self.conflicts = 0  # transactions lost to another writer
         self.resolved = 0  # commits whose answer was lost, found landed by their commit id
+        self.on_damage = on_damage
+        self._damage_seen: set[tuple[int, str]] = set()
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.url})"
@@ -132,7 +148,7 @@ class EtcdStore:
             sha, size, chunks = str(manifest["sha256"]), int(manifest["size"]), int(manifest["chunks"])
         except (ValueError, KeyError, TypeError):
             raise StoreError(f"version {number}: unreadable manifest") from None
-        if manifest.get("magic") != MAGIC or manifest.get("version") != number:
+        if manifest.get("magic") not in MAGICS or manifest.get("version") != number:
             raise StoreError(f"version {number}: not a direction-set manifest")
         return self.fetch(replace(Pointer(), version=number, sha256=sha, size=size, chunks=chunks), manifest)
 
@@ -150,13 +166,21 @@ class EtcdStore:
         payload = b"".join(c.value for c in chunks)
         if len(chunks) != pointer.chunks or len(payload) != pointer.size \
                 or hashlib.sha256(payload).hexdigest() != pointer.sha256:
+            self._damaged(number, pointer.sha256)
             raise StoreError(f"version {number}: payload missing or checksum mismatch (partial or corrupt); "
                              "not served")
         try:
-            directions = DirectionSet.from_bytes(payload)
+            layered = LayeredSet.from_bytes(payload)
         except (ValueError, KeyError, OSError) as exc:
+            self._damaged(number, pointer.sha256)
             raise StoreError(f"version {number}: unreadable payload ({exc})") from None
-        return Version(number, pointer.sha256, directions, header or {"version": number, "sha256": pointer.sha256})
+        return Version(number, pointer.sha256, layered, header or {"version": number, "sha256": pointer.sha256})
+
+    def _damaged(self, number: int, sha256: str) -> None:
+        """Tell ``on_damage`` of a version that does not verify, once per version and checksum."""
+        if self.on_damage is not None and (number, sha256) not in self._damage_seen:
+            self._damage_seen.add((number, sha256))
+            self.on_damage(CHECKSUM)
 
     def resolve(self) -> LiveState:
         """What is committed and what of it verifies (an earlier committed version when the live one does not)."""
@@ -210,8 +234,9 @@ class EtcdStore:
         finally:
             self._section.pointer = None
 
-    def commit(self, directions: DirectionSet, action: str, actor: str = "local", note: dict | None = None) -> int:
-        """Write a new version and make it live; returns its number.
+    def commit(self, directions: DirectionSet | LayeredSet, action: str, actor: str = "local",
+               note: dict | None = None) -> int:
+        """Write a new version and make it live (one set, or every layer's under one number); returns its number.
 
         Inside :meth:`locked` it commits only on top of the version the block read (else Conflict); outside, on
         top of whatever is live. Retries while the engine is unreachable, up to COMMIT_DEADLINE_S.
@@ -220,10 +245,11 @@ class EtcdStore:
         sha = hashlib.sha256(payload).hexdigest()
         chunks = max(1, -(-len(payload) // CHUNK))
         commit_id = uuid.uuid4().hex
+        magic = MAGIC_LAYERED if isinstance(directions, LayeredSet) else MAGIC
 
         def plan(base: Pointer) -> Plan:
             number = base.next
-            manifest = {"magic": MAGIC, "version": number, "sha256": sha, "size": len(payload), "chunks": chunks,
+            manifest = {"magic": magic, "version": number, "sha256": sha, "size": len(payload), "chunks": chunks,
                         "action": action, "actor": actor, "time": time.time(), "commit_id": commit_id}
             entry = {"action": action, "version": number, "live": number, "sha256": sha, "actor": actor,
                      "commit_id": commit_id, **(note or {})}
@@ -321,6 +347,7 @@ class EtcdStore:
                    else c.cmp_absent(self.live_key), c.cmp_absent(self.history_key(seq))]
         compare += [c.cmp_absent(key) for key, _ in extra]
         entry = {**entry, "seq": seq, "time": time.time()}
+        live = replace(live, time=entry["time"])  # the commit time, for the followers' propagation lag
         success = [c.op_put(key, value) for key, value in extra]
         success += [c.op_put(self.history_key(seq), json.dumps(entry, sort_keys=True).encode()),
                     c.op_put(self.live_key, live.record())]
@@ -341,7 +368,7 @@ class EtcdStore:
             if entry.get("commit_id") == commit_id:
                 self.resolved += 1
                 return replace(planned, version=int(entry["live"]), seq=int(entry["seq"]),
-                               mod_revision=kv.mod_revision)
+                               mod_revision=kv.mod_revision, time=float(entry.get("time", 0.0)))
         return None
 
     # -- repair instances -------------------------------------------------------------------
@@ -358,3 +385,15 @@ class EtcdStore:
     def instances(self) -> list[dict]:
         kvs = self._read("list the instances", lambda: self.client.get_prefix(self.prefix + b"/instances/"))
         return [json.loads(kv.value) for kv in kvs]
+
+    def instance_entries(self) -> list[dict]:
+        """The instance records, each ``alive``: a record lives on its instance's lease, so a listed one runs."""
+        return [{**record, "alive": True} for record in self.instances()]
+
+    def committed_at(self, number: int, sha256: str = "") -> float | None:
+        """When ``number`` (with ``sha256``, when given) last became live: the time of its newest history entry."""
+        for entry in reversed(self.history()):
+            if entry.get("live") == number and (not sha256 or entry.get("sha256", "") == sha256):
+                time_ = entry.get("time")
+                return float(time_) if isinstance(time_, (int, float)) else None
+        return None

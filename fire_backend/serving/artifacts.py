@@ -22,6 +22,7 @@ from fire_backend.wire.names import FIRE_ENSEMBLE
 
 if TYPE_CHECKING:
     from fire_backend.store_backends import StoreBackend
+    from fire_backend.store_damage import DamageListener
 
 #: the folder of a repository that tritonserver serves (``--model-repository``): model directories only
 MODELS_DIR = "models"
@@ -33,6 +34,9 @@ SETTINGS_FILE = "serving.json"
 #: the clean centroid the store starts from (version 0) and its sample count
 CENTROID_FILE = "centroid.npz"
 STORE_DIR = "store"
+#: the defender's clean reserve images the centroid came from (uint8 N x H x W x C): the control endpoint's clean
+#: evidence when it estimates several layers and ranks them
+RESERVE_FILE = "reserve.npz"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,12 @@ class ServingSettings:
     default_threshold: float = 0.5
     estimator: str = "unpaired"
     publish_every: int = 1
+    #: how ``observe`` estimates a repository with several repair layers (fire_backend.multilayer): ``independent``
+    #: (every layer from unrepaired latents, the measured default) or ``ordered`` (deeper layers on latents repaired
+    #: upstream); the Welch z-score filter (0: the plain shift) and the non-target clean reference
+    estimation: str = "independent"
+    estimation_z: float = 4.0
+    nontarget_reference: bool = True
     limits: Limits = field(default_factory=Limits)
     layout: str = LEGACY_LAYOUT
     repair_layers: tuple[str, ...] = ()
@@ -177,16 +187,31 @@ def resolve_artifacts(model_repository: str, configured: str) -> Path:
     return path
 
 
-def repository_store(artifacts: Path, settings: ServingSettings) -> StoreBackend:
+def repository_store(artifacts: Path, settings: ServingSettings,
+                     on_damage: DamageListener | None = None) -> StoreBackend:
     """The direction store a repository's stages and control endpoint share: ``$FIRE_STORE_URL`` (``fire serve
-    --store``) if set, else the one it was built with (``fire repo build --store``), else ``artifacts/store``."""
+    --store``) if set, else the one it was built with (``fire repo build --store``), else ``artifacts/store``.
+    ``on_damage`` hears of the damage it meets (a stage's metrics)."""
     from fire_backend.store_backends import STORE_URL_ENV, open_store
 
-    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR)
+    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR, on_damage)
 
 
 def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:
     np.savez(artifacts / CENTROID_FILE, center=np.asarray(center, dtype=np.float32), count=np.array(count))
+
+
+def save_reserve(artifacts: Path, clean: np.ndarray) -> None:
+    np.savez(artifacts / RESERVE_FILE, clean=np.asarray(clean, dtype=np.uint8))
+
+
+def load_reserve(artifacts: Path) -> np.ndarray:
+    """The clean reserve images (uint8 N x H x W x C) a repository was built with."""
+    path = artifacts / RESERVE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; rebuild the repository with `fire repo build`")
+    with np.load(path) as data:
+        return data["clean"].copy()
 
 
 def load_centroid(artifacts: Path) -> tuple[np.ndarray, int]:

@@ -1,12 +1,16 @@
 """Triton adapter of the control endpoint: ``fire_control`` requests in, :class:`Controller` actions, responses out.
 
-The latents of observed images are computed in this process, with the same network code and weights file as the
-serving stages (there is no head to call in the ``fused`` layout, and no BLS round trip in any), in chunks of the
-repository's max batch size, on this instance's device (the GPU with ``fire repo build --gpu``).
+The latents of observed images (at every configured layer, and the predictions the label-free ranking needs) are
+computed in this process, with the same network code and weights file as the serving stages (there is no head to
+call in the ``fused`` layout, and no BLS round trip in any), in chunks of the repository's max batch size, on
+this instance's device (the GPU with ``fire repo build --gpu``).
 ``pb_utils`` is passed in; this module imports no Triton.
 
 Every refusal is INVALID_ARG with the Controller's one-line message. Anything else that goes wrong is logged here
 with its traceback, and the client gets a generic INTERNAL error: no traceback, no server paths.
+
+Each action is counted on /metrics by action and result (:class:`~fire_backend.serving.metrics.ControlMetrics`),
+with the store damage the controller meets and the store's committed live version.
 """
 
 from __future__ import annotations
@@ -18,8 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, resolve_artifacts
-from fire_backend.serving.controller import ControlError, Controller
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, repository_store, resolve_artifacts
+from fire_backend.serving.controller import ACTIONS, AuthRefused, ControlError, Controller, action_of
+from fire_backend.serving.metrics import (
+    RESULT_ERROR,
+    RESULT_OK,
+    RESULT_REFUSED_AUTH,
+    RESULT_REFUSED_VALIDATION,
+    ControlMetrics,
+)
 from fire_backend.serving.stages import instance_device, limit_threads, load_network
 from fire_backend.serving.tensors import from_triton
 from fire_backend.split import split
@@ -27,6 +38,10 @@ from fire_backend.wire.names import FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOK
 from fire_backend.wire.token import read_token
 
 LOG = logging.getLogger("fire_backend.control")
+
+#: a refused REQUEST (perhaps unauthenticated: the size check and the credential come first) is parsed for its
+#: ``action`` label only up to this size, so refusing stays cheap; a larger refused one counts as action "other"
+REFUSED_LABEL_BYTES = 4096
 
 
 class ControlStage:
@@ -41,8 +56,14 @@ class ControlStage:
         settings = ServingSettings.read(artifacts)
         self.device = instance_device(args)
         self.max_batch = settings.max_batch_size
-        self.head = split(load_network(artifacts, self.device).model, settings.layer)[0]
-        self.controller = Controller(artifacts, read_token(), self._latents)
+        network = load_network(artifacts, self.device)
+        self.head = split(network.model, settings.layer)[0]
+        # The gauge reads the store through an object of its own: damage is the controller's to report.
+        watched = repository_store(artifacts, settings)
+        self.metrics = ControlMetrics(pb_utils, args["model_name"], args.get("model_instance_name", args["model_name"]),
+                                      ACTIONS, live_version=lambda: watched.resolve().version)
+        self.controller = Controller(artifacts, read_token(), self._latents, network,
+                                     on_damage=self.metrics.store_error)
 
     def _latents(self, images: torch.Tensor) -> torch.Tensor:
         """Unrepaired latents at the split layer, as the serving stages compute them (CPU float32 out)."""
@@ -62,8 +83,7 @@ class ControlStage:
         value = values[0]
         return value if isinstance(value, bytes) else str(value).encode()
 
-    def _one(self, request: Any) -> Any:
-        raw = self._bytes(request, REQUEST)
+    def _one(self, request: Any, raw: bytes) -> Any:
         credential = self._bytes(request, TOKEN)
         images_tensor = self.pb.get_input_tensor_by_name(request, IMAGES)
         images = from_triton(images_tensor, torch.device("cpu")).numpy() if images_tensor is not None else None
@@ -74,19 +94,30 @@ class ControlStage:
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []
         for request in requests:
+            raw = None
             try:
-                responses.append(self._one(request))
+                raw = self._bytes(request, REQUEST)
+                responses.append(self._one(request, raw))
+                result = RESULT_OK
+            except AuthRefused as exc:
+                LOG.warning("control action refused: %s", exc)
+                responses.append(self._error(str(exc), self.pb.TritonError.INVALID_ARG))
+                result = RESULT_REFUSED_AUTH
             except ControlError as exc:
                 LOG.warning("control action refused: %s", exc)
                 responses.append(self._error(str(exc), self.pb.TritonError.INVALID_ARG))
+                result = RESULT_REFUSED_VALIDATION
             except Exception:  # a bug or a damaged store: the log gets the traceback, the client a generic line
                 LOG.exception("control action failed")
                 responses.append(self._error(f"{FIRE_CONTROL}: internal error; the server log has the details",
                                              self.pb.TritonError.INTERNAL))
+                result = RESULT_ERROR
+            labelled = raw is not None and (result == RESULT_OK or len(raw) <= REFUSED_LABEL_BYTES)
+            self.metrics.control((action_of(raw) if labelled else None) or "", result)
         return responses
 
     def _error(self, message: str, code: Any) -> Any:
         return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
 
     def finalize(self) -> None:
-        return None
+        self.metrics.close()

@@ -23,6 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,9 +31,13 @@ import numpy as np
 import torch
 
 from fire_backend.data.augment import trigger_breaking_augmentations
-from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator
-from fire_backend.serving.artifacts import ServingSettings, load_centroid, repository_store
-from fire_backend.store import Conflict, DirectionSet, StoreError, validate_direction_set
+from fire_backend.data.datasets import to_tensor
+from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator, UnpairedOptions, centroid
+from fire_backend.multilayer import EstimationSettings, Evidence, learn, run
+from fire_backend.serving.artifacts import ServingSettings, load_centroid, load_reserve, repository_store
+from fire_backend.split import Part
+from fire_backend.store import Conflict, DirectionSet, LayeredSet, StoreError, validate_direction_set
+from fire_backend.store_damage import DamageListener
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
 from fire_backend.wire.names import IMAGES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
@@ -44,8 +49,19 @@ CONFLICT_TRIES = 8
 T = TypeVar("T")
 
 
+def estimation_settings(settings: ServingSettings) -> EstimationSettings:
+    """How a repository's directions are estimated at several layers (its serving settings, typed)."""
+    return EstimationSettings(settings.estimation, UnpairedOptions(settings.estimation_z or None,
+                                                                   settings.nontarget_reference),
+                              settings.default_alpha, settings.default_threshold, settings.max_batch_size)
+
+
 class ControlError(ValueError):
     """The action is refused; nothing was changed."""
+
+
+class AuthRefused(ControlError):
+    """The action is refused for its credential (missing, wrong, expired, replayed); nothing was changed."""
 
 
 def token_id(token: str) -> str:
@@ -63,7 +79,7 @@ ACTION_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "status": {},
     "history": {},
     "rollback": {"version": (INT, True)},
-    "push": {"directions": (DIRECTIONS, True), "center": (NUMBERS, False)},
+    "push": {"directions": (DIRECTIONS, True), "center": (NUMBERS, False), "layer": (TEXT, False)},
     "observe": {"clean": (BOOL, False), "estimator": (TEXT, False), "publish_every": (INT, False)},
 }
 ACTIONS = tuple(ACTION_FIELDS)
@@ -141,13 +157,33 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     return body
 
 
-class Controller:
-    """Triton-independent control logic; ``latents`` computes head latents for observed images."""
+def action_of(raw: bytes) -> str | None:
+    """The action a REQUEST names, when it is one of ACTIONS (None otherwise); for counting, before any check."""
+    try:
+        action = json.loads(raw).get("action")
+    except (ValueError, AttributeError):  # not JSON (UnicodeDecodeError is a ValueError), or not an object
+        return None
+    return action if isinstance(action, str) and action in ACTION_FIELDS else None
 
-    def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor]) -> None:
+
+class Controller:
+    """Triton-independent control logic; ``latents`` computes head latents for observed images.
+
+    A repository repairing at several layers also needs ``network`` (the whole network): ``observe`` then learns
+    every configured layer at once from all flagged images kept in the live version and the clean reserve
+    (:func:`fire_backend.multilayer.learn`, which ranks the layer subsets without labels), and ``push`` takes a
+    ``layer``. A one-layer repository keeps the streaming estimator and the one-layer store format.
+    """
+
+    def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor],
+                 network: Part | None = None, on_damage: DamageListener | None = None) -> None:
         self.artifacts = artifacts
         self.settings = ServingSettings.read(artifacts)
-        self.store = repository_store(artifacts, self.settings)
+        self.layered = len(self.settings.repair_layers) > 1
+        if self.layered and network is None:
+            raise ValueError("a repository with several repair layers needs the whole network to learn online")
+        self.network = network
+        self.store = repository_store(artifacts, self.settings, on_damage)
         self.store.initialize()
         self.token = token
         self.latents = latents
@@ -187,7 +223,7 @@ class Controller:
     def _authenticate(self, request: bytes, credential: bytes | str, images: np.ndarray | None,
                       now: float | None) -> Credential:
         if self.token is None:
-            raise ControlError("permission denied: the server has no control token configured "
+            raise AuthRefused("permission denied: the server has no control token configured "
                                f"(set {TOKEN_ENV} or {TOKEN_FILE_ENV} for `fire serve`)")
         if isinstance(credential, bytes):
             try:
@@ -199,7 +235,7 @@ class Controller:
             signed = verify(self.token, CONTROL, digest(request, pixels), credential, now=now)
             self.replay.remember(signed, now=now)
         except AuthError as exc:
-            raise ControlError(str(exc)) from None
+            raise AuthRefused(str(exc)) from None
         return signed
 
     def _atomically(self, block: Callable[[], T]) -> T:
@@ -218,7 +254,7 @@ class Controller:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
         since = time.time() - 2 * WINDOW_S
         if any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.store.history()):
-            raise ControlError("permission denied: this credential was already used (replayed request)")
+            raise AuthRefused("permission denied: this credential was already used (replayed request)")
 
     # -- read-only ---------------------------------------------------------------------------
     def _live(self, intact: bool) -> tuple[int, DirectionSet]:
@@ -231,9 +267,11 @@ class Controller:
             raise ControlError(f"the live version {state.version} is damaged ({'; '.join(state.damage)}); roll back "
                                "to a verified version or push a direction set first")
         if state.verified:
-            return state.verified, self.store.read_version(state.verified).directions
+            layered = self.store.read_version(state.verified).layered.at(self.settings.layer)
+            if self.settings.layer in layered:
+                return state.verified, layered[self.settings.layer]
         center, _ = load_centroid(self.artifacts)
-        return 0, DirectionSet(center, [], None)
+        return state.verified or 0, DirectionSet(center, [], None)
 
     def status(self) -> dict[str, Any]:
         state = self.store.resolve()
@@ -252,8 +290,37 @@ class Controller:
             "estimator": None if est is None else {
                 "kind": est.kind, "poisoned_count": est.poisoned_count, "clean_count": est.clean_count},
             "publish_every": self.settings.publish_every,
-            "instances": self.store.instances(),
+            **self._instances(state.version, state.sha256),
+            **self._layer_status(state.verified),
         }
+
+    def _layer_status(self, verified: int | None) -> dict[str, Any]:
+        """Per configured layer: how many directions the live version holds; the flagged images it was learned from
+        and the label-free ranking that chose its layers (best first)."""
+        layered = self.store.read_version(verified).layered if verified else None
+        counts = layered.counts(self.settings.layer) if layered else {}
+        return {
+            "repair_layers": list(self.settings.repair_layers),
+            "estimation": self.settings.estimation,
+            "layers": {layer: counts.get(layer, 0) for layer in self.settings.repair_layers},
+            "flagged_kept": 0 if layered is None or layered.flagged is None else len(layered.flagged),
+            "ranking": layered.ranking if layered else [],
+        }
+
+    def _instances(self, live: int, sha256: str) -> dict[str, list[dict[str, Any]]]:
+        """``instances``: the running repair instances, each with the version it applies, ``lag_s`` (seconds from
+        that version's commit until it applied it; None for the version it started with) and ``behind_s`` (None
+        when it applies the live version, else seconds since the live version was committed); ``gone``: entries
+        of instances that no longer run (killed outright; `fire serve` prunes them)."""
+        entries = self.store.instance_entries()
+        since = self.store.committed_at(live, sha256)
+        now = time.time()
+        running = []
+        for entry in entries:
+            if entry["alive"] is not False:
+                behind = None if entry["version"] == live else (now - since if since is not None else None)
+                running.append({**entry, "lag_s": entry.get("lag_s"), "behind_s": behind})
+        return {"instances": running, "gone": [e for e in entries if e["alive"] is False]}
 
     # -- writers -----------------------------------------------------------------------------
     def rollback(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:
@@ -279,17 +346,16 @@ class Controller:
                     float(_given(entry, "threshold", self.settings.default_threshold)), _given(entry, "name", f"d{i}")))
             except (OverflowError, ValueError) as exc:
                 raise ControlError(f"push: direction {i}: {exc}") from None
+        if self.layered:
+            return self._push_layer(request, directions, actor, note)
+        if request.get("layer") not in (None, self.settings.layer):
+            raise ControlError(f"push: this repository repairs at {self.settings.layer} only, not "
+                               f"{str(request['layer'])[:40]!r}")
 
         def block() -> int:
             self._refuse_replay(note["nonce"])
             _, live = self._live(intact=False)
-            center = live.center
-            if request.get("center") is not None:
-                try:
-                    center = np.asarray(request["center"], dtype=np.float32).reshape(-1)
-                except (OverflowError, ValueError) as exc:
-                    raise ControlError(f"push: center: {exc}") from None
-            ds = DirectionSet(center, directions, live.estimator)
+            ds = DirectionSet(self._center(request, live.center), directions, live.estimator)
             self._validate(ds)
             return self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
 
@@ -299,6 +365,8 @@ class Controller:
                 note: dict[str, Any]) -> dict[str, Any]:
         clean = _given(request, "clean", False)
         images = self._check_images(images)
+        if self.layered:
+            return self._observe_layers(request, images, actor, note)
         kind = _given(request, "estimator", self.settings.estimator)
         if kind not in ESTIMATORS:
             raise ControlError(f"observe: 'estimator' must be one of {', '.join(ESTIMATORS)}, not {kind[:40]!r}")
@@ -338,7 +406,105 @@ class Controller:
         return {"version": versions[-1], "versions": versions, "action": "observe",
                 "poisoned_count": estimator.count, "clean_count": centroid.count}
 
+    # -- several layers ------------------------------------------------------------------------
+    def _clean_evidence(self) -> torch.Tensor:
+        return to_tensor(load_reserve(self.artifacts))
+
+    def _live_layers(self) -> LayeredSet:
+        """The live version over every configured layer (a layer it lacks: the clean reserve's centroid there, no
+        direction). Refuses when the committed version is damaged."""
+        number, _ = self._live(intact=True)
+        live = self.store.read_version(number).layered if number else None
+        sets = live.at(self.settings.layer) if live else {}
+        missing = [layer for layer in self.settings.repair_layers if layer not in sets]
+        if missing:
+            _, latents = run(self.network, self._clean_evidence(), {}, missing, self.settings.max_batch_size)
+            sets.update({layer: DirectionSet(centroid(latents[layer]).numpy()) for layer in missing})
+        return LayeredSet({layer: sets[layer] for layer in self.settings.repair_layers},
+                          live.flagged if live else None, live.ranking if live else [])
+
+    def _push_layer(self, request: dict[str, Any], directions: list[Direction], actor: str,
+                    note: dict[str, Any]) -> dict[str, Any]:
+        layer = _given(request, "layer", self.settings.layer)
+        if layer not in self.settings.repair_layers:
+            raise ControlError(f"push: 'layer' must be one of {', '.join(self.settings.repair_layers)}, "
+                               f"not {layer[:40]!r}")
+
+        def block() -> int:
+            self._refuse_replay(note["nonce"])
+            live = self._live_layers()
+            live.sets[layer] = DirectionSet(self._center(request, live.sets[layer].center), directions)
+            self._validate(live.sets[layer], layer)
+            return self.store.commit(live, "push", actor, {"directions": len(directions), "layer": layer, **note})
+
+        return {"version": self._atomically(block), "action": "push", "layer": layer}
+
+    def _observe_layers(self, request: dict[str, Any], images: np.ndarray, actor: str,
+                        note: dict[str, Any]) -> dict[str, Any]:
+        """Learn every configured layer from all flagged images kept so far plus these, ranking the layer subsets
+        without labels; one committed version per ``publish_every`` images, by default one for the whole request
+        (each version re-learns and re-ranks from everything kept: republishing after every image would multiply
+        the cost, tens of seconds per version for a full-size network on a CPU)."""
+        if _given(request, "clean", False):
+            raise ControlError("observe: a repository repairing at several layers takes its clean evidence from the "
+                               "reserve it was built with; observe flagged images only")
+        if _given(request, "estimator", "unpaired") != "unpaired":
+            raise ControlError("observe: several layers are learned with the unpaired estimator only")
+        every = _given(request, "publish_every", len(images))
+        if every < 1:
+            raise ControlError("observe: 'publish_every' must be >= 1")
+        settings = estimation_settings(self.settings)
+        clean = self._clean_evidence()
+        versions: list[int] = []
+
+        def block() -> tuple:
+            # As the one-layer observe: a block run again after a lost race learns the images not yet committed on
+            # top of the new live version, whose kept flagged images hold those already committed by this request.
+            done = every * len(versions)
+            if not done:
+                self._refuse_replay(note["nonce"])
+            live = self._live_layers()
+            kept = live.flagged if live.flagged is not None else images[:0]
+            if len(kept) + len(images) - done > self.limits.max_observe_images:
+                raise ControlError(f"observe: the live version already holds {len(kept)} flagged images; at most "
+                                   f"{self.limits.max_observe_images} in all (roll back to version 0 to start over)")
+            for start in range(done, len(images), every):
+                flagged = np.concatenate([kept, images[done:start + every]])
+                evidence = Evidence(self.network, clean, to_tensor(flagged), self.settings.repair_layers,
+                                    self.settings.max_batch_size)
+                sets, ranking = learn(evidence, settings)
+                layered = LayeredSet({layer: self._learned_layer(live.sets[layer], learned, center)
+                                      for layer, (learned, center) in sets.items()}, flagged,
+                                     [score.to_dict() for score in ranking])
+                for layer, ds in layered.sets.items():
+                    self._validate(ds, layer)
+                chosen = [layer for layer, (learned, _) in sets.items() if learned]
+                versions.append(self.store.commit(layered, "observe", actor, {
+                    "samples": min(every, len(images) - start), "flagged": len(flagged), "layers": chosen,
+                    "estimation": settings.mode, "target": evidence.target, **note}))
+            return flagged, chosen, evidence, layered
+
+        flagged, chosen, evidence, layered = self._atomically(block)
+        return {"version": versions[-1], "versions": versions, "action": "observe", "poisoned_count": len(flagged),
+                "layers": chosen, "target": evidence.target, "ranking": layered.ranking}
+
+    def _learned_layer(self, live: DirectionSet, learned: list[Direction], center: torch.Tensor) -> DirectionSet:
+        """A layer's new set: its pushed directions kept, the learned one replaced (none where the ranking left the
+        layer out), measured from the centroid it was learned with."""
+        kept = [d for d in live.directions if d.name != LEARNED]
+        return DirectionSet(center.numpy(), kept + [replace(d, name=LEARNED) for d in learned])
+
     # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _center(request: dict[str, Any], live: np.ndarray) -> np.ndarray:
+        """A push's ``center`` when given, else the live one."""
+        if request.get("center") is None:
+            return live
+        try:
+            return np.asarray(request["center"], dtype=np.float32).reshape(-1)
+        except (OverflowError, ValueError) as exc:
+            raise ControlError(f"push: center: {exc}") from None
+
     def _estimator(self, live: DirectionSet, kind: str):
         if live.estimator is not None and live.estimator.poisoned_count > 0:
             if live.estimator.kind != kind:
@@ -368,10 +534,10 @@ class Controller:
         state = estimator.state() if isinstance(estimator, UnpairedEstimator) else estimator.state(centroid)
         return DirectionSet(centroid.value().numpy(), directions, state)
 
-    def _validate(self, ds: DirectionSet) -> None:
+    def _validate(self, ds: DirectionSet, layer: str | None = None) -> None:
         try:
-            validate_direction_set(ds, self.settings.latent_dim, self.limits.max_direction_norm,
-                                   self.limits.max_alpha, self.limits.max_directions)
+            validate_direction_set(ds, self.settings.layer_dims[layer or self.settings.layer],
+                                   self.limits.max_direction_norm, self.limits.max_alpha, self.limits.max_directions)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
 

@@ -4,59 +4,108 @@ Every stage that repairs (``fused``, the ``inline`` head, the ``separate`` repai
 batch, never within one, :meth:`LivePlan.refresh` asks the store follower whether a new version was committed
 (the file store: one ``stat``; etcd: an attribute its watch thread sets); if so the verified version is compiled
 onto the device for every configured layer and used from that batch on, and the instance reports what it
-applies. No model reload is involved.
+applies (the follower in the store's instance records, this plan on /metrics). No model reload is involved.
+
+An instance that gets no traffic would never look, and would report an old version forever (``fire ctl status``
+and the FireInstanceBehindLiveVersion alert would call it behind). So a change is also applied while the stage is
+idle, by one thread: the etcd follower's own watch thread calls back once it has verified a version
+(:meth:`~fire_backend.store_backends.RepairFollower.subscribe`); the file store's follower has no thread, so this
+plan runs a watcher that makes the batch's check every :data:`WATCH_INTERVAL_S`. One lock keeps that thread and
+the serving path from applying at once, uncontended on the serving path except in the microseconds it holds it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import torch
 
 from fire_backend.fire import RepairPlan, compile_plan
 from fire_backend.serving.artifacts import ServingSettings, repository_store
+from fire_backend.serving.metrics import BatchMetrics
 from fire_backend.store import Version
 
 LOG = logging.getLogger("fire_backend.serving")
+
+#: seconds between an idle instance's checks of a file store: the propagation target without traffic
+WATCH_INTERVAL_S = 0.5
 
 
 def plan_of(version: Version | None, settings: ServingSettings, device: torch.device) -> RepairPlan:
     """Compile a store version for the repository's repaired layers (version 0: nothing to repair).
 
-    Today a version holds one direction set, applied at the split layer ``settings.layer``; the plan already
-    takes a set per layer, so a store that keeps one per layer only changes this function.
+    A version holds a direction set per layer (one written in the one-layer format applies at the split layer
+    ``settings.layer``); a configured layer without a direction in the version is not repaired.
     """
     if version is None:
         return RepairPlan({}, 0)
-    ds = version.directions
-    sets = {settings.layer: (ds.directions, torch.from_numpy(ds.center))}
+    layered = version.layered.at(settings.layer)
+    sets = {layer: (ds.directions, torch.from_numpy(ds.center)) for layer, ds in layered.items()}
     return compile_plan(sets, settings.layer_dims, device, version.number)
 
 
 class LivePlan:
-    """Follows the direction store for one instance and keeps its compiled plan current."""
+    """Follows the direction store for one instance and keeps its compiled plan current.
 
-    def __init__(self, artifacts: Path, settings: ServingSettings, device: torch.device, instance: str) -> None:
+    ``metrics`` (the stage's) hears the applied version, its propagation lag and the store damage met.
+    """
+
+    def __init__(self, artifacts: Path, settings: ServingSettings, device: torch.device, instance: str,
+                 metrics: BatchMetrics | None = None, watch_interval_s: float = WATCH_INTERVAL_S) -> None:
         self.settings = settings
         self.device = device
+        self.metrics = metrics
         self.instance_id = f"{instance}-{os.getpid()}".replace("/", "_").replace(" ", "_")
-        self.follower = repository_store(artifacts, settings).follower(self.instance_id)
-        self.follower.poll()
-        self.plan = RepairPlan({}, 0)
-        self._apply()
+        self._lock = threading.Lock()
+        self._busy_until = 0.0
+        self._interval = watch_interval_s
+        self._stop = threading.Event()
+        store = repository_store(artifacts, settings, metrics.store_error if metrics else None)
+        self.follower = store.follower(self.instance_id)
+        with self._lock:  # a callback of the follower's thread waits until the start version is applied
+            pushed = self.follower.subscribe(self._check)
+            self.follower.poll()
+            self.plan = RepairPlan({}, 0)
+            self._apply()  # reports the start version too, version 0 included
+        self._watcher: threading.Thread | None = None
+        if not pushed:
+            self._watcher = threading.Thread(target=self._watch, name=f"fire-watch-{self.instance_id}", daemon=True)
+            self._watcher.start()
 
     def refresh(self) -> RepairPlan:
         """The plan to apply to the next batch (re-compiled only when the live version changed)."""
-        if self.follower.poll():
-            self._apply()
-        return self.plan
+        with self._lock:
+            self._busy_until = time.monotonic() + self._interval
+            if self.follower.poll():
+                self._apply()
+            return self.plan
+
+    def _check(self, idle_only: bool = False) -> None:
+        """Apply a new version now (the follower's thread, once per version); ``idle_only``: only when no batch
+        checked within the interval (the watcher, every interval: the next batch applies it sooner)."""
+        with self._lock:
+            if (not idle_only or time.monotonic() >= self._busy_until) and self.follower.poll():
+                self._apply()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._check(idle_only=True)
 
     def _apply(self) -> None:
+        """Compile and use the follower's version; report it (the lag only for a propagation, not at start)."""
+        number = self.follower.version
         self.plan = plan_of(self.follower.current, self.settings, self.device)
-        LOG.info("%s: applying direction version %d", self.instance_id, self.follower.version)
+        if self.metrics is not None:
+            self.metrics.applied(number, self.follower.committed)
+        LOG.info("%s: applying direction version %d", self.instance_id, number)
 
     def close(self) -> None:
-        """Stop following and withdraw this instance from the store's registry (the model is unloading)."""
+        """Stop following and withdraw this instance from the store's records (the model is unloading)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
         self.follower.close()

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from fire_backend import store_damage
 from fire_backend.wire.names import BYPASS_PARAMETER
 
 LOG = logging.getLogger("fire_backend.metrics")
@@ -113,11 +114,11 @@ CONTROL_RESULTS = (RESULT_OK, RESULT_REFUSED_AUTH, RESULT_REFUSED_VALIDATION, RE
 #: ``action`` label of an action name the controller does not know (client-chosen text never becomes a label)
 OTHER_ACTION = "other"
 
-#: ``kind`` of a store error
-STORE_CHECKSUM = "checksum"
-STORE_TORN_LINE = "torn_line"
-STORE_UNREADABLE_POINTER = "unreadable_pointer"
-STORE_ERROR_KINDS = (STORE_CHECKSUM, STORE_TORN_LINE, STORE_UNREADABLE_POINTER)
+#: ``kind`` of a store error (the store reports them: fire_backend.store_damage)
+STORE_CHECKSUM = store_damage.CHECKSUM
+STORE_TORN_LINE = store_damage.TORN_LINE
+STORE_UNREADABLE_POINTER = store_damage.UNREADABLE_POINTER
+STORE_ERROR_KINDS = store_damage.KINDS
 
 #: REPAIR_SCORE is about 0 for clean inputs and about 1 for triggered ones (threshold 0.5 by default): fine
 #: buckets in between, a few below 0 and up to 2.
@@ -176,6 +177,24 @@ def le_label(bound: float) -> str:
 def exported_names() -> set[str]:
     """Every metric name FIRE's families put on /metrics (what dashboards and alerts may query)."""
     return {family.name for family in FAMILIES}
+
+
+#: what a short summary of a run shows (``fire demo``): traffic, the attack signal, versions, control actions
+SUMMARY_FAMILIES = (REQUESTS_TOTAL, SAMPLES_TOTAL, FLAGGED_SAMPLES_TOTAL, BYPASSED_REQUESTS_TOTAL, APPLIED_VERSION,
+                    APPLY_LAG_SECONDS, LIVE_VERSION, CONTROL_ACTIONS_TOTAL, STORE_ERRORS_TOTAL)
+
+
+def summary_lines(page: str) -> list[str]:
+    """The sample lines of a /metrics page that tell what FIRE did: SUMMARY_FAMILIES, counters that moved
+    (a counter at 0 says nothing), every gauge."""
+    kinds = {family.name: family.kind for family in SUMMARY_FAMILIES}
+    lines = []
+    for line in page.splitlines():
+        name, _, rest = line.partition("{")
+        kind = kinds.get(name)
+        if kind is not None and (kind == GAUGE or rest.rsplit(" ", 1)[-1] not in ("0", "0.0")):
+            lines.append(line)
+    return lines
 
 
 def _flat(parts: list[Any]) -> np.ndarray:

@@ -19,9 +19,12 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fire_backend.checkpoint import load_checkpoint
+from fire_backend.data.datasets import to_uint8
+from fire_backend.defaults import ESTIMATION_MODES
 from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
-from fire_backend.evaluation import DEFAULT_LAYERS, LayerView, load_defender_samples
+from fire_backend.evaluation import LayerView, load_defender_samples
 from fire_backend.fire import Direction
+from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS, Evidence, learn
 from fire_backend.serving.artifacts import (
     ARTIFACTS_DIR,
     CENTROID_FILE,
@@ -32,10 +35,12 @@ from fire_backend.serving.artifacts import (
     ServingSettings,
     models_dir,
     save_centroid,
+    save_reserve,
 )
+from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.stages import GUARD_PARAMETER
 from fire_backend.split import Part, candidate_layers, save_part
-from fire_backend.store import DirectionSet, DirectionStore
+from fire_backend.store import DirectionSet, DirectionStore, LayeredSet
 from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
@@ -93,6 +98,8 @@ class RepositoryOptions:
     #: the direction store's URL (fire_backend.store_backends: file:///DIR or etcd://HOST:PORT/PREFIX); empty: the
     #: file store in the repository's artifacts
     store: str = ""
+    #: how observe estimates several layers: independent (measured default) or ordered (fire_backend.multilayer)
+    estimation: str = "independent"
 
     def __post_init__(self) -> None:
         for layout in (self.layout, *self.compare_layouts):
@@ -106,6 +113,8 @@ class RepositoryOptions:
             raise ValueError("instance and thread counts must be >= 1")
         if self.store:
             open_store(self.store)  # the URL's form only (ValueError naming the fix); nothing is contacted
+        if self.estimation not in ESTIMATION_MODES:
+            raise ValueError(f"estimation must be one of {', '.join(ESTIMATION_MODES)}, not {self.estimation!r}")
 
     @classmethod
     def from_record(cls, record: dict) -> RepositoryOptions:
@@ -302,20 +311,21 @@ def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptio
 def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | None = None,
                      flagged: int | None = None, options: RepositoryOptions | None = None, device: str = "auto",
                      batch_size: int = DEFAULT_BATCH_SIZE) -> ServingSettings:
-    """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several).
+    """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several; by default
+    the architecture's measured pair, :data:`~fire_backend.multilayer.DEFAULT_REPAIR_LAYERS`).
 
-    With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network, and
-    where today's store versions apply their directions). The clean centroid comes from
-    ``options.clean_samples`` images of the defender's reserve. With ``flagged``, the store starts at version 1:
-    an unpaired estimate from that many flagged poisoned reserve images; without it, at version 0 (no
-    direction), to be learned online. Only those reserve images are read and run through the head (on
-    ``device``), never the evaluation split.
+    With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network). The
+    clean centroid comes from ``options.clean_samples`` images of the defender's reserve, kept as the clean
+    evidence of online learning. With ``flagged``, the store starts at version 1 learned from that many flagged
+    poisoned reserve images (one layer: the unpaired estimate; several: :func:`~fire_backend.multilayer.learn`,
+    which ranks the layer subsets); without it, at version 0 (no direction), to be learned online. Only those
+    reserve images are read and run through the network (on ``device``), never the evaluation split.
     """
     options = options or RepositoryOptions()
     compute, batch_size = resolve_device(device), check_batch_size(batch_size)
     model, meta = load_checkpoint(checkpoint, compute)
     shapes = dict(candidate_layers(model, meta.spec.input_shape))
-    layers = repair_layers(layer or DEFAULT_LAYERS.get(meta.spec.arch), list(shapes))
+    layers = repair_layers(layer or default_layers(meta.spec.arch, options), list(shapes))
     layer = layers[-1]
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
     settings = ServingSettings(
@@ -323,6 +333,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
         target=meta.target, dataset=meta.dataset, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, publish_every=options.publish_every,
+        estimation=options.estimation,
         layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
         allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
         store=options.store,
@@ -332,22 +343,40 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         shutil.rmtree(artifacts)
     artifacts.mkdir(parents=True)
     names = [n for n, _ in model.stages()]
-    save_part(Part(model, 0, len(names)), meta.spec, layer, "full", artifacts / FULL_FILE)
+    whole = Part(model, 0, len(names))
+    save_part(whole, meta.spec, layer, "full", artifacts / FULL_FILE)
     settings.write(artifacts)
 
     view = LayerView(model, layer, samples, batch=batch_size)
     save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
+    save_reserve(artifacts, to_uint8(samples.clean))
     store = open_store(settings.store, artifacts / STORE_DIR)
-    if flagged:
+    note = {"flagged": flagged, "defender": samples.describe()}
+    if flagged and len(layers) > 1:
+        evidence = Evidence(whole, samples.clean, samples.flagged, layers, batch_size)
+        sets, ranking = learn(evidence, estimation_settings(settings))
+        layered = LayeredSet({name: DirectionSet(center.numpy(), directions) for name, (directions, center)
+                              in sets.items()}, to_uint8(samples.flagged), [s.to_dict() for s in ranking])
+        store.commit(layered, action="build", actor="fire repo build",
+                     note={**note, "layers": [name for name, (d, _) in sets.items() if d]})
+    elif flagged:
         estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
         ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
-        store.commit(ds, action="build", actor="fire repo build",
-                     note={"flagged": flagged, "defender": samples.describe()})
+        store.commit(ds, action="build", actor="fire repo build", note=note)
     else:
         store.initialize()
     write_configs(out, settings, options)
     return settings
+
+
+def default_layers(arch: str, options: RepositoryOptions) -> tuple[str, ...]:
+    """The measured default pair of ``arch``; its deepest layer alone where a ``separate`` layout is written (it
+    repairs one layer)."""
+    if arch not in DEFAULT_REPAIR_LAYERS:
+        raise ValueError(f"no default repair layers for {arch!r}: name them (`fire repo build --layer NAME`)")
+    layers = DEFAULT_REPAIR_LAYERS[arch]
+    return layers[-1:] if "separate" in (options.layout, *options.compare_layouts) else layers
 
 
 def repair_layers(layers: str | Sequence[str], candidates: Sequence[str]) -> tuple[str, ...]:

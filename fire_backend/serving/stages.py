@@ -10,6 +10,9 @@ The stages by layout (see docs/architecture.md): ``fused`` is :class:`FusedStage
 :class:`TailStage`. :class:`MonolithicStage` and a plain head/tail make the baselines. Repairing stages run the
 network with the live plan's hooks, so the repair happens where the latent is computed.
 
+Every stage that computes REPAIR_SCORE exports FIRE's metrics (:mod:`fire_backend.serving.metrics`): one
+``record_batch`` per batch, local totals only, sent by a background thread.
+
 Device: CPU by default; on a GPU instance (``fire repo build --gpu``) inputs are read wherever Triton put them,
 latents stay on the device between stages, and the small outputs leave the GPU in one copy per batch
 (:mod:`fire_backend.serving.tensors`).
@@ -29,6 +32,7 @@ import torch
 from fire_backend.fire import RepairPass
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, FULL_FILE, ServingSettings, resolve_artifacts
 from fire_backend.serving.live_plan import LivePlan
+from fire_backend.serving.metrics import BatchMetrics
 from fire_backend.serving.tensors import from_triton, to_host, to_triton
 from fire_backend.split import Part, load_part, split
 from fire_backend.wire.auth import BYPASS, AuthError, digest, verify
@@ -218,6 +222,7 @@ class Stage:
             keep = torch.tensor(np.repeat(bypass, sizes), device=self.device) if any(bypass) else None
             outputs = self.compute(batch.to(self.device), keep)
         values = {**outputs, **to_host({n: v for n, v in outputs.items() if n not in self.device_outputs})}
+        self.record(len(sizes), values, sum(bypass))
         start = 0
         for size, owner in zip(sizes, owners, strict=True):
             whole = len(sizes) == 1  # the common case at low load: no slicing at all
@@ -237,8 +242,32 @@ class Stage:
         """Whole-batch outputs; ``keep`` marks rows of bypassing requests (None when there are none)."""
         raise NotImplementedError
 
+    def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
+        """A batch of ``n_requests`` was served (``values``: its outputs, host-side where they leave the stage)."""
+
     def finalize(self) -> None:
         return None
+
+
+class Scoring:
+    """Mixin of the stages that compute REPAIR_SCORE: the live plan, and FIRE's metrics of every batch.
+
+    ``layout`` is the label of the layout whose score the stage computes.
+    """
+
+    layout = ""
+
+    def follow(self: Any) -> None:
+        """Start exporting metrics and following the store (metrics first: the plan reports to them)."""
+        self.metrics = BatchMetrics(self.pb, self.name, self.instance, layout=self.layout)
+        self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance, self.metrics)
+
+    def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
+        self.metrics.record_batch(n_requests, values[REPAIR_SCORE], values[FLAGGED], bypassed)
+
+    def finalize(self) -> None:
+        self.live.close()
+        self.metrics.close()
 
 
 class ImageStage(Stage):
@@ -274,7 +303,7 @@ def _scores(run: RepairPass, n: int, device: torch.device) -> dict[str, torch.Te
     return {REPAIR_SCORE: score[:, None], FLAGGED: flagged[:, None], DIRECTION_VERSION: version}
 
 
-class RepairingStage(ImageStage):
+class RepairingStage(Scoring, ImageStage):
     """Runs (part of) the network with the live plan's repair hooks: FIRE where the latent is computed."""
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
@@ -282,7 +311,7 @@ class RepairingStage(ImageStage):
         self.net = self.cut(load_network(self.artifacts, self.device))
         self.net.check_hooks(self.settings.repair_layers)
         self.guard = BypassGuard(self.settings)
-        self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance)
+        self.follow()
 
     def cut(self, full: Part) -> Part:
         """The part of the network this stage runs."""
@@ -297,12 +326,11 @@ class RepairingStage(ImageStage):
         out = self.net(batch, run.hooks)
         return out, _scores(run, batch.shape[0], batch.device)
 
-    def finalize(self) -> None:
-        self.live.close()
-
 
 class FusedStage(RepairingStage):
     """``fused``: IMAGE -> LOGITS, LABEL, REPAIR_SCORE, FLAGGED, DIRECTION_VERSION, the whole network in one hop."""
+
+    layout = "fused"
 
     def cut(self, full: Part) -> Part:
         return full
@@ -314,6 +342,8 @@ class FusedStage(RepairingStage):
 
 class InlineHeadStage(RepairingStage):
     """``inline``: IMAGE -> LATENT (repaired at every configured layer, kept on the device) and the scores."""
+
+    layout = "inline"
 
     device_outputs = frozenset({LATENT})
 
@@ -372,7 +402,7 @@ class MonolithicStage(ImageStage):
         return _logits(self.net(batch))
 
 
-class RepairStage(Stage):
+class RepairStage(Scoring, Stage):
     """``separate``: LATENT -> REPAIRED (kept on the device), REPAIR_SCORE, FLAGGED, DIRECTION_VERSION.
 
     Repairs one layer, the split layer; a repository configured with several refuses to load here. fire_bypass
@@ -381,6 +411,7 @@ class RepairStage(Stage):
 
     input_name = LATENT
     device_outputs = frozenset({REPAIRED})
+    layout = "separate"
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
@@ -388,7 +419,7 @@ class RepairStage(Stage):
         if len(layers) != 1:
             raise ValueError(f"the separate layout repairs one layer; this repository repairs at {', '.join(layers)}: "
                              "build it with `fire repo build --layout fused` (or inline)")
-        self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance)
+        self.follow()
 
     def admit(self, request: Any, tensor: torch.Tensor) -> bool:
         bypass = bypass_flag(request_parameters(request))
@@ -401,6 +432,3 @@ class RepairStage(Stage):
         hook = run.hooks.get(self.settings.layer)
         repaired = hook(batch) if hook else batch
         return {REPAIRED: repaired, **_scores(run, batch.shape[0], batch.device)}
-
-    def finalize(self) -> None:
-        self.live.close()

@@ -53,8 +53,10 @@ class ControlClient(Connection):
     def rollback(self, version: int) -> dict[str, Any]:
         return self.call({"action": "rollback", "version": version})
 
-    def push(self, directions: list[dict[str, Any]], center: list[float] | None = None) -> dict[str, Any]:
-        return self.call({"action": "push", "directions": directions, "center": center})
+    def push(self, directions: list[dict[str, Any]], center: list[float] | None = None,
+             layer: str | None = None) -> dict[str, Any]:
+        """Replace the direction set at ``layer`` (default: the split layer); the other layers' sets are kept."""
+        return self.call({"action": "push", "directions": directions, "center": center, "layer": layer})
 
     def observe(self, images: np.ndarray, clean: bool = False, estimator: str | None = None,
                 publish_every: int | None = None) -> dict[str, Any]:

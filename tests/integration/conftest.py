@@ -94,10 +94,11 @@ def badnets_checkpoint(digits_checkpoint: Callable[[str], Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def production(tmp_path_factory, badnets_checkpoint: Path) -> Path:
-    """A production repository as `fire repo build --flagged 20` writes it (fused; no baselines, no bypass); not
-    served here: tests start their own server or `fire serve` on it."""
+    """A one-layer production repository as `fire repo build --layer block2 --flagged 20` writes it (fused; no
+    baselines, no bypass; `fire bench` compares every layout of it, ``separate`` included); not served here: tests
+    start their own server or `fire serve` on it."""
     repository = tmp_path_factory.mktemp("production") / "repository"
-    build_repository(badnets_checkpoint, repository, flagged=20)
+    build_repository(badnets_checkpoint, repository, "block2", flagged=20)
     return repository
 
 
@@ -110,3 +111,13 @@ def etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
     engine.start()
     yield engine
     engine.stop(kill=True)
+
+
+@pytest.fixture(scope="session")
+def layered(tmp_path_factory, badnets_checkpoint: Path) -> Iterator[Served]:
+    """ONE server for the session's several-layer tests: the default configuration, as `fire repo build` writes it
+    with no layer and no attack named (block1 + block2, fused), starting at version 0 (to be learned online).
+    Tests roll back to the version they need."""
+    repository = tmp_path_factory.mktemp("layered") / "repository"
+    build_repository(badnets_checkpoint, repository)
+    yield from _serve(repository, badnets_checkpoint)

@@ -19,6 +19,7 @@ from helpers import DEFENDED, EVERY_LAYOUT, infer, labels
 
 from fire_backend.data import load_dataset, resolve_attack, to_uint8
 from fire_backend.data.reserve import flagged_samples
+from fire_backend.procfs import is_running
 from fire_backend.serving.artifacts import ServingSettings
 from fire_backend.serving.server import running_server
 from fire_backend.store import DirectionStore
@@ -255,6 +256,33 @@ def test_kill_9_mid_stream_restarts_on_a_committed_version(tmp_path, production,
 
 
 FIRE = Path(sys.executable).with_name("fire")
+
+
+def test_fire_ctl_status_marks_a_repair_instance_killed_with_kill_9_gone(tmp_path, production):
+    """A stub killed outright cannot withdraw its registry entry; `fire ctl status` tells it from the live ones.
+    (Its own server: the instance stays dead, as tritonserver does not restart it without `fire serve`.)"""
+    repository = tmp_path / "repository"
+    shutil.copytree(production, repository)
+    token = "gone-test-token"
+    with running_server(repository, extra_env=pinned_token(token)) as server, \
+            ControlClient(server.urls["grpc"], token, timeout_s=10) as ctl:
+        before = ctl.status()
+        assert len(before["instances"]) == 2 and before["gone"] == []
+        victim = before["instances"][0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while is_running(victim["pid"]):
+            assert time.monotonic() < deadline, "the stub did not die"
+            time.sleep(0.05)
+        after = ctl.status()
+        env = {**os.environ, "FIRE_CONTROL_TOKEN": token, "FIRE_CONTROL_TOKEN_FILE": ""}
+        printed = subprocess.run([str(FIRE), "ctl", "--url", server.urls["grpc"], "status"], capture_output=True,
+                                 text=True, env=env, timeout=120, check=True).stdout
+    assert [g["instance"] for g in after["gone"]] == [victim["instance"]]
+    assert [i["instance"] for i in after["instances"]] == [before["instances"][1]["instance"]]
+    assert f"repair instance {victim['instance']}: GONE (pid {victim['pid']} no longer runs" in printed
+    survivor = before["instances"][1]
+    assert f"repair instance {survivor['instance']}: version {survivor['version']} (live" in printed
 
 
 @pytest.mark.parametrize("argv", [["status", "--json"], ["--json", "status"], ["history", "--json"]],

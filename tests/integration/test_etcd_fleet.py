@@ -65,7 +65,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, badnets_checkpoint: Path) ->
     url = engine.url("/fire/fleet")
     repository = root / "repository"
     options = RepositoryOptions(model_instances=1, store=url)
-    build_repository(badnets_checkpoint, repository, flagged=20, options=options)
+    # One layer, as the propagation benchmark measures it (several-layer versions through etcd: test_etcd_store.py).
+    build_repository(badnets_checkpoint, repository, "block2", flagged=20, options=options)
     store = open_store(url)
     beta = store.read_version(1).directions.directions[0].beta.reshape(-1).tolist()
     token = secrets.token_urlsafe(16)

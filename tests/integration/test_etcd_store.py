@@ -21,10 +21,15 @@ from fire_backend.etcd.follower import EtcdFollower
 from fire_backend.etcd.local import LocalEtcd, etcd_binary
 from fire_backend.etcd.store import CHUNK, EtcdStore
 from fire_backend.fire import Direction
-from fire_backend.serving.artifacts import ServingSettings, save_centroid
-from fire_backend.serving.controller import Controller
-from fire_backend.store import Conflict, DirectionSet, StoreError
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, save_centroid
+from fire_backend.serving.controller import Controller, token_id
+from fire_backend.serving.live_plan import LivePlan
+from fire_backend.serving.repository import build_repository
+from fire_backend.serving.stages import load_network
+from fire_backend.split import split
+from fire_backend.store import MAGIC_LAYERED, Conflict, DirectionSet, LayeredSet, StoreError
 from fire_backend.store_backends import STORE_URL_ENV, open_store
+from fire_backend.store_damage import CHECKSUM
 from fire_backend.wire.auth import CONTROL, digest, sign
 
 pytestmark = pytest.mark.etcd
@@ -252,3 +257,80 @@ def test_tls_with_a_client_certificate(tmp_path: Path, tls_dir: Path) -> None:
             plaintext.history()
     finally:
         engine.stop(kill=True)
+
+
+def test_layered_versions_travel_with_their_lag_and_damage_is_reported(etcd: LocalEtcd) -> None:
+    """A several-layer (v2) version goes through etcd byte for byte; a follower calls its owner back with each
+    verified version and records the lag since the commit; a payload that does not verify counts as damage once."""
+    layered = LayeredSet({"block1": direction_set(1, dim=8), "block2": direction_set(2)},
+                         np.zeros((3, 4, 4, 1), np.uint8), [{"layers": ["block1"], "score": 1.0}])
+    damage: list[str] = []
+    store = open_store(etcd.url("/fire/layers"), on_damage=damage.append)
+    assert store.commit(layered, "observe") == 1
+    manifest = json.loads(store.client.get(store.version_key(1))[0].value)
+    assert manifest["magic"] == MAGIC_LAYERED and store.read_version(1).sha256 == manifest["sha256"]
+    got = store.read_version(1).layered
+    assert got.to_bytes() == layered.to_bytes() and got.counts("block2") == {"block1": 1, "block2": 1}
+    follower = store.follower("replica-l")
+    calls: list[int] = []
+    try:
+        assert follower.subscribe(lambda: calls.append(follower.version))
+        assert follower.version == 1 and follower.committed is None  # the start version: no propagation
+        assert store.commit(direction_set(3), "push") == 2  # the one-layer format still goes through
+        wait_for(lambda: calls == [2])
+        assert follower.committed == store.committed_at(2) == store.history()[-1]["time"]
+        wait_for(lambda: any(r["instance"] == "replica-l" and r["version"] == 2 and r["lag_s"] is not None
+                             for r in store.instance_entries()))
+        assert all(r["alive"] for r in store.instance_entries())
+        chunk = store.blob_prefix(store.pointer().sha256) + b"0000"
+        store.client.put(chunk, b"not the payload")
+        for _ in range(2):
+            with pytest.raises(StoreError, match="checksum mismatch"):
+                store.read_version(2)
+        assert damage == [CHECKSUM] and follower.version == 2
+    finally:
+        follower.close()
+
+
+def test_several_layer_control_actions_run_again_after_a_lost_race(etcd: LocalEtcd, digits_checkpoint,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """push (with a layer) of a several-layer repository runs in the compare-and-set block: another writer committing
+    in between makes the block run again on its version, and nothing is lost. A live plan on the etcd store runs no
+    watcher: the follower's thread applies a rollback on an idle instance and records its lag."""
+    monkeypatch.setenv(STORE_URL_ENV, etcd.url("/fire/layered-ctl"))
+    build_repository(digits_checkpoint("badnets"), tmp_path / "repo")
+    artifacts = tmp_path / "repo" / ARTIFACTS_DIR
+    settings = ServingSettings.read(artifacts)
+    assert len(settings.repair_layers) == 2
+    network = load_network(artifacts, torch.device("cpu"))
+    controller = Controller(artifacts, "tok", split(network.model, settings.layer)[0], network)
+    other = open_store(etcd.url("/fire/layered-ctl"))
+    live_layers = controller._live_layers
+    raced = []
+
+    def racing() -> LayeredSet:
+        live = live_layers()
+        if not raced:  # another replica commits after this block read the live version
+            raced.append(other.commit(LayeredSet(dict(live.sets)), "push", "other"))
+        return live
+
+    monkeypatch.setattr(controller, "_live_layers", racing)
+    dim = settings.layer_dims["block1"]
+    raw = json.dumps({"action": "push", "layer": "block1", "directions": [{"beta": [1.0] * dim}]}).encode()
+    answer = controller.handle(raw, sign("tok", CONTROL, digest(raw, b"")), None)
+    assert raced == [1] and answer == {"version": 2, "action": "push", "layer": "block1"}
+    assert controller.store.conflicts == 1
+    assert [(e["version"], e["actor"]) for e in controller.store.history()] == [(1, "other"), (2, token_id("tok"))]
+    status = controller.status()
+    assert status["layers"] == {"block1": 1, "block2": 0} and status["version"] == 2 and status["gone"] == []
+    live = LivePlan(artifacts, settings, torch.device("cpu"), "fire_ensemble_0")
+    try:
+        assert live._watcher is None and live.plan.version == 2 and live.plan.layers == ("block1",)
+        raw = json.dumps({"action": "rollback", "version": 1}).encode()
+        controller.handle(raw, sign("tok", CONTROL, digest(raw, b"")), None)
+        wait_for(lambda: live.plan.version == 1)  # no batch, no watcher: the follower's thread applied it
+        (entry,) = [e for e in controller.status()["instances"] if e["instance"] == live.instance_id]
+        assert entry["version"] == 1 and entry["lag_s"] is not None and entry["behind_s"] is None
+    finally:
+        live.close()

@@ -21,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import observability
 import pytest
 import tritonclient.grpc as grpcclient
 from observability import ALERTS, Exposition, alert_rules, dashboard_queries, load_dashboard, promql_metric_names
 
 from fire_backend.serving import metrics as m
+from fire_backend.serving.artifacts import models_dir
 from fire_backend.serving.ports import free_port
 from fire_backend.serving.server import TritonServer, running_server
 from fire_backend.wire.names import BYPASS_PARAMETER
@@ -93,28 +95,21 @@ class TritonPythonModel:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repository = tmp_path_factory.mktemp("metrics-probe") / "repository"
-    (repository / MODEL / "1").mkdir(parents=True)
-    (repository / MODEL / "config.pbtxt").write_text(CONFIG)
-    (repository / MODEL / "1" / "model.py").write_text(MODEL_PY)
+    model = models_dir(repository) / MODEL
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(CONFIG)
+    (model / "1" / "model.py").write_text(MODEL_PY)
     with running_server(repository, startup_timeout_s=120) as running:
         yield running
 
 
 def scrape(server: TritonServer) -> Exposition:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(server.urls["metrics"], timeout=10) as response:
-        return Exposition(response.read().decode())
+    return observability.scrape(server.urls["metrics"])
 
 
 def wait_for(server: TritonServer, condition: Callable[[Exposition], bool], what: str,
              timeout_s: float = 15.0) -> Exposition:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        page = scrape(server)
-        if condition(page):
-            return page
-        assert time.monotonic() < deadline, f"{what}: not on /metrics after {timeout_s:.0f} s"
-        time.sleep(0.1)
+    return observability.wait_for(server.urls["metrics"], condition, what, timeout_s)
 
 
 def send(client: grpcclient.InferenceServerClient, scores: np.ndarray, **params: object) -> np.ndarray:

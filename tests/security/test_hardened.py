@@ -33,7 +33,7 @@ from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
-from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE, FIRE_REPAIR, IMAGES, REQUEST, RESPONSE, TOKEN
+from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE, IMAGES, REQUEST, RESPONSE, TOKEN
 
 pytestmark = [pytest.mark.security, pytest.mark.integration]
 
@@ -108,7 +108,7 @@ def test_finding1_no_client_api_can_crash_the_server_or_load_code(hardened: Hard
                        ("/v2/trace/setting", b'{"trace_level": ["TIMESTAMPS"]}'),
                        ("/v2/repository/index", b"{}"),
                        ("/v2/repository/models/pwn/load", load),
-                       (f"/v2/repository/models/{FIRE_REPAIR}/unload", b"{}")]:
+                       (f"/v2/repository/models/{FIRE_ENSEMBLE}/unload", b"{}")]:
         assert http_status(http + path, body, json_type) == 403, path
     assert http_status(f"{http}/v2/systemsharedmemory/status") == 403
     with grpcclient.InferenceServerClient(hardened.grpc) as client:
@@ -118,7 +118,7 @@ def test_finding1_no_client_api_can_crash_the_server_or_load_code(hardened: Hard
                      lambda: client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
                      lambda: client.get_model_repository_index(),
                      lambda: client.load_model("pwn"),
-                     lambda: client.unload_model(FIRE_REPAIR)):
+                     lambda: client.unload_model(FIRE_ENSEMBLE)):
             with pytest.raises(InferenceServerException, match="restricted"):
                 call()
         assert client.is_server_ready() and client.is_model_ready(FIRE_ENSEMBLE)
@@ -353,9 +353,10 @@ def test_finding6_status_agrees_with_what_is_served(hardened: Hardened) -> None:
 # -- finding 4: a killed stage process was never replaced; readiness stayed 200 -----------------------------
 
 def test_finding4_a_killed_stage_is_replaced_while_readiness_says_so(hardened: Hardened, badnets_eval) -> None:
-    """kill -9 of one repair stub, under traffic, with CURRENT damaged on top (finding 3 for the instances that
-    start afterwards): detected, reloaded, reported, /ready 503 meanwhile; afterwards nothing fails, the new
-    instances apply the live version, and status lists exactly the running instances."""
+    """kill -9 of one repairing stub (fire_ensemble, fused since issue 15), under traffic, with CURRENT damaged on
+    top (finding 3 for the instances that start afterwards): detected, reloaded, reported, /ready 503 meanwhile;
+    afterwards nothing fails, the new instances apply the live version, and status lists exactly the running
+    instances."""
     store = hardened.store
     live = store.resolve().version
     original = store.current_path.read_bytes()
@@ -378,7 +379,7 @@ def test_finding4_a_killed_stage_is_replaced_while_readiness_says_so(hardened: H
     worker = threading.Thread(target=traffic)
     worker.start()
     try:
-        (victim,) = stubs(hardened, f"{FIRE_REPAIR}_0_1")
+        (victim,) = stubs(hardened, f"{FIRE_ENSEMBLE}_0_1")
         killed, killed_at = time.monotonic(), time.time()
         os.kill(victim.pid, signal.SIGKILL)
         hardened.wait(lambda: hardened.event(f"(pid {victim.pid}) died") is not None, 30, "stub death reported")
@@ -400,9 +401,10 @@ def test_finding4_a_killed_stage_is_replaced_while_readiness_says_so(hardened: H
     assert (result.labels == badnets_eval.poisoned_labels[:64]).mean() >= 0.9
     with ControlClient(hardened.grpc, hardened.token) as ctl:
         instances = ctl.status()["instances"]
-    assert sorted(i["instance"].rsplit("-", 1)[0] for i in instances) == [f"{FIRE_REPAIR}_0_0", f"{FIRE_REPAIR}_0_1"]
+    names = sorted(i["instance"].rsplit("-", 1)[0] for i in instances)
+    assert names == [f"{FIRE_ENSEMBLE}_0_0", f"{FIRE_ENSEMBLE}_0_1"]
     assert all(is_running(i["pid"]) and i["pid"] != victim.pid for i in instances)
-    assert hardened.event(f"{FIRE_REPAIR} recovered in") is not None
+    assert hardened.event(f"{FIRE_ENSEMBLE} recovered in") is not None
 
 
 # -- finding 8: leaks; here the control region (kill -9 leftovers: test_supervision.py) ---------------------

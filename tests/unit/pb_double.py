@@ -2,7 +2,8 @@
 
 It keeps Triton's contract where the stages depend on it: a tensor in GPU memory refuses ``as_numpy()`` with
 Triton's own message and is only reachable through DLPack; ``is_cpu()`` tells which; request parameters arrive as
-a JSON string; errors carry a code. No GPU is involved: a "GPU" tensor holds CPU memory behind the same interface.
+a JSON string; errors carry a code; the custom-metrics API is pb_metrics_double's (one simulated server, ``METRICS``,
+for the process). No GPU is involved: a "GPU" tensor holds CPU memory behind the same interface.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.dlpack
+from pb_metrics_double import PbMetrics
+
+#: the server's /metrics as this process's stages export to it
+METRICS = PbMetrics()
+MetricFamily = METRICS.MetricFamily
 
 
 class TritonError:

@@ -31,7 +31,7 @@ HELP_OPTIONS = {
     ("eval",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--layer", "--alpha", "--device",
                 "--batch-size", "--eval-images", "examples:"],
     ("sweep",): ["--checkpoint", "--clean", "--flagged", "--out", "--json", "--estimator", "--device",
-                 "--batch-size", "--eval-images", "examples:"],
+                 "--batch-size", "--eval-images", "--rank-layers", "--estimation", "examples:"],
     ("data",): ["export"],
     ("data", "export"): [
         "--checkpoint",
@@ -117,3 +117,20 @@ def test_parser_defaults() -> None:
     assert args.estimator == "unpaired"
     args = build_parser().parse_args(["train", "--out", "o"])
     assert (args.data, args.attack, args.target, args.poison_rate) == ("digits", "badnets", 0, 0.1)
+
+
+def test_ctl_status_shows_each_instances_version_and_lag_and_the_gone_ones(capsys) -> None:
+    from fire_backend.cli.ctl import _print_status
+
+    status = {"version": 3, "layer": "block2", "latent_shape": [32], "directions": [], "estimator": None,
+              "instances": [
+                  {"instance": "fire_ensemble_0_0-11", "version": 3, "lag_s": 0.0123, "behind_s": None, "alive": True},
+                  {"instance": "fire_ensemble_0_1-12", "version": 3, "lag_s": None, "behind_s": None, "alive": True},
+                  {"instance": "fire_repair_0_0-13", "version": 2, "lag_s": 0.004, "behind_s": 42.0, "alive": True}],
+              "gone": [{"instance": "fire_repair_0_1-14", "version": 1, "pid": 14, "alive": False}]}
+    _print_status(status)
+    lines = capsys.readouterr().out.splitlines()
+    assert "  repair instance fire_ensemble_0_0-11: version 3 (live; applied 12 ms after its commit)" in lines
+    assert "  repair instance fire_ensemble_0_1-12: version 3 (live; applied at start)" in lines
+    assert "  repair instance fire_repair_0_0-13: version 2, BEHIND the live version 3 for 42.0 s" in lines
+    assert "  repair instance fire_repair_0_1-14: GONE (pid 14 no longer runs; it last applied version 1)" in lines

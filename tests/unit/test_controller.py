@@ -7,6 +7,7 @@ The "head" is a fixed linear map of the image, so the expected estimates are com
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,11 +255,21 @@ def test_status_names_the_damage_and_what_a_restart_would_apply(controller: Cont
     assert act(controller, "status")["damage"] == []
 
 
-def test_status_lists_running_instances_only(controller: Controller) -> None:
-    controller.store.report_instance("fire_repair_0_0-here", 0)
-    stale = {"instance": "fire_repair_0_1-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
-    (controller.store.instances_dir / "fire_repair_0_1-gone.json").write_text(json.dumps(stale))
-    assert [i["instance"] for i in act(controller, "status")["instances"]] == ["fire_repair_0_0-here"]
+def test_status_shows_each_instances_version_and_lag_and_marks_gone_ones(controller: Controller) -> None:
+    pushed = act(controller, "push", directions=[direction(1)])["version"]
+    controller.store.report_instance("fire_repair_0_0-here", pushed, 0.012)
+    controller.store.report_instance("fire_repair_0_1-started", pushed)  # started on it: no propagation
+    controller.store.report_instance("fire_repair_0_2-behind", 0)
+    stale = {"instance": "fire_repair_0_3-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
+    (controller.store.instances_dir / "fire_repair_0_3-gone.json").write_text(json.dumps(stale))
+    status = act(controller, "status")
+    listed = {i["instance"]: (i["version"], i["lag_s"], i["behind_s"] is not None) for i in status["instances"]}
+    assert listed == {"fire_repair_0_0-here": (pushed, 0.012, False), "fire_repair_0_1-started": (pushed, None, False),
+                      "fire_repair_0_2-behind": (0, None, True)}
+    behind = next(i["behind_s"] for i in status["instances"] if i["version"] == 0)
+    committed = controller.store.history()[-1]["time"]
+    assert 0 <= behind <= time.time() - committed  # seconds since the live version's commit
+    assert [(g["instance"], g["version"]) for g in status["gone"]] == [("fire_repair_0_3-gone", 0)]
 
 
 class FakePb:
@@ -288,10 +299,18 @@ class FakePb:
 
 
 def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(controller: Controller) -> None:
-    from fire_backend.serving.control_stage import ControlStage
+    from observability import Exposition
+    from pb_metrics_double import PbMetrics
 
+    from fire_backend.serving import metrics as m
+    from fire_backend.serving.control_stage import REFUSED_LABEL_BYTES, ControlStage
+    from fire_backend.serving.controller import ACTIONS
+
+    server = PbMetrics()
     stage = ControlStage.__new__(ControlStage)
     stage.pb, stage.controller = FakePb, controller
+    stage.metrics = m.ControlMetrics(server, "fire_control", "fire_control_0_0", ACTIONS,
+                                     config=m.MetricsConfig(flush_interval_s=3600.0))
 
     def request(body: bytes, credential: bytes) -> dict:
         return {name: FakePb.Tensor(name, np.array([value], dtype=np.object_))
@@ -308,7 +327,26 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     def broken(*_args, **_kwargs):
         raise RuntimeError(f"{controller.artifacts}/store/CURRENT: something deep went wrong")
 
+    unknown = json.dumps({"action": "status", "verbose": True}).encode()
+    (invalid,) = stage.execute([request(unknown, sign(TOKEN, CONTROL, digest(unknown, b"")).encode())])
+    assert invalid.error.code == "INVALID_ARG" and "unknown field" in invalid.error.message
+    (garbage,) = stage.execute([request(b"\xff not json", b"nonsense")])
+    assert garbage.error.code == "INVALID_ARG"
+    padded = json.dumps({"action": "push", "directions": [{"beta": [0.0] * REFUSED_LABEL_BYTES}]}).encode()
+    (big,) = stage.execute([request(padded, b"nonsense")])  # refused unread: its label is not parsed either
+    assert big.error.code == "INVALID_ARG"
+
     controller.handle = broken
     (failed,) = stage.execute([request(raw, b"x")])
     assert failed.error.code == "INTERNAL" and str(controller.artifacts) not in failed.error.message
     assert failed.error.message == "fire_control: internal error; the server log has the details"
+
+    # Every action counted once, by the action it names and how it ended.
+    stage.metrics.flush()
+    page = Exposition(server.exposition())
+    counted = {(s.labels["action"], s.labels["result"]): s.value
+               for s in page.select(m.CONTROL_ACTIONS_TOTAL.name) if s.value}
+    assert counted == {("status", m.RESULT_OK): 1, ("status", m.RESULT_REFUSED_AUTH): 1,
+                       ("status", m.RESULT_REFUSED_VALIDATION): 1, (m.OTHER_ACTION, m.RESULT_REFUSED_AUTH): 2,
+                       ("status", m.RESULT_ERROR): 1}
+    stage.metrics.close()

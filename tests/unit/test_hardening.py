@@ -25,7 +25,7 @@ from fire_backend.serving.repository import RepositoryOptions, write_configs
 from fire_backend.serving.server import UNSENDABLE_HEADER, ServerConfig, TritonServer
 from fire_backend.serving.supervisor import describe_exit
 from fire_backend.split import candidate_layers
-from fire_backend.wire.names import FIRE_CONTROL, FIRE_HEAD, FIRE_MONOLITHIC, FIRE_REPAIR, FIRE_TAIL
+from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def repository(tmp_path: Path) -> Path:
     shapes = dict(candidate_layers(DigitsCNN(), (1, 8, 8)))
     settings = ServingSettings(layer="block2", input_shape=(1, 8, 8), latent_shape=shapes["block2"],
                                num_classes=10, arch="digits_cnn")
-    write_configs(tmp_path, settings, RepositoryOptions(repair_instances=3))
+    write_configs(tmp_path, settings, RepositoryOptions(model_instances=3))  # the default (fused) layout
     return tmp_path
 
 
@@ -84,20 +84,19 @@ def test_a_private_dev_shm_wraps_the_command_in_a_mount_namespace(repository: Pa
 
 def test_the_private_dev_shm_is_sized_from_the_stubs(repository: Path) -> None:
     stubs = sum(len(m.instances) for m in stub_models(repository / "models"))
-    assert stubs == 7  # head, 3 repair, tail, monolithic, control
+    assert stubs == 4  # 3 fused, control
     server = TritonServer(ServerConfig(repository))
-    assert server._shm_size_mib() == shm.SHM_BASE_MIB + shm.SHM_MIB_PER_STUB * 7
+    assert server._shm_size_mib() == shm.SHM_BASE_MIB + shm.SHM_MIB_PER_STUB * 4
 
 
 # -- instance names -------------------------------------------------------------------------------------------
 
 def test_instance_names_of_a_built_repository(repository: Path) -> None:
     names = {m.name: m.instances for m in stub_models(repository / "models")}
-    assert names == {FIRE_CONTROL: ("fire_control_0_0",), FIRE_HEAD: ("fire_head_0_0",),
-                     FIRE_MONOLITHIC: ("fire_monolithic_0_0",), FIRE_TAIL: ("fire_tail_0_0",),
-                     FIRE_REPAIR: ("fire_repair_0_0", "fire_repair_0_1", "fire_repair_0_2")}
-    (repair,) = [m for m in stub_models(repository / "models") if m.name == FIRE_REPAIR]
-    assert repair.version_dir == repository / "models" / FIRE_REPAIR / "1"
+    assert names == {FIRE_CONTROL: ("fire_control_0_0",),
+                     FIRE_ENSEMBLE: ("fire_ensemble_0_0", "fire_ensemble_0_1", "fire_ensemble_0_2")}
+    (fused,) = [m for m in stub_models(repository / "models") if m.name == FIRE_ENSEMBLE]
+    assert fused.version_dir == repository / "models" / FIRE_ENSEMBLE / "1"
 
 
 def test_instance_names_follow_tritons_rules() -> None:

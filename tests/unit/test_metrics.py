@@ -407,3 +407,16 @@ def test_live_version_follows_the_store_and_survives_a_failing_read(pb: PbMetric
     exporter.flush()
     assert scrape(pb).one(m.LIVE_VERSION.name) == 3
     exporter.close()
+
+
+def test_the_summary_shows_counters_that_moved_and_every_gauge(pb: PbMetrics, batch: m.BatchMetrics) -> None:
+    batch.record_batch(2, np.array([0.1, 0.9, 0.8]), np.array([False, True, True]), 1)
+    batch.applied(3)
+    batch.flush()
+    page = pb.exposition() + 'nv_inference_count{model="fire_ensemble",version="1"} 7\n'
+    lines = m.summary_lines(page)
+    shown = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+    assert math.isnan(shown.pop(m.APPLY_LAG_SECONDS.name))  # a gauge: shown even before any propagation
+    assert shown == {m.REQUESTS_TOTAL.name: 2, m.SAMPLES_TOTAL.name: 3, m.FLAGGED_SAMPLES_TOTAL.name: 2,
+                     m.BYPASSED_REQUESTS_TOTAL.name: 1, m.APPLIED_VERSION.name: 3}
+    assert len(lines) == 6  # no store error (all at 0), no bucket, no Triton metric, no HELP/TYPE line

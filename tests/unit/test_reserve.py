@@ -177,7 +177,7 @@ def test_a_repository_build_reads_only_the_reserve_images_it_uses(
 
     monkeypatch.setattr(repository, "load_checkpoint", counting_load)
     monkeypatch.setitem(fire_test_triggers.SEEN, "images", 0)
-    repository.build_repository(checkpoint, tmp_path / "repo", flagged=20)
+    repository.build_repository(checkpoint, tmp_path / "repo", "block2", flagged=20)
     # candidate_layers' one shape probe + 100 clean + 20 flagged images, and only those 20 through the attack
     assert seen["head"] == 1 + 100 + 20
     assert fire_test_triggers.SEEN["images"] == 20
@@ -221,7 +221,7 @@ def test_repo_build_on_a_class_ordered_file_learns_from_flagged_non_target_image
     """With the reserve "the first 200 test images" every one was of class 0, the target: no flagged sample at all,
     and a direction estimated from nothing was served."""
     proc = fire("repo", "build", "--checkpoint", str(ordered_checkpoint), "--out", str(tmp_path / "repo"),
-                "--flagged", "20")
+                "--layer", "block2", "--flagged", "20")
     assert proc.returncode == 0, proc.stderr
     artifacts = tmp_path / "repo" / ARTIFACTS_DIR
     store = DirectionStore(artifacts / STORE_DIR)

@@ -19,9 +19,12 @@ import numpy as np
 import pb_double as pb
 import pytest
 import torch
+from observability import Exposition
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
+from fire_backend.serving import live_plan as stages_live_plan
+from fire_backend.serving import metrics as m
 from fire_backend.serving import stages
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir, require_fire_repository
 from fire_backend.serving.control_stage import ControlStage
@@ -117,11 +120,15 @@ def test_a_rebuilt_copy_follows_the_store_its_options_name(repos, tmp_path: Path
     assert DirectionStore(tmp_path / "copy" / ARTIFACTS_DIR / "store").live_version() == 1  # the source's file copy
 
 
-def make(stage_class, repository: Path, model: str):
+def make(stage_class, repository: Path, model: str, instance: str | None = None):
+    """The stage as Triton would load it; ``instance``: its instance name (its own metric series)."""
+    args = stage_args(repository, model)
+    if instance is not None:
+        args["model_instance_name"] = instance
     with pytest.MonkeyPatch.context() as mp:
         for key, value in pinned_token(TOKEN).items():
             mp.setenv(key, value)
-        return stage_class(stage_args(repository, model), pb)
+        return stage_class(args, pb)
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +247,88 @@ def test_separate_head_checks_the_credential_and_repair_honours_only_allowed_byp
     strict = make(stages.RepairStage, repos["strict"], "fire_separate_repair")
     error = strict.execute([pb.InferenceRequest({LATENT: latent}, {BYPASS_PARAMETER: True})])[0].error
     assert error is not None and "--allow-bypass" in error.message()
+
+
+# -- FIRE's metrics from the stages that score -------------------------------------------------------
+
+def scrape() -> Exposition:
+    return Exposition(pb.METRICS.exposition())
+
+
+@pytest.mark.parametrize(("layout", "stage_class", "model"), [
+    ("fused", stages.FusedStage, FIRE_ENSEMBLE),
+    ("inline", stages.InlineHeadStage, "fire_inline_head"),
+    ("separate", stages.RepairStage, "fire_separate_repair"),
+])
+def test_every_scoring_stage_exports_what_its_clients_saw(repos, badnets_eval, layout, stage_class, model) -> None:
+    instance = f"{model}_metrics_{layout}"
+    stage = make(stage_class, repos["allowing"], model, instance)
+    head = make(stages.HeadStage, repos["allowing"], "fire_separate_head") if layout == "separate" else None
+    mine = {"model": model, "model_instance": instance, "layout": layout}
+
+    def request(x: np.ndarray, bypass: bool = False, signed: bool = True):
+        parameters = {BYPASS_PARAMETER: True, CREDENTIAL_PARAMETER: credential(x)} if bypass and signed else \
+            {BYPASS_PARAMETER: True} if bypass else {}
+        if head is None:
+            return pb.image_request(x, **parameters)
+        latent = head.execute([pb.image_request(x)])[0].output_tensors[0]
+        return pb.InferenceRequest({LATENT: pb.Tensor(LATENT, np.asarray(latent.array))}, parameters)
+
+    rng = np.random.default_rng(9)
+    clean, triggered, bypassed = badnets_eval.clean[:3], badnets_eval.poisoned[:2], badnets_eval.poisoned[2:4]
+    batches = [[request(clean), request(triggered), request(bypassed, bypass=True)],
+               [request(digits(int(rng.integers(1, 4)), 13 + i)) for i in range(3)]]
+    if head is None:  # an image stage refuses an unsigned bypass: not scored, not counted
+        batches[1].append(request(digits(1, 20), bypass=True, signed=False))
+    before = scrape()
+    served = [r for b in batches for r in stage.execute(b) if r.error is None]
+    stage.metrics.flush()
+    page = scrape()
+
+    def delta(family: m.Family, **labels: str) -> float:
+        return page.total(family.name, **mine, **labels) - before.total(family.name, **mine, **labels)
+
+    scores = np.concatenate([r.outputs()[REPAIR_SCORE].ravel() for r in served]).astype(np.float64)
+    flagged = sum(int(r.outputs()[FLAGGED].sum()) for r in served)
+    assert 0 < flagged < len(scores)  # the mix has both
+    assert delta(m.REQUESTS_TOTAL) == len(served) == 6
+    assert delta(m.SAMPLES_TOTAL) == len(scores)
+    assert delta(m.FLAGGED_SAMPLES_TOTAL) == flagged
+    assert delta(m.BYPASSED_REQUESTS_TOTAL) == 1
+    assert delta(m.SCORE_BUCKET, le="0.5") == int(np.sum(scores <= 0.5))
+    assert delta(m.SCORE_COUNT) == len(scores)
+    assert page.one(m.APPLIED_VERSION.name, **mine) == 1
+    stage.finalize()
+    assert not scrape().select(m.REQUESTS_TOTAL.name, model_instance=instance)  # its series left /metrics
+
+
+def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage(repos, tmp_path) -> None:
+    repository = tmp_path / "repository"
+    rebuild_repository(repos["allowing"], repository, RepositoryOptions(max_batch_size=4))
+    store = DirectionStore(repository / ARTIFACTS_DIR / "store")
+    instance = "fire_ensemble_idle"
+    fused = make(stages.FusedStage, repository, FIRE_ENSEMBLE, instance)
+    mine = {"model_instance": instance}
+    pushed = store.commit(store.read_version(1).directions, "push")
+    deadline = time.monotonic() + 5 * stages_live_plan.WATCH_INTERVAL_S + 5
+    while fused.live.plan.version != pushed:  # no batch: the watcher applies it
+        assert time.monotonic() < deadline, "an idle instance did not apply the pushed version"
+        time.sleep(0.05)
+    (entry,) = [e for e in store.registry.entries() if e["instance"] == fused.live.instance_id]
+    assert entry["version"] == pushed and 0 <= entry["lag_s"] < 5
+    fused.metrics.flush()
+    page = scrape()
+    assert page.one(m.APPLIED_VERSION.name, **mine) == pushed
+    assert 0 <= page.one(m.APPLY_LAG_SECONDS.name, **mine) < 5
+    damaged = page.total(m.STORE_ERRORS_TOTAL.name, kind=m.STORE_UNREADABLE_POINTER, **mine)
+    store.current_path.write_bytes(b"{torn")
+    deadline = time.monotonic() + 5
+    while scrape().total(m.STORE_ERRORS_TOTAL.name, kind=m.STORE_UNREADABLE_POINTER, **mine) == damaged:
+        assert time.monotonic() < deadline, "the unreadable CURRENT was not counted"
+        time.sleep(0.05)
+    assert fused.live.plan.version == pushed  # fails closed: the history still names the pushed version
+    fused.finalize()
+    assert not [e for e in store.registry.entries() if e["instance"] == fused.live.instance_id]
 
 
 def test_image_validation_refuses_each_bad_request_alone(repos) -> None:

@@ -14,8 +14,11 @@ import torch
 
 from fire_backend.fire import AugmentedEstimator, Direction, EstimatorState, RunningMean, UnpairedEstimator
 from fire_backend.store import (
+    MAGIC,
+    MAGIC_LAYERED,
     DirectionSet,
     DirectionStore,
+    LayeredSet,
     LiveState,
     StoreError,
     StoreFollower,
@@ -205,6 +208,54 @@ def test_the_instance_registry_lists_running_instances_only(store: DirectionStor
                                                                      "fire_repair_0_0-remote.json"]
 
 
+def test_damage_is_reported_by_kind_once_per_distinct_damage(tmp_path: Path) -> None:
+    from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER
+
+    met: list[str] = []
+    store = DirectionStore(tmp_path / "store", met.append).ensure()
+    store.initialize()
+    store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    assert met == []  # a healthy store reports nothing
+    # A flipped byte in version 2's payload: met on every read, reported once.
+    path = store.version_path(2)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    for _ in range(3):
+        assert store.resolve().verified == 1
+    assert met == [CHECKSUM]
+    # A torn line in the middle of the history counts; a last line still without its newline (an append in
+    # progress, as a reader may see it) does not, until it is followed.
+    with open(store.history_path, "ab") as handle:
+        handle.write(b'{"action": "push", "ver')
+    store.history()
+    assert met == [CHECKSUM]
+    with open(store.history_path, "ab") as handle:
+        handle.write(b"\n")
+    store.history()
+    store.history()
+    assert met == [CHECKSUM, TORN_LINE]
+    store.current_path.write_bytes(b"{not json")
+    assert store.read_pointer() is None and store.read_pointer() is None
+    assert met == [CHECKSUM, TORN_LINE, UNREADABLE_POINTER]
+    store.current_path.write_bytes(b'{"version": "2"}')  # other damage: reported again
+    store.read_pointer()
+    assert met == [CHECKSUM, TORN_LINE, UNREADABLE_POINTER, UNREADABLE_POINTER]
+    # The same damage met by a follower (a repair instance) and without a listener: nothing breaks.
+    assert StoreFollower(DirectionStore(store.root)).poll() is True
+
+
+def test_committed_at_is_the_time_of_the_newest_line_that_made_a_version_live(store: DirectionStore) -> None:
+    first = store.commit(direction_set(1), "push")
+    store.commit(direction_set(2), "push")
+    store.rollback(first)
+    lines = store.history()
+    assert store.committed_at(first) == lines[-1]["time"] > lines[0]["time"]
+    assert store.committed_at(first, lines[0]["sha256"]) == lines[-1]["time"]
+    assert store.committed_at(first, "0" * 64) is None and store.committed_at(7) is None
+
+
 def test_rollback(store: DirectionStore) -> None:
     for seed in (1, 2, 3):
         store.commit(direction_set(seed), "push")
@@ -298,3 +349,33 @@ def test_validation_rejects_what_a_repair_must_never_apply() -> None:
     for candidate, message in bad:
         with pytest.raises(ValueError, match=message):
             validate_direction_set(candidate, DIM, 1e4, 10.0, 8)
+
+
+def test_several_layers_commit_as_one_version_and_round_trip(store: DirectionStore) -> None:
+    flagged = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    ranking = [{"layers": ["early"], "flip": 1.0, "change": 0.0, "clean_tv": 0.001, "score": 1.0}]
+    layered = LayeredSet({"early": direction_set(1), "late": DirectionSet(np.ones(3, np.float32))}, flagged, ranking)
+    assert store.commit(layered, "observe") == 1
+    assert len(list(store.versions_dir.glob("*.fire"))) == 1 and store.live_version() == 1
+    version = store.read_version(1)
+    assert version.header["magic"] == MAGIC_LAYERED
+    back = version.layered
+    assert list(back.sets) == ["early", "late"] and back.ranking == ranking
+    np.testing.assert_array_equal(back.flagged, flagged)
+    assert torch.equal(back.sets["early"].directions[0].beta, layered.sets["early"].directions[0].beta)
+    assert back.sets["late"].directions == [] and back.counts("late") == {"early": 1, "late": 0}
+    with pytest.raises(StoreError, match="holds 2 layers"):
+        _ = version.directions
+
+
+def test_a_version_of_the_one_layer_format_loads_as_the_split_layer(store: DirectionStore) -> None:
+    ds = direction_set(3)
+    store.commit(ds, "push")
+    version = store.read_version(1)
+    assert version.header["magic"] == MAGIC  # one set is still written in the first format, byte for byte
+    assert version.directions.center.tobytes() == ds.center.tobytes()
+    sets = version.layered.at("layer4.0")
+    assert list(sets) == ["layer4.0"] and torch.equal(sets["layer4.0"].directions[0].beta, ds.directions[0].beta)
+    store.commit(LayeredSet({"layer1.0": direction_set(4), "layer4.0": ds}), "push")
+    assert store.rollback(1) == 1 and store.read_version(store.live_version()).layered.counts("layer4.0") == \
+        {"layer4.0": 1}

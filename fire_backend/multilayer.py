@@ -1,0 +1,227 @@
+"""Directions at several layers from the defender's evidence, and the label-free choice of the layers to repair.
+
+The defender has flagged images (their predicted label is the attack's target) and a clean reserve, never true
+labels. :func:`estimate` turns that evidence into one direction set per layer with the FIRE math of
+:mod:`fire_backend.fire`; :func:`rank_subsets` scores candidate layer subsets by K-fold over the evidence alone.
+``fire sweep`` (offline) and the control endpoint's ``observe`` (online) both call these, so what is ranked offline
+is what is served.
+
+Two estimation modes: ``independent`` (the measured default) estimates every layer from unrepaired latents;
+``ordered`` estimates a deeper layer on latents already repaired upstream, as the served network will see them.
+On the full-size CIFAR-10 BadNets model, layer1.0 + layer4.0 reached PA .86 / ASR .029 independent but .69 / .21
+ordered: the upstream repair already moves the flagged latents, so the deeper shift is small and noisy.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fire_backend.defaults import ESTIMATION_MODES
+from fire_backend.fire import Direction, UnpairedOptions, centroid, compile_directions, repair, unpaired_direction
+from fire_backend.split import Part
+
+MODES = ESTIMATION_MODES
+#: the layers a repository repairs at when none is named (``fire repo build``): an early and a deep one, chosen from
+#: measurements (CIFAR-10 PreActResNet18: layer4.0 alone fails Blended, PA .56; layer1.0 alone leaves BadNets ASR
+#: up to .20; both, independent, z-score 4, non-target reference: BadNets PA .878 ASR .016, Blended PA .835 ASR
+#: .014; digits: block1 + block2 ranked best for every digits attack measured); the ranking then picks among
+#: their subsets online
+DEFAULT_REPAIR_LAYERS = {"digits_cnn": ("block1", "block2"), "preact_resnet18": ("layer1.0", "layer4.0")}
+#: folds of the label-free ranking, and the weight of a changed clean prediction against a flipped flagged one
+FOLDS = 5
+CHANGE_WEIGHT = 2.0
+#: subsets of at most this many layers are ranked (the measured gains stop at two)
+MAX_SUBSET = 2
+
+LayerSets = dict[str, tuple[list[Direction], torch.Tensor]]
+Hook = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EstimationSettings:
+    """How directions are estimated from flagged images (typed; the serving settings and the CLI fill it in)."""
+
+    mode: str = "independent"
+    options: UnpairedOptions = UnpairedOptions()
+    alpha: float = 1.0
+    threshold: float = 0.5
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"estimation mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+
+
+def _in_order(net: Part, layers: Sequence[str]) -> list[str]:
+    net.check_hooks(layers)
+    return sorted(set(layers), key=net.layers.index)
+
+
+def run(net: Part, images: torch.Tensor, repairs: Mapping[str, Hook],
+        capture: Sequence[str] = (), batch: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits of ``images`` (CPU) with ``repairs`` hooked in, and the latents entering each ``capture`` layer's
+    repair (CPU, flattened), i.e. the latent after that layer with every upstream repair applied."""
+    device = next(net.parameters()).device
+    logits, captured = [], {layer: [] for layer in capture}
+
+    def hook(layer: str) -> Hook:
+        fix = repairs.get(layer)
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            if layer in captured:
+                captured[layer].append(x.flatten(1).cpu())
+            return fix(x) if fix is not None else x
+        return apply
+
+    hooks = {layer: hook(layer) for layer in {*repairs, *capture}}
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            logits.append(net(images[start:start + batch].to(device), hooks).cpu())
+    return torch.cat(logits), {layer: torch.cat(parts) for layer, parts in captured.items()}
+
+
+def repairs_of(sets: LayerSets, device: torch.device | str = "cpu") -> dict[str, Hook]:
+    """Hooks applying each layer's directions (the served repair, :func:`fire_backend.fire.repair`)."""
+    hooks = {}
+    for layer, (directions, center) in sets.items():
+        if directions:
+            compiled = compile_directions(directions, center, center.numel(), device)
+            hooks[layer] = lambda x, c=compiled: repair(x, c)[0]
+    return hooks
+
+
+class Evidence:
+    """The defender's images and what the unrepaired network makes of them (computed once, reused by every fold
+    and candidate): the target (the majority prediction on the flagged images), the clean predictions, and the
+    unrepaired latents at every layer asked for."""
+
+    def __init__(self, net: Part, clean: torch.Tensor, flagged: torch.Tensor, layers: Sequence[str],
+                 batch: int = 64) -> None:
+        if len(flagged) == 0 or len(clean) == 0:
+            raise ValueError("estimation needs at least one flagged and one clean image")
+        self.net, self.clean, self.flagged, self.batch = net, clean, flagged, batch
+        self.layers = _in_order(net, layers)
+        clean_logits, self.clean_latents = run(net, clean, {}, self.layers, batch)
+        flagged_logits, self.flagged_latents = run(net, flagged, {}, self.layers, batch)
+        self.clean_logits = clean_logits
+        self.clean_pred = clean_logits.argmax(1)
+        self.target = int(torch.mode(flagged_logits.argmax(1)).values)
+
+
+def estimate(evidence: Evidence, layers: Sequence[str], settings: EstimationSettings,
+             clean_rows: np.ndarray | None = None, flagged_rows: np.ndarray | None = None) -> LayerSets:
+    """One direction and the clean centroid per layer, from the evidence's rows (all by default).
+
+    ``independent``: every layer from the cached unrepaired latents. ``ordered``: layer by layer in stage order,
+    each from latents repaired at the layers before it.
+    """
+    ev = evidence
+    crows = slice(None) if clean_rows is None else torch.as_tensor(clean_rows)
+    frows = slice(None) if flagged_rows is None else torch.as_tensor(flagged_rows)
+    sets: LayerSets = {}
+    for layer in _in_order(ev.net, layers):
+        if settings.mode == "independent" or not sets:
+            clean, flagged, clean_pred = ev.clean_latents[layer][crows], ev.flagged_latents[layer][frows], \
+                ev.clean_pred[crows]
+        else:
+            upstream = repairs_of(sets)
+            logits, clean_at = run(ev.net, ev.clean[crows], upstream, [layer], ev.batch)
+            _, flagged_at = run(ev.net, ev.flagged[frows], upstream, [layer], ev.batch)
+            clean, flagged, clean_pred = clean_at[layer], flagged_at[layer], logits.argmax(1)
+        beta = unpaired_direction(flagged, clean, settings.options, clean_pred, ev.target)
+        directions = [Direction(beta, settings.alpha, "projection", settings.threshold)] if beta.norm() > 0 else []
+        sets[layer] = (directions, centroid(clean))
+    return sets
+
+
+@dataclass(frozen=True)
+class FoldScore:
+    """What the K folds say of one layer subset, without labels.
+
+    ``flip``: share of held-out flagged images whose prediction leaves the target after the repair; ``change``:
+    share of held-out clean images whose prediction changes; ``clean_tv``: mean total-variation distance of the
+    held-out clean images' class probabilities (the tie-break: a repair that leaves clean outputs alone).
+    """
+
+    layers: tuple[str, ...]
+    flip: float
+    change: float
+    clean_tv: float
+
+    @property
+    def score(self) -> float:
+        return self.flip - CHANGE_WEIGHT * self.change
+
+    def key(self) -> tuple[float, float, int]:
+        """Higher is better: the rule, then the tie-break, then fewer layers (cheaper to serve)."""
+        return (round(self.score, 9), -round(self.clean_tv, 9), -len(self.layers))
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "flip": self.flip, "change": self.change, "clean_tv": self.clean_tv,
+                "score": self.score}
+
+
+def fold_score(evidence: Evidence, layers: Sequence[str], settings: EstimationSettings, folds: int = FOLDS,
+               seed: int = 0) -> FoldScore:
+    """:class:`FoldScore` of repairing at ``layers``: estimate on K-1 folds of the flagged and clean images, count
+    flips and changes on the held-out fold, over all K folds."""
+    ev = evidence
+    if len(ev.flagged) < folds or len(ev.clean) < folds:
+        raise ValueError(f"the ranking needs at least {folds} flagged and {folds} clean images")
+    rng = np.random.default_rng(seed)
+    flagged_folds = np.array_split(rng.permutation(len(ev.flagged)), folds)
+    clean_folds = np.array_split(rng.permutation(len(ev.clean)), folds)
+    base_prob = ev.clean_logits.softmax(1)
+    flips = changes = 0
+    tv = 0.0
+    for f in range(folds):
+        train_f = np.concatenate([flagged_folds[g] for g in range(folds) if g != f])
+        train_c = np.concatenate([clean_folds[g] for g in range(folds) if g != f])
+        hooks = repairs_of(estimate(ev, layers, settings, train_c, train_f))
+        held_f, held_c = torch.as_tensor(flagged_folds[f]), torch.as_tensor(clean_folds[f])
+        flagged_logits, _ = run(ev.net, ev.flagged[held_f], hooks, (), ev.batch)
+        clean_logits, _ = run(ev.net, ev.clean[held_c], hooks, (), ev.batch)
+        flips += int((flagged_logits.argmax(1) != ev.target).sum())
+        changes += int((clean_logits.argmax(1) != ev.clean_pred[held_c]).sum())
+        tv += float(0.5 * (clean_logits.softmax(1) - base_prob[held_c]).abs().sum(1).sum())
+    return FoldScore(tuple(_in_order(ev.net, layers)), flips / len(ev.flagged), changes / len(ev.clean),
+                     tv / len(ev.clean))
+
+
+def candidate_subsets(layers: Sequence[str], max_size: int = MAX_SUBSET) -> list[tuple[str, ...]]:
+    """Every non-empty subset of ``layers`` of at most ``max_size`` layers (in the given order)."""
+    return [combo for size in range(1, min(max_size, len(layers)) + 1)
+            for combo in itertools.combinations(layers, size)]
+
+
+def ranked(scores: Sequence[FoldScore]) -> list[FoldScore]:
+    """Best first by the rule: highest flip - CHANGE_WEIGHT x change; then the lowest clean_tv; then the fewest
+    layers."""
+    return sorted(scores, key=FoldScore.key, reverse=True)
+
+
+def rank_subsets(evidence: Evidence, settings: EstimationSettings, candidates: Sequence[Sequence[str]] | None = None,
+                 folds: int = FOLDS) -> list[FoldScore]:
+    """Every candidate subset (default: :func:`candidate_subsets` of the evidence's layers) scored, best first."""
+    subsets = candidates if candidates is not None else candidate_subsets(evidence.layers)
+    return ranked([fold_score(evidence, subset, settings, folds) for subset in subsets])
+
+
+def learn(evidence: Evidence, settings: EstimationSettings, folds: int = FOLDS) -> tuple[LayerSets, list[FoldScore]]:
+    """Choose the layers to repair from the evidence alone, and their directions: an entry for every evidence layer,
+    those outside the chosen subset with no direction (their clean centroid kept).
+
+    With several layers and at least ``folds`` flagged and clean images, the best subset of
+    :func:`rank_subsets` is repaired (the ranking is returned, best first); otherwise every layer is, unranked.
+    """
+    ev = evidence
+    enough = len(ev.flagged) >= folds and len(ev.clean) >= folds
+    ranking = rank_subsets(ev, settings, folds=folds) if len(ev.layers) > 1 and enough else []
+    chosen = ranking[0].layers if ranking else tuple(ev.layers)
+    sets = estimate(ev, chosen, settings)
+    return {layer: sets.get(layer) or ([], centroid(ev.clean_latents[layer])) for layer in ev.layers}, ranking

@@ -1,0 +1,164 @@
+"""Sharpened unpaired estimation, independent vs ordered estimation at several layers, and the label-free ranking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fire_backend.fire import (
+    PLAIN,
+    Reference,
+    UnpairedOptions,
+    compile_directions,
+    reference,
+    repair,
+    significant,
+    unpaired_direction,
+)
+from fire_backend.multilayer import (
+    CHANGE_WEIGHT,
+    EstimationSettings,
+    Evidence,
+    FoldScore,
+    candidate_subsets,
+    estimate,
+    rank_subsets,
+    ranked,
+)
+from fire_backend.split import Part
+
+D = 32
+
+
+def test_significant_keeps_the_planted_coordinates_and_zeroes_the_noise() -> None:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(100, D, generator=g)
+    shift = torch.zeros(D)
+    shift[:3] = 5.0
+    flagged = torch.randn(20, D, generator=g) + shift
+    plain = unpaired_direction(flagged, clean)
+    sharp = unpaired_direction(flagged, clean, UnpairedOptions(z=4.0, nontarget=False))
+    assert bool((plain[3:] != 0).all())  # the plain shift carries every coordinate's noise
+    assert torch.equal(sharp[:3], plain[:3]) and int((sharp[3:] != 0).sum()) == 0
+    assert torch.allclose(plain, (flagged.double().mean(0) - clean.double().mean(0)).float())
+
+
+def test_significant_without_a_passing_coordinate_returns_the_shift_and_refuses_a_bad_z() -> None:
+    ref = Reference.of(torch.randn(50, D, generator=torch.Generator().manual_seed(1)))
+    tiny = torch.full((D,), 1e-3)
+    assert torch.equal(significant(tiny, torch.ones(D), 20, ref, 4.0), tiny)
+    with pytest.raises(ValueError, match="> 0"):
+        significant(tiny, torch.ones(D), 20, ref, 0.0)
+    with pytest.raises(ValueError, match="z must be"):
+        UnpairedOptions(z=-1.0)
+
+
+def test_nontarget_reference_leaves_out_clean_latents_predicted_as_the_target() -> None:
+    clean = torch.cat([torch.zeros(6, D), torch.full((4, D), 10.0)])
+    predictions = torch.tensor([1, 2, 3, 1, 2, 3, 0, 0, 0, 0])
+    flagged = torch.full((5, D), 10.0)
+    assert torch.allclose(reference(clean, predictions, target=0).mean, torch.zeros(D, dtype=torch.float64))
+    assert reference(clean, predictions, target=0).count == 6
+    near = unpaired_direction(flagged, clean, UnpairedOptions(z=None, nontarget=True), predictions, 0)
+    assert torch.allclose(near, torch.full((D,), 10.0))  # measured from the non-target images only
+    assert torch.allclose(unpaired_direction(flagged, clean, PLAIN, predictions, 0), torch.full((D,), 6.0))
+    # fewer than two non-target latents: every clean latent is the reference
+    assert reference(clean, torch.zeros(10, dtype=torch.long), target=0).count == 10
+
+
+class Chain(nn.Module):
+    """Two identity stages and a linear head: the latent at ``b`` equals the one at ``a`` unless ``a`` is repaired."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Identity(), nn.Identity()
+        self.head = nn.Linear(D, 3)
+        torch.manual_seed(0)
+
+    def stages(self):
+        return [("a", self.a), ("b", self.b), ("head", self.head)]
+
+
+def chain_evidence() -> Evidence:
+    g = torch.Generator().manual_seed(2)
+    shift = torch.zeros(D)
+    shift[:4] = 6.0
+    clean = torch.randn(40, D, generator=g)
+    flagged = torch.randn(10, D, generator=g) + shift
+    model = Chain().eval()
+    return Evidence(Part(model, 0, 3), clean, flagged, ["b", "a"])
+
+
+@pytest.mark.parametrize("options", [PLAIN, UnpairedOptions()])
+def test_independent_estimates_every_layer_from_unrepaired_latents(options) -> None:
+    ev = chain_evidence()
+    sets = estimate(ev, ["a", "b"], EstimationSettings("independent", options))
+    assert list(sets) == ["a", "b"]
+    (beta_a,), (beta_b,) = sets["a"][0], sets["b"][0]
+    assert torch.equal(beta_a.beta, beta_b.beta) and float(beta_a.beta.norm()) > 10
+
+
+def test_ordered_estimates_a_deeper_layer_on_latents_repaired_upstream() -> None:
+    ev = chain_evidence()
+    sets = estimate(ev, ["b", "a"], EstimationSettings("ordered", PLAIN))
+    (first,), center_a = sets["a"]
+    compiled = compile_directions([first], center_a, D)
+    repaired_clean, _, _ = repair(ev.clean, compiled)
+    repaired_flagged, _, _ = repair(ev.flagged, compiled)
+    expected = unpaired_direction(repaired_flagged, repaired_clean)
+    (second,), center_b = sets["b"]
+    assert torch.allclose(second.beta, expected, atol=1e-5)
+    assert torch.allclose(center_b, repaired_clean.mean(0), atol=1e-5)
+    assert float(second.beta.norm()) < 0.2 * float(first.beta.norm())  # the upstream repair took the shift away
+
+
+def test_the_rule_prefers_flips_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
+    both = FoldScore(("l1", "l4"), flip=1.0, change=0.02, clean_tv=0.014)
+    alone = FoldScore(("l1",), flip=1.0, change=0.0, clean_tv=0.001)
+    deep = FoldScore(("l4",), flip=0.97, change=0.0, clean_tv=0.010)
+    calm = FoldScore(("l1", "l2"), flip=1.0, change=0.0, clean_tv=0.001)
+    assert alone.score == 1.0 and both.score == pytest.approx(1.0 - CHANGE_WEIGHT * 0.02)
+    assert [s.layers for s in ranked([both, deep, calm, alone])] == [("l1",), ("l1", "l2"), ("l4",), ("l1", "l4")]
+    assert candidate_subsets(["a", "b", "c"]) == [("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c")]
+
+
+def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_working_subset(digits_checkpoint) -> None:
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.evaluation import load_defender_samples
+
+    model, meta = load_checkpoint(digits_checkpoint("badnets"))
+    samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
+    net = Part(model, 0, len(model.stages()))
+    ev = Evidence(net, samples.clean, samples.flagged, ["block1", "block2", "fc1"])
+    assert ev.target == meta.target  # from the flagged images' predictions, not from the checkpoint
+    scores = rank_subsets(ev, EstimationSettings())
+    assert sorted(s.layers for s in scores) == sorted(candidate_subsets(["block1", "block2", "fc1"]))
+    top = scores[0]
+    assert top.flip >= 0.9 and top.change <= 0.02
+    assert all(0.0 <= s.flip <= 1.0 and 0.0 <= s.change <= 1.0 for s in scores)
+    with pytest.raises(ValueError, match="at least 5 flagged"):
+        rank_subsets(Evidence(net, samples.clean, samples.flagged[:3], ["block1"]), EstimationSettings())
+
+
+def test_fire_sweep_ranks_with_the_same_code_as_the_control_endpoint(digits_checkpoint, tmp_path, capsys) -> None:
+    import json
+
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.cli import main
+    from fire_backend.evaluation import load_defender_samples
+
+    checkpoint = digits_checkpoint("badnets")
+    assert main(["sweep", "--checkpoint", str(checkpoint), "--eval-images", "100", "--out", str(tmp_path),
+                 "--json"]) == 0
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    ranking = report["ranking"]
+    assert report["recommended"]["layers"] == ranking[0]["layers"]
+    assert "label-free ranking" in capsys.readouterr().out
+    model, meta = load_checkpoint(checkpoint)
+    samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
+    evidence = Evidence(Part(model, 0, len(model.stages())), samples.clean, samples.flagged, ["block1", "block2"])
+    direct = [s.to_dict() for s in rank_subsets(evidence, EstimationSettings())]
+    assert [{k: r[k] for k in direct[0]} for r in ranking] == direct
+    assert all(0.0 <= r["pa"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 for r in ranking)
+    assert ranking[0]["pa"] >= 0.9  # the subset ranked first without labels works (PA with labels)
