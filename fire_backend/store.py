@@ -34,7 +34,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -575,7 +575,7 @@ class StoreFollower:
 class InstanceFollower(StoreFollower):
     """A repair instance's follower: also records in the instance registry which version the instance applies and
     how long after its commit (``committed``: that commit's time; None for the version it started with, which was
-    no propagation). It has no thread of its own: the caller polls (:meth:`subscribe` says so)."""
+    no propagation). It has no thread of its own: the caller polls."""
 
     def __init__(self, store: DirectionStore, instance: str) -> None:
         super().__init__(store)
@@ -592,10 +592,6 @@ class InstanceFollower(StoreFollower):
             self.store.report_instance(self.instance, self.version, lag)
             self._reported = applied
         return changed
-
-    def subscribe(self, listener: Callable[[], None]) -> bool:
-        """False: nothing calls ``listener``, the owner polls (:class:`fire_backend.store_backends.RepairFollower`)."""
-        return False
 
     def close(self) -> None:
         """Withdraw the instance from the registry (its model is unloading)."""

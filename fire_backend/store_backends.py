@@ -14,7 +14,6 @@ thread). Nothing here connects: :func:`open_store` only parses and builds.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl, urlsplit
@@ -47,11 +46,6 @@ class RepairFollower(Protocol):
     def version(self) -> int: ...
 
     def poll(self) -> bool: ...
-
-    def subscribe(self, listener: Callable[[], None]) -> bool:
-        """Have the follower's own thread call ``listener`` after each change of ``current``; False when it has no
-        thread (the file store's: its owner polls, also while idle)."""
-        ...
 
     def close(self) -> None: ...
 

@@ -11,10 +11,10 @@ IDLE_S of silence one linearizable read checks that the engine is still there an
 partitioned member neither sends nor closes). While the engine is unreachable the last verified version stays
 in force; the outage is logged once, shown by :meth:`status`, and written to the instance record on return.
 
-The thread is also what applies a version on an idle instance: :meth:`EtcdFollower.subscribe` has it call the
-owner (the stage's live plan) after each change, so the owner needs no polling thread of its own. The instance
-record carries ``lag_s``: seconds from the version's commit (the time ``P/live`` records) until it was verified
-here; None for the version the instance started with.
+The instance record carries ``lag_s``: seconds from the version's commit (the time ``P/live`` records) until it
+was verified here; None for the version the instance started with. The thread only swaps ``current``: the stage
+(its batches, or its live plan's idle watcher) compiles and applies it, so no device work or metric update ever
+runs here.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from fire_backend.etcd.client import IDLE, KV, EngineError, EngineUnavailable, EtcdClient, WatchCompacted
@@ -68,7 +67,6 @@ class EtcdFollower(threading.Thread):
         self.current: Version | None = None  # replaced whole: readers need no lock
         self._applied_at = 0.0
         self.committed: float | None = None  # the commit time of ``current`` (None: the version it started with)
-        self._listener: Callable[[], None] | None = None
         self._polled: Version | None = None
         self._seen_revision = 0
         self._refused: tuple[int, str] | None = None
@@ -90,11 +88,6 @@ class EtcdFollower(threading.Thread):
         if current is self._polled:
             return False
         self._polled = current
-        return True
-
-    def subscribe(self, listener: Callable[[], None]) -> bool:
-        """Call ``listener`` from this thread after each change of ``current`` (it must not raise, nor block long)."""
-        self._listener = listener
         return True
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
@@ -153,12 +146,6 @@ class EtcdFollower(threading.Thread):
         self.current = version
         LOG.info("%s: direction version %d verified", self.instance, self.version)
         self._changed.set()
-        listener = self._listener
-        if listener is not None:
-            try:
-                listener()
-            except Exception:  # noqa: BLE001 - the owner's failure must not stop the following
-                LOG.exception("%s: applying version %d failed", self.instance, self.version)
 
     def _fallback(self) -> Version | None:
         """At start, when the live version does not verify: the newest earlier one that does (as the file store)."""

@@ -7,11 +7,12 @@ onto the device for every configured layer and used from that batch on, and the 
 applies (the follower in the store's instance records, this plan on /metrics). No model reload is involved.
 
 An instance that gets no traffic would never look, and would report an old version forever (``fire ctl status``
-and the FireInstanceBehindLiveVersion alert would call it behind). So a change is also applied while the stage is
-idle, by one thread: the etcd follower's own watch thread calls back once it has verified a version
-(:meth:`~fire_backend.store_backends.RepairFollower.subscribe`); the file store's follower has no thread, so this
-plan runs a watcher that makes the batch's check every :data:`WATCH_INTERVAL_S`. One lock keeps that thread and
-the serving path from applying at once, uncontended on the serving path except in the microseconds it holds it.
+and the FireInstanceBehindLiveVersion alert would call it behind). So a watcher thread makes the same check
+every :data:`WATCH_INTERVAL_S` while the stage is idle, whichever the store; one lock keeps it and the serving
+path from applying at once, uncontended on the serving path except in the microseconds the watcher holds it.
+With etcd the follower's watch thread has by then fetched and verified the version, so the watcher's check is an
+attribute comparison too; it never compiles in the follower's thread, so nothing but the serving path and an
+idle watcher ever touches the stage's device or metrics.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fire_backend.store import Version
 
 LOG = logging.getLogger("fire_backend.serving")
 
-#: seconds between an idle instance's checks of a file store: the propagation target without traffic
+#: seconds between an idle instance's checks of the store: the propagation target without traffic
 WATCH_INTERVAL_S = 0.5
 
 
@@ -66,15 +67,11 @@ class LivePlan:
         self._stop = threading.Event()
         store = repository_store(artifacts, settings, metrics.store_error if metrics else None)
         self.follower = store.follower(self.instance_id)
-        with self._lock:  # a callback of the follower's thread waits until the start version is applied
-            pushed = self.follower.subscribe(self._check)
-            self.follower.poll()
-            self.plan = RepairPlan({}, 0)
-            self._apply()  # reports the start version too, version 0 included
-        self._watcher: threading.Thread | None = None
-        if not pushed:
-            self._watcher = threading.Thread(target=self._watch, name=f"fire-watch-{self.instance_id}", daemon=True)
-            self._watcher.start()
+        self.follower.poll()
+        self.plan = RepairPlan({}, 0)
+        self._apply()  # reports the start version too, version 0 included
+        self._watcher = threading.Thread(target=self._watch, name=f"fire-watch-{self.instance_id}", daemon=True)
+        self._watcher.start()
 
     def refresh(self) -> RepairPlan:
         """The plan to apply to the next batch (re-compiled only when the live version changed)."""
@@ -84,16 +81,11 @@ class LivePlan:
                 self._apply()
             return self.plan
 
-    def _check(self, idle_only: bool = False) -> None:
-        """Apply a new version now (the follower's thread, once per version); ``idle_only``: only when no batch
-        checked within the interval (the watcher, every interval: the next batch applies it sooner)."""
-        with self._lock:
-            if (not idle_only or time.monotonic() >= self._busy_until) and self.follower.poll():
-                self._apply()
-
     def _watch(self) -> None:
         while not self._stop.wait(self._interval):
-            self._check(idle_only=True)
+            with self._lock:
+                if time.monotonic() >= self._busy_until and self.follower.poll():  # idle: no batch checks
+                    self._apply()
 
     def _apply(self) -> None:
         """Compile and use the follower's version; report it (the lag only for a propagation, not at start)."""
@@ -106,6 +98,5 @@ class LivePlan:
     def close(self) -> None:
         """Stop following and withdraw this instance from the store's records (the model is unloading)."""
         self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=5.0)
+        self._watcher.join(timeout=5.0)
         self.follower.close()
