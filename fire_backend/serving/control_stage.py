@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,10 @@ class ControlStage:
         result = self.controller.handle(raw, credential, images)
         payload = np.array([json.dumps(result).encode()], dtype=np.object_)
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(RESPONSE, payload)])
+
+    def serving(self) -> AbstractContextManager[None]:
+        """What wraps each ``execute``: the metrics' turn to talk to Triton."""
+        return self.metrics.serving()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses = []

@@ -88,11 +88,14 @@ class LivePlan:
                     self._apply()
 
     def _apply(self) -> None:
-        """Compile and use the follower's version; report it (the lag only for a propagation, not at start)."""
+        """Compile and use the follower's version; report it (the lag only for a propagation, not at start).
+
+        Reported before the new plan is swapped in, so that whoever sees the plan also sees the report."""
         number = self.follower.version
-        self.plan = plan_of(self.follower.current, self.settings, self.device)
+        plan = plan_of(self.follower.current, self.settings, self.device)
         if self.metrics is not None:
             self.metrics.applied(number, self.follower.committed)
+        self.plan = plan
         LOG.info("%s: applying direction version %d", self.instance_id, number)
 
     def close(self) -> None:

@@ -42,7 +42,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,6 +238,8 @@ class _Exporter:
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._lock = threading.Lock()
         self._ipc = threading.Lock()
+        self._last_serving = -math.inf
+        self._last_flush = -math.inf
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,10 +273,32 @@ class _Exporter:
             self._store_errors[kind] += 1
         self._wake.set()
 
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around each ``execute`` of the stage: the stub talks to Triton on one thread at a time.
+
+        Under steady traffic the serving thread itself sends what is due at the end of a batch (at most once a
+        ``flush_interval_s``, or at once after a version change, store error or control action); the flusher
+        thread sends only while the stage has been idle for a whole interval. Metric calls from the flusher
+        thread while batches were served crashed tritonserver 2.51 (heap corruption in ``libtriton_python.so``)
+        under frequent version changes and load; with this rule no Triton call of ours overlaps a batch.
+        """
+        with self._ipc:
+            try:
+                yield
+            finally:
+                self._last_serving = time.monotonic()
+                if self._wake.is_set() or self._last_serving - self._last_flush >= self.config.flush_interval_s:
+                    self._send()
+
     def _run(self) -> None:
+        interval = self.config.flush_interval_s
         while not self._stop.is_set():
-            self._wake.wait(self.config.flush_interval_s)
-            self._wake.clear()
+            self._wake.wait(interval)
+            idle = time.monotonic() - self._last_serving
+            if idle < interval:  # serving: the serving thread sends; look again once it may have gone idle
+                self._stop.wait(interval - idle)
+                continue
             if not self._stop.is_set():
                 self.flush()
 
@@ -288,20 +313,26 @@ class _Exporter:
         return calls + [(self._series(STORE_ERRORS_TOTAL, kind=k), "increment", n) for k, n in errors.items()]
 
     def flush(self) -> None:
-        """Send what accumulated now (the flusher does this every ``flush_interval_s``); never raises."""
+        """Send what accumulated now (the flusher does this when the stage is idle); never raises."""
         with self._ipc:
+            self._send()
+
+    def _send(self) -> None:
+        """:meth:`flush`'s work; the caller holds ``_ipc``."""
+        self._wake.clear()
+        self._last_flush = time.monotonic()
+        try:
+            calls = self._calls()
+        except Exception:  # a bad batch must not kill the flusher; it is dropped and logged
+            LOG.exception("metrics: could not reduce the pending batch; dropped")
+            return
+        for metric, operation, value in calls:
+            if operation == "increment" and not (value > 0 and math.isfinite(value)):
+                continue  # zero: nothing to send; negative or NaN would break the counter (or the server)
             try:
-                calls = self._calls()
-            except Exception:  # a bad batch must not kill the flusher; it is dropped and logged
-                LOG.exception("metrics: could not reduce the pending batch; dropped")
-                return
-            for metric, operation, value in calls:
-                if operation == "increment" and not (value > 0 and math.isfinite(value)):
-                    continue  # zero: nothing to send; negative or NaN would break the counter (or the server)
-                try:
-                    getattr(metric, operation)(value)
-                except Exception as exc:  # Triton refused one call; the others still go out
-                    LOG.error("metrics: %s(%r) failed: %s", operation, value, exc)
+                getattr(metric, operation)(value)
+            except Exception as exc:  # Triton refused one call; the others still go out
+                LOG.error("metrics: %s(%r) failed: %s", operation, value, exc)
 
     def close(self) -> None:
         """Stop the flusher and delete the metrics (before their families, as Triton requires): their series

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,10 @@ class Stage:
     def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
         """A batch of ``n_requests`` was served (``values``: its outputs, host-side where they leave the stage)."""
 
+    def serving(self) -> AbstractContextManager[None]:
+        """What wraps each ``execute`` (the metrics' turn to talk to Triton; nothing for stages without them)."""
+        return nullcontext()
+
     def finalize(self) -> None:
         return None
 
@@ -264,6 +269,9 @@ class Scoring:
 
     def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
         self.metrics.record_batch(n_requests, values[REPAIR_SCORE], values[FLAGGED], bypassed)
+
+    def serving(self: Any) -> AbstractContextManager[None]:
+        return self.metrics.serving()
 
     def finalize(self) -> None:
         self.live.close()

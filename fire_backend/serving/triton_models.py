@@ -22,7 +22,8 @@ class _Model:
         self.stage = self.stage_class(args, pb_utils)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        return self.stage.execute(requests)
+        with self.stage.serving():
+            return self.stage.execute(requests)
 
     def finalize(self) -> None:
         self.stage.finalize()

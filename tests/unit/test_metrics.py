@@ -260,6 +260,30 @@ def test_the_flusher_sends_on_its_own(pb: PbMetrics) -> None:
     exporter.close()
 
 
+def test_under_traffic_only_the_serving_thread_talks_to_triton(pb: PbMetrics) -> None:
+    """Triton calls from the flusher thread during batches crashed tritonserver 2.51 under frequent version
+    changes; while the stage serves, what is due goes out at the end of a batch, on the serving thread."""
+    flusher, serving = "fire-metrics-fire_repair_0_2", threading.current_thread().name
+    exporter = m.BatchMetrics(pb, "fire_repair", "fire_repair_0_2", config=m.MetricsConfig(flush_interval_s=0.05))
+    time.sleep(0.2)  # the flusher's first flush, at start (all at 0: it may send nothing)
+    from_flusher, from_serving = pb.calls[flusher], pb.calls[serving]
+    batches, deadline = 0, time.monotonic() + 0.6
+    while time.monotonic() < deadline:
+        with exporter.serving():
+            batches += 1
+            exporter.record_batch(1, np.array([0.9]), 1)
+            exporter.applied(batches, committed_at=time.time())  # wakes the flusher: it must still keep out
+        time.sleep(0.01)  # well inside the interval: the stage is busy throughout
+    assert pb.calls[flusher] == from_flusher, "the flusher thread called Triton while the stage was serving"
+    assert pb.calls[serving] > from_serving
+    page = scrape(pb)
+    assert page.one(m.REQUESTS_TOTAL.name) == batches and page.one(m.APPLIED_VERSION.name) == batches
+    exporter.record_batch(2, np.array([0.1]), 0)  # then idle: the flusher takes over
+    wait_for(lambda: scrape(pb).one(m.REQUESTS_TOTAL.name) == batches + 2, "the idle stage's metrics were not sent")
+    assert pb.calls[flusher] > from_flusher
+    exporter.close()
+
+
 def test_store_errors_by_kind(pb: PbMetrics, batch: m.BatchMetrics) -> None:
     batch.store_error(m.STORE_CHECKSUM)
     batch.store_error(m.STORE_CHECKSUM)
