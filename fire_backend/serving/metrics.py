@@ -238,6 +238,7 @@ class _Exporter:
         self._metrics: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         self._lock = threading.Lock()
         self._ipc = threading.Lock()
+        self._serving = False
         self._last_serving = -math.inf
         self._last_flush = -math.inf
         self._wake = threading.Event()
@@ -275,29 +276,36 @@ class _Exporter:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """Around each ``execute`` of the stage: the stub talks to Triton on one thread at a time.
+        """Around each ``execute`` of the stage: the flusher thread keeps out of Triton while batches are served.
 
         Under steady traffic the serving thread itself sends what is due at the end of a batch (at most once a
         ``flush_interval_s``, or at once after a version change, store error or control action); the flusher
         thread sends only while the stage has been idle for a whole interval. Metric calls from the flusher
         thread while batches were served crashed tritonserver 2.51 (heap corruption in ``libtriton_python.so``)
-        under frequent version changes and load; with this rule no Triton call of ours overlaps a batch.
+        under frequent version changes and load. The serving thread never waits for the flusher (a stub's
+        background call may need the main thread to answer it): if the flusher is sending, the batch's figures
+        go out with a later batch or flush. What is left is a request that arrives during an idle flush.
         """
-        with self._ipc:
-            try:
-                yield
-            finally:
-                self._last_serving = time.monotonic()
-                if self._wake.is_set() or self._last_serving - self._last_flush >= self.config.flush_interval_s:
+        self._serving = True
+        try:
+            yield
+        finally:
+            self._last_serving = time.monotonic()
+            self._serving = False
+            due = self._wake.is_set() or self._last_serving - self._last_flush >= self.config.flush_interval_s
+            if due and self._ipc.acquire(blocking=False):
+                try:
                     self._send()
+                finally:
+                    self._ipc.release()
 
     def _run(self) -> None:
         interval = self.config.flush_interval_s
         while not self._stop.is_set():
             self._wake.wait(interval)
             idle = time.monotonic() - self._last_serving
-            if idle < interval:  # serving: the serving thread sends; look again once it may have gone idle
-                self._stop.wait(interval - idle)
+            if self._serving or idle < interval:  # the serving thread sends; look again once it may be idle
+                self._stop.wait(max(interval - idle, 0.01))
                 continue
             if not self._stop.is_set():
                 self.flush()
