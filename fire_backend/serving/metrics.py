@@ -308,7 +308,9 @@ class _Exporter:
                 self._stop.wait(max(interval - idle, 0.01))
                 continue
             if not self._stop.is_set():
-                self.flush()
+                with self._ipc:
+                    if not self._serving:  # a batch that began meanwhile sends at its end instead
+                        self._send()
 
     def _drain(self) -> list[tuple[Any, str, float]]:
         """(metric, "increment" | "set", value) for what changed since the last flush (takes ``_lock``)."""

@@ -439,6 +439,7 @@ def test_kill_9_of_the_control_process_mid_stream_loses_nothing_committed(harden
     a crash: test_supervision.py)."""
     dim = ServingSettings.read(hardened.repository / "artifacts").latent_dim
     acknowledged: list[int] = []
+    refused: list[str] = []
     stop = threading.Event()
 
     def stream() -> None:
@@ -448,12 +449,16 @@ def test_kill_9_of_the_control_process_mid_stream_loses_nothing_committed(harden
                     return
                 try:
                     acknowledged.append(ctl.push([{"beta": [0.001 * (i % 7 + 1)] * dim, "name": "k9"}])["version"])
-                except FireClientError:
+                except FireClientError as error:
+                    refused.append(str(error))
                     return
 
     worker = threading.Thread(target=stream)
     worker.start()
-    time.sleep(1.5)
+    # Kill only once the stream is committing: on a slow CI machine the first push can take longer than any
+    # fixed sleep, and a kill before the first acknowledgement would test nothing.
+    hardened.wait(lambda: len(acknowledged) >= 3 or bool(refused), 60, "the push stream committing")
+    assert not refused, f"a push was refused before the kill: {refused}"
     (victim,) = [p for p in stubs(hardened, FIRE_CONTROL) if not hardened.supervisor.reloading]
     os.kill(victim.pid, signal.SIGKILL)
     worker.join(timeout=60)

@@ -52,7 +52,8 @@ def test_observe_learns_every_layer_as_one_version_and_records_the_ranking(contr
     assert len(result["versions"]) == 1 and result["target"] == 0 and result["poisoned_count"] == 20
     ranking = result["ranking"]
     assert sorted(tuple(r["layers"]) for r in ranking) == [("block1",), ("block1", "block2"), ("block2",)]
-    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    rest = [r["score"] for r in ranking[1:]]  # best first; the pair may lead on a tie within one image (1/20)
+    assert rest == sorted(rest, reverse=True) and ranking[0]["score"] >= max(rest) - 1 / 20 - 1e-9
     status = act(controller, "status")
     assert status["version"] == result["version"] and status["flagged_kept"] == 20 and status["ranking"] == ranking
     assert {layer for layer, n in status["layers"].items() if n} == set(result["layers"]) == set(ranking[0]["layers"])

@@ -123,6 +123,21 @@ def test_the_rule_prefers_flips_then_penalises_clean_changes_then_clean_tv_then_
     assert candidate_subsets(["a", "b", "c"]) == [("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c")]
 
 
+def test_a_near_tie_keeps_every_configured_layer_instead_of_the_calmest_one() -> None:
+    # the n = 5 CIFAR-10 BadNets rows: every subset flips 2 of 5 held-out images, none changes a clean one; the
+    # clean_tv tie-break alone picked layer4.0 (PA .036)
+    deep = FoldScore(("l4",), flip=0.4, change=0.0, clean_tv=0.0004)
+    early = FoldScore(("l1",), flip=0.4, change=0.0, clean_tv=0.0030)
+    both = FoldScore(("l1", "l4"), flip=0.4, change=0.0, clean_tv=0.0032)
+    assert ranked([both, early, deep])[0].layers == ("l4",)  # the rule without the tie preference
+    assert [s.layers for s in ranked([deep, early, both], ("l1", "l4"), 1 / 5)] == [("l1", "l4"), ("l4",), ("l1",)]
+    # within one held-out image's worth (1/5) it still wins; beyond it the better subset does
+    assert ranked([FoldScore(("l1",), 0.6, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1", "l4")
+    assert ranked([FoldScore(("l1",), 0.8, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1",)
+    assert ranked([FoldScore(("l1",), 0.45, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")
+    assert ranked([FoldScore(("l1",), 0.5, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1",)
+
+
 def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_working_subset(digits_checkpoint) -> None:
     from fire_backend.checkpoint import load_checkpoint
     from fire_backend.evaluation import load_defender_samples
