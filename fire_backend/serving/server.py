@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import logging
 import os
 import py_compile
@@ -148,10 +149,28 @@ def precompile_models(folder: Path) -> None:
     mode takes for a changed model and reloads (once, seconds after startup). The stubs embed Python with an
     isolated configuration, so ``PYTHONDONTWRITEBYTECODE`` does not reach them. A read-only repository needs
     nothing: the stubs cannot write there either.
+
+    Only missing or stale bytecode is written: servers sharing one repository would otherwise rewrite it at each
+    start, and every server already running would reload its models under traffic.
     """
     for source in folder.glob("*/*/model.py"):
         with contextlib.suppress(OSError, py_compile.PyCompileError):
-            py_compile.compile(str(source), doraise=True)
+            if not _bytecode_current(source):
+                py_compile.compile(str(source), doraise=True)
+
+
+def _bytecode_current(source: Path) -> bool:
+    """Whether ``source``'s cached bytecode is what this interpreter would load as is (a timestamp-checked .pyc:
+    magic number, flags 0, the source's modification time and size, as importlib compares them)."""
+    try:
+        with open(importlib.util.cache_from_source(str(source)), "rb") as fh:
+            header = fh.read(16)
+    except OSError:
+        return False
+    stat = source.stat()
+    expected = (importlib.util.MAGIC_NUMBER + bytes(4) + (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little")
+                + (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little"))
+    return header == expected
 
 
 def _is_secret_name(name: str) -> bool:

@@ -189,6 +189,11 @@ def _stage_processes(repository: Path) -> set[int]:
     return found
 
 
+def _tree(root: Path) -> dict[str, int]:
+    """Every path under ``root`` with its modification time (ns): what tritonserver's poll mode compares."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in [root, *root.rglob("*")]}
+
+
 def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(production, badnets_eval, tmp_path):
     """`fire serve` on a production repository (fused, no baselines, bypass not allowed)."""
     before = _stage_processes(production)
@@ -215,6 +220,7 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(production, badnets_ev
         assert any(line.startswith("grpc:") for line in lines), "".join(lines)
         assert ready < 60, f"start to ready took {ready:.1f}s"
         assert f"127.0.0.1:{grpc}" in "".join(lines)
+        served_tree = _tree(production / "models")
         with grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}") as c:
             assert c.is_server_ready()
             assert c.is_model_ready(FIRE_ENSEMBLE) and c.is_model_ready(FIRE_CONTROL)
@@ -230,6 +236,9 @@ def test_fire_serve_starts_fast_and_ctrl_c_leaves_nothing(production, badnets_ev
         for wrong in ("token-b", "token-env"):
             with ControlClient(f"127.0.0.1:{grpc}", wrong) as ctl, pytest.raises(FireClientError, match="denied"):
                 ctl.status()
+        # Serving writes nothing into the served tree: a written file (a stub's __pycache__) makes tritonserver
+        # in poll mode reload the model under traffic (test_server_unit.py: a second start writes nothing either).
+        assert _tree(production / "models") == served_tree
         children = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
         assert children
         proc.send_signal(signal.SIGINT)

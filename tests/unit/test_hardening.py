@@ -22,7 +22,7 @@ from fire_backend.serving.health import HealthServer
 from fire_backend.serving.model_configs import instance_names, stub_models
 from fire_backend.serving.ports import free_port
 from fire_backend.serving.repository import RepositoryOptions, write_configs
-from fire_backend.serving.server import UNSENDABLE_HEADER, ServerConfig, TritonServer
+from fire_backend.serving.server import UNSENDABLE_HEADER, ServerConfig, TritonServer, precompile_models
 from fire_backend.serving.supervisor import describe_exit
 from fire_backend.split import candidate_layers
 from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE
@@ -90,6 +90,25 @@ def test_the_private_dev_shm_is_sized_from_the_stubs(repository: Path) -> None:
 
 
 # -- instance names -------------------------------------------------------------------------------------------
+
+def test_a_second_start_writes_nothing_into_the_served_tree(repository: Path) -> None:
+    """Servers sharing one repository each precompile at start; rewriting valid bytecode would make every server
+    already running reload its models (poll mode). Stale bytecode (a rebuilt model.py) is rewritten."""
+    models = repository / "models"
+    precompile_models(models)
+    tree = {p: p.stat().st_mtime_ns for p in models.rglob("*")}
+    assert any(p.suffix == ".pyc" for p in tree)
+    time.sleep(0.02)
+    precompile_models(models)
+    assert {p: p.stat().st_mtime_ns for p in models.rglob("*")} == tree
+    source = models / FIRE_ENSEMBLE / "1" / "model.py"
+    source.write_text(source.read_text() + "# rebuilt\n")
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 2_000_000_000))
+    (cached,) = (models / FIRE_ENSEMBLE / "1" / "__pycache__").glob("model.*.pyc")
+    before = cached.read_bytes()
+    precompile_models(models)
+    assert cached.read_bytes() != before
+
 
 def test_instance_names_of_a_built_repository(repository: Path) -> None:
     names = {m.name: m.instances for m in stub_models(repository / "models")}
