@@ -415,6 +415,10 @@ class DirectionStore:
             return False
         return True
 
+    def used_nonce(self, nonce: str, since: float) -> bool:
+        """Whether a commit since ``since`` (seconds since the epoch) recorded this request nonce (a replay)."""
+        return any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.history())
+
     def committed_at(self, number: int, sha256: str = "") -> float | None:
         """When ``number`` (with ``sha256``, when given) last became live: the time of its newest history line."""
         for _, entry in reversed(self._read_history()[0]):

@@ -116,6 +116,10 @@ class EtcdStore:
     def instance_key(self, instance: str) -> bytes:
         return self.prefix + b"/instances/" + instance.encode()
 
+    def nonce_key(self, nonce: str) -> bytes:
+        """The key recording a control request's nonce (hashed: any text makes a safe key of fixed length)."""
+        return self.prefix + b"/nonces/" + hashlib.sha256(nonce.encode()).hexdigest()[:32].encode()
+
     # -- reads ------------------------------------------------------------------------------
     def _read(self, what: str, read: Callable[[], R], wait_s: float | None = None) -> R:
         """``read()``, waiting out an outage of up to ``wait_s`` (default ``read_wait_s``: a control action spans an
@@ -137,6 +141,12 @@ class EtcdStore:
     def history(self) -> list[dict]:
         kvs = self._read("read the history", lambda: self.client.get_prefix(self.prefix + b"/history/"))
         return [json.loads(kv.value) for kv in kvs]
+
+    def used_nonce(self, nonce: str, since: float) -> bool:
+        """Whether a commit since ``since`` recorded this request nonce: one key read (the commit's transaction
+        wrote it with its history entry), not a scan of a history that grows with every commit."""
+        kv, _ = self._read("read a request nonce", lambda: self.client.get(self.nonce_key(nonce)))
+        return kv is not None and float(json.loads(kv.value).get("time", 0)) >= since
 
     def read_version(self, number: int) -> Version:
         """Load and verify one version; StoreError if it is missing, partial or corrupt."""
@@ -351,6 +361,8 @@ class EtcdStore:
         success = [c.op_put(key, value) for key, value in extra]
         success += [c.op_put(self.history_key(seq), json.dumps(entry, sort_keys=True).encode()),
                     c.op_put(self.live_key, live.record())]
+        if entry.get("nonce"):  # not compared: one request's several commits (observe) share its nonce
+            success.append(c.op_put(self.nonce_key(str(entry["nonce"])), json.dumps({"time": entry["time"]}).encode()))
         ok, answer = c.txn(compare, success, [])
         if not ok:
             self.conflicts += 1

@@ -253,7 +253,7 @@ class Controller:
     def _refuse_replay(self, nonce: str) -> None:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
         since = time.time() - 2 * WINDOW_S
-        if any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.store.history()):
+        if self.store.used_nonce(nonce, since):
             raise AuthRefused("permission denied: this credential was already used (replayed request)")
 
     # -- read-only ---------------------------------------------------------------------------

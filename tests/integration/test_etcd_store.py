@@ -128,6 +128,38 @@ def test_two_controllers_fold_every_observation(etcd: LocalEtcd, tmp_path: Path,
     assert final is not None and final.poisoned_count == 48  # 12 requests x 4 images, none lost to a race
 
 
+def test_a_replayed_request_commits_once_across_replicas(etcd: LocalEtcd, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same signed push sent to two control endpoints at once, then again: exactly one commit. The refusal
+    reads one nonce key (written by the commit's own transaction), not the whole history."""
+    monkeypatch.setenv(STORE_URL_ENV, etcd.url("/fire/replay"))
+    ServingSettings(layer="b", input_shape=(1, 4, 4), latent_shape=(DIM,), num_classes=10, arch="t").write(tmp_path)
+    save_centroid(tmp_path, np.zeros(DIM, np.float32), 10)
+    controllers = [Controller(tmp_path, "tok", lambda b: b.reshape(len(b), -1)) for _ in range(2)]
+    raw = json.dumps({"action": "push", "directions": [{"beta": [0.5] * DIM, "name": "r"}]}).encode()
+    credential = sign("tok", CONTROL, digest(raw, b""))
+    outcomes: list[str] = []
+
+    def send(controller: Controller) -> None:
+        try:
+            outcomes.append(f"version {controller.handle(raw, credential, None)['version']}")
+        except Exception as exc:  # noqa: BLE001 - the refusal is the expected outcome for all but one
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=send, args=(c,)) for c in controllers * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcomes)[-1] == "version 1" and sum(o.startswith("version") for o in outcomes) == 1, outcomes
+    assert all("already used" in o for o in outcomes if not o.startswith("version")), outcomes
+    store = controllers[0].store
+    assert [e["version"] for e in store.history()] == [1]
+    nonce = store.history()[0]["nonce"]
+    assert store.used_nonce(nonce, time.time() - 60) and not store.used_nonce(nonce, time.time() + 1)
+    assert not store.used_nonce("another", 0.0)
+
+
 def test_acknowledged_commits_survive_an_engine_crash(etcd: LocalEtcd) -> None:
     store = store_of(etcd)
     acknowledged = [store.commit(direction_set(k), "push") for k in range(5)]
