@@ -458,7 +458,8 @@ def bench_repository(config: BenchConfig, progress: Progress) -> Path:
     recorded = RepositoryOptions.from_record(source.build)
     options = RepositoryOptions.from_record({**asdict(recorded), "layout": DEFAULT_TARGET,
                                              "compare_layouts": compare, "baselines": True, "allow_bypass": False,
-                                             "gpu": recorded.gpu or config.gpu})
+                                             "gpu": recorded.gpu or config.gpu, "store": ""})
+    # The copy follows its own file store (a copy of the source's, if it has one), never a shared etcd store.
     progress(f"rebuilding {config.repository} with every layout and the baselines into {out}")
     settings = rebuild_repository(config.repository, out, options)
     store = DirectionStore(out / ARTIFACTS_DIR / STORE_DIR)

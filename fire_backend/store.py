@@ -59,6 +59,16 @@ class StoreError(Exception):
     """A store operation could not be carried out; the store is unchanged."""
 
 
+class Conflict(StoreError):
+    """Another writer committed first inside a :meth:`locked` block of a store that locks optimistically (etcd);
+    nothing of the block was committed from then on: run the block again on the new live version."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's engine could not be reached in time; a write's outcome is unknown (the message says how to
+    find it in the history)."""
+
+
 @dataclass
 class DirectionSet:
     """What a version holds at one layer: the clean centroid, the live directions, and the estimator state."""
@@ -405,6 +415,10 @@ class DirectionStore:
             return False
         return True
 
+    def used_nonce(self, nonce: str, since: float) -> bool:
+        """Whether a commit since ``since`` (seconds since the epoch) recorded this request nonce (a replay)."""
+        return any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.history())
+
     def committed_at(self, number: int, sha256: str = "") -> float | None:
         """When ``number`` (with ``sha256``, when given) last became live: the time of its newest history line."""
         for _, entry in reversed(self._read_history()[0]):
@@ -421,10 +435,11 @@ class DirectionStore:
         atomic_write(self.current_path, json.dumps({"version": number, "sha256": sha}).encode())
 
     def initialize(self) -> None:
-        """A new store: no version yet (version 0, no direction)."""
+        """A new store: no version yet (version 0, no direction); an existing one: ``CURRENT`` repaired if needed."""
         self.ensure()
         if not self.current_path.exists():
             self._publish(0, "")
+        self.repair_pointer()
 
     def repair_pointer(self) -> None:
         """Make CURRENT name the committed version (after a crash between the two writes, or when unreadable).
@@ -481,8 +496,18 @@ class DirectionStore:
             return number
 
     # -- repair instances ------------------------------------------------------------------
+    def follower(self, instance: str) -> InstanceFollower:
+        """What repair instance ``instance`` follows the store with (a crash's stale ``CURRENT`` repaired first)."""
+        self.ensure()
+        self.repair_pointer()
+        return InstanceFollower(self, instance)
+
     def report_instance(self, instance: str, version: int, lag_s: float | None = None) -> None:
         self.registry.report(instance, version, lag_s)
+
+    def instance_entries(self) -> list[dict]:
+        """Every instance entry, each with ``alive``: True/False on this host, None for another host's."""
+        return self.registry.entries()
 
     def instances(self) -> list[dict]:
         """The instances that run (on this host; every entry of other hosts), each with its applied version."""
@@ -549,6 +574,32 @@ class StoreFollower:
             return False
         self.current = version
         return True
+
+
+class InstanceFollower(StoreFollower):
+    """A repair instance's follower: also records in the instance registry which version the instance applies and
+    how long after its commit (``committed``: that commit's time; None for the version it started with, which was
+    no propagation). It has no thread of its own: the caller polls."""
+
+    def __init__(self, store: DirectionStore, instance: str) -> None:
+        super().__init__(store)
+        self.instance = instance
+        self.committed: float | None = None
+        self._reported: tuple[int, str] | None = None
+
+    def poll(self) -> bool:
+        changed = super().poll()
+        applied = (self.version, self.current.sha256 if self.current else "")
+        if self._reported != applied:
+            self.committed = None if self._reported is None else self.store.committed_at(*applied)
+            lag = None if self.committed is None else max(0.0, time.time() - self.committed)  # clock skew: >= 0
+            self.store.report_instance(self.instance, self.version, lag)
+            self._reported = applied
+        return changed
+
+    def close(self) -> None:
+        """Withdraw the instance from the registry (its model is unloading)."""
+        (self.store.instances_dir / f"{self.instance}.json").unlink(missing_ok=True)
 
 
 def validate_direction_set(ds: DirectionSet, dim: int, max_norm: float, max_alpha: float, max_directions: int) -> None:

@@ -38,7 +38,9 @@ def _print_status(status: dict[str, Any]) -> None:
                   f"clean_tv {r['clean_tv']:.3f}")
     for inst in status.get("instances", []):
         where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
-        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, status['version'])}")
+        store = "" if inst.get("engine_reachable", True) else "; store unreachable, serving its last verified version"
+        outages = f"; {inst['outages']} store outage(s) so far" if inst.get("outages") else ""
+        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, status['version'])}{store}{outages}")
     for inst in status.get("gone", []):
         print(f"  repair instance {inst['instance']}: GONE (pid {inst.get('pid')} no longer runs; it last applied "
               f"version {inst['version']})")

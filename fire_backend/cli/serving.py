@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
 from fire_backend.defaults import ESTIMATION_MODES
 from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
+from fire_backend.store_backends import STORE_URL_ENV
 from fire_backend.wire import names
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, stub_environment
 
@@ -29,7 +30,7 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
             layout=args.layout, baselines=args.baselines, allow_bypass=args.allow_bypass,
             max_batch_size=args.max_batch, gpu=args.gpu, model_instances=args.model_instances,
             repair_instances=args.repair_instances, torch_threads=args.torch_threads, flag_threshold=args.threshold,
-            alpha=args.alpha, publish_every=args.publish_every, estimation=args.estimation,
+            alpha=args.alpha, publish_every=args.publish_every, estimation=args.estimation, store=args.store or "",
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -42,6 +43,8 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {settings.arch}, {settings.layout} layout, repairs after {layers}, split latent "
           f"{list(settings.latent_shape)}, input {list(settings.input_shape)}, max batch {args.max_batch}; store "
           f"starts at {start}{'; also ' + ', '.join(extras) if extras else ''}")
+    if args.store:
+        print(f"direction store: {args.store} (every server of this repository follows it)")
     print(f"serve it with: fire serve --repository {args.out}")
     return 0
 
@@ -59,6 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = stub_environment(args.token_file)
     if not env:
         print(f"note: no {TOKEN_ENV} set: the control endpoint refuses every action")
+    if args.store:
+        env[STORE_URL_ENV] = check_store(args.store)
     config = ServerConfig(
         repository=repository.resolve(), host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, omp_threads=args.omp_threads, extra_env=env, log_verbose=args.log_verbose,
@@ -68,6 +73,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else "closed (gRPC only; --http-inference opens it)"
     print(f"serving {repository}; HTTP inference {http}")
     return serve_forever(config, args.health_port or None)
+
+
+def check_store(url: str) -> str:
+    """``url`` if it names a store that answers now (a wrong address or TLS file fails here, not in every stage)."""
+    from fire_backend.store import StoreError
+    from fire_backend.store_backends import open_store
+
+    try:
+        open_store(url).initialize()
+    except (ValueError, StoreError) as exc:
+        raise CliError(f"--store: {exc}") from None
+    print(f"direction store: {url}")
+    return url
 
 
 class _StopRequested(BaseException):
@@ -141,6 +159,12 @@ def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
             signal.signal(sig, handler)
 
 
+def add_store_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--store", default=None, metavar="URL",
+                   help=f"{what}: file:///DIR (default: the repository's artifacts/store) or etcd://HOST:PORT/PREFIX "
+                        "(add ?ca=CA&cert=CERT&key=KEY for TLS); see docs/deployment.md")
+
+
 def register(sub) -> None:
     repo_sub = add_group(sub, "repo", "build a Triton model repository for a checkpoint", "repo_command", "ACTION")
     p = add_command(repo_sub, "build", cmd_repo_build,
@@ -182,6 +206,7 @@ def register(sub) -> None:
                    help="how observe estimates several layers: independent = each from unrepaired latents (the "
                         "measured default); ordered = deeper layers on latents repaired upstream")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
+    add_store_option(p, "the direction store the repository's servers share, recorded in its settings")
     add_device_options(p, "the build's centroid and --flagged estimate (not the served stages: see --gpu)")
 
     p = add_command(sub, "serve", cmd_serve, "run tritonserver (from the nvidia-pytriton wheel) on a repository",
@@ -202,6 +227,7 @@ def register(sub) -> None:
     p.add_argument("--http-inference", action="store_true",
                    help="also accept inference over HTTP (off: one JSON request can crash Triton 2.51; gRPC is "
                         "always open)")
+    add_store_option(p, "follow this direction store instead of the one the repository was built with")
     p.add_argument("--health-port", type=int, default=names.DEFAULT_HEALTH_PORT,
                    help=f"serve /live and /ready here, on --host ({names.DEFAULT_HEALTH_PORT}; 0: off); /ready is "
                         "503 while starting, restarting or a stage is degraded")

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fire_backend.defaults import RESERVE, RESERVE_SEED
 from fire_backend.wire.names import FIRE_ENSEMBLE
+
+if TYPE_CHECKING:
+    from fire_backend.store_backends import StoreBackend
+    from fire_backend.store_damage import DamageListener
 
 #: the folder of a repository that tritonserver serves (``--model-repository``): model directories only
 MODELS_DIR = "models"
@@ -96,6 +102,8 @@ class ServingSettings:
     #: a served check evaluates on the other test images, drawn by the same rule
     reserve_size: int = RESERVE
     reserve_seed: int = RESERVE_SEED
+    #: the direction store's URL (fire_backend.store_backends); empty: the file store in ``artifacts/store``
+    store: str = ""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -177,6 +185,16 @@ def resolve_artifacts(model_repository: str, configured: str) -> Path:
     if not (path / SETTINGS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no {SETTINGS_FILE}; build the repository with `fire repo build`")
     return path
+
+
+def repository_store(artifacts: Path, settings: ServingSettings,
+                     on_damage: DamageListener | None = None) -> StoreBackend:
+    """The direction store a repository's stages and control endpoint share: ``$FIRE_STORE_URL`` (``fire serve
+    --store``) if set, else the one it was built with (``fire repo build --store``), else ``artifacts/store``.
+    ``on_damage`` hears of the damage it meets (a stage's metrics)."""
+    from fire_backend.store_backends import STORE_URL_ENV, open_store
+
+    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR, on_damage)
 
 
 def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings, resolve_artifacts
+from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, repository_store, resolve_artifacts
 from fire_backend.serving.controller import ACTIONS, AuthRefused, ControlError, Controller, action_of
 from fire_backend.serving.metrics import (
     RESULT_ERROR,
@@ -35,7 +35,6 @@ from fire_backend.serving.metrics import (
 from fire_backend.serving.stages import instance_device, limit_threads, load_network
 from fire_backend.serving.tensors import from_triton
 from fire_backend.split import split
-from fire_backend.store import DirectionStore
 from fire_backend.wire.names import FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
 from fire_backend.wire.token import read_token
 
@@ -61,7 +60,7 @@ class ControlStage:
         network = load_network(artifacts, self.device)
         self.head = split(network.model, settings.layer)[0]
         # The gauge reads the store through an object of its own: damage is the controller's to report.
-        watched = DirectionStore(artifacts / STORE_DIR)
+        watched = repository_store(artifacts, settings)
         self.metrics = ControlMetrics(pb_utils, args["model_name"], args.get("model_instance_name", args["model_name"]),
                                       ACTIONS, live_version=lambda: watched.resolve().version)
         self.controller = Controller(artifacts, read_token(), self._latents, network,

@@ -9,9 +9,11 @@ time window, each nonce accepted once), so the token itself never crosses the wi
 The request is a JSON object checked field by field before anything runs: booleans are JSON booleans, integers
 JSON integers, unknown fields are refused. A refused action changes nothing and says why in one line.
 
-The store is the only state: each action reads the live version under the store lock, changes it, and commits,
-so several control instances or servers on one shared store stay consistent and a crash loses nothing
-committed. Writers record their credential's nonce in the history, so a captured request cannot be replayed
+The store is the only state: each action reads the live version, changes it, and commits in one atomic block
+(the file store's lock, or etcd's compare-and-set: a block that lost the race runs again on the new version), so
+several control instances or servers on one store stay consistent, two operators never both create version N,
+and a crash loses nothing committed.
+Writers record their credential's nonce in the history, so a captured request cannot be replayed
 against another server on the same store, nor after a restart.
 """
 
@@ -23,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,9 +34,9 @@ from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.data.datasets import to_tensor
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator, UnpairedOptions, centroid
 from fire_backend.multilayer import EstimationSettings, Evidence, learn, run
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, load_centroid, load_reserve
+from fire_backend.serving.artifacts import ServingSettings, load_centroid, load_reserve, repository_store
 from fire_backend.split import Part
-from fire_backend.store import DirectionSet, DirectionStore, LayeredSet, StoreError, validate_direction_set
+from fire_backend.store import Conflict, DirectionSet, LayeredSet, StoreError, validate_direction_set
 from fire_backend.store_damage import DamageListener
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
 from fire_backend.wire.names import IMAGES, REQUEST
@@ -42,6 +44,9 @@ from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 LEARNED = "learned"
 ESTIMATORS = ("unpaired", "augmented")
+#: how often a writer's block runs again after losing a compare-and-set race before it gives up
+CONFLICT_TRIES = 8
+T = TypeVar("T")
 
 
 def estimation_settings(settings: ServingSettings) -> EstimationSettings:
@@ -178,9 +183,8 @@ class Controller:
         if self.layered and network is None:
             raise ValueError("a repository with several repair layers needs the whole network to learn online")
         self.network = network
-        self.store = DirectionStore(artifacts / STORE_DIR, on_damage).ensure()
+        self.store = repository_store(artifacts, self.settings, on_damage)
         self.store.initialize()
-        self.store.repair_pointer()
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits
@@ -197,6 +201,12 @@ class Controller:
             raise ControlError(f"{REQUEST} of {len(request)} bytes; at most {self.limits.max_request_bytes}")
         signed = self._authenticate(request, credential, images, now)
         body = parse_request(request)
+        try:
+            return self._run(body, signed, images)
+        except StoreError as exc:  # e.g. the engine unreachable: the message says what is known of the outcome
+            raise ControlError(str(exc)) from None
+
+    def _run(self, body: dict[str, Any], signed: Credential, images: np.ndarray | None) -> dict[str, Any]:
         action = body["action"]
         if action == "status":
             return self.status()
@@ -228,10 +238,22 @@ class Controller:
             raise AuthRefused(str(exc)) from None
         return signed
 
+    def _atomically(self, block: Callable[[], T]) -> T:
+        """Run a read-derive-commit ``block`` as one: under the file store's lock, or optimistically on etcd, where a
+        block that lost the race to another writer (Conflict) runs again on the version that writer made live."""
+        for _ in range(CONFLICT_TRIES):
+            try:
+                with self.store.locked():
+                    return block()
+            except Conflict:
+                continue
+        raise ControlError(f"the store changed under this request {CONFLICT_TRIES} times in a row (busy concurrent "
+                           "writers); nothing more was committed, try again")
+
     def _refuse_replay(self, nonce: str) -> None:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
         since = time.time() - 2 * WINDOW_S
-        if any(e.get("nonce") == nonce and float(e.get("time", 0)) >= since for e in self.store.history()):
+        if self.store.used_nonce(nonce, since):
             raise AuthRefused("permission denied: this credential was already used (replayed request)")
 
     # -- read-only ---------------------------------------------------------------------------
@@ -290,7 +312,7 @@ class Controller:
         that version's commit until it applied it; None for the version it started with) and ``behind_s`` (None
         when it applies the live version, else seconds since the live version was committed); ``gone``: entries
         of instances that no longer run (killed outright; `fire serve` prunes them)."""
-        entries = self.store.registry.entries()
+        entries = self.store.instance_entries()
         since = self.store.committed_at(live, sha256)
         now = time.time()
         running = []
@@ -305,12 +327,12 @@ class Controller:
         version = request["version"]
         if version < 0:
             raise ControlError("rollback: 'version' must be >= 0")
-        with self.store.locked():
+
+        def block() -> None:
             self._refuse_replay(note["nonce"])
-            try:
-                self.store.rollback(version, actor, note)
-            except StoreError as exc:
-                raise ControlError(str(exc)) from None
+            self.store.rollback(version, actor, note)
+
+        self._atomically(block)
         return {"version": version, "action": "rollback"}
 
     def push(self, request: dict[str, Any], actor: str, note: dict[str, Any]) -> dict[str, Any]:
@@ -329,19 +351,15 @@ class Controller:
         if request.get("layer") not in (None, self.settings.layer):
             raise ControlError(f"push: this repository repairs at {self.settings.layer} only, not "
                                f"{str(request['layer'])[:40]!r}")
-        with self.store.locked():
+
+        def block() -> int:
             self._refuse_replay(note["nonce"])
             _, live = self._live(intact=False)
-            center = live.center
-            if request.get("center") is not None:
-                try:
-                    center = np.asarray(request["center"], dtype=np.float32).reshape(-1)
-                except (OverflowError, ValueError) as exc:
-                    raise ControlError(f"push: center: {exc}") from None
-            ds = DirectionSet(center, directions, live.estimator)
+            ds = DirectionSet(self._center(request, live.center), directions, live.estimator)
             self._validate(ds)
-            number = self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
-        return {"version": number, "action": "push"}
+            return self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
+
+        return {"version": self._atomically(block), "action": "push"}
 
     def observe(self, request: dict[str, Any], images: np.ndarray | None, actor: str,
                 note: dict[str, Any]) -> dict[str, Any]:
@@ -361,12 +379,16 @@ class Controller:
         if kind == "augmented" and not clean:
             augs = trigger_breaking_augmentations(batch.shape[-1])
             twins = torch.stack([self.latents(a(batch)).reshape(len(batch), -1) for a in augs])
-        versions = []
-        with self.store.locked():
-            self._refuse_replay(note["nonce"])
+        versions: list[int] = []
+
+        def block() -> tuple:
+            # A block run again after a lost race folds only the chunks not yet committed, onto the new live version
+            # (whose history already holds this request's nonce once a chunk is in).
+            if not versions:
+                self._refuse_replay(note["nonce"])
             _, live = self._live(intact=True)
             estimator, centroid = self._estimator(live, kind)
-            for start in range(0, len(batch), every):
+            for start in range(every * len(versions), len(batch), every):
                 stop = min(start + every, len(batch))
                 if clean:
                     centroid.update(latents[start:stop])
@@ -378,6 +400,9 @@ class Controller:
                 self._validate(ds)
                 versions.append(self.store.commit(ds, "observe-clean" if clean else "observe", actor,
                                                   {"samples": stop - start, "estimator": kind, **note}))
+            return estimator, centroid
+
+        estimator, centroid = self._atomically(block)
         return {"version": versions[-1], "versions": versions, "action": "observe",
                 "poisoned_count": estimator.count, "clean_count": centroid.count}
 
@@ -404,19 +429,15 @@ class Controller:
         if layer not in self.settings.repair_layers:
             raise ControlError(f"push: 'layer' must be one of {', '.join(self.settings.repair_layers)}, "
                                f"not {layer[:40]!r}")
-        with self.store.locked():
+
+        def block() -> int:
             self._refuse_replay(note["nonce"])
             live = self._live_layers()
-            center = live.sets[layer].center
-            if request.get("center") is not None:
-                try:
-                    center = np.asarray(request["center"], dtype=np.float32).reshape(-1)
-                except (OverflowError, ValueError) as exc:
-                    raise ControlError(f"push: center: {exc}") from None
-            live.sets[layer] = DirectionSet(center, directions)
+            live.sets[layer] = DirectionSet(self._center(request, live.sets[layer].center), directions)
             self._validate(live.sets[layer], layer)
-            number = self.store.commit(live, "push", actor, {"directions": len(directions), "layer": layer, **note})
-        return {"version": number, "action": "push", "layer": layer}
+            return self.store.commit(live, "push", actor, {"directions": len(directions), "layer": layer, **note})
+
+        return {"version": self._atomically(block), "action": "push", "layer": layer}
 
     def _observe_layers(self, request: dict[str, Any], images: np.ndarray, actor: str,
                         note: dict[str, Any]) -> dict[str, Any]:
@@ -434,16 +455,21 @@ class Controller:
             raise ControlError("observe: 'publish_every' must be >= 1")
         settings = estimation_settings(self.settings)
         clean = self._clean_evidence()
-        versions = []
-        with self.store.locked():
-            self._refuse_replay(note["nonce"])
+        versions: list[int] = []
+
+        def block() -> tuple:
+            # As the one-layer observe: a block run again after a lost race learns the images not yet committed on
+            # top of the new live version, whose kept flagged images hold those already committed by this request.
+            done = every * len(versions)
+            if not done:
+                self._refuse_replay(note["nonce"])
             live = self._live_layers()
             kept = live.flagged if live.flagged is not None else images[:0]
-            if len(kept) + len(images) > self.limits.max_observe_images:
+            if len(kept) + len(images) - done > self.limits.max_observe_images:
                 raise ControlError(f"observe: the live version already holds {len(kept)} flagged images; at most "
                                    f"{self.limits.max_observe_images} in all (roll back to version 0 to start over)")
-            for start in range(0, len(images), every):
-                flagged = np.concatenate([kept, images[:start + every]])
+            for start in range(done, len(images), every):
+                flagged = np.concatenate([kept, images[done:start + every]])
                 evidence = Evidence(self.network, clean, to_tensor(flagged), self.settings.repair_layers,
                                     self.settings.max_batch_size)
                 sets, ranking = learn(evidence, settings)
@@ -456,6 +482,9 @@ class Controller:
                 versions.append(self.store.commit(layered, "observe", actor, {
                     "samples": min(every, len(images) - start), "flagged": len(flagged), "layers": chosen,
                     "estimation": settings.mode, "target": evidence.target, **note}))
+            return flagged, chosen, evidence, layered
+
+        flagged, chosen, evidence, layered = self._atomically(block)
         return {"version": versions[-1], "versions": versions, "action": "observe", "poisoned_count": len(flagged),
                 "layers": chosen, "target": evidence.target, "ranking": layered.ranking}
 
@@ -466,6 +495,16 @@ class Controller:
         return DirectionSet(center.numpy(), kept + [replace(d, name=LEARNED) for d in learned])
 
     # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _center(request: dict[str, Any], live: np.ndarray) -> np.ndarray:
+        """A push's ``center`` when given, else the live one."""
+        if request.get("center") is None:
+            return live
+        try:
+            return np.asarray(request["center"], dtype=np.float32).reshape(-1)
+        except (OverflowError, ValueError) as exc:
+            raise ControlError(f"push: center: {exc}") from None
+
     def _estimator(self, live: DirectionSet, kind: str):
         if live.estimator is not None and live.estimator.poisoned_count > 0:
             if live.estimator.kind != kind:

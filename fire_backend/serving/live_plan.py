@@ -2,14 +2,17 @@
 
 Every stage that repairs (``fused``, the ``inline`` head, the ``separate`` repair stage) holds one. Before each
 batch, never within one, :meth:`LivePlan.refresh` asks the store follower whether a new version was committed
-(one ``stat``); if so the version is verified, compiled onto the device for every configured layer, and used from
-that batch on, and the instance reports what it applies (in the store's registry and on /metrics). No model
-reload is involved.
+(the file store: one ``stat``; etcd: an attribute its watch thread sets); if so the verified version is compiled
+onto the device for every configured layer and used from that batch on, and the instance reports what it
+applies (the follower in the store's instance records, this plan on /metrics). No model reload is involved.
 
 An instance that gets no traffic would never look, and would report an old version forever (``fire ctl status``
 and the FireInstanceBehindLiveVersion alert would call it behind). So a watcher thread makes the same check
-every :data:`WATCH_INTERVAL_S` while the stage is idle; one lock keeps it and the serving path from applying at
-once, uncontended on the serving path except in the microseconds the watcher holds it.
+every :data:`WATCH_INTERVAL_S` while the stage is idle, whichever the store; one lock keeps it and the serving
+path from applying at once, uncontended on the serving path except in the microseconds the watcher holds it.
+With etcd the follower's watch thread has by then fetched and verified the version, so the watcher's check is an
+attribute comparison too; it never compiles in the follower's thread, so nothing but the serving path and an
+idle watcher ever touches the stage's device or metrics.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from pathlib import Path
 import torch
 
 from fire_backend.fire import RepairPlan, compile_plan
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings
+from fire_backend.serving.artifacts import ServingSettings, repository_store
 from fire_backend.serving.metrics import BatchMetrics
-from fire_backend.store import DirectionStore, StoreFollower, Version
+from fire_backend.store import Version
 
 LOG = logging.getLogger("fire_backend.serving")
 
@@ -57,17 +60,16 @@ class LivePlan:
         self.settings = settings
         self.device = device
         self.metrics = metrics
-        self.store = DirectionStore(artifacts / STORE_DIR, metrics.store_error if metrics else None).ensure()
-        self.store.repair_pointer()
-        self.follower = StoreFollower(self.store)
         self.instance_id = f"{instance}-{os.getpid()}".replace("/", "_").replace(" ", "_")
         self._lock = threading.Lock()
         self._busy_until = 0.0
+        self._interval = watch_interval_s
+        self._stop = threading.Event()
+        store = repository_store(artifacts, settings, metrics.store_error if metrics else None)
+        self.follower = store.follower(self.instance_id)
         self.follower.poll()
         self.plan = RepairPlan({}, 0)
-        self._apply(start=True)  # reports the start version too, version 0 included
-        self._stop = threading.Event()
-        self._interval = watch_interval_s
+        self._apply()  # reports the start version too, version 0 included
         self._watcher = threading.Thread(target=self._watch, name=f"fire-watch-{self.instance_id}", daemon=True)
         self._watcher.start()
 
@@ -85,24 +87,19 @@ class LivePlan:
                 if time.monotonic() >= self._busy_until and self.follower.poll():  # idle: no batch checks
                     self._apply()
 
-    def _apply(self, start: bool = False) -> None:
+    def _apply(self) -> None:
         """Compile and use the follower's version; report it (the lag only for a propagation, not at start).
 
         Reported before the new plan is swapped in, so that whoever sees the plan also sees the report."""
-        current = self.follower.current
         number = self.follower.version
-        plan = plan_of(current, self.settings, self.device)
-        committed = None if start else self.store.committed_at(number, current.sha256 if current else "")
-        lag = None if committed is None else max(0.0, time.time() - committed)
-        self.store.report_instance(self.instance_id, number, lag)
+        plan = plan_of(self.follower.current, self.settings, self.device)
         if self.metrics is not None:
-            self.metrics.applied(number, committed)
+            self.metrics.applied(number, self.follower.committed)
         self.plan = plan
         LOG.info("%s: applying direction version %d", self.instance_id, number)
 
     def close(self) -> None:
-        """Stop watching and withdraw this instance from the store's registry (the model is unloading)."""
+        """Stop following and withdraw this instance from the store's records (the model is unloading)."""
         self._stop.set()
         self._watcher.join(timeout=5.0)
-        path = self.store.instances_dir / f"{self.instance_id}.json"
-        path.unlink(missing_ok=True)
+        self.follower.close()

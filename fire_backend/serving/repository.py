@@ -41,6 +41,7 @@ from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.stages import GUARD_PARAMETER
 from fire_backend.split import Part, candidate_layers, save_part
 from fire_backend.store import DirectionSet, DirectionStore, LayeredSet
+from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
     FIRE_CONTROL,
@@ -94,6 +95,9 @@ class RepositoryOptions:
     alpha: float = 1.0
     publish_every: int = 1
     clean_samples: int = 100
+    #: the direction store's URL (fire_backend.store_backends: file:///DIR or etcd://HOST:PORT/PREFIX); empty: the
+    #: file store in the repository's artifacts
+    store: str = ""
     #: how observe estimates several layers: independent (measured default) or ordered (fire_backend.multilayer)
     estimation: str = "independent"
 
@@ -107,6 +111,8 @@ class RepositoryOptions:
                   self.torch_threads)
         if min(counts) < 1:
             raise ValueError("instance and thread counts must be >= 1")
+        if self.store:
+            open_store(self.store)  # the URL's form only (ValueError naming the fix); nothing is contacted
         if self.estimation not in ESTIMATION_MODES:
             raise ValueError(f"estimation must be one of {', '.join(ESTIMATION_MODES)}, not {self.estimation!r}")
 
@@ -330,6 +336,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         estimation=options.estimation,
         layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
         allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
+        store=options.store,
     )
     artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
@@ -343,7 +350,7 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
     view = LayerView(model, layer, samples, batch=batch_size)
     save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
     save_reserve(artifacts, to_uint8(samples.clean))
-    store = DirectionStore(artifacts / STORE_DIR).ensure()
+    store = open_store(settings.store, artifacts / STORE_DIR)
     note = {"flagged": flagged, "defender": samples.describe()}
     if flagged and len(layers) > 1:
         evidence = Evidence(whole, samples.clean, samples.flagged, layers, batch_size)
@@ -385,6 +392,7 @@ def repair_layers(layers: str | Sequence[str], candidates: Sequence[str]) -> tup
 def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> ServingSettings:
     """A repository at ``out`` with ``source``'s network, settings, centroid and direction store, but the models
     of ``options`` (``fire bench`` compares every layout of a repository this way; ``source`` is left alone).
+    A file store in the artifacts is copied; the copy follows the store ``options.store`` names (empty: that copy).
 
     Works for repositories built before layouts existed (they have the same weights file).
     """
@@ -399,10 +407,11 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
     for name in (FULL_FILE, CENTROID_FILE):
         shutil.copy2(src / name, artifacts / name)
     store = DirectionStore(src / STORE_DIR)
-    shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
-                    ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
+    if store.root.is_dir():  # a file store in the artifacts (an etcd store is shared: the settings name it)
+        shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
+                        ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
-                       max_batch_size=options.max_batch_size, build=asdict(options))
+                       max_batch_size=options.max_batch_size, build=asdict(options), store=options.store)
     settings.write(artifacts)
     write_configs(out, settings, options)
     return settings

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import EVERY_LAYOUT
 
+from fire_backend.etcd.local import LocalEtcd, etcd_binary
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.server import TritonServer, running_server
 from fire_backend.wire.control import ControlClient
@@ -99,6 +100,17 @@ def production(tmp_path_factory, badnets_checkpoint: Path) -> Path:
     repository = tmp_path_factory.mktemp("production") / "repository"
     build_repository(badnets_checkpoint, repository, "block2", flagged=20)
     return repository
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[LocalEtcd]:
+    """A real single-member etcd on free loopback ports (never 2379), killed at the end of the test."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server; CI installs it)")
+    engine = LocalEtcd(tmp_path / "etcd" / "data")
+    engine.start()
+    yield engine
+    engine.stop(kill=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -40,3 +43,12 @@ def labels(client, images: np.ndarray, model: str = FIRE_ENSEMBLE, bypass: str |
            batch: int = 64) -> np.ndarray:
     return np.concatenate([infer(client, images[i : i + batch], model, bypass)["LABEL"].reshape(-1)
                            for i in range(0, len(images), batch)])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` every 10 ms until it holds; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)

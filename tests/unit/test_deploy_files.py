@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
@@ -13,6 +14,7 @@ from fire_backend.models import DigitsCNN
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
 from fire_backend.serving.repository import RepositoryOptions, write_configs
 from fire_backend.split import candidate_layers
+from fire_backend.store_backends import STORE_URL_ENV, TLS_OPTIONS
 from fire_backend.wire.names import DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,24 @@ def test_kubernetes_manifest_parses_and_probes_fire_serve():
     for probe, path in (("readinessProbe", "/ready"), ("startupProbe", "/ready"), ("livenessProbe", "/live")):
         assert container[probe]["httpGet"] == {"path": path, "port": "health"}, probe
     assert all("ADMIN" not in e["name"] for e in container["env"])  # no key to hand around any more
+
+
+def test_the_etcd_manifest_runs_a_quorum_with_tls_and_points_fire_at_it():
+    docs = list(yaml.safe_load_all((ROOT / "docs/deploy/kubernetes-etcd.yaml").read_text()))
+    kinds = [d["kind"] for d in docs]
+    assert kinds == ["Service", "Service", "StatefulSet", "PodDisruptionBudget", "NetworkPolicy", "Deployment"]
+    etcd = docs[2]["spec"]
+    args = etcd["template"]["spec"]["containers"][0]["args"]
+    assert etcd["replicas"] == 3 and docs[3]["spec"]["minAvailable"] == 2
+    assert "--client-cert-auth" in args and not any("unsafe" in a for a in args)  # fsync stays on
+    patched = docs[5]["spec"]["template"]["spec"]["containers"][0]
+    base = next(d for d in yaml.safe_load_all((ROOT / "docs/deploy/kubernetes.yaml").read_text())
+                if d["kind"] == "Deployment")
+    assert patched["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]  # the merge key matches
+    env = {e["name"]: e["value"] for e in patched["env"]}
+    url = urlsplit(env[STORE_URL_ENV])
+    assert (url.scheme, url.hostname, url.port) == ("etcd", docs[1]["metadata"]["name"], 2379)
+    assert set(parse_qs(url.query)) == set(TLS_OPTIONS) and url.path.strip("/")
 
 
 def test_dockerfile_is_well_formed_and_runs_fire_serve():

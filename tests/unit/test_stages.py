@@ -8,6 +8,7 @@ No GPU is used: "GPU" tensors of the double hold CPU memory behind Triton's GPU 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -105,6 +106,18 @@ def repos(tmp_path_factory, digits_checkpoint) -> dict[str, Path]:
     rebuild_repository(root / "allowing", root / "strict", RepositoryOptions(
         compare_layouts=("inline", "separate"), baselines=True, max_batch_size=4))
     return {"allowing": root / "allowing", "strict": root / "strict", "checkpoint": digits_checkpoint("badnets")}
+
+
+def test_a_rebuilt_copy_follows_the_store_its_options_name(repos, tmp_path: Path) -> None:
+    """`fire bench`'s copy of a repository whose servers share an etcd store follows a file store of its own, so a
+    bench never commits to nor serves from the production store."""
+    source = tmp_path / "shared"
+    shutil.copytree(repos["allowing"], source)
+    settings = ServingSettings.read(source / ARTIFACTS_DIR)
+    dataclasses.replace(settings, store="etcd://etcd:2379/fire/prod").write(source / ARTIFACTS_DIR)
+    copy = rebuild_repository(source, tmp_path / "copy", RepositoryOptions(max_batch_size=4))
+    assert copy.store == "" and ServingSettings.read(tmp_path / "copy" / ARTIFACTS_DIR).store == ""
+    assert DirectionStore(tmp_path / "copy" / ARTIFACTS_DIR / "store").live_version() == 1  # the source's file copy
 
 
 def make(stage_class, repository: Path, model: str, instance: str | None = None):

@@ -1,0 +1,76 @@
+"""Choosing the direction store by URL: what each form opens, and a clear error for each malformed one or, at
+`fire serve --store`, for a store that does not answer (the etcd store's own tests run a real engine:
+tests/integration/test_etcd_store.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fire_backend.cli import main
+from fire_backend.etcd.local import free_port
+from fire_backend.etcd.store import EtcdStore
+from fire_backend.serving.artifacts import MODELS_DIR, STORE_DIR, ServingSettings, repository_store
+from fire_backend.store import DirectionStore
+from fire_backend.store_backends import STORE_URL_ENV, open_store
+from fire_backend.wire.names import FIRE_ENSEMBLE
+
+
+def test_no_url_is_the_file_store_in_the_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(STORE_URL_ENV, raising=False)
+    settings = ServingSettings(layer="b", input_shape=(1, 4, 4), latent_shape=(16,), num_classes=10, arch="t")
+    store = repository_store(tmp_path, settings)
+    assert isinstance(store, DirectionStore) and store.root == tmp_path / STORE_DIR
+
+
+def test_the_environment_overrides_the_built_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = ServingSettings(layer="b", input_shape=(1, 4, 4), latent_shape=(16,), num_classes=10, arch="t",
+                               store=f"file://{tmp_path}/built")
+    assert repository_store(tmp_path, settings).root == tmp_path / "built"
+    monkeypatch.setenv(STORE_URL_ENV, "etcd://10.0.0.5:2379/fire/prod")
+    store = repository_store(tmp_path, settings)
+    assert isinstance(store, EtcdStore)
+    assert (store.client.host, store.client.port, store.prefix, store.client.tls) == ("10.0.0.5", 2379, b"/fire/prod",
+                                                                                       None)
+
+
+def test_tls_options_load_the_named_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot load the TLS files"):
+        open_store(f"etcd://etcd:2379/fire?ca={tmp_path}/missing.crt")
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("redis://h:6379/0", "use file:///DIR or etcd://HOST:PORT/PREFIX"),
+    ("/srv/store", "use file:///DIR"),
+    ("file://relative/dir", "absolute directory"),
+    ("etcd://h:2379", "name a key prefix"),
+    ("etcd://h:2379/", "name a key prefix"),
+    ("etcd://h/fire", "host:port"),
+    ("etcd://h:notaport/fire", "host:port"),
+    ("etcd://a:2379,b:2379/fire", "one endpoint"),
+    ("etcd://user:pw@h:2379/fire", "client certificate"),
+    ("etcd://h:2379/fire?timeout=3", "unknown option 'timeout'"),
+    ("etcd://h:2379/fire?cert=c.crt", "TLS needs ca="),
+])
+def test_a_malformed_url_is_refused_with_the_fix(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        open_store(url)
+
+
+def fake_repository(root: Path) -> Path:
+    (root / MODELS_DIR / FIRE_ENSEMBLE).mkdir(parents=True)
+    (root / MODELS_DIR / FIRE_ENSEMBLE / "config.pbtxt").write_text("")
+    return root
+
+
+def test_fire_serve_refuses_a_store_that_does_not_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Checked once before tritonserver starts, so a wrong address is one line, not a failed load per stage."""
+    url = f"etcd://127.0.0.1:{free_port()}/fire/prod"  # nothing listens there
+    assert main(["serve", "--repository", str(fake_repository(tmp_path)), "--store", url]) == 2
+    assert "--store: read the live version: the etcd store is unreachable" in capsys.readouterr().err
+
+
+def test_fire_serve_refuses_a_malformed_store_url(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--repository", str(fake_repository(tmp_path)), "--store", "etcd://h:2379"]) == 2
+    assert "name a key prefix" in capsys.readouterr().err
