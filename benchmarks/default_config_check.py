@@ -129,10 +129,11 @@ def main() -> int:
     for r in served["ranking"]:
         print(f"  {'+'.join(r['layers']):24s} flip {r['flip']:.2f} change {r['change']:.2f} "
               f"clean_tv {r['clean_tv']:.4f} score {r['score']:.2f}")
-    print(f"{'':24s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    print(f"{'':24s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}  clean images of other classes labelled target")
     for name in ("undefended", "fire"):
         fig = served[name]
-        print(f"{'served ' + name:24s} {fig['ca']:7.4f} {fig['pa']:7.4f} {fig['asr']:7.4f}")
+        print(f"{'served ' + name:24s} {fig['ca']:7.4f} {fig['pa']:7.4f} {fig['asr']:7.4f}  "
+              f"{fig['clean_as_target']:.4f}")
     print("targets: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in met.items()))
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + f"; total {result['total_s']}")
     if args.json:

@@ -7,6 +7,7 @@ this process (``time.process_time``) rather than wall time, so other load on a s
 interleaved, median of ``--rounds``.
 
     python benchmarks/hook_micro.py --repository bench-results/repository [--batches 1,16] [--rounds 7]
+    python benchmarks/hook_micro.py --repository two-layers --versus one-layer   # what the second layer costs
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def cpu_ms(stage, requests, reps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repository", type=Path, required=True, help="a repository built by `fire bench`")
+    p.add_argument("--repository", type=Path, required=True,
+                   help="a repository built by `fire bench` (or `fire repo build --baselines`: the fused pair only)")
+    p.add_argument("--versus", type=Path, help="another repository of the same network (other repair layers): "
+                                               "compare the two fused stages instead")
     p.add_argument("--batches", default="1,16", help="requests of one image per batch (1,16)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--seconds", type=float, default=0.5, help="CPU seconds per measurement, about (0.5)")
@@ -57,8 +61,17 @@ def main() -> int:
     settings = ServingSettings.read(args.repository / ARTIFACTS_DIR)
     print(f"{settings.arch}, repaired at {', '.join(settings.repair_layers)}; CPU ms per execute (median of "
           f"{args.rounds} interleaved rounds), one torch thread")
-    for label, pair in PAIRS.items():
-        built = [cls(stage_args(args.repository, model), pb) for cls, model in pair]
+    pairs = {label: [(cls, args.repository, model) for cls, model in pair] for label, pair in PAIRS.items()}
+    if args.versus:  # the same network repaired at other layers: what the layers themselves cost
+        other = ServingSettings.read(args.versus / ARTIFACTS_DIR)
+        pairs = {f"fused {'+'.join(settings.repair_layers)} vs {'+'.join(other.repair_layers)}": [
+            (stages.FusedStage, args.repository, FIRE_ENSEMBLE), (stages.FusedStage, args.versus, FIRE_ENSEMBLE)]}
+    for label, pair in pairs.items():
+        missing = [model for _, repo, model in pair if not (repo / "models" / model).is_dir()]
+        if missing:  # `fire repo build --baselines` writes the fused pair only
+            print(f"  {label:26s} not measured: the repository has no {', '.join(missing)}")
+            continue
+        built = [cls(stage_args(repo, model), pb) for cls, repo, model in pair]
         for batch in (int(b) for b in args.batches.split(",")):
             x = np.random.default_rng(0).random((1, *settings.input_shape), dtype=np.float32)
             requests = [pb.image_request(x) for _ in range(batch)]

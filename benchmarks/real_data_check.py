@@ -99,8 +99,12 @@ def imported_checkpoint(shared: Path, attack: str, work: Path, timings: dict[str
 
 def figures(labels: np.ndarray, y: np.ndarray, poisoned_labels: np.ndarray, poisoned_y: np.ndarray,
             target: int) -> dict[str, float]:
+    """CA, PA, ASR, and ``clean_as_target``: clean images of other classes predicted as the target, the share of
+    ASR a model's plain errors account for with no trigger at all (its floor: 4% for a 65%-accurate model)."""
+    others = y != target
     return {"ca": float((labels == y).mean()), "pa": float((poisoned_labels == poisoned_y).mean()),
-            "asr": float((poisoned_labels == target).mean())}
+            "asr": float((poisoned_labels == target).mean()),
+            "clean_as_target": float((labels[others] == target).mean())}
 
 
 def served_check(repository: Path, checkpoint: Path, eval_images: int, batch: int) -> dict:
