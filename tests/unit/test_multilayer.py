@@ -44,6 +44,19 @@ def test_significant_keeps_the_planted_coordinates_and_zeroes_the_noise() -> Non
     assert torch.allclose(plain, (flagged.double().mean(0) - clean.double().mean(0)).float())
 
 
+def test_fewer_flagged_than_the_filter_needs_give_the_plain_shift() -> None:
+    """The z filter needs a variance; from a handful of flagged latents it is noise (digits Blended at 3 flagged:
+    PA 0.14 filtered, 0.97 plain), so below ``z_min_flagged`` the shift is kept whole."""
+    g = torch.Generator().manual_seed(2)
+    clean = torch.randn(100, D, generator=g)
+    flagged = torch.randn(20, D, generator=g) + 5.0 * (torch.arange(D) < 3)
+    options = UnpairedOptions(z=4.0, nontarget=False, z_min_flagged=10)
+    for n, filtered in ((9, False), (10, True)):
+        direction = unpaired_direction(flagged[:n], clean, options)
+        assert bool((direction[3:] == 0).all()) is filtered, n
+        assert torch.equal(direction, unpaired_direction(flagged[:n], clean, PLAIN)) is not filtered, n
+
+
 def test_significant_without_a_passing_coordinate_returns_the_shift_and_refuses_a_bad_z() -> None:
     ref = Reference.of(torch.randn(50, D, generator=torch.Generator().manual_seed(1)))
     tiny = torch.full((D,), 1e-3)
