@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,8 +45,10 @@ from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 LEARNED = "learned"
 ESTIMATORS = ("unpaired", "augmented")
-#: how often a writer's block runs again after losing a compare-and-set race before it gives up
-CONFLICT_TRIES = 8
+#: how long a writer's block keeps running again after losing compare-and-set races before it gives up
+CONFLICT_DEADLINE_S = 20.0
+#: the longest random pause before a lost block runs again (the pause doubles from 5 ms up to this)
+CONFLICT_BACKOFF_S = 0.2
 T = TypeVar("T")
 
 
@@ -240,15 +243,24 @@ class Controller:
 
     def _atomically(self, block: Callable[[], T]) -> T:
         """Run a read-derive-commit ``block`` as one: under the file store's lock, or optimistically on etcd, where a
-        block that lost the race to another writer (Conflict) runs again on the version that writer made live."""
-        for _ in range(CONFLICT_TRIES):
+        block that lost the race to another writer (Conflict) runs again on the version that writer made live.
+
+        A lost block waits a random, doubling pause first: run again at once, two writers with several commits each
+        can keep colliding (a fixed 8 tries failed that way on a slow CI machine), while the pause lets the winner
+        finish. It gives up after CONFLICT_DEADLINE_S.
+        """
+        give_up, attempt = time.monotonic() + CONFLICT_DEADLINE_S, 0
+        while True:
             try:
                 with self.store.locked():
                     return block()
             except Conflict:
-                continue
-        raise ControlError(f"the store changed under this request {CONFLICT_TRIES} times in a row (busy concurrent "
-                           "writers); nothing more was committed, try again")
+                attempt += 1
+                if time.monotonic() >= give_up:
+                    raise ControlError(f"the store changed under this request {attempt} times in "
+                                       f"{CONFLICT_DEADLINE_S:g} s (busy concurrent writers); nothing more was "
+                                       "committed, try again") from None
+                time.sleep(random.uniform(0.0, min(CONFLICT_BACKOFF_S, 0.005 * 2 ** attempt)))
 
     def _refuse_replay(self, nonce: str) -> None:
         """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""

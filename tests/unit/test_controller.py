@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from fire_backend.procfs import this_host
+from fire_backend.serving import controller as controller_module
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
 from fire_backend.serving.controller import ControlError, Controller, token_id
+from fire_backend.store import Conflict
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 
 TOKEN = "s3cret-token"
@@ -350,3 +352,22 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
                        ("status", m.RESULT_REFUSED_VALIDATION): 1, (m.OTHER_ACTION, m.RESULT_REFUSED_AUTH): 2,
                        ("status", m.RESULT_ERROR): 1}
     stage.metrics.close()
+
+
+def test_a_block_that_keeps_losing_races_runs_again_until_it_lands_or_its_deadline(
+        controller: Controller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two writers with several commits each lost to each other more than a fixed number of times on a slow machine;
+    a lost block pauses a random, doubling while and runs again until the deadline."""
+    losses = {"left": 12}
+
+    def block() -> str:
+        if losses["left"]:
+            losses["left"] -= 1
+            raise Conflict("another writer got in first")
+        return "landed"
+
+    assert controller._atomically(block) == "landed" and losses["left"] == 0
+    monkeypatch.setattr(controller_module, "CONFLICT_DEADLINE_S", 0.05)
+    losses["left"] = 10**6
+    with pytest.raises(ControlError, match="changed under this request"):
+        controller._atomically(block)
