@@ -155,8 +155,9 @@ def precompile_models(folder: Path) -> None:
     """
     for source in folder.glob("*/*/model.py"):
         with contextlib.suppress(OSError, py_compile.PyCompileError):
-            if not _bytecode_current(source):
-                py_compile.compile(str(source), doraise=True)
+            if not _bytecode_current(source):  # timestamp mode always: SOURCE_DATE_EPOCH would pick hash-checked
+                py_compile.compile(str(source), doraise=True,
+                                   invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
 
 
 def _bytecode_current(source: Path) -> bool:
