@@ -91,9 +91,11 @@ def test_the_private_dev_shm_is_sized_from_the_stubs(repository: Path) -> None:
 
 # -- instance names -------------------------------------------------------------------------------------------
 
-def test_a_second_start_writes_nothing_into_the_served_tree(repository: Path) -> None:
+def test_a_second_start_writes_nothing_into_the_served_tree(repository: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Servers sharing one repository each precompile at start; rewriting valid bytecode would make every server
-    already running reload its models (poll mode). Stale bytecode (a rebuilt model.py) is rewritten."""
+    already running reload its models (poll mode). Stale bytecode (a rebuilt model.py) is rewritten. Reproducible
+    build environments set SOURCE_DATE_EPOCH, which would otherwise switch py_compile to hash-checked files."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")
     models = repository / "models"
     precompile_models(models)
     tree = {p: p.stat().st_mtime_ns for p in models.rglob("*")}
