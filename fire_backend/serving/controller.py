@@ -274,20 +274,33 @@ class Controller:
 
         Version 0 (or no verifiable version) is the clean centroid with no direction.
         """
+        number, layered = self._live_layered(intact)
+        return number, self._split_set(layered)
+
+    def _live_layered(self, intact: bool) -> tuple[int, LayeredSet | None]:
+        """:meth:`_live` over every layer: the verified version's number and sets, read once."""
         state = self.store.resolve()
         if intact and state.verified != state.version:
             raise ControlError(f"the live version {state.version} is damaged ({'; '.join(state.damage)}); roll back "
                                "to a verified version or push a direction set first")
-        if state.verified:
-            layered = self.store.read_version(state.verified).layered.at(self.settings.layer)
-            if self.settings.layer in layered:
-                return state.verified, layered[self.settings.layer]
+        return state.verified or 0, self._layered(state.verified)
+
+    def _layered(self, verified: int | None) -> LayeredSet | None:
+        """Every layer's set of the verified version (None for version 0 or none verifying)."""
+        return self.store.read_version(verified).layered if verified else None
+
+    def _split_set(self, layered: LayeredSet | None) -> DirectionSet:
+        """The set at the split layer; without one, the clean centroid and no direction."""
+        sets = layered.at(self.settings.layer) if layered else {}
+        if self.settings.layer in sets:
+            return sets[self.settings.layer]
         center, _ = load_centroid(self.artifacts)
-        return state.verified or 0, DirectionSet(center, [], None)
+        return DirectionSet(center, [], None)
 
     def status(self) -> dict[str, Any]:
-        state = self.store.resolve()
-        verified, ds = self._live(intact=False)
+        state = self.store.resolve()  # once: status reads the store as one snapshot, the verified version once
+        layered = self._layered(state.verified)
+        ds = self._split_set(layered)
         est = ds.estimator
         return {
             "version": state.version,
@@ -303,13 +316,12 @@ class Controller:
                 "kind": est.kind, "poisoned_count": est.poisoned_count, "clean_count": est.clean_count},
             "publish_every": self.settings.publish_every,
             **self._instances(state.version, state.sha256),
-            **self._layer_status(state.verified),
+            **self._layer_status(layered),
         }
 
-    def _layer_status(self, verified: int | None) -> dict[str, Any]:
+    def _layer_status(self, layered: LayeredSet | None) -> dict[str, Any]:
         """Per configured layer: how many directions the live version holds; the flagged images it was learned from
         and the label-free ranking that chose its layers (best first)."""
-        layered = self.store.read_version(verified).layered if verified else None
         counts = layered.counts(self.settings.layer) if layered else {}
         return {
             "repair_layers": list(self.settings.repair_layers),
@@ -425,8 +437,7 @@ class Controller:
     def _live_layers(self) -> LayeredSet:
         """The live version over every configured layer (a layer it lacks: the clean reserve's centroid there, no
         direction). Refuses when the committed version is damaged."""
-        number, _ = self._live(intact=True)
-        live = self.store.read_version(number).layered if number else None
+        _, live = self._live_layered(intact=True)
         sets = live.at(self.settings.layer) if live else {}
         missing = [layer for layer in self.settings.repair_layers if layer not in sets]
         if missing:
