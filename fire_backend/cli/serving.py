@@ -69,8 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port, omp_threads=args.omp_threads, extra_env=env, log_verbose=args.log_verbose,
         http_inference=args.http_inference,
     )
-    http = "open (a JSON request can crash Triton 2.51; supervision restarts it)" if args.http_inference \
-        else "closed (gRPC only; --http-inference opens it)"
+    http = "open (KServe v2, checked by the HTTP front)" if args.http_inference \
+        else "closed (gRPC only; the front answers 403)"
     print(f"serving {repository}; HTTP inference {http}")
     return serve_forever(config, args.health_port or None)
 
@@ -153,6 +153,7 @@ def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
     finally:
         if server.is_alive():
             supervisor.stop()
+        server.close()
         if health is not None:
             health.stop()
         for sig, handler in previous.items():
@@ -224,9 +225,9 @@ def register(sub) -> None:
     p.add_argument("--token-file", type=Path, default=None,
                    help=f"control token file (else ${TOKEN_FILE_ENV}, else ${TOKEN_ENV})")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver verbosity (0)")
-    p.add_argument("--http-inference", action="store_true",
-                   help="also accept inference over HTTP (off: one JSON request can crash Triton 2.51; gRPC is "
-                        "always open)")
+    p.add_argument("--http-inference", action=argparse.BooleanOptionalAction, default=True,
+                   help="accept KServe v2 inference over HTTP through the front, which checks every request against "
+                        "the model's config before tritonserver sees it (on; gRPC is always open)")
     add_store_option(p, "follow this direction store instead of the one the repository was built with")
     p.add_argument("--health-port", type=int, default=names.DEFAULT_HEALTH_PORT,
                    help=f"serve /live and /ready here, on --host ({names.DEFAULT_HEALTH_PORT}; 0: off); /ready is "

@@ -9,10 +9,15 @@ The server runs in its own session/process group so that stopping it can also re
 ``triton_python_backend_stub`` children it forks, and nothing is left behind holding ports or
 ``/dev/shm`` regions (:mod:`fire_backend.serving.shm`).
 
+No client talks to tritonserver's own HTTP and metrics servers (one malformed request crashes Triton 2.51's): they
+listen on Unix sockets in a private 0700 directory, and the HTTP front (:mod:`fire_backend.serving.front`) alone
+listens on the HTTP and metrics ports, checks every request and forwards the well-formed ones. The front starts
+with the first ``start()`` and outlives restarts of tritonserver (answering 503 meanwhile) until ``close()``.
+Clients reach tritonserver's gRPC directly.
+
 Least exposure by default: every Triton API a client does not need is closed on both protocols (model
-repository, shared memory, logging, trace; HTTP inference too unless asked for, since one JSON request can
-crash Triton 2.51). They are closed with a header name no client can send, so the command line holds no
-secret; the control token reaches the stubs through the environment (``/proc/<pid>/environ`` is 0400). The
+repository, shared memory, logging, trace). They are closed with a header name no client can send, so the command
+line holds no secret; the control token reaches the stubs through the environment (``/proc/<pid>/environ`` is 0400). The
 server and its stubs run with umask 077. ``*TOKEN*``/``*KEY*`` variables of ``extra_env`` are redacted from
 every command line and log tail this module shows.
 """
@@ -22,19 +27,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
+import http.client
 import importlib.util
 import logging
 import os
 import py_compile
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +50,7 @@ from typing import Any
 
 from fire_backend.serving import shm
 from fire_backend.serving.artifacts import models_dir, old_layout_error
+from fire_backend.serving.front import BindError, Front, Upstream
 from fire_backend.serving.model_configs import stub_models
 from fire_backend.serving.ports import WILDCARD_HOSTS, free_ports, port_in_use
 from fire_backend.serving.server_tree import ServerTreeError, libs_dir, prepare_server_tree
@@ -58,9 +66,6 @@ UNSENDABLE_VALUE = "x"
 #: API groups no client needs, closed on both protocols: loading code, writing into the stubs' shared memory,
 #: switching the log level (disk filling) and tracing.
 CLOSED_APIS = ("model-repository", "shared-memory", "logging", "trace")
-#: closed on HTTP unless ``ServerConfig.http_inference``: Triton 2.51 allocates a JSON request's claimed shape
-#: before checking it (one 417-byte request aborts the server) and parses deep JSON recursively.
-HTTP_INFERENCE_API = "inference"
 #: the server's and stubs' umask: nothing they write is readable by other users
 SERVER_UMASK = 0o077
 
@@ -78,12 +83,13 @@ class ServerConfig:
     """Everything needed to launch one tritonserver.
 
     Defaults bind to loopback only: exposing the server on other interfaces must be an explicit decision
-    (``host="0.0.0.0"``), and then needs a proxy with body limits in front (Triton 2.51 has none).
+    (``host="0.0.0.0"``), and then needs TLS and client authentication in front (the HTTP front bounds bodies,
+    not who may call).
     """
 
     #: the repository root: tritonserver serves its ``models/`` folder (see :mod:`fire_backend.serving.artifacts`).
     repository: Path
-    #: bind address for HTTP, gRPC and metrics.
+    #: bind address of the HTTP front (HTTP and metrics ports) and of tritonserver's gRPC.
     host: str = DEFAULT_HOST
     http_port: int = DEFAULT_PORTS["http"]
     grpc_port: int = DEFAULT_PORTS["grpc"]
@@ -91,9 +97,11 @@ class ServerConfig:
     log_verbose: int = 0
     #: OMP/MKL threads per process (server and every stub); small boxes thrash with the default.
     omp_threads: int = 1
-    #: open HTTP inference (gRPC inference is always open). Off by default: one JSON request with a huge
-    #: claimed shape aborts Triton 2.51, and only supervision brings it back.
-    http_inference: bool = False
+    #: KServe v2 inference over HTTP through the front (gRPC inference is always open); False answers 403.
+    http_inference: bool = True
+    #: for comparisons only (``fire bench --protocol triton-http``): tritonserver's own HTTP also listens on this
+    #: loopback TCP port, unguarded, and the front forwards to it there. None: a private Unix socket only.
+    triton_http_port: int | None = None
     #: a private /dev/shm for the stubs (:mod:`fire_backend.serving.shm`): None uses one when the kernel allows
     #: it, True requires it, False uses the host's /dev/shm with lock-file cleanup.
     private_shm: bool | None = None
@@ -111,11 +119,13 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        if self.triton_http_port is not None:
+            ports["triton_http_port"] = self.triton_http_port
         for name, port in ports.items():
             if not 0 < int(port) < 65536:
                 raise ValueError(f"{name}={port} is not a valid TCP port")
         if len(set(ports.values())) != len(ports):
-            raise ValueError(f"http/grpc/metrics ports must differ, got {ports}")
+            raise ValueError(f"the ports must differ, got {ports}")
         if self.exit_timeout_s < 0:
             raise ValueError("exit_timeout_s must be >= 0")
         if self.omp_threads < 1:
@@ -211,11 +221,42 @@ def _child_setup() -> Any:
     return _hook
 
 
-class TritonServer:
-    """One tritonserver subprocess bound to ``config``; usable as a context manager.
+#: the longest path a Unix socket may have (sun_path, less its NUL)
+_UNIX_PATH_MAX = 107
 
-    ``start()`` returns only once ``/v2/health/ready`` answers 200, i.e. every requested model is loaded
-    (Triton's strict readiness), so callers can send requests right away.
+
+def _socket_dir() -> Path:
+    """Where a server's private sockets go (created 0700 at start): the temp directory, or /tmp where its path
+    would make a socket path too long."""
+    name = f"fire-triton-{secrets.token_hex(6)}"
+    base = Path(tempfile.gettempdir())
+    return (base if len(str(base / name / "metrics.sock")) <= _UNIX_PATH_MAX else Path("/tmp")) / name
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (tritonserver's private HTTP)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("tritonserver", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class TritonServer:
+    """One tritonserver subprocess bound to ``config``, behind its HTTP front; usable as a context manager.
+
+    ``start()`` returns only once tritonserver's ``/v2/health/ready`` answers 200, i.e. every requested model is
+    loaded (Triton's strict readiness), so callers can send requests right away. ``stop()`` ends tritonserver;
+    ``close()`` (or leaving the ``with`` block) ends the front too.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -225,6 +266,8 @@ class TritonServer:
         self._log_path: Path | None = None
         self._shm: shm.ShmClaim | None = None
         self._lock = threading.RLock()
+        self._sockets = _socket_dir()
+        self._front: Front | None = None
         self.startup_s: float | None = None  #: seconds from spawn to ready, for diagnostics
 
     # -- endpoints -----------------------------------------------------------------------------------
@@ -244,13 +287,41 @@ class TritonServer:
 
     @property
     def urls(self) -> dict[str, str]:
-        """Client endpoints: ``http``/``metrics`` as URLs, ``grpc`` as ``host:port`` (tritonclient style)."""
+        """Client endpoints: ``http``/``metrics`` (the front) as URLs, ``grpc`` as ``host:port`` (tritonclient
+        style); ``triton_http`` too where tritonserver's own HTTP is exposed for comparisons."""
         h = self.url_host()
-        return {
+        urls = {
             "http": f"http://{h}:{self.config.http_port}",
             "grpc": f"{h}:{self.config.grpc_port}",
             "metrics": f"http://{h}:{self.config.metrics_port}/metrics",
         }
+        if self.config.triton_http_port is not None:
+            urls["triton_http"] = f"http://{DEFAULT_HOST}:{self.config.triton_http_port}"
+        return urls
+
+    @property
+    def upstream(self) -> Upstream:
+        """Where tritonserver's own HTTP and metrics servers listen (the front's upstream; never a client's)."""
+        http = f"unix:{self._sockets / 'http.sock'}" if self.config.triton_http_port is None \
+            else f"{DEFAULT_HOST}:{self.config.triton_http_port}"
+        return Upstream(http=http, metrics=f"unix:{self._sockets / 'metrics.sock'}")
+
+    def triton_ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether tritonserver's own ``/v2/health/ready`` answers 200 within ``timeout_s`` (False when it does not
+        answer: not started, restarting, frozen)."""
+        address = self.upstream.http
+        if address.startswith("unix:"):
+            connection: http.client.HTTPConnection = _UnixHTTPConnection(address.removeprefix("unix:"), timeout_s)
+        else:
+            host, port = address.rsplit(":", 1)
+            connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+        try:
+            connection.request("GET", "/v2/health/ready")
+            return connection.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
 
     @property
     def log_path(self) -> Path | None:
@@ -291,20 +362,25 @@ class TritonServer:
     # -- command line --------------------------------------------------------------------------------
 
     def build_args(self, tree: Path) -> list[str]:
-        """The command line (nothing secret in it: see UNSENDABLE_HEADER)."""
+        """The command line (nothing secret in it: see UNSENDABLE_HEADER).
+
+        HTTP and metrics listen on ``unix:`` addresses (libevhtp binds a Unix socket there and ignores the port,
+        which Triton still wants), the front's upstream."""
         c = self.config
-        http_closed = CLOSED_APIS if c.http_inference else (HTTP_INFERENCE_API, *CLOSED_APIS)
         closed = f":{UNSENDABLE_HEADER}={UNSENDABLE_VALUE}"
+        http, metrics = (a.removeprefix("unix:") for a in (self.upstream.http, self.upstream.metrics))
+        http_address, http_port = (f"unix:{http}", c.http_port) if c.triton_http_port is None \
+            else (DEFAULT_HOST, c.triton_http_port)
         args = [
             str(tree / "bin" / "tritonserver"),
             f"--model-repository={triton_repository(Path(c.repository)).resolve()}",
             f"--backend-directory={tree / 'backends'}",
             f"--cache-directory={tree / 'caches'}",
-            f"--http-address={c.host}",
-            f"--http-port={c.http_port}",
+            f"--http-address={http_address}",
+            f"--http-port={http_port}",
             f"--grpc-address={c.host}",
             f"--grpc-port={c.grpc_port}",
-            f"--metrics-address={c.host}",
+            f"--metrics-address=unix:{metrics}",
             f"--metrics-port={c.metrics_port}",
             # No GPU here; also keeps the server from trying to talk to NVML on CPU-only hosts.
             "--allow-gpu-metrics=false",
@@ -315,7 +391,7 @@ class TritonServer:
             "--model-control-mode=poll",
             f"--repository-poll-secs={POLL_SECONDS}",
             "--strict-readiness=true",
-            f"--http-restricted-api={','.join(http_closed)}{closed}",
+            f"--http-restricted-api={','.join(CLOSED_APIS)}{closed}",
             f"--grpc-restricted-protocol={','.join(CLOSED_APIS)}{closed}",
             # A unique shm prefix keeps concurrent servers (parallel tests) from colliding in /dev/shm.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix or 'fire-'}",
@@ -372,23 +448,47 @@ class TritonServer:
 
     def _check_ports(self) -> None:
         c = self.config
-        for proto, port in (("http", c.http_port), ("grpc", c.grpc_port), ("metrics", c.metrics_port)):
+        ports = [("grpc", c.host, c.grpc_port)]
+        if c.triton_http_port is not None:
+            ports.append(("triton-http", DEFAULT_HOST, c.triton_http_port))
+        for proto, host, port in ports:
             try:
-                taken = port_in_use(c.host, port)
+                taken = port_in_use(host, port)
             except OSError as exc:
-                raise TritonServerError(f"cannot bind {c.host}:{port}: {exc}") from exc
+                raise TritonServerError(f"cannot bind {host}:{port}: {exc}") from exc
             if taken:
-                raise TritonServerError(
-                    f"port {port} in use on {c.host} (needed for {proto}): pass --{proto}-port "
-                    f"with a free port, or stop whatever listens there"
-                )
+                raise _port_taken(proto, host, port)
+
+    def _open_front(self) -> None:
+        """Listen on the HTTP and metrics ports (once: the front outlives tritonserver's restarts)."""
+        if self._front is not None:
+            return
+        c = self.config
+        front = Front(c.host, c.http_port, c.metrics_port, self.upstream, http_inference=c.http_inference)
+        try:
+            front.open()
+        except BindError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise _port_taken(exc.what, exc.host, exc.port) from None
+            raise TritonServerError(f"cannot bind {exc.host}:{exc.port}: {exc}") from exc
+        self._front = front
 
     def start(self) -> None:
         """Prepare the server tree, spawn tritonserver and block until it is ready.
 
         Raises TritonServerError (with the last log lines) if the process dies or does not become ready
-        within ``startup_timeout_s``; the process group is cleaned up before raising.
+        within ``startup_timeout_s``; the process group is cleaned up before raising, and the front too when this
+        start opened it (a restart keeps it, answering 503).
         """
+        first = self._front is None
+        try:
+            self._start()
+        except BaseException:
+            if first:
+                self.close()
+            raise
+
+    def _start(self) -> None:
         with self._lock:
             if self.is_alive():
                 raise TritonServerError(f"tritonserver already running (pid {self.pid})")
@@ -401,6 +501,10 @@ class TritonServer:
                 tree = prepare_server_tree()
             except ServerTreeError as exc:
                 raise TritonServerError(str(exc)) from exc
+            self._open_front()
+            self._sockets.mkdir(mode=0o700, exist_ok=True)
+            for stale in self._sockets.glob("*.sock"):  # a killed server's: libevhtp would not bind over them
+                stale.unlink(missing_ok=True)
 
             self._shm = self._claim_shm()
             try:
@@ -415,7 +519,7 @@ class TritonServer:
             self.stop(timeout_s=5.0)
             raise
         self.startup_s = time.monotonic() - t0
-        LOGGER.info("tritonserver ready in %.1fs at %s", self.startup_s, self.urls["http"])
+        LOGGER.info("tritonserver ready in %.1fs; front at %s", self.startup_s, self.urls["http"])
 
     def _spawn(self, tree: Path) -> None:
         self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
@@ -443,9 +547,6 @@ class TritonServer:
 
     def _wait_ready(self, t0: float) -> None:
         assert self._proc is not None
-        url = self.urls["http"] + "/v2/health/ready"
-        # No proxies: an HTTP(S)_PROXY in the environment would otherwise swallow loopback health checks.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = t0 + self.config.startup_timeout_s
         delay = 0.05
         while True:
@@ -454,12 +555,8 @@ class TritonServer:
                 raise TritonServerError(
                     f"tritonserver exited with code {rc} during startup.\n{self._failure_context()}"
                 )
-            try:
-                with opener.open(url, timeout=2.0) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass  # not listening yet, or 400 while models are loading
+            if self.triton_ready():  # False while not listening yet, or 400 while models load
+                return
             if time.monotonic() > deadline:
                 raise TritonServerError(
                     f"tritonserver not ready after {self.config.startup_timeout_s:.0f}s "
@@ -520,6 +617,15 @@ class TritonServer:
                 shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
 
+    def close(self) -> None:
+        """Stop tritonserver and the front; idempotent."""
+        self.stop()
+        with self._lock:
+            if self._front is not None:
+                self._front.stop()
+                self._front = None
+            shutil.rmtree(self._sockets, ignore_errors=True)
+
     def wait(self) -> int:
         """Block until the server exits; return its exit code."""
         if self._proc is None:
@@ -531,7 +637,12 @@ class TritonServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
+
+
+def _port_taken(proto: str, host: str, port: int) -> TritonServerError:
+    return TritonServerError(f"port {port} in use on {host} (needed for {proto}): pass --{proto}-port with a free "
+                             "port, or stop whatever listens there")
 
 
 def _killpg(pgid: int, sig: int) -> None:
@@ -551,7 +662,7 @@ def _group_alive(pgid: int) -> bool:
 
 @contextlib.contextmanager
 def running_server(repository: Path | str, **overrides: Any) -> Iterator[TritonServer]:
-    """Run a server on fresh free ports for the duration of the block (for tests and scripts).
+    """Run a server (and its front) on fresh free ports for the duration of the block (for tests and scripts).
 
     Ports not given in ``overrides`` are picked with :func:`free_ports`.
     """
@@ -562,8 +673,8 @@ def running_server(repository: Path | str, **overrides: Any) -> Iterator[TritonS
         overrides.setdefault(key, port)
     config = ServerConfig(repository=Path(repository), **overrides)
     server = TritonServer(config)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
-        server.stop()
+        server.close()

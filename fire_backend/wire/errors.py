@@ -56,9 +56,8 @@ def translate(exc: BaseException, address: str, protocol: str, timeout_s: float,
             return unreachable(address, protocol, exc)
         if protocol == "http" and status == "403":  # a closed API group; for a client that is HTTP inference
             return FireClientError(
-                f"{address}: this server does not accept inference over HTTP (one JSON request can crash Triton "
-                f"2.51): use gRPC (--url grpc://HOST:GRPC_PORT), or start the server with `fire serve "
-                f"--http-inference`")
+                f"{address}: this server does not accept inference over HTTP: use gRPC (--url "
+                f"grpc://HOST:GRPC_PORT), or start the server without `fire serve --no-http-inference`")
         if "DEADLINE_EXCEEDED" in status:
             return FireClientError(f"{address}: no answer within {timeout_s:g} s: the server is "
                                    "overloaded or stuck; retry, or raise the timeout")

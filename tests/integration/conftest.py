@@ -45,11 +45,12 @@ def layouts(tmp_path_factory, digits_checkpoint: Callable[[str], Path]) -> Itera
     """ONE server for the session: the BadNets digits model served in every layout (fire_ensemble fused,
     fire_inline, fire_separate with 2 repair instances), undefended_ensemble and fire_monolithic; the store's
     version 1 is an offline estimate from 20 flagged reserve samples. Tests roll back to the version they need.
-    HTTP inference is open (the HTTP clients and Locust users are tested against it)."""
+    HTTP inference goes through the HTTP front, as `fire serve` serves it (the HTTP clients and Locust users are
+    tested against it)."""
     checkpoint = digits_checkpoint("badnets")
     repository = tmp_path_factory.mktemp("layouts") / "repository"
     build_repository(checkpoint, repository, flagged=20, options=EVERY_LAYOUT)
-    yield from _serve(repository, checkpoint, http_inference=True)
+    yield from _serve(repository, checkpoint)
 
 
 def live_version(served: Served, version: int) -> Served:

@@ -85,7 +85,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     repo = make_repository(tmp_path_factory.mktemp("repo"))
     with running_server(
         repo,
-        http_inference=True,
         extra_env={"FIRE_CONTROL_TOKEN": CONTROL_TOKEN, "FIRE_TEST_MARKER": "hello"},
         omp_threads=1,
     ) as srv:
@@ -123,7 +122,15 @@ def test_grpc_inference(server: TritonServer) -> None:
         client.close()
 
 
+def listening(pid: int) -> dict[int, str]:
+    """TCP port -> address of every socket ``pid`` listens on (v4-mapped addresses as IPv4)."""
+    return {c.laddr.port: c.laddr.ip.removeprefix("::ffff:")
+            for c in psutil.Process(pid).net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+
+
 def test_urls_and_metrics_bound_to_loopback(server: TritonServer) -> None:
+    """The front (this process) alone listens on the HTTP and metrics ports; tritonserver listens on gRPC only, its
+    own HTTP and metrics on Unix sockets no other user can open."""
     import urllib.request
 
     urls = server.urls
@@ -132,14 +139,14 @@ def test_urls_and_metrics_bound_to_loopback(server: TritonServer) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(urls["metrics"], timeout=5) as resp:
         assert b"nv_inference_count" in resp.read()
-    listening = {
-        # gRPC listens on an IPv6 socket with a v4-mapped address; still loopback only.
-        c.laddr.port: c.laddr.ip.removeprefix("::ffff:")
-        for c in psutil.Process(server.pid).net_connections(kind="tcp")
-        if c.status == psutil.CONN_LISTEN
-    }
-    for port in (server.config.http_port, server.config.grpc_port, server.config.metrics_port):
-        assert listening.get(port) == "127.0.0.1", listening
+    assert server.pid is not None
+    assert listening(server.pid) == {server.config.grpc_port: "127.0.0.1"}
+    front = listening(os.getpid())
+    assert front[server.config.http_port] == front[server.config.metrics_port] == "127.0.0.1", front
+    for address in (server.upstream.http, server.upstream.metrics):
+        path = Path(address.removeprefix("unix:"))
+        assert path.is_socket() and path.stat().st_mode & 0o077 == 0 and path.parent.stat().st_mode & 0o077 == 0
+    assert server.triton_ready()
 
 
 def test_model_repository_api_is_refused(server: TritonServer) -> None:
@@ -189,7 +196,11 @@ def test_stop_leaves_no_processes(tmp_path: Path) -> None:
     assert not srv.is_alive()
     assert server_processes(pids) == []
     assert not list(Path("/dev/shm").glob(f"{shm_prefix}*"))
-    srv.stop()  # idempotent
+    assert not Path(srv.upstream.http.removeprefix("unix:")).parent.exists()  # the private sockets' directory
+    for port in (srv.config.http_port, srv.config.metrics_port):  # the front closed
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    srv.close()  # idempotent
 
 
 def test_old_layout_gives_the_rebuild_command(tmp_path: Path) -> None:
@@ -200,15 +211,20 @@ def test_old_layout_gives_the_rebuild_command(tmp_path: Path) -> None:
         TritonServer(ServerConfig(repo, http_port=1, grpc_port=2, metrics_port=3)).start()
 
 
-def test_busy_port_gives_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http", "metrics"])
+def test_busy_port_gives_clear_error(tmp_path: Path, protocol: str) -> None:
     repo = make_repository(tmp_path / "repo")
-    http_port, grpc_port, metrics_port = free_ports(3)
+    ports = dict(zip(("http", "grpc", "metrics"), free_ports(3), strict=True))
     with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", grpc_port))
+        blocker.bind(("127.0.0.1", ports[protocol]))
         blocker.listen()
-        config = ServerConfig(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
-        with pytest.raises(TritonServerError, match=rf"port {grpc_port} in use.*pass --grpc-port"):
+        config = ServerConfig(repo, http_port=ports["http"], grpc_port=ports["grpc"], metrics_port=ports["metrics"])
+        with pytest.raises(TritonServerError, match=rf"port {ports[protocol]} in use.*pass --{protocol}-port"):
             TritonServer(config).start()
+        others = [port for name, port in ports.items() if name != protocol]
+        for port in others:  # nothing left listening: the front opened by the failed start closed with it
+            with socket.socket() as probe:
+                assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_failed_model_load_reports_log_tail(tmp_path: Path) -> None:

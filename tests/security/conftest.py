@@ -45,5 +45,6 @@ def hardened(tmp_path_factory: pytest.TempPathFactory,
         stop.set()
         thread.join(timeout=RESTART_BUDGET_S)
         supervisor.stop()
+        supervisor.server.close()
         health.stop()
         assert not thread.is_alive(), "the supervisor did not stop"

@@ -63,7 +63,7 @@ def test_dockerfile_is_well_formed_and_runs_fire_serve():
     (entrypoint,) = [json.loads(line.split(None, 1)[1]) for line in lines if line.startswith("ENTRYPOINT")]
     assert entrypoint[:4] == ["fire", "serve", "--repository", "/repository"]
     args = build_parser().parse_args(entrypoint[1:])
-    assert args.health_port == DEFAULT_HEALTH_PORT and not args.http_inference
+    assert args.health_port == DEFAULT_HEALTH_PORT and args.http_inference  # on, through the front
 
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):

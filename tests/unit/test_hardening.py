@@ -25,7 +25,7 @@ from fire_backend.serving.repository import RepositoryOptions, write_configs
 from fire_backend.serving.server import UNSENDABLE_HEADER, ServerConfig, TritonServer, precompile_models
 from fire_backend.serving.supervisor import describe_exit
 from fire_backend.split import candidate_layers
-from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE
+from fire_backend.wire.names import DEFAULT_PORTS, FIRE_CONTROL, FIRE_ENSEMBLE
 
 
 @pytest.fixture
@@ -49,13 +49,29 @@ def test_every_api_a_client_does_not_need_is_closed_and_nothing_secret_is_passed
     args = server.build_args(Path("/tree"))
     f = flags(args)
     closed = f":{UNSENDABLE_HEADER}=x"
-    assert f["--http-restricted-api"] == f"inference,model-repository,shared-memory,logging,trace{closed}"
+    assert f["--http-restricted-api"] == f"model-repository,shared-memory,logging,trace{closed}"
     assert f["--grpc-restricted-protocol"] == f"model-repository,shared-memory,logging,trace{closed}"
     assert f["--model-control-mode"] == "poll" and f["--model-repository"] == str(repository.resolve() / "models")
-    assert all(f[k] == "127.0.0.1" for k in ("--http-address", "--grpc-address", "--metrics-address"))
+    assert f["--grpc-address"] == "127.0.0.1"
     assert token not in " ".join(args) and args[0] == "/tree/bin/tritonserver"
-    opened = flags(TritonServer(ServerConfig(repository, http_inference=True)).build_args(Path("/tree")))
-    assert opened["--http-restricted-api"].startswith("model-repository,")
+
+
+def test_tritonservers_own_http_and_metrics_listen_on_private_unix_sockets_only(repository: Path) -> None:
+    """No client reaches libevhtp: the front holds the ports, Triton's HTTP and metrics are Unix sockets in a
+    directory of the server's own (0700 at start), each short enough for sun_path."""
+    server = TritonServer(ServerConfig(repository, private_shm=False))
+    f = flags(server.build_args(Path("/tree")))
+    http, metrics = f["--http-address"], f["--metrics-address"]
+    assert http.startswith("unix:/") and metrics.startswith("unix:/")
+    assert Path(http[5:]).parent == Path(metrics[5:]).parent and Path(http[5:]).parent.name.startswith("fire-triton-")
+    assert len(metrics) - 5 <= 107
+    assert server.upstream.http == http and server.upstream.metrics == metrics
+    assert TritonServer(ServerConfig(repository)).upstream.http != http  # one directory per server
+    exposed = TritonServer(ServerConfig(repository, triton_http_port=9100))  # `fire bench --protocol triton-http`
+    assert flags(exposed.build_args(Path("/tree")))["--http-address"] == "127.0.0.1"
+    assert exposed.upstream.http == "127.0.0.1:9100" and exposed.urls["triton_http"] == "http://127.0.0.1:9100"
+    with pytest.raises(ValueError, match="ports must differ"):
+        ServerConfig(repository, triton_http_port=DEFAULT_PORTS["http"])
 
 
 def test_an_http_client_of_a_server_without_http_inference_is_told_the_fix() -> None:
@@ -63,9 +79,9 @@ def test_an_http_client_of_a_server_without_http_inference_is_told_the_fix() -> 
 
     from fire_backend.wire.errors import translate
 
-    closed = InferenceServerException("This API is restricted, expecting header 'fire:never'", status="403")
+    closed = InferenceServerException("inference over HTTP is closed on this server", status="403")
     error = translate(closed, "127.0.0.1:8000", "http", 5.0, "fire_ensemble")
-    assert "grpc://" in str(error) and "fire serve --http-inference" in str(error)
+    assert "grpc://" in str(error) and "--no-http-inference" in str(error)
 
 
 def test_a_header_name_with_a_colon_is_what_closes_the_apis() -> None:
@@ -201,6 +217,8 @@ def test_the_health_endpoint_answers_from_the_snapshot() -> None:
         state.update(live=False)
         assert get(f"{base}/live")[0] == 503
         assert get(f"{base}/metrics")[0] == 404
-        assert get(f"{base}/ready", "POST", b"x" * 1000)[0] == 501  # no other method, and no body is read
+        assert get(f"{base}/ready", "POST", b"x" * 1000)[0] == 405  # no other method, and no body is read
+        assert get(f"{base}/ready", "POST", b"x" * (4 << 20))[0] == 405  # the form POST that crashed Triton 2.51
+        assert get(f"{base}/live")[0] == 503  # still serving
     finally:
         health.stop()

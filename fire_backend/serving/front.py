@@ -1,0 +1,411 @@
+"""The HTTP front: the only listener on the HTTP, metrics and health ports; tritonserver's own HTTP and metrics
+servers listen on private Unix sockets behind it and never face a client.
+
+Triton 2.51's HTTP server (libevhtp) has no body limits and crashes on requests a client can send: a 4 MiB
+``application/x-www-form-urlencoded`` POST to ``/v2/health/ready`` or to the metrics port segfaults it, one JSON
+request claiming a huge shape aborts it. The front is an aiohttp server (a maintained HTTP implementation, llhttp's
+parser) that passes on only well-formed requests:
+
+- **routes**: ``GET``/``HEAD`` of health, server and model metadata, model config, readiness and statistics,
+  without a body, proxied; ``POST`` of ``/v2/models/<model>[/versions/<n>]/infer``, checked by
+  :mod:`fire_backend.serving.kserve` against the model's config (fetched from Triton, cached a few seconds) and
+  forwarded as the canonical request it understood; the API groups ``fire serve`` closes answer 403; anything
+  else 404 or 405;
+- **bodies**: refused with 413 from their ``Content-Length`` before a byte is read when over the model's bound
+  (its largest batch; chunked bodies are counted as they arrive), read within :data:`BODY_TIMEOUT_S`; only JSON or
+  octet-stream, never ``Content-Encoding`` (415); ``100 Continue`` only once the headers passed;
+- **metrics**: ``GET /metrics`` proxied from Triton's metrics socket (the FIRE stage metrics live there);
+- **health**: ``/live`` and ``/ready`` answered from ``fire serve``'s supervisor (:mod:`fire_backend.serving.health`).
+
+Forwarding goes to Triton's own HTTP over a Unix socket in a 0700 directory (sockets 0700 too), so no other user
+of the host reaches libevhtp; Triton's responses (JSON or binary outputs) come back as they are. While tritonserver
+is down (starting, restarting) the front answers 503. Every app runs on one asyncio loop in a daemon thread
+(:class:`SiteThread`); the front outlives tritonserver's restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, UnixConnector, web
+
+from fire_backend.serving.kserve import ModelSpec, RequestError, check_infer
+
+LOGGER = logging.getLogger(__name__)
+
+#: seconds a client has to send a request body (slow senders are cut off with 408)
+BODY_TIMEOUT_S = 30.0
+#: seconds an inference may take upstream (tritonclient's default network timeout is 60 s)
+INFER_TIMEOUT_S = 120.0
+#: seconds for everything else upstream (health, metadata, config, metrics)
+PROXY_TIMEOUT_S = 10.0
+#: how long a fetched model config is trusted (a reload can change it)
+CONFIG_TTL_S = 5.0
+#: idle keep-alive connections are closed after this long
+KEEPALIVE_S = 75.0
+#: bodies larger than this are checked off the event loop (a big JSON array takes a while to parse)
+INLINE_CHECK_BYTES = 1 << 20
+#: connections to tritonserver kept open
+UPSTREAM_CONNECTIONS = 128
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}"
+_INFER = re.compile(rf"/v2/models/({_NAME})(?:/versions/([0-9]{{1,9}}))?/infer")
+_PROXIED = re.compile(rf"/v2(?:/health/(?:live|ready)|/models/stats|/models/{_NAME}(?:/versions/[0-9]{{1,9}})?"
+                      r"(?:/ready|/config|/stats)?)?")
+#: Triton API groups fire serve closes (tritonserver refuses them too): answered 403 here, never forwarded
+_CLOSED = ("/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/logging", "/v2/trace")
+_BODY_TYPES = ("", "application/json", "application/octet-stream")
+_INFERENCE_CLOSED = ("inference over HTTP is closed on this server (fire serve --no-http-inference): use gRPC, "
+                     "or restart it without --no-http-inference")
+#: Triton's response headers a client needs
+_PASSED_BACK = ("Content-Type", "Inference-Header-Content-Length")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where tritonserver's own HTTP and metrics servers listen: ``unix:PATH`` or ``HOST:PORT`` each."""
+
+    http: str
+    metrics: str
+
+
+def _session(address: str, timeout_s: float) -> tuple[ClientSession, str]:
+    """A client session to ``address`` and the base URL its requests use. Responses come uncompressed (they are
+    passed back as they are, and the front's clients never asked for an encoding)."""
+    if address.startswith("unix:"):
+        connector: Any = UnixConnector(path=address.removeprefix("unix:"), limit=UPSTREAM_CONNECTIONS)
+        base = "http://tritonserver"
+    else:
+        connector, base = TCPConnector(limit=UPSTREAM_CONNECTIONS), f"http://{address}"
+    return ClientSession(connector=connector, timeout=ClientTimeout(total=timeout_s), auto_decompress=False,
+                         headers={"Accept-Encoding": "identity"}), base
+
+
+def _error(status: int, message: str, **headers: str) -> web.Response:
+    """Triton's error shape, which tritonclient reads: ``{"error": "..."}``."""
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+def _no_body(request: web.Request) -> bool:
+    return not request.content_length and "Transfer-Encoding" not in request.headers
+
+
+def _refuse(request: web.Request, status: int, message: str, **headers: str) -> web.Response:
+    """An error answered before the body was read: the connection closes instead of draining it."""
+    response = _error(status, message, **headers)
+    if not _no_body(request):
+        response.force_close()
+    return response
+
+
+def _methods(request: web.Request, allowed: tuple[str, ...]) -> web.Response | None:
+    if request.method in allowed:
+        return None
+    return _refuse(request, 405, f"{request.method} is not allowed here; allowed: {', '.join(allowed)}",
+                   Allow=", ".join(allowed))
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, at most ``limit`` bytes (chunked included): RequestError 413 past it, 408 when too slow."""
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only now: the headers passed
+    parts: list[bytes] = []
+
+    async def collect() -> None:
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f"the body exceeds this model's bound of {limit} bytes")
+            parts.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s") from None
+    return b"".join(parts)
+
+
+class _Specs:
+    """Model configs fetched from tritonserver, each trusted for :data:`CONFIG_TTL_S`."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, ModelSpec]] = {}
+
+    async def get(self, upstream: _Client, path: str) -> ModelSpec:
+        now = time.monotonic()
+        hit = self._cache.get(path)
+        if hit is not None and now - hit[0] < CONFIG_TTL_S:
+            return hit[1]
+        status, body, _ = await upstream.request("GET", path, timeout_s=PROXY_TIMEOUT_S)
+        if status != 200:
+            try:
+                message = json.loads(body)["error"]
+            except (ValueError, KeyError, TypeError):
+                message = f"tritonserver answered {status} for the model's config"
+            raise RequestError(status if 400 <= status < 500 else 503, str(message))
+        spec = ModelSpec.from_config(json.loads(body))
+        self._cache[path] = (now, spec)
+        return spec
+
+
+class _Client:
+    """Requests to one of tritonserver's servers; its session lives on the front's loop."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._session: ClientSession | None = None
+        self._base = ""
+
+    async def open(self) -> None:
+        self._session, self._base = _session(self.address, INFER_TIMEOUT_S)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                      timeout_s: float = INFER_TIMEOUT_S) -> tuple[int, bytes, dict[str, str]]:
+        """Status, body and passed-back headers; RequestError 503 when tritonserver is not there, 504 when slow."""
+        assert self._session is not None
+        try:
+            async with self._session.request(method, self._base + path, data=body, headers=headers,
+                                             timeout=ClientTimeout(total=timeout_s)) as response:
+                data = await response.read()
+                return response.status, data, {k: response.headers[k] for k in _PASSED_BACK if k in response.headers}
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"tritonserver did not answer within {timeout_s:g} s") from None
+        except ClientError:
+            raise RequestError(503, "tritonserver is not serving right now (starting or restarting); retry") \
+                from None
+
+
+@web.middleware
+async def _as_json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return _refuse(request, exc.status, str(exc))
+    except web.HTTPException as exc:  # aiohttp's own (e.g. a malformed request): keep its status, say it in JSON
+        return _refuse(request, exc.status, exc.reason)
+    except Exception:
+        LOGGER.exception("the HTTP front failed on %s %s", request.method, request.path)
+        return _refuse(request, 500, "internal error in the HTTP front (see the fire serve log)")
+
+
+def _app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+         clients: Sequence[_Client] = ()) -> web.Application:
+    """One catch-all route to ``handler`` (it routes itself, so 404/405/403 are its own), no automatic 100 Continue,
+    and the upstream clients opened and closed with the app."""
+    app = web.Application(middlewares=[_as_json_errors], client_max_size=0)
+
+    async def noop_expect(_request: web.Request) -> None:
+        return None
+
+    app.router.add_route("*", "/{path:.*}", handler, expect_handler=noop_expect)
+
+    async def lifetime(_app: web.Application) -> AsyncIterator[None]:
+        for client in clients:
+            await client.open()
+        yield
+        for client in clients:
+            await client.close()
+
+    app.cleanup_ctx.append(lifetime)
+    return app
+
+
+def http_app(upstream: str, http_inference: bool = True) -> web.Application:
+    """The KServe v2 HTTP API, checked and forwarded to tritonserver's HTTP at ``upstream``."""
+    client, specs = _Client(upstream), _Specs()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        path = request.rel_url.raw_path  # percent-encoded paths match nothing: no decoding tricks
+        infer = _INFER.fullmatch(path)
+        if infer is not None:
+            return _methods(request, ("POST",)) or await _infer(request, infer.group(1), infer.group(2))
+        if _PROXIED.fullmatch(path):
+            refused = _methods(request, ("GET", "HEAD"))
+            if refused is not None:
+                return refused
+            if not _no_body(request):
+                return _refuse(request, 413, f"{request.method} takes no body")
+            status, body, headers = await client.request("GET", path, timeout_s=PROXY_TIMEOUT_S)
+            return web.Response(status=status, body=body, headers=headers)
+        if path.startswith(_CLOSED):
+            return _refuse(request, 403, "this API is restricted: fire serve closes it to every client")
+        return _refuse(request, 404, "not found: this server serves the KServe v2 health, metadata and inference "
+                                     "API under /v2")
+
+    async def _infer(request: web.Request, model: str, version: str | None) -> web.StreamResponse:
+        if not http_inference:
+            return _refuse(request, 403, _INFERENCE_CLOSED)
+        if request.headers.get("Content-Encoding", "identity").lower() != "identity":
+            return _refuse(request, 415, "compressed bodies are not accepted (send Content-Encoding: identity)")
+        media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if media not in _BODY_TYPES:
+            return _refuse(request, 415, f"Content-Type {media!r} is not accepted: send application/json, or the "
+                                         f"binary tensor extension with {HEADER_LENGTH}")
+        header_length = None
+        if HEADER_LENGTH in request.headers:
+            text = request.headers[HEADER_LENGTH]
+            if not text.isdigit() or len(text) > 10:
+                return _refuse(request, 400, f"{HEADER_LENGTH} must be a byte count")
+            header_length = int(text)
+        base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+        spec = await specs.get(client, base + "/config")
+        limit = spec.body_limit()
+        if (request.content_length or 0) > limit:
+            return _refuse(request, 413, f"{request.content_length} bytes exceed {model}'s bound of {limit} bytes "
+                                         f"(its largest batch)")
+        body = await _read_body(request, limit)
+        if len(body) > INLINE_CHECK_BYTES:
+            checked = await asyncio.get_running_loop().run_in_executor(None, check_infer, spec, body, header_length)
+        else:
+            checked = check_infer(spec, body, header_length)
+        headers = {"Content-Type": "application/octet-stream" if checked.binary else "application/json"}
+        if checked.header_length is not None:
+            headers[HEADER_LENGTH] = str(checked.header_length)
+        status, answer, back = await client.request("POST", base + "/infer", checked.body, headers)
+        return web.Response(status=status, body=answer, headers=back)
+
+    return _app(handle, [client])
+
+
+def metrics_app(upstream: str) -> web.Application:
+    """``GET /metrics``: tritonserver's Prometheus text (the nv_* and fire_* metrics), proxied."""
+    client = _Client(upstream)
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if request.rel_url.raw_path != "/metrics":
+            return _refuse(request, 404, "not found; the metrics are at /metrics")
+        refused = _methods(request, ("GET", "HEAD"))
+        if refused is not None:
+            return refused
+        if not _no_body(request):
+            return _refuse(request, 413, f"{request.method} takes no body")
+        status, body, headers = await client.request("GET", "/metrics", timeout_s=PROXY_TIMEOUT_S)
+        return web.Response(status=status, body=body, headers=headers)
+
+    return _app(handle, [client])
+
+
+def health_app(snapshot: Callable[[], dict[str, Any]], paths: dict[str, str]) -> web.Application:
+    """``paths`` (path -> the snapshot's boolean that decides 200 or 503), answered with the snapshot as JSON."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        key = paths.get(request.rel_url.raw_path)
+        if key is None:
+            return _refuse(request, 404, f"not found; try {' or '.join(paths)}")
+        refused = _methods(request, ("GET", "HEAD"))
+        if refused is not None:
+            return refused
+        body = snapshot()
+        response = web.Response(status=200 if body.get(key) else 503, text=json.dumps(body) + "\n",
+                                content_type="application/json")
+        if not _no_body(request):
+            response.force_close()
+        return response
+
+    return _app(handle)
+
+
+class BindError(OSError):
+    """A port the front could not listen on (``what``: http, metrics or health)."""
+
+    def __init__(self, what: str, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.what, self.host, self.port = what, host, port
+
+
+class SiteThread:
+    """aiohttp applications served on one asyncio loop of their own, in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runners: list[web.AppRunner] = []
+        self.ports: dict[str, int] = {}
+
+    def start(self, sites: Sequence[tuple[str, web.Application, str, int]]) -> SiteThread:
+        """Serve each ``(what, app, host, port)``; raises :class:`BindError` (and serves nothing) when a port is
+        taken. Port 0 picks a free one (see :attr:`ports`)."""
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=self.name, daemon=True)
+        thread.start()
+        self._loop, self._thread = loop, thread
+        try:
+            asyncio.run_coroutine_threadsafe(self._open(sites), loop).result()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _open(self, sites: Sequence[tuple[str, web.Application, str, int]]) -> None:
+        for what, app, host, port in sites:
+            runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S, auto_decompress=False,
+                                   shutdown_timeout=1.0, handle_signals=False)
+            await runner.setup()
+            self._runners.append(runner)
+            site = web.TCPSite(runner, host, port)
+            try:
+                await site.start()
+            except OSError as exc:
+                raise BindError(what, host, port, exc) from exc
+            self.ports[what] = int(runner.addresses[0][1])
+
+    async def _close(self) -> None:
+        for runner in reversed(self._runners):
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        self._runners.clear()
+        # connections still open (idle keep-alives) end here, not as warnings when the loop closes
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Close every listener and connection, then end the thread; idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._close(), loop).result(timeout_s)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout_s)
+        if not thread.is_alive():
+            loop.close()
+        self._loop = self._thread = None
+
+
+class Front(SiteThread):
+    """The public HTTP and metrics listeners of one server, forwarding to its tritonserver at ``upstream``."""
+
+    def __init__(self, host: str, http_port: int, metrics_port: int, upstream: Upstream,
+                 http_inference: bool = True) -> None:
+        super().__init__("fire-front")
+        self.host, self.http_port, self.metrics_port = host, http_port, metrics_port
+        self.upstream = upstream
+        self.http_inference = http_inference
+
+    def open(self) -> Front:
+        """Listen on both ports (BindError when one is taken)."""
+        return self.start([("http", http_app(self.upstream.http, self.http_inference), self.host, self.http_port),
+                           ("metrics", metrics_app(self.upstream.metrics), self.host, self.metrics_port)])
