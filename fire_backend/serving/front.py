@@ -11,9 +11,10 @@ parser) that passes on only well-formed requests:
   :mod:`fire_backend.serving.kserve` against the model's config (fetched from Triton, cached a few seconds) and
   forwarded as the canonical request it understood; the API groups ``fire serve`` closes answer 403; anything
   else 404 or 405;
-- **bodies**: refused with 413 from their ``Content-Length`` before a byte is read when over the model's bound
+- **bodies**: refused with 413 from their ``Content-Length`` before a byte is kept when over the model's bound
   (its largest batch; chunked bodies are counted as they arrive), read within :data:`BODY_TIMEOUT_S`; only JSON or
-  octet-stream, never ``Content-Encoding`` (415); ``100 Continue`` only once the headers passed;
+  octet-stream, never ``Content-Encoding`` (415); ``100 Continue`` only once the headers passed; a refused body is
+  discarded as it arrives (aiohttp's lingering read), so the client reads its 4xx;
 - **metrics**: ``GET /metrics`` proxied from Triton's metrics socket (the FIRE stage metrics live there);
 - **health**: ``/live`` and ``/ready`` answered from ``fire serve``'s supervisor (:mod:`fire_backend.serving.health`).
 
@@ -91,7 +92,9 @@ def _session(address: str, timeout_s: float) -> tuple[ClientSession, str]:
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
-    """Triton's error shape, which tritonclient reads: ``{"error": "..."}``."""
+    """Triton's error shape, which tritonclient reads: ``{"error": "..."}``. Answered before a body was read, aiohttp
+    then reads and discards what the client still sends (for at most its lingering time, 10 s), so the client gets
+    the answer instead of a reset connection."""
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
@@ -99,18 +102,10 @@ def _no_body(request: web.Request) -> bool:
     return not request.content_length and "Transfer-Encoding" not in request.headers
 
 
-def _refuse(request: web.Request, status: int, message: str, **headers: str) -> web.Response:
-    """An error answered before the body was read: the connection closes instead of draining it."""
-    response = _error(status, message, **headers)
-    if not _no_body(request):
-        response.force_close()
-    return response
-
-
 def _methods(request: web.Request, allowed: tuple[str, ...]) -> web.Response | None:
     if request.method in allowed:
         return None
-    return _refuse(request, 405, f"{request.method} is not allowed here; allowed: {', '.join(allowed)}",
+    return _error(405, f"{request.method} is not allowed here; allowed: {', '.join(allowed)}",
                    Allow=", ".join(allowed))
 
 
@@ -195,12 +190,12 @@ async def _as_json_errors(request: web.Request, handler: Callable[[web.Request],
     try:
         return await handler(request)
     except RequestError as exc:
-        return _refuse(request, exc.status, str(exc))
+        return _error(exc.status, str(exc))
     except web.HTTPException as exc:  # aiohttp's own (e.g. a malformed request): keep its status, say it in JSON
-        return _refuse(request, exc.status, exc.reason)
+        return _error(exc.status, exc.reason)
     except Exception:
         LOGGER.exception("the HTTP front failed on %s %s", request.method, request.path)
-        return _refuse(request, 500, "internal error in the HTTP front (see the fire serve log)")
+        return _error(500, "internal error in the HTTP front (see the fire serve log)")
 
 
 def _app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -239,34 +234,34 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
             if refused is not None:
                 return refused
             if not _no_body(request):
-                return _refuse(request, 413, f"{request.method} takes no body")
+                return _error(413, f"{request.method} takes no body")
             status, body, headers = await client.request("GET", path, timeout_s=PROXY_TIMEOUT_S)
             return web.Response(status=status, body=body, headers=headers)
         if path.startswith(_CLOSED):
-            return _refuse(request, 403, "this API is restricted: fire serve closes it to every client")
-        return _refuse(request, 404, "not found: this server serves the KServe v2 health, metadata and inference "
+            return _error(403, "this API is restricted: fire serve closes it to every client")
+        return _error(404, "not found: this server serves the KServe v2 health, metadata and inference "
                                      "API under /v2")
 
     async def _infer(request: web.Request, model: str, version: str | None) -> web.StreamResponse:
         if not http_inference:
-            return _refuse(request, 403, _INFERENCE_CLOSED)
+            return _error(403, _INFERENCE_CLOSED)
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-            return _refuse(request, 415, "compressed bodies are not accepted (send Content-Encoding: identity)")
+            return _error(415, "compressed bodies are not accepted (send Content-Encoding: identity)")
         media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if media not in _BODY_TYPES:
-            return _refuse(request, 415, f"Content-Type {media!r} is not accepted: send application/json, or the "
+            return _error(415, f"Content-Type {media!r} is not accepted: send application/json, or the "
                                          f"binary tensor extension with {HEADER_LENGTH}")
         header_length = None
         if HEADER_LENGTH in request.headers:
             text = request.headers[HEADER_LENGTH]
             if not text.isdigit() or len(text) > 10:
-                return _refuse(request, 400, f"{HEADER_LENGTH} must be a byte count")
+                return _error(400, f"{HEADER_LENGTH} must be a byte count")
             header_length = int(text)
         base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
         spec = await specs.get(client, base + "/config")
         limit = spec.body_limit()
         if (request.content_length or 0) > limit:
-            return _refuse(request, 413, f"{request.content_length} bytes exceed {model}'s bound of {limit} bytes "
+            return _error(413, f"{request.content_length} bytes exceed {model}'s bound of {limit} bytes "
                                          f"(its largest batch)")
         body = await _read_body(request, limit)
         if len(body) > INLINE_CHECK_BYTES:
@@ -288,12 +283,12 @@ def metrics_app(upstream: str) -> web.Application:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.rel_url.raw_path != "/metrics":
-            return _refuse(request, 404, "not found; the metrics are at /metrics")
+            return _error(404, "not found; the metrics are at /metrics")
         refused = _methods(request, ("GET", "HEAD"))
         if refused is not None:
             return refused
         if not _no_body(request):
-            return _refuse(request, 413, f"{request.method} takes no body")
+            return _error(413, f"{request.method} takes no body")
         status, body, headers = await client.request("GET", "/metrics", timeout_s=PROXY_TIMEOUT_S)
         return web.Response(status=status, body=body, headers=headers)
 
@@ -306,16 +301,13 @@ def health_app(snapshot: Callable[[], dict[str, Any]], paths: dict[str, str]) ->
     async def handle(request: web.Request) -> web.StreamResponse:
         key = paths.get(request.rel_url.raw_path)
         if key is None:
-            return _refuse(request, 404, f"not found; try {' or '.join(paths)}")
+            return _error(404, f"not found; try {' or '.join(paths)}")
         refused = _methods(request, ("GET", "HEAD"))
         if refused is not None:
             return refused
         body = snapshot()
-        response = web.Response(status=200 if body.get(key) else 503, text=json.dumps(body) + "\n",
-                                content_type="application/json")
-        if not _no_body(request):
-            response.force_close()
-        return response
+        return web.Response(status=200 if body.get(key) else 503, text=json.dumps(body) + "\n",
+                            content_type="application/json")
 
     return _app(handle)
 
