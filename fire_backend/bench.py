@@ -6,8 +6,11 @@ where the repository repairs at one layer, :func:`bench_layouts`), the undefende
 split (head -> tail, no repair) and the monolithic model (unsplit, no repair); from a checkpoint (with a direction
 estimated from 20 flagged reserve images) or from an existing repository (its network, settings and live
 direction; a store at version 0 gets one synthetic direction, so the repair costs what it costs in service).
-Starts tritonserver once, then, for every concurrency level, runs Locust headless against each target in turn --
-interleaved, so drift (thermal, background load) hits all alike -- ``rounds`` times. Each run sends the
+Starts tritonserver once, then, for every concurrency level, runs Locust headless against each target in turn, over
+each asked protocol -- interleaved, so drift (thermal, background load) hits all alike -- ``rounds`` times. The
+protocols (:data:`BENCH_PROTOCOLS`): ``grpc`` (tritonserver's own gRPC), ``http`` (KServe v2 through the HTTP front,
+as clients get it) and ``triton-http`` (tritonserver's own HTTP, exposed on a loopback port for this comparison
+only: what the front costs). Each run sends the
 locustfile's default 80/20 clean/poisoned mix, closed loop, ``--batch`` images per request.
 
 Latency is per sample: a request's latency divided by its image count, exact (from Locust's ``--latency-file``,
@@ -44,8 +47,17 @@ COMPARISONS = (
     ("inline vs undefended split", "inline", "undefended"),
     ("separate vs undefended split", "separate", "undefended"),
 )
+#: how the protocols compare, for each target measured over both: (row, numerator, denominator)
+PROTOCOL_COMPARISONS = (
+    ("HTTP front vs Triton's own HTTP", "http", "triton-http"),
+    ("HTTP front vs gRPC", "http", "grpc"),
+)
+#: what a bench run can measure a target over: gRPC, HTTP through the front, tritonserver's own HTTP
+BENCH_PROTOCOLS = ("grpc", "http", "triton-http")
 #: the FIRE layout fire_ensemble gets in the bench repository (the builder's default)
 DEFAULT_TARGET = "fused"
+#: every target a bench repository can serve (:func:`bench_targets`: the layouts, then the two baselines)
+BENCH_TARGETS = ("fused", "inline", "separate", "undefended", "monolithic")
 TRAFFIC_IMAGES = 400
 #: flagged reserve images of the direction a bench repository built from a checkpoint starts with
 BENCH_FLAGGED = 20
@@ -77,8 +89,9 @@ def bench_targets(layouts: Sequence[str]) -> list[Target]:
         public = FIRE_ENSEMBLE if layout == DEFAULT_TARGET else LAYOUT_MODELS[layout]
         models = served_models(public, layout)
         targets.append(Target(layout, public, tuple(models)))
-    targets.append(Target("undefended", UNDEFENDED_ENSEMBLE, tuple(served_models(UNDEFENDED_ENSEMBLE, "inline"))))
-    targets.append(Target("monolithic", FIRE_MONOLITHIC, (FIRE_MONOLITHIC,)))
+    undefended, monolithic = BENCH_TARGETS[3:]
+    targets.append(Target(undefended, UNDEFENDED_ENSEMBLE, tuple(served_models(UNDEFENDED_ENSEMBLE, "inline"))))
+    targets.append(Target(monolithic, FIRE_MONOLITHIC, (FIRE_MONOLITHIC,)))
     return targets
 
 
@@ -94,16 +107,21 @@ class BenchConfig:
     duration_s: float = 15.0
     batch: int = 1
     out: Path = Path("bench-results")
-    protocol: str = "grpc"
+    protocols: tuple[str, ...] = ("grpc",)
     warmup_s: float = 2.0
     rounds: int = 1
     locustfile: Path | None = None
+    #: the targets to measure (names of :func:`bench_targets`); None: every one
+    targets: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if (self.repository is None) == (self.checkpoint is None):
             raise ValueError("give a repository or a checkpoint to benchmark (one of them)")
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        unknown = sorted(set(self.protocols) - set(BENCH_PROTOCOLS))
+        if not self.protocols or unknown:
+            raise ValueError(f"protocols must be among {', '.join(BENCH_PROTOCOLS)}, got {list(self.protocols)}")
 
 
 @dataclass
@@ -126,6 +144,7 @@ class BenchRow:
     round: int = 1
     #: Triton's counters for every model that served the target during the run (StageFigures as dicts)
     stages: list[dict] = field(default_factory=list)
+    protocol: str = "grpc"
 
 
 @dataclass
@@ -138,6 +157,15 @@ class BenchReport:
     def to_dict(self) -> dict:
         return {"machine": self.machine, "rows": [asdict(r) for r in self.rows], "ratios": self.ratios,
                 "settings": self.settings}
+
+
+def parse_list(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    """A comma-separated list of names out of ``allowed`` (ValueError naming them otherwise)."""
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [v for v in values if v not in allowed]
+    if not values or unknown:
+        raise ValueError(f"expected comma-separated {what} out of {', '.join(allowed)}, got {text!r}")
+    return values
 
 
 def parse_concurrency(text: str) -> tuple[int, ...]:
@@ -207,7 +235,7 @@ def describe_machine(m: dict) -> str:
 
 
 class CpuMeter:
-    """CPU seconds the whole machine spent busy vs. what the server tree and our Locust children used.
+    """CPU seconds the whole machine spent busy vs. what the server tree, the HTTP front and our Locust children used.
 
     The difference is other work on the machine; reported per run so a noisy neighbour is visible in the table.
     """
@@ -229,8 +257,8 @@ class CpuMeter:
                     pass
         except (psutil.Error, ValueError, TypeError):
             pass
-        t = os.times()  # reaped children: the Locust subprocesses
-        return total + t.children_user + t.children_system
+        t = os.times()  # this process (the HTTP front runs in it) and its reaped children (the Locust runs)
+        return total + t.user + t.system + t.children_user + t.children_system
 
     @staticmethod
     def _busy() -> float:
@@ -279,7 +307,7 @@ def _failures(prefix: Path, model: str) -> int:
 
 
 def _median_row(rows: Sequence[BenchRow]) -> BenchRow:
-    """One row for a target and concurrency: the medians over its rounds (counts summed)."""
+    """One row for a target, protocol and concurrency: the medians over its rounds (counts summed)."""
     first = rows[0]
     if len(rows) == 1:
         return first
@@ -289,36 +317,56 @@ def _median_row(rows: Sequence[BenchRow]) -> BenchRow:
     return BenchRow(target=first.target, concurrency=first.concurrency, model=first.model, batch=first.batch,
                     requests=sum(r.requests for r in rows), samples=sum(r.samples for r in rows),
                     failures=sum(r.failures for r in rows), other_load_cores=max(loads) if loads else None,
-                    round=0, **med)
+                    round=0, protocol=first.protocol, **med)
 
 
 def summary_rows(rows: Sequence[BenchRow]) -> list[BenchRow]:
-    """Per target and concurrency, the median over rounds (round 0), in the order the runs were made."""
-    groups: dict[tuple[str, int], list[BenchRow]] = {}
+    """Per target, protocol and concurrency, the median over rounds (round 0), in the order the runs were made."""
+    groups: dict[tuple[str, str, int], list[BenchRow]] = {}
     for row in rows:
-        groups.setdefault((row.target, row.concurrency), []).append(row)
+        groups.setdefault((row.target, row.protocol, row.concurrency), []).append(row)
     return [_median_row(group) for group in groups.values()]
 
 
+def _compare(by_key: dict[tuple, BenchRow], rounds: list[int], num: tuple, den: tuple) -> list[dict]:
+    """The ratios of ``num`` to ``den`` (keys without the round) in every round that measured both."""
+    per_round = []
+    for rnd in rounds:
+        a, b = by_key.get((rnd, *num)), by_key.get((rnd, *den))
+        if a is None or b is None or not (b.samples_per_s and b.p50_ms and b.p95_ms):
+            continue
+        per_round.append({"throughput": a.samples_per_s / b.samples_per_s, "p50": a.p50_ms / b.p50_ms,
+                          "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms})
+    return per_round
+
+
 def ratios(rows: Sequence[BenchRow]) -> list[dict]:
-    """Per concurrency and comparison (:data:`COMPARISONS`): throughput and p50/p95 ratios and the added p50, each
-    computed within a round (targets measured side by side) and then the median over rounds."""
-    by_key = {(r.round, r.target, r.concurrency): r for r in rows}
+    """Per concurrency and comparison -- of layouts within each protocol (:data:`COMPARISONS`; labelled with the
+    protocol when several were measured) and of protocols for each target (:data:`PROTOCOL_COMPARISONS`) --
+    throughput and p50/p95 ratios and the added p50, each computed within a round (measured side by side) and
+    then the median over rounds."""
+    by_key = {(r.round, r.target, r.protocol, r.concurrency): r for r in rows}
+    rounds = sorted({r.round for r in rows})
+    protocols = list(dict.fromkeys(r.protocol for r in rows))
+    targets = list(dict.fromkeys(r.target for r in rows))
     out = []
+
+    def add(label: str, c: int, target: str, baseline: str, per_round: list[dict], **extra: str) -> None:
+        if per_round:
+            entry = {"concurrency": c, "comparison": label, "target": target, "baseline": baseline,
+                     "rounds": len(per_round), **extra}
+            entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]})
+            out.append(entry)
+
     for c in sorted({r.concurrency for r in rows}):
-        for label, num, den in COMPARISONS:
-            per_round = []
-            for rnd in sorted({r.round for r in rows}):
-                a, b = by_key.get((rnd, num, c)), by_key.get((rnd, den, c))
-                if a is None or b is None or not (b.samples_per_s and b.p50_ms and b.p95_ms):
-                    continue
-                per_round.append({"throughput": a.samples_per_s / b.samples_per_s, "p50": a.p50_ms / b.p50_ms,
-                                  "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms})
-            if per_round:
-                entry = {"concurrency": c, "comparison": label, "target": num, "baseline": den,
-                         "rounds": len(per_round)}
-                entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]})
-                out.append(entry)
+        for protocol in protocols:
+            for label, num, den in COMPARISONS:
+                add(label if len(protocols) == 1 else f"{label} [{protocol}]", c, num, den,
+                    _compare(by_key, rounds, (num, protocol, c), (den, protocol, c)), protocol=protocol)
+        for label, num, den in PROTOCOL_COMPARISONS:
+            for target in targets:
+                add(f"{label} [{target}]", c, target, target,
+                    _compare(by_key, rounds, (target, num, c), (target, den, c)), protocol=num, baseline_protocol=den)
     return out
 
 
@@ -340,18 +388,21 @@ def format_table(report: BenchReport) -> str:
     rounds = report.settings.get("rounds", 1)
     lines = [f"machine: {describe_machine(report.machine)}",
              f"per-sample latency (request latency / images per request), batch {report.settings.get('batch')}, "
-             f"{report.settings.get('protocol')}, {report.settings.get('duration_s'):g} s per run, {rounds} round(s)"
-             f"{' (medians shown)' if rounds > 1 else ''}; Locust on the same machine; 1-min load average "
-             f"{_load(report.settings)}",
-             f"{'target':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} {'p99 ms':>8s} "
-             f"{'requests':>9s} {'failures':>8s} {'other load':>10s}"]
+             f"{', '.join(report.settings.get('protocols', ()))}, {report.settings.get('duration_s'):g} s per run, "
+             f"{rounds} round(s){' (medians shown)' if rounds > 1 else ''}; Locust on the same machine; 1-min load "
+             f"average {_load(report.settings)}",
+             f"{'target':11s} {'protocol':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} "
+             f"{'p99 ms':>8s} {'requests':>9s} {'failures':>8s} {'other load':>10s}"]
     for r in summary_rows(report.rows):
-        lines.append(f"{r.target:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} {r.p95_ms:8.3f} "
-                     f"{r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} {_cores(r.other_load_cores):>10s}")
+        lines.append(f"{r.target:11s} {r.protocol:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} "
+                     f"{r.p95_ms:8.3f} {r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} "
+                     f"{_cores(r.other_load_cores):>10s}")
     lines.append("(other load: cores busy with processes other than tritonserver and Locust during the run)")
-    lines.append(f"{'comparison':29s} {'users':>5s} {'throughput':>10s} {'p50':>7s} {'p95':>7s} {'added p50 ms':>12s}")
+    width = max([29, *(len(e["comparison"]) for e in report.ratios)])
+    lines.append(f"{'comparison':{width}s} {'users':>5s} {'throughput':>10s} {'p50':>7s} {'p95':>7s} "
+                 f"{'added p50 ms':>12s}")
     for e in report.ratios:
-        lines.append(f"{e['comparison']:29s} {e['concurrency']:5d} {e['throughput']:10.3f} {e['p50']:7.3f} "
+        lines.append(f"{e['comparison']:{width}s} {e['concurrency']:5d} {e['throughput']:10.3f} {e['p50']:7.3f} "
                      f"{e['p95']:7.3f} {e['added_p50_ms']:12.3f}")
     lines.append("Triton's counters per stage (last round): mean batch, queue and compute ms per request, "
                  "compute ms per inference")
@@ -360,7 +411,8 @@ def format_table(report: BenchReport) -> str:
         if r.round != last:
             continue
         for st in r.stages:
-            lines.append(f"  {r.target:11s} c={r.concurrency:<3d} {st['model']:22s} batch {st['mean_batch']:6.2f}  "
+            lines.append(f"  {r.target:11s} {r.protocol:11s} c={r.concurrency:<3d} {st['model']:22s} "
+                         f"batch {st['mean_batch']:6.2f}  "
                          f"queue {st['queue_ms']:8.3f}  compute {st['compute_ms']:8.3f}  "
                          f"per inference {st['compute_ms_per_inference']:8.3f}")
     return "\n".join(lines)
@@ -387,11 +439,12 @@ def plot(report: BenchReport, path: Path) -> None:
 
     levels = sorted({r.concurrency for r in report.rows})
     summary = summary_rows(report.rows)
-    names = list(dict.fromkeys(r.target for r in summary))
+    several = len({r.protocol for r in summary}) > 1
+    names = list(dict.fromkeys(f"{r.target} {r.protocol}" if several else r.target for r in summary))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     width = 0.8 / len(names)
     for i, target in enumerate(names):
-        rows = {r.concurrency: r for r in summary if r.target == target}
+        rows = {r.concurrency: r for r in summary if (f"{r.target} {r.protocol}" if several else r.target) == target}
         xs = np.arange(len(levels)) + (i - (len(names) - 1) / 2) * width
         ax1.bar(xs, [rows[c].samples_per_s if c in rows else 0 for c in levels], width, label=target)
         p50 = [rows[c].p50_ms if c in rows else np.nan for c in levels]
@@ -493,6 +546,7 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
     from fire_backend.data import load_dataset
     from fire_backend.data.export import write_traffic
     from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
+    from fire_backend.serving.ports import free_port
     from fire_backend.serving.server import running_server
     from fire_backend.wire.client import FireClient
 
@@ -510,44 +564,61 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
                             TRAFFIC_IMAGES)
     label = max(settings.target, 0)
     targets = bench_targets(bench_layouts(len(settings.repair_layers)))
+    if config.targets is not None:
+        unknown = sorted(set(config.targets) - {t.name for t in targets})
+        if unknown:
+            raise ValueError(f"no target {', '.join(unknown)} in this bench; its targets: "
+                             f"{', '.join(t.name for t in targets)}")
+        targets = [t for t in targets if t.name in config.targets]
     rows: list[BenchRow] = []
     progress(f"fire bench: {repository}, {settings.arch} repaired at {', '.join(settings.repair_layers)}, "
              f"concurrency {','.join(map(str, config.concurrency))}, {config.duration_s:g} s per run "
-             f"(+{config.warmup_s:g} s warm-up), {config.rounds} round(s), batch {config.batch}, {config.protocol}")
+             f"(+{config.warmup_s:g} s warm-up), {config.rounds} round(s), batch {config.batch}, "
+             f"{', '.join(config.protocols)}")
     started = time.time()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    with running_server(repository, http_inference=config.protocol == "http") as server:
-        url = server.urls[config.protocol] if config.protocol == "http" else f"grpc://{server.urls['grpc']}"
-        with FireClient(url) as client:
-            server_version = client.server_metadata().get("version")
-            for t in targets:  # load check and first-call warm-up, outside the measured runs
-                client.infer_batches(np.zeros((config.batch, *client.model_info(t.model).input_shape), np.float32),
-                                     config.batch, t.model)
-        progress(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at {url}")
+    exposed = {"triton_http_port": free_port()} if "triton-http" in config.protocols else {}
+    with running_server(repository, **exposed) as server:
+        urls = {"grpc": f"grpc://{server.urls['grpc']}", "http": server.urls["http"],
+                "triton-http": server.urls.get("triton_http", "")}
+        server_version = ""
+        for protocol in config.protocols:
+            with FireClient(urls[protocol]) as client:
+                server_version = client.server_metadata().get("version")
+                for t in targets:  # load check and first-call warm-up, outside the measured runs
+                    shape = client.model_info(t.model).input_shape
+                    client.infer_batches(np.zeros((config.batch, *shape), np.float32), config.batch, t.model)
+        progress(f"tritonserver {server_version} ready in {server.startup_s or 0:.1f}s at "
+                 f"{', '.join(urls[p] for p in config.protocols)}")
         for rnd in range(1, config.rounds + 1):
             for users in config.concurrency:
                 for t in targets:
-                    prefix = raw / f"{t.name}-c{users}-r{rnd}"
-                    meter = CpuMeter(server.pid)
-                    before = stage_metrics.scrape(server.urls["metrics"])
-                    meter.start()
-                    latency_file = _run(config, locustfile, url, t.model, users, prefix, traffic, label)
-                    other = meter.other_cores()
-                    stages = stage_metrics.difference(before, stage_metrics.scrape(server.urls["metrics"]), t.stages)
-                    stats = summarize(latency_file, config.warmup_s)
-                    row = BenchRow(target=t.name, concurrency=users, model=t.model, batch=config.batch,
-                                   failures=_failures(prefix, t.model), other_load_cores=other, round=rnd,
-                                   stages=[s.to_dict() for s in stages], **stats)
-                    rows.append(row)
-                    progress(f"  round {rnd} {t.name:11s} users {users:3d}: {row.samples_per_s:8.1f} samples/s, "
-                             f"p50 {row.p50_ms:.3f} ms, p95 {row.p95_ms:.3f} ms, p99 {row.p99_ms:.3f} ms "
-                             f"({row.requests} requests, {row.failures} failures; other load {_cores(other)} cores)")
+                    for protocol in config.protocols:
+                        suffix = "" if len(config.protocols) == 1 else f"-{protocol}"
+                        prefix = raw / f"{t.name}-c{users}-r{rnd}{suffix}"
+                        meter = CpuMeter(server.pid)
+                        before = stage_metrics.scrape(server.urls["metrics"])
+                        meter.start()
+                        latency_file = _run(config, locustfile, urls[protocol], t.model, users, prefix, traffic,
+                                            label)
+                        other = meter.other_cores()
+                        after = stage_metrics.scrape(server.urls["metrics"])
+                        stats = summarize(latency_file, config.warmup_s)
+                        row = BenchRow(target=t.name, concurrency=users, model=t.model, batch=config.batch,
+                                       failures=_failures(prefix, t.model), other_load_cores=other, round=rnd,
+                                       stages=[s.to_dict() for s in stage_metrics.difference(before, after, t.stages)],
+                                       protocol=protocol, **stats)
+                        rows.append(row)
+                        progress(f"  round {rnd} {t.name:11s} {protocol:11s} users {users:3d}: "
+                                 f"{row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} ms, p95 {row.p95_ms:.3f} "
+                                 f"ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, {row.failures} failures; "
+                                 f"other load {_cores(other)} cores)")
     machine = machine_info(server_version)
     settings_out = {"repository": str(repository), "source": str(config.repository or config.checkpoint),
                     "arch": settings.arch, "repair_layers": list(settings.repair_layers),
                     "gpu": bool(settings.build.get("gpu")), "concurrency": list(config.concurrency),
                     "duration_s": config.duration_s, "warmup_s": config.warmup_s, "rounds": config.rounds,
-                    "batch": config.batch, "protocol": config.protocol, "locustfile": str(locustfile),
+                    "batch": config.batch, "protocols": list(config.protocols), "locustfile": str(locustfile),
                     "targets": {t.name: list(t.stages) for t in targets}, "elapsed_s": time.time() - started,
                     # load generator and server share this machine; other load skews the numbers
                     "loadavg_1m_start": load_start,

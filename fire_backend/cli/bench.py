@@ -8,16 +8,29 @@ import sys
 from pathlib import Path
 
 from fire_backend.cli.base import CliError, add_command, emit_json, say
-from fire_backend.wire.names import PROTOCOLS
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fire_backend.bench import BenchConfig, format_table, parse_concurrency, run_bench, write_outputs
+    from fire_backend.bench import (
+        BENCH_PROTOCOLS,
+        BENCH_TARGETS,
+        BenchConfig,
+        format_table,
+        parse_concurrency,
+        parse_list,
+        run_bench,
+        write_outputs,
+    )
 
     try:
         concurrency = parse_concurrency(args.concurrency)
     except ValueError as exc:
         raise CliError(f"--concurrency: {exc}") from exc
+    try:
+        protocols = parse_list(args.protocol, BENCH_PROTOCOLS, "protocols")
+        targets = parse_list(args.targets, BENCH_TARGETS, "targets") if args.targets else None
+    except ValueError as exc:
+        raise CliError(f"--protocol/--targets: {exc}") from exc
     if args.duration < 2:
         raise CliError(f"--duration must be at least 2 seconds, got {args.duration}")
     if not 1 <= args.batch <= 64:
@@ -35,10 +48,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         checkpoint = demo_checkpoint(say, bars=not args.json and sys.stderr.isatty())
     config = BenchConfig(
         repository=args.repository, checkpoint=checkpoint, layer=args.layer, gpu=args.gpu, concurrency=concurrency,
-        duration_s=args.duration, batch=args.batch, out=args.out, protocol=args.protocol, warmup_s=args.warmup,
-        rounds=args.rounds, locustfile=args.locustfile,
+        duration_s=args.duration, batch=args.batch, out=args.out, protocols=protocols, warmup_s=args.warmup,
+        rounds=args.rounds, locustfile=args.locustfile, targets=targets,
     )
-    report = run_bench(config, say)
+    try:
+        report = run_bench(config, say)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(format_table(report))
     paths = write_outputs(report, args.out)
     say(f"wrote {', '.join(str(p) for p in paths)}")
@@ -54,6 +70,8 @@ def register(sub) -> None:
                     "  fire bench                                         # the digits demo, concurrency 1 and 16\n"
                     "  fire bench --concurrency 1,4,16 --duration 30 --rounds 3 --out bench-results\n"
                     "  fire bench --repository repo --protocol http --json  # repo's network and direction\n"
+                    "  fire bench --targets fused --concurrency 16 --protocol grpc,http,triton-http  # the HTTP "
+                    "front's cost\n"
                     "  fire bench --checkpoint runs/c10 --layer layer4.0 --gpu")
     p.add_argument("--repository", type=Path, default=None,
                    help="measure this repository's network, layers and live direction (it is copied, not changed)")
@@ -68,7 +86,13 @@ def register(sub) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the interleaved runs; tables show medians, ratios are medians of per-round ratios (1)")
     p.add_argument("--batch", type=int, default=1, help="images per request (1)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="client protocol (grpc)")
+    p.add_argument("--protocol", default="grpc",
+                   help="client protocols, comma-separated: grpc, http (KServe v2 through the HTTP front, as clients "
+                        "get it), triton-http (tritonserver's own HTTP, exposed on a loopback port for this "
+                        "comparison only) (grpc)")
+    p.add_argument("--targets", default=None,
+                   help="measure only these targets, comma-separated, e.g. fused,undefended (every one the bench "
+                        "repository serves)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured warm-up seconds per target (2)")
     p.add_argument("--locustfile", type=Path, default=None,
                    help="Locust file (default: the one installed with fire_backend, as loadtest/locustfile.py)")

@@ -37,9 +37,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, UnixConnector, web
+import httptools
+from aiohttp import web
 
-from fire_backend.serving.kserve import ModelSpec, RequestError, check_infer
+from fire_backend.serving.kserve import Checker, ModelSpec, RequestError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ _INFERENCE_CLOSED = ("inference over HTTP is closed on this server (fire serve -
                      "or restart it without --no-http-inference")
 #: Triton's response headers a client needs
 _PASSED_BACK = ("Content-Type", "Inference-Header-Content-Length")
+_PASSED_BACK_LOWER = {name.lower().encode(): name for name in _PASSED_BACK}
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
@@ -77,18 +79,6 @@ class Upstream:
 
     http: str
     metrics: str
-
-
-def _session(address: str, timeout_s: float) -> tuple[ClientSession, str]:
-    """A client session to ``address`` and the base URL its requests use. Responses come uncompressed (they are
-    passed back as they are, and the front's clients never asked for an encoding)."""
-    if address.startswith("unix:"):
-        connector: Any = UnixConnector(path=address.removeprefix("unix:"), limit=UPSTREAM_CONNECTIONS)
-        base = "http://tritonserver"
-    else:
-        connector, base = TCPConnector(limit=UPSTREAM_CONNECTIONS), f"http://{address}"
-    return ClientSession(connector=connector, timeout=ClientTimeout(total=timeout_s), auto_decompress=False,
-                         headers={"Accept-Encoding": "identity"}), base
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -113,6 +103,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, at most ``limit`` bytes (chunked included): RequestError 413 past it, 408 when too slow."""
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only now: the headers passed
+    elif request.content_length is not None and request.content.is_eof():
+        return request.content.read_nowait()  # a small body arrives with its headers: no wait, no timer
     parts: list[bytes] = []
 
     async def collect() -> None:
@@ -131,12 +123,13 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 class _Specs:
-    """Model configs fetched from tritonserver, each trusted for :data:`CONFIG_TTL_S`."""
+    """A checker per model, from its config fetched from tritonserver and trusted for :data:`CONFIG_TTL_S` (a
+    checker whose config did not change is kept, with what it remembers)."""
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[float, ModelSpec]] = {}
+        self._cache: dict[str, tuple[float, Checker]] = {}
 
-    async def get(self, upstream: _Client, path: str) -> ModelSpec:
+    async def get(self, upstream: _Client, path: str) -> Checker:
         now = time.monotonic()
         hit = self._cache.get(path)
         if hit is not None and now - hit[0] < CONFIG_TTL_S:
@@ -149,39 +142,128 @@ class _Specs:
                 message = f"tritonserver answered {status} for the model's config"
             raise RequestError(status if 400 <= status < 500 else 503, str(message))
         spec = ModelSpec.from_config(json.loads(body))
-        self._cache[path] = (now, spec)
-        return spec
+        checker = hit[1] if hit is not None and hit[1].spec == spec else Checker(spec)
+        self._cache[path] = (now, checker)
+        return checker
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to tritonserver; responses parsed by httptools (llhttp)."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.reusable = False
+        self._answer: asyncio.Future[tuple[int, bytes, dict[str, str]]] | None = None
+        self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reusable = False
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(ConnectionError("tritonserver closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_exception(ConnectionError(f"unreadable answer from tritonserver: {exc}"))
+            if self.transport is not None:
+                self.transport.close()
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = _PASSED_BACK_LOWER.get(name.lower())
+        if key is not None:
+            self._headers[key] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.reusable = self.parser.should_keep_alive()
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result((self.parser.get_status_code(), b"".join(self._body), self._headers))
+
+    def send(self, request: bytes) -> asyncio.Future[tuple[int, bytes, dict[str, str]]]:
+        assert self.transport is not None
+        self._answer = asyncio.get_running_loop().create_future()
+        self._headers, self._body, self.reusable = {}, [], False
+        self.transport.write(request)
+        return self._answer
 
 
 class _Client:
-    """Requests to one of tritonserver's servers; its session lives on the front's loop."""
+    """Requests to one of tritonserver's servers over a pool of keep-alive connections, on the front's loop.
+
+    A minimal client on purpose: the front forwards thousands of small requests a second and aiohttp's full client
+    cost about as much CPU as the rest of the front together. The request line and headers are written from
+    checked values only (a path the route's pattern matched, byte counts, fixed media types); responses are parsed
+    by httptools, the llhttp binding uvicorn uses.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._session: ClientSession | None = None
-        self._base = ""
+        self._idle: list[_Connection] = []
 
     async def open(self) -> None:
-        self._session, self._base = _session(self.address, INFER_TIMEOUT_S)
+        return None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.transport is not None:
+                connection.transport.close()
+
+    def _reuse(self) -> _Connection | None:
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.reusable and connection.transport is not None and not connection.transport.is_closing():
+                return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        if self.address.startswith("unix:"):
+            _, connection = await loop.create_unix_connection(_Connection, self.address.removeprefix("unix:"))
+        else:
+            host, port = self.address.rsplit(":", 1)
+            _, connection = await loop.create_connection(_Connection, host, int(port))
+        return connection
 
     async def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
                       timeout_s: float = INFER_TIMEOUT_S) -> tuple[int, bytes, dict[str, str]]:
         """Status, body and passed-back headers; RequestError 503 when tritonserver is not there, 504 when slow."""
-        assert self._session is not None
+        lines = [f"{method} {path} HTTP/1.1", "Host: tritonserver", "Accept-Encoding: identity",
+                 f"Content-Length: {len(body or b'')}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        connection = None
         try:
-            async with self._session.request(method, self._base + path, data=body, headers=headers,
-                                             timeout=ClientTimeout(total=timeout_s)) as response:
-                data = await response.read()
-                return response.status, data, {k: response.headers[k] for k in _PASSED_BACK if k in response.headers}
+            connection = self._reuse()
+            if connection is not None:
+                try:
+                    answer = await asyncio.wait_for(connection.send(request), timeout_s)
+                except ConnectionError:  # closed by tritonserver while idle: once more, on a new connection
+                    connection = None
+            if connection is None:
+                connection = await self._connect()
+                answer = await asyncio.wait_for(connection.send(request), timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"tritonserver did not answer within {timeout_s:g} s") from None
-        except ClientError:
+        except OSError:  # refused, reset, no socket: tritonserver is not there (ConnectionError is one)
             raise RequestError(503, "tritonserver is not serving right now (starting or restarting); retry") \
                 from None
+        finally:
+            if connection is not None and connection.reusable and len(self._idle) < UPSTREAM_CONNECTIONS:
+                self._idle.append(connection)
+            elif connection is not None and connection.transport is not None:
+                connection.transport.close()
+        return answer
 
 
 @web.middleware
@@ -258,16 +340,16 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
                 return _error(400, f"{HEADER_LENGTH} must be a byte count")
             header_length = int(text)
         base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
-        spec = await specs.get(client, base + "/config")
-        limit = spec.body_limit()
+        checker = await specs.get(client, base + "/config")
+        limit = checker.spec.body_limit()
         if (request.content_length or 0) > limit:
             return _error(413, f"{request.content_length} bytes exceed {model}'s bound of {limit} bytes "
                                          f"(its largest batch)")
         body = await _read_body(request, limit)
         if len(body) > INLINE_CHECK_BYTES:
-            checked = await asyncio.get_running_loop().run_in_executor(None, check_infer, spec, body, header_length)
+            checked = await asyncio.get_running_loop().run_in_executor(None, checker.check, body, header_length)
         else:
-            checked = check_infer(spec, body, header_length)
+            checked = checker.check(body, header_length)
         headers = {"Content-Type": "application/octet-stream" if checked.binary else "application/json"}
         if checked.header_length is not None:
             headers[HEADER_LENGTH] = str(checked.header_length)

@@ -128,9 +128,59 @@ class Checked:
         return len(self.header) if self.binary else None
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a checked all-binary header says: its canonical form and the segments that must follow it."""
+
+    header: bytes
+    segments: tuple[tuple[TensorSpec, int, int], ...]  #: (input, elements, bytes), in body order
+    size: int
+
+    def apply(self, binary: memoryview) -> Checked:
+        if len(binary) != self.size:
+            raise _bad(f"the inputs' binary_data_size add up to {self.size} bytes but {len(binary)} follow the "
+                       "header")
+        offset = 0
+        for tensor, count, size in self.segments:
+            if DATATYPE_SIZES[tensor.datatype] is None:
+                _binary_size(tensor, count, binary[offset:offset + size])
+            offset += size
+        return Checked(self.header, bytes(binary))
+
+
+#: all-binary headers a Checker remembers (a client sends the same header for every request of one batch size)
+MAX_PLANS = 256
+
+
+class Checker:
+    """:func:`check_infer` for one model, remembering what each all-binary header it accepted asks of the body: a
+    request whose header bytes were seen before only has its binary segments checked (sizes, BYTES framing)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self._plans: dict[bytes, _Plan] = {}
+
+    def check(self, body: bytes, header_length: int | None) -> Checked:
+        if header_length is not None and 0 < header_length <= len(body):
+            plan = self._plans.get(body[:header_length])
+            if plan is not None:
+                return plan.apply(memoryview(body)[header_length:])
+        checked, plan = _check(self.spec, body, header_length)
+        if plan is not None and header_length is not None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[body[:header_length]] = plan
+        return checked
+
+
 def check_infer(spec: ModelSpec, body: bytes, header_length: int | None) -> Checked:
     """The request to forward for ``body`` (``header_length``: its ``Inference-Header-Content-Length``), or a
     :class:`RequestError` saying why it is refused."""
+    return _check(spec, body, header_length)[0]
+
+
+def _check(spec: ModelSpec, body: bytes, header_length: int | None) -> tuple[Checked, _Plan | None]:
+    """The checked request, and its plan when every input is binary (nothing in the header varies per request)."""
     if header_length is None:
         header_length = len(body)
     elif not 0 < header_length <= len(body):
@@ -150,14 +200,16 @@ def check_infer(spec: ModelSpec, body: bytes, header_length: int | None) -> Chec
     if "parameters" in header:
         request["parameters"] = _parameters(header["parameters"], "the request's parameters")
     binary = memoryview(body)[header_length:]
-    inputs, used = _inputs(spec, header.get("inputs"), binary)
+    inputs, segments = _inputs(spec, header.get("inputs"), binary)
+    used = sum(size for _, _, size in segments)
     if used != len(binary):
         raise _bad(f"the inputs' binary_data_size add up to {used} bytes but {len(binary)} follow the header")
     request["inputs"] = inputs
     if "outputs" in header:
         request["outputs"] = _outputs(spec, header["outputs"])
     canonical = json.dumps(request, separators=(",", ":"), allow_nan=False).encode()
-    return Checked(canonical, bytes(binary))
+    plan = _Plan(canonical, tuple(segments), used) if len(segments) == len(inputs) else None
+    return Checked(canonical, bytes(binary)), plan
 
 
 def _fields(value: dict[str, Any], allowed: frozenset[str], what: str) -> None:
@@ -185,12 +237,14 @@ def _parameters(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def _inputs(spec: ModelSpec, value: Any, binary: memoryview) -> tuple[list[dict[str, Any]], int]:
+def _inputs(spec: ModelSpec, value: Any, binary: memoryview
+            ) -> tuple[list[dict[str, Any]], list[tuple[TensorSpec, int, int]]]:
+    """The canonical inputs, and the binary segments they take: (input, elements, bytes) each, in body order."""
     if not isinstance(value, list) or not value:
         raise _bad("the request needs a non-empty 'inputs' list")
     if len(value) > len(spec.inputs):
         raise _bad(f"{spec.name} has {len(spec.inputs)} input(s), the request names {len(value)}")
-    checked, seen, offset = [], set(), 0
+    checked, seen, segments, offset = [], set(), [], 0
     for item in value:
         if not isinstance(item, dict):
             raise _bad("each input must be a JSON object")
@@ -220,6 +274,7 @@ def _inputs(spec: ModelSpec, value: Any, binary: memoryview) -> tuple[list[dict[
                 raise _bad(f"input {name!r}: {BINARY_SIZE} {size!r} is not backed by the body "
                            f"({len(binary) - offset} bytes left after the header)")
             _binary_size(tensor, count, binary[offset:offset + size])
+            segments.append((tensor, count, size))
             offset += size
             entry["parameters"] = {BINARY_SIZE: size}
         elif "data" in item:
@@ -230,7 +285,7 @@ def _inputs(spec: ModelSpec, value: Any, binary: memoryview) -> tuple[list[dict[
     missing = sorted(n for n, t in spec.inputs.items() if not t.optional and n not in seen)
     if missing:
         raise _bad(f"{spec.name} needs input(s) {', '.join(missing)}")
-    return checked, offset
+    return checked, segments
 
 
 def _outputs(spec: ModelSpec, value: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The operator's client of the control endpoint (model ``fire_control``): status, history, push, observe, rollback.
 
-Talks to the server's own gRPC endpoint (or HTTP, where the server allows HTTP inference). The token never
+Talks to the server's gRPC endpoint (or its HTTP front, unless HTTP inference is closed). The token never
 leaves this process: each request carries a credential made with it for exactly that request
 (:mod:`fire_backend.wire.auth`), which the server checks and accepts once. See :mod:`fire_backend.wire.token`
 for where the token is read. Errors arrive as FireClientError, translated once.

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from fire_backend.serving.kserve import MAX_BODY_BYTES, Checked, ModelSpec, RequestError, check_infer
+from fire_backend.serving.kserve import MAX_BODY_BYTES, Checked, Checker, ModelSpec, RequestError, check_infer
 
 #: fire_ensemble's config as Triton's HTTP API returns it (digits: FP32 [1, 8, 8], max batch 64)
 ENSEMBLE = {"name": "fire_ensemble", "max_batch_size": 64,
@@ -199,3 +199,24 @@ def test_the_body_bound_follows_the_models_largest_batch() -> None:
     largest = json_body([64, 1, 8, 8], np.full(64 * 64, -1.2345678901234567e-30).tolist())
     assert len(largest) < limit < 1 << 20  # the largest JSON batch fits; a 4 MiB body does not
     assert ModelSpec.from_config(CONTROL).body_limit() == MAX_BODY_BYTES  # variable dims: the front's own cap
+
+
+def test_a_checker_remembers_binary_headers_and_still_checks_every_body() -> None:
+    """The front's fast path: a header seen before is not parsed again, but the bytes after it are still held to
+    it (sizes, and the framing of BYTES elements), and a JSON request is always checked in full."""
+    checker = Checker(SPEC)
+    raw = np.ones((2, 1, 8, 8), np.float32).tobytes()
+    body, length = binary_body([2, 1, 8, 8], raw)
+    first = checker.check(body, length)
+    assert checker.check(body, length) == first
+    with pytest.raises(RequestError, match="add up to 512 bytes but 508"):
+        checker.check(body[:-4], length)  # the same header, a body that no longer backs it
+    with pytest.raises(RequestError, match="holds 64 elements"):
+        checker.check(json_body([1, 1, 8, 8], [0.0] * 63), None)
+    control = Checker(ModelSpec.from_config(CONTROL))
+    head = json.dumps({"inputs": [{"name": n, "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}
+                                  for n in ("REQUEST", "TOKEN")]}).encode()
+    good = struct.pack("<I", 2) + b"{}" + struct.pack("<I", 2) + b"tk"
+    assert control.check(head + good, len(head)).binary == good
+    with pytest.raises(RequestError, match="BYTES elements take"):
+        control.check(head + struct.pack("<I", 9) + b"{}" + struct.pack("<I", 2) + b"tk", len(head))
