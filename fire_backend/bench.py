@@ -141,6 +141,9 @@ class BenchRow:
     window_s: float = 0.0
     #: CPU used during the run by processes other than the server and Locust, in cores (shared-machine noise).
     other_load_cores: float | None = None
+    #: CPU the server, the HTTP front and Locust spent per sample over the whole run (warm-up included): what a
+    #: path costs, much less sensitive to other load than throughput is
+    cpu_ms_per_sample: float | None = None
     round: int = 1
     #: Triton's counters for every model that served the target during the run (StageFigures as dicts)
     stages: list[dict] = field(default_factory=list)
@@ -276,11 +279,16 @@ class CpuMeter:
             return None
         return max(0.0, (self._busy() - self._busy0) - (self._ours() - self._ours0)) / wall
 
+    def ours_s(self) -> float:
+        """CPU seconds the server tree, the front and Locust used since ``start``."""
+        return self._ours() - self._ours0
+
 
 def summarize(latency_file: Path, warmup_s: float) -> dict:
     """Per-sample percentiles and samples/s over requests that started after the warm-up."""
     data = np.loadtxt(latency_file, delimiter=",", skiprows=1, ndmin=2)
     start, latency, n = data[:, 0], data[:, 1], data[:, 2].astype(np.int64)
+    run_samples = int(n.sum())
     keep = start >= start.min() + warmup_s
     if keep.sum() < 10:  # too short to drop a warm-up: keep everything
         keep = np.ones_like(keep)
@@ -292,6 +300,7 @@ def summarize(latency_file: Path, warmup_s: float) -> dict:
         "samples_per_s": float(n.sum() / window) if window > 0 else 0.0,
         "p50_ms": float(np.percentile(per_sample, 50)), "p95_ms": float(np.percentile(per_sample, 95)),
         "p99_ms": float(np.percentile(per_sample, 99)), "mean_ms": float(per_sample.mean()),
+        "run_samples": run_samples,
     }
 
 
@@ -313,11 +322,13 @@ def _median_row(rows: Sequence[BenchRow]) -> BenchRow:
         return first
     med = {k: statistics.median(getattr(r, k) for r in rows)
            for k in ("samples_per_s", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "window_s")}
+    costs = [r.cpu_ms_per_sample for r in rows if r.cpu_ms_per_sample is not None]
     loads = [r.other_load_cores for r in rows if r.other_load_cores is not None]
     return BenchRow(target=first.target, concurrency=first.concurrency, model=first.model, batch=first.batch,
                     requests=sum(r.requests for r in rows), samples=sum(r.samples for r in rows),
                     failures=sum(r.failures for r in rows), other_load_cores=max(loads) if loads else None,
-                    round=0, protocol=first.protocol, **med)
+                    round=0, protocol=first.protocol, cpu_ms_per_sample=statistics.median(costs) if costs else None,
+                    **med)
 
 
 def summary_rows(rows: Sequence[BenchRow]) -> list[BenchRow]:
@@ -335,8 +346,11 @@ def _compare(by_key: dict[tuple, BenchRow], rounds: list[int], num: tuple, den: 
         a, b = by_key.get((rnd, *num)), by_key.get((rnd, *den))
         if a is None or b is None or not (b.samples_per_s and b.p50_ms and b.p95_ms):
             continue
-        per_round.append({"throughput": a.samples_per_s / b.samples_per_s, "p50": a.p50_ms / b.p50_ms,
-                          "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms})
+        ratio = {"throughput": a.samples_per_s / b.samples_per_s, "p50": a.p50_ms / b.p50_ms,
+                 "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms}
+        if a.cpu_ms_per_sample and b.cpu_ms_per_sample:
+            ratio["cpu_per_sample"] = a.cpu_ms_per_sample / b.cpu_ms_per_sample
+        per_round.append(ratio)
     return per_round
 
 
@@ -355,7 +369,8 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict]:
         if per_round:
             entry = {"concurrency": c, "comparison": label, "target": target, "baseline": baseline,
                      "rounds": len(per_round), **extra}
-            entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]})
+            entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]
+                          if all(k in r for r in per_round)})
             out.append(entry)
 
     for c in sorted({r.concurrency for r in rows}):
@@ -392,18 +407,21 @@ def format_table(report: BenchReport) -> str:
              f"{rounds} round(s){' (medians shown)' if rounds > 1 else ''}; Locust on the same machine; 1-min load "
              f"average {_load(report.settings)}",
              f"{'target':11s} {'protocol':11s} {'users':>5s} {'samples/s':>10s} {'p50 ms':>8s} {'p95 ms':>8s} "
-             f"{'p99 ms':>8s} {'requests':>9s} {'failures':>8s} {'other load':>10s}"]
+             f"{'p99 ms':>8s} {'requests':>9s} {'failures':>8s} {'CPU ms/sample':>13s} {'other load':>10s}"]
     for r in summary_rows(report.rows):
+        cost = "?" if r.cpu_ms_per_sample is None else f"{r.cpu_ms_per_sample:.3f}"
         lines.append(f"{r.target:11s} {r.protocol:11s} {r.concurrency:5d} {r.samples_per_s:10.1f} {r.p50_ms:8.3f} "
-                     f"{r.p95_ms:8.3f} {r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} "
+                     f"{r.p95_ms:8.3f} {r.p99_ms:8.3f} {r.requests:9d} {r.failures:8d} {cost:>13s} "
                      f"{_cores(r.other_load_cores):>10s}")
-    lines.append("(other load: cores busy with processes other than tritonserver and Locust during the run)")
+    lines.append("(CPU ms/sample: what tritonserver, the HTTP front and Locust spent per sample; other load: cores "
+                 "busy with anything else during the run)")
     width = max([29, *(len(e["comparison"]) for e in report.ratios)])
     lines.append(f"{'comparison':{width}s} {'users':>5s} {'throughput':>10s} {'p50':>7s} {'p95':>7s} "
-                 f"{'added p50 ms':>12s}")
+                 f"{'added p50 ms':>12s} {'CPU/sample':>10s}")
     for e in report.ratios:
+        cost = f"{e['cpu_per_sample']:.3f}" if "cpu_per_sample" in e else "?"
         lines.append(f"{e['comparison']:{width}s} {e['concurrency']:5d} {e['throughput']:10.3f} {e['p50']:7.3f} "
-                     f"{e['p95']:7.3f} {e['added_p50_ms']:12.3f}")
+                     f"{e['p95']:7.3f} {e['added_p50_ms']:12.3f} {cost:>10s}")
     lines.append("Triton's counters per stage (last round): mean batch, queue and compute ms per request, "
                  "compute ms per inference")
     last = max((r.round for r in report.rows), default=1)
@@ -601,18 +619,20 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
                         meter.start()
                         latency_file = _run(config, locustfile, urls[protocol], t.model, users, prefix, traffic,
                                             label)
-                        other = meter.other_cores()
+                        other, ours = meter.other_cores(), meter.ours_s()
                         after = stage_metrics.scrape(server.urls["metrics"])
                         stats = summarize(latency_file, config.warmup_s)
+                        run_samples = stats.pop("run_samples")
                         row = BenchRow(target=t.name, concurrency=users, model=t.model, batch=config.batch,
                                        failures=_failures(prefix, t.model), other_load_cores=other, round=rnd,
                                        stages=[s.to_dict() for s in stage_metrics.difference(before, after, t.stages)],
-                                       protocol=protocol, **stats)
+                                       protocol=protocol, cpu_ms_per_sample=1000 * ours / max(run_samples, 1),
+                                       **stats)
                         rows.append(row)
                         progress(f"  round {rnd} {t.name:11s} {protocol:11s} users {users:3d}: "
                                  f"{row.samples_per_s:8.1f} samples/s, p50 {row.p50_ms:.3f} ms, p95 {row.p95_ms:.3f} "
                                  f"ms, p99 {row.p99_ms:.3f} ms ({row.requests} requests, {row.failures} failures; "
-                                 f"other load {_cores(other)} cores)")
+                                 f"{row.cpu_ms_per_sample:.3f} CPU ms per sample; other load {_cores(other)} cores)")
     machine = machine_info(server_version)
     settings_out = {"repository": str(repository), "source": str(config.repository or config.checkpoint),
                     "arch": settings.arch, "repair_layers": list(settings.repair_layers),

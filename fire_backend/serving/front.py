@@ -33,7 +33,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,18 +88,18 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers or None)
 
 
-def _no_body(request: web.Request) -> bool:
+def _no_body(request: web.BaseRequest) -> bool:
     return not request.content_length and "Transfer-Encoding" not in request.headers
 
 
-def _methods(request: web.Request, allowed: tuple[str, ...]) -> web.Response | None:
+def _methods(request: web.BaseRequest, allowed: tuple[str, ...]) -> web.Response | None:
     if request.method in allowed:
         return None
     return _error(405, f"{request.method} is not allowed here; allowed: {', '.join(allowed)}",
                    Allow=", ".join(allowed))
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, at most ``limit`` bytes (chunked included): RequestError 413 past it, 408 when too slow."""
     if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # only now: the headers passed
@@ -211,9 +211,6 @@ class _Client:
         self.address = address
         self._idle: list[_Connection] = []
 
-    async def open(self) -> None:
-        return None
-
     async def close(self) -> None:
         while self._idle:
             connection = self._idle.pop()
@@ -266,47 +263,43 @@ class _Client:
         return answer
 
 
-@web.middleware
-async def _as_json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                          ) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return _error(exc.status, str(exc))
-    except web.HTTPException as exc:  # aiohttp's own (e.g. a malformed request): keep its status, say it in JSON
-        return _error(exc.status, exc.reason)
-    except Exception:
-        LOGGER.exception("the HTTP front failed on %s %s", request.method, request.path)
-        return _error(500, "internal error in the HTTP front (see the fire serve log)")
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def _app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-         clients: Sequence[_Client] = ()) -> web.Application:
-    """One catch-all route to ``handler`` (it routes itself, so 404/405/403 are its own), no automatic 100 Continue,
-    and the upstream clients opened and closed with the app."""
-    app = web.Application(middlewares=[_as_json_errors], client_max_size=0)
+@dataclass(frozen=True)
+class Site:
+    """One listener of the front: a port, the handler that routes its requests itself (so 404/405/403 are its own,
+    with no router or middleware between), and the upstream clients it uses."""
 
-    async def noop_expect(_request: web.Request) -> None:
-        return None
-
-    app.router.add_route("*", "/{path:.*}", handler, expect_handler=noop_expect)
-
-    async def lifetime(_app: web.Application) -> AsyncIterator[None]:
-        for client in clients:
-            await client.open()
-        yield
-        for client in clients:
-            await client.close()
-
-    app.cleanup_ctx.append(lifetime)
-    return app
+    what: str
+    host: str
+    port: int
+    handler: Handler
+    clients: tuple[_Client, ...] = ()
 
 
-def http_app(upstream: str, http_inference: bool = True) -> web.Application:
+def _guarded(handler: Handler) -> Handler:
+    """``handler`` with every refusal and failure answered as JSON (``{"error": ...}``)."""
+
+    async def guarded(request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return _error(exc.status, str(exc))
+        except web.HTTPException as exc:  # aiohttp's own: keep its status, say it in JSON
+            return _error(exc.status, exc.reason)
+        except Exception:
+            LOGGER.exception("the HTTP front failed on %s %s", request.method, request.path)
+            return _error(500, "internal error in the HTTP front (see the fire serve log)")
+
+    return guarded
+
+
+def http_site(host: str, port: int, upstream: str, http_inference: bool = True) -> Site:
     """The KServe v2 HTTP API, checked and forwarded to tritonserver's HTTP at ``upstream``."""
     client, specs = _Client(upstream), _Specs()
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.rel_url.raw_path  # percent-encoded paths match nothing: no decoding tricks
         infer = _INFER.fullmatch(path)
         if infer is not None:
@@ -322,9 +315,9 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
         if path.startswith(_CLOSED):
             return _error(403, "this API is restricted: fire serve closes it to every client")
         return _error(404, "not found: this server serves the KServe v2 health, metadata and inference "
-                                     "API under /v2")
+                           "API under /v2")
 
-    async def _infer(request: web.Request, model: str, version: str | None) -> web.StreamResponse:
+    async def _infer(request: web.BaseRequest, model: str, version: str | None) -> web.StreamResponse:
         if not http_inference:
             return _error(403, _INFERENCE_CLOSED)
         if request.headers.get("Content-Encoding", "identity").lower() != "identity":
@@ -332,7 +325,7 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
         media = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if media not in _BODY_TYPES:
             return _error(415, f"Content-Type {media!r} is not accepted: send application/json, or the "
-                                         f"binary tensor extension with {HEADER_LENGTH}")
+                           f"binary tensor extension with {HEADER_LENGTH}")
         header_length = None
         if HEADER_LENGTH in request.headers:
             text = request.headers[HEADER_LENGTH]
@@ -344,7 +337,7 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
         limit = checker.spec.body_limit()
         if (request.content_length or 0) > limit:
             return _error(413, f"{request.content_length} bytes exceed {model}'s bound of {limit} bytes "
-                                         f"(its largest batch)")
+                           f"(its largest batch)")
         body = await _read_body(request, limit)
         if len(body) > INLINE_CHECK_BYTES:
             checked = await asyncio.get_running_loop().run_in_executor(None, checker.check, body, header_length)
@@ -356,14 +349,14 @@ def http_app(upstream: str, http_inference: bool = True) -> web.Application:
         status, answer, back = await client.request("POST", base + "/infer", checked.body, headers)
         return web.Response(status=status, body=answer, headers=back)
 
-    return _app(handle, [client])
+    return Site("http", host, port, handle, (client,))
 
 
-def metrics_app(upstream: str) -> web.Application:
+def metrics_site(host: str, port: int, upstream: str) -> Site:
     """``GET /metrics``: tritonserver's Prometheus text (the nv_* and fire_* metrics), proxied."""
     client = _Client(upstream)
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.rel_url.raw_path != "/metrics":
             return _error(404, "not found; the metrics are at /metrics")
         refused = _methods(request, ("GET", "HEAD"))
@@ -374,13 +367,13 @@ def metrics_app(upstream: str) -> web.Application:
         status, body, headers = await client.request("GET", "/metrics", timeout_s=PROXY_TIMEOUT_S)
         return web.Response(status=status, body=body, headers=headers)
 
-    return _app(handle, [client])
+    return Site("metrics", host, port, handle, (client,))
 
 
-def health_app(snapshot: Callable[[], dict[str, Any]], paths: dict[str, str]) -> web.Application:
+def health_site(host: str, port: int, snapshot: Callable[[], dict[str, Any]], paths: dict[str, str]) -> Site:
     """``paths`` (path -> the snapshot's boolean that decides 200 or 503), answered with the snapshot as JSON."""
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
         key = paths.get(request.rel_url.raw_path)
         if key is None:
             return _error(404, f"not found; try {' or '.join(paths)}")
@@ -391,7 +384,7 @@ def health_app(snapshot: Callable[[], dict[str, Any]], paths: dict[str, str]) ->
         return web.Response(status=200 if body.get(key) else 503, text=json.dumps(body) + "\n",
                             content_type="application/json")
 
-    return _app(handle)
+    return Site("health", host, port, handle)
 
 
 class BindError(OSError):
@@ -409,12 +402,13 @@ class SiteThread:
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.ServerRunner] = []
+        self._clients: list[_Client] = []
         self.ports: dict[str, int] = {}
 
-    def start(self, sites: Sequence[tuple[str, web.Application, str, int]]) -> SiteThread:
-        """Serve each ``(what, app, host, port)``; raises :class:`BindError` (and serves nothing) when a port is
-        taken. Port 0 picks a free one (see :attr:`ports`)."""
+    def start(self, sites: Sequence[Site]) -> SiteThread:
+        """Serve each site; raises :class:`BindError` (and serves nothing) when a port is taken. Port 0 picks a free
+        one (see :attr:`ports`)."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=self.name, daemon=True)
         thread.start()
@@ -426,24 +420,29 @@ class SiteThread:
             raise
         return self
 
-    async def _open(self, sites: Sequence[tuple[str, web.Application, str, int]]) -> None:
-        for what, app, host, port in sites:
-            runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_S, auto_decompress=False,
-                                   shutdown_timeout=1.0, handle_signals=False)
+    async def _open(self, sites: Sequence[Site]) -> None:
+        for site in sites:
+            # aiohttp's low-level server: no router, no middleware, no automatic 100 Continue
+            server = web.Server(_guarded(site.handler), access_log=None, keepalive_timeout=KEEPALIVE_S,
+                                auto_decompress=False)
+            runner = web.ServerRunner(server, shutdown_timeout=1.0, handle_signals=False)
             await runner.setup()
             self._runners.append(runner)
-            site = web.TCPSite(runner, host, port)
+            self._clients.extend(site.clients)
             try:
-                await site.start()
+                await web.TCPSite(runner, site.host, site.port).start()
             except OSError as exc:
-                raise BindError(what, host, port, exc) from exc
-            self.ports[what] = int(runner.addresses[0][1])
+                raise BindError(site.what, site.host, site.port, exc) from exc
+            self.ports[site.what] = int(runner.addresses[0][1])
 
     async def _close(self) -> None:
         for runner in reversed(self._runners):
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self._runners.clear()
+        for client in self._clients:
+            await client.close()
+        self._clients.clear()
         # connections still open (idle keep-alives) end here, not as warnings when the loop closes
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
@@ -481,5 +480,5 @@ class Front(SiteThread):
 
     def open(self) -> Front:
         """Listen on both ports (BindError when one is taken)."""
-        return self.start([("http", http_app(self.upstream.http, self.http_inference), self.host, self.http_port),
-                           ("metrics", metrics_app(self.upstream.metrics), self.host, self.metrics_port)])
+        return self.start([http_site(self.host, self.http_port, self.upstream.http, self.http_inference),
+                           metrics_site(self.host, self.metrics_port, self.upstream.metrics)])

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fire_backend.serving.front import SiteThread, health_app
+from fire_backend.serving.front import SiteThread, health_site
 
 #: path -> the health() key that decides 200 or 503
 PATHS = {"/live": "live", "/ready": "ready"}
@@ -33,7 +33,7 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         """Listen (raises OSError, a :class:`~fire_backend.serving.front.BindError`, when the port is taken)."""
-        self._sites.start([("health", health_app(self._snapshot, PATHS), self.host, self._port)])
+        self._sites.start([health_site(self.host, self._port, self._snapshot, PATHS)])
         return self
 
     def stop(self) -> None:
