@@ -1,8 +1,24 @@
-"""`fire bench` on a repository repairing at several layers (the default build): every layout that can serve it."""
+"""`fire bench` on a repository repairing at several layers (the default build): every layout that can serve it;
+and how its runs over several protocols are compared."""
 
 from __future__ import annotations
 
-from fire_backend.bench import BenchConfig, bench_layouts, bench_repository, bench_targets
+import pytest
+
+from fire_backend.bench import (
+    BENCH_PROTOCOLS,
+    BENCH_TARGETS,
+    BenchConfig,
+    BenchReport,
+    BenchRow,
+    bench_layouts,
+    bench_repository,
+    bench_targets,
+    format_table,
+    parse_list,
+    ratios,
+    summary_rows,
+)
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir
 from fire_backend.serving.repository import build_repository
 from fire_backend.store import DirectionStore
@@ -24,3 +40,39 @@ def test_a_default_repository_is_rebuilt_for_the_bench_without_separate(digits_c
     store = DirectionStore(out / ARTIFACTS_DIR / "store")
     assert store.live_version() == 1  # synthetic: the repair costs what it costs in service, at every layer
     assert store.read_version(1).layered.counts("block2") == {"block1": 1, "block2": 1}
+
+
+def row(target: str, protocol: str, rnd: int, samples_per_s: float, cpu: float) -> BenchRow:
+    return BenchRow(target=target, concurrency=16, samples_per_s=samples_per_s, p50_ms=10.0, p95_ms=20.0, p99_ms=30.0,
+                    round=rnd, protocol=protocol, cpu_ms_per_sample=cpu)
+
+
+def test_protocols_are_compared_side_by_side_within_each_round() -> None:
+    """`fire bench --protocol grpc,http,triton-http`: what the HTTP front costs is each round's ratio (measured side
+    by side), then the median; layouts are compared within a protocol, labelled with it."""
+    rows = [row("fused", "http", 1, 90.0, 1.2), row("fused", "triton-http", 1, 100.0, 1.0),
+            row("fused", "grpc", 1, 120.0, 1.5), row("undefended", "http", 1, 60.0, 1.0),
+            row("fused", "http", 2, 40.0, 1.3), row("fused", "triton-http", 2, 50.0, 1.0),
+            row("fused", "grpc", 2, 80.0, 1.3)]
+    found = {e["comparison"]: e for e in ratios(rows)}
+    front = found["HTTP front vs Triton's own HTTP [fused]"]
+    assert front["rounds"] == 2 and front["throughput"] == pytest.approx((0.9 + 0.8) / 2)
+    assert front["cpu_per_sample"] == pytest.approx((1.2 + 1.3) / 2)
+    assert front["protocol"] == "http" and front["baseline_protocol"] == "triton-http"
+    assert found["HTTP front vs gRPC [fused]"]["rounds"] == 2
+    assert found["default vs undefended split [http]"]["rounds"] == 1  # round 2 measured no undefended
+    assert "HTTP front vs Triton's own HTTP [undefended]" not in found  # never measured over Triton's own HTTP
+    summary = {(r.target, r.protocol): r for r in summary_rows(rows)}
+    assert summary[("fused", "http")].samples_per_s == 65.0 and summary[("fused", "http")].cpu_ms_per_sample == 1.25
+    table = format_table(BenchReport(machine={"cores": 2, "cpu_model": "x", "python": "3", "torch": "2"}, rows=rows,
+                                     ratios=ratios(rows), settings={"protocols": ["grpc", "http", "triton-http"],
+                                                                     "duration_s": 5.0, "batch": 1, "rounds": 2}))
+    assert "HTTP front vs Triton's own HTTP [fused]" in table and "CPU/sample" in table
+
+
+def test_a_bench_config_names_known_protocols_only(tmp_path) -> None:
+    with pytest.raises(ValueError, match="protocols must be among"):
+        BenchConfig(repository=tmp_path, protocols=("grpc", "ftp"))
+    assert parse_list("grpc, triton-http", BENCH_PROTOCOLS, "protocols") == ("grpc", "triton-http")
+    with pytest.raises(ValueError, match="out of fused"):
+        parse_list("fused,nope", BENCH_TARGETS, "targets")
