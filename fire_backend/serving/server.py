@@ -37,6 +37,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -459,6 +460,19 @@ class TritonServer:
             if taken:
                 raise _port_taken(proto, host, port)
 
+    def _claim_socket_dir(self) -> None:
+        """Create the private sockets' directory (0700), or check that the one a previous start made is still ours
+        alone, and remove sockets a killed tritonserver left there (libevhtp would not bind over them)."""
+        try:
+            self._sockets.mkdir(mode=0o700)
+        except FileExistsError:
+            st = self._sockets.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise TritonServerError(f"{self._sockets} is not a private directory of this user; refusing to put "
+                                        "tritonserver's sockets there") from None
+        for stale in self._sockets.glob("*.sock"):
+            stale.unlink(missing_ok=True)
+
     def _open_front(self) -> None:
         """Listen on the HTTP and metrics ports (once: the front outlives tritonserver's restarts)."""
         if self._front is not None:
@@ -502,9 +516,7 @@ class TritonServer:
             except ServerTreeError as exc:
                 raise TritonServerError(str(exc)) from exc
             self._open_front()
-            self._sockets.mkdir(mode=0o700, exist_ok=True)
-            for stale in self._sockets.glob("*.sock"):  # a killed server's: libevhtp would not bind over them
-                stale.unlink(missing_ok=True)
+            self._claim_socket_dir()
 
             self._shm = self._claim_shm()
             try:

@@ -22,7 +22,13 @@ from fire_backend.serving.health import HealthServer
 from fire_backend.serving.model_configs import instance_names, stub_models
 from fire_backend.serving.ports import free_port
 from fire_backend.serving.repository import RepositoryOptions, write_configs
-from fire_backend.serving.server import UNSENDABLE_HEADER, ServerConfig, TritonServer, precompile_models
+from fire_backend.serving.server import (
+    UNSENDABLE_HEADER,
+    ServerConfig,
+    TritonServer,
+    TritonServerError,
+    precompile_models,
+)
 from fire_backend.serving.supervisor import describe_exit
 from fire_backend.split import candidate_layers
 from fire_backend.wire.names import DEFAULT_PORTS, FIRE_CONTROL, FIRE_ENSEMBLE
@@ -72,6 +78,20 @@ def test_tritonservers_own_http_and_metrics_listen_on_private_unix_sockets_only(
     assert exposed.upstream.http == "127.0.0.1:9100" and exposed.urls["triton_http"] == "http://127.0.0.1:9100"
     with pytest.raises(ValueError, match="ports must differ"):
         ServerConfig(repository, triton_http_port=DEFAULT_PORTS["http"])
+
+
+def test_the_sockets_directory_must_be_private(repository: Path, tmp_path: Path) -> None:
+    """A directory someone else could write (or swap the sockets in) is refused, not reused."""
+    server = TritonServer(ServerConfig(repository))
+    server._sockets = tmp_path / "sockets"
+    server._claim_socket_dir()
+    assert server._sockets.stat().st_mode & 0o777 == 0o700
+    (server._sockets / "http.sock").write_bytes(b"")  # a killed server's leftover
+    server._claim_socket_dir()  # a restart reuses its own directory, without the leftovers
+    assert not (server._sockets / "http.sock").exists()
+    server._sockets.chmod(0o777)
+    with pytest.raises(TritonServerError, match="not a private directory"):
+        server._claim_socket_dir()
 
 
 def test_an_http_client_of_a_server_without_http_inference_is_told_the_fix() -> None:
