@@ -1,6 +1,6 @@
 """The HTTP front's routing and refusals that need no tritonserver (its upstream socket does not exist here): what a
 client gets for wrong methods, types, paths and bodies, and a 503 while tritonserver is away. Against the real
-server: tests/security/test_front.py."""
+server: tests/security/test_front_bombs.py."""
 
 from __future__ import annotations
 
