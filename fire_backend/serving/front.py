@@ -476,6 +476,7 @@ class SiteThread:
         if not thread.is_alive():
             loop.close()
         self._loop = self._thread = None
+        gc.unfreeze()  # what start() froze is the collector's again (a test process goes on after its servers)
 
 
 class Front(SiteThread):

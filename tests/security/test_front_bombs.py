@@ -108,6 +108,17 @@ def test_issue24_every_open_port_and_every_shape_bomb_gets_a_4xx_and_the_server_
             assert hardened.server.pid == pid and hardened.server.is_alive(), name
     finally:
         connection.close()
+    connection = http.client.HTTPConnection("127.0.0.1", http_url.port, timeout=30)
+    try:  # well-formed requests still pass, chunked or not, JSON or binary
+        images = np.random.default_rng(1).random((2, 1, 8, 8)).astype(np.float32)
+        good_json = inputs([2, 1, 8, 8], data=images.ravel().tolist())
+        good_binary = binary([2, 1, 8, 8], images.nbytes, images.tobytes())
+        assert send(connection, INFER, good_json, JSON) == 200
+        assert send(connection, INFER, good_json, JSON, chunked=True) == 200
+        assert send(connection, INFER, *good_binary) == 200
+        assert send(connection, INFER, *good_binary, chunked=True) == 200
+    finally:
+        connection.close()
     elapsed = time.monotonic() - began
     print(f"{len(ports) * REPEATS} form POSTs and {len(BOMBS) * REPEATS} bombs answered in {elapsed:.1f} s")
     assert elapsed < BUDGET_S
