@@ -18,7 +18,7 @@ from fire_backend.procfs import this_host
 from fire_backend.serving import controller as controller_module
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
 from fire_backend.serving.controller import ControlError, Controller, token_id
-from fire_backend.store import Conflict
+from fire_backend.store import Conflict, DirectionStore
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 
 TOKEN = "s3cret-token"
@@ -47,6 +47,7 @@ def latents(x: np.ndarray) -> torch.Tensor:
 def artifacts(tmp_path: Path) -> Path:
     ServingSettings(layer="block", input_shape=SHAPE, latent_shape=(DIM,), num_classes=10, arch="test").write(tmp_path)
     save_centroid(tmp_path, latents(images(CLEAN_COUNT, 1)).mean(0).numpy(), CLEAN_COUNT)
+    DirectionStore(tmp_path / STORE_DIR).initialize()  # as `fire repo build` does: a controller never creates one
     return tmp_path
 
 
@@ -69,8 +70,11 @@ def act(controller: Controller, action: str, images_: np.ndarray | None = None, 
 
 
 def snapshot(artifacts: Path) -> dict[str, bytes]:
+    """The store's files, its request nonces left out: a refused request changes no version, pointer or history line
+    (its nonce is recorded, so it cannot be replayed either)."""
     root = artifacts / STORE_DIR
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent.name != "nonces"}
 
 
 def direction(seed: int, **extra) -> dict:
@@ -131,7 +135,7 @@ def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifa
 
 def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
     result = act(controller, "push", directions=[direction(1, alpha=0.5, mode="constant", threshold=0.3)])
-    assert result == {"version": 1, "action": "push"}
+    assert result == {"version": 1, "action": "push", "clean_change": None}  # no network here: not measured
     status = act(controller, "status")
     (d,) = status["directions"]
     assert status["version"] == 1
@@ -259,9 +263,9 @@ def test_status_names_the_damage_and_what_a_restart_would_apply(controller: Cont
 
 def test_status_shows_each_instances_version_and_lag_and_marks_gone_ones(controller: Controller) -> None:
     pushed = act(controller, "push", directions=[direction(1)])["version"]
-    controller.store.report_instance("fire_repair_0_0-here", pushed, 0.012)
-    controller.store.report_instance("fire_repair_0_1-started", pushed)  # started on it: no propagation
-    controller.store.report_instance("fire_repair_0_2-behind", 0)
+    controller.store.registry.report("fire_repair_0_0-here", pushed, 0.012)
+    controller.store.registry.report("fire_repair_0_1-started", pushed)  # started on it: no propagation
+    controller.store.registry.report("fire_repair_0_2-behind", 0)
     stale = {"instance": "fire_repair_0_3-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
     (controller.store.instances_dir / "fire_repair_0_3-gone.json").write_text(json.dumps(stale))
     status = act(controller, "status")
