@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,20 @@ def describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+def _open_dir(name: str, parent: int) -> int:
+    """Open folder ``name`` of ``parent`` without following a link (Linux says ENOTDIR for one: made ELOOP)."""
+    try:
+        return os.open(name, _DIR, dir_fd=parent)
+    except NotADirectoryError:
+        try:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        if link:
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
 class Directory:
     """One directory's files, opened relative to it; ``relative`` names use ``/`` between components."""
 
@@ -60,7 +75,7 @@ class Directory:
         fd = self._root_fd()
         try:
             for folder in folders:
-                inner = os.open(folder, _DIR, dir_fd=fd)
+                inner = _open_dir(folder, fd)
                 os.close(fd)
                 fd = inner
             yield fd, name
@@ -102,7 +117,7 @@ class Directory:
         fd = self._root_fd()
         try:
             if folder:
-                inner = os.open(folder, _DIR, dir_fd=fd)
+                inner = _open_dir(folder, fd)
                 os.close(fd)
                 fd = inner
             return sorted(name for name in os.listdir(fd) if hidden or not name.startswith(TMP_PREFIX))

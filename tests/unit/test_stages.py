@@ -340,6 +340,44 @@ def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage
     assert entry() == {}
 
 
+def test_a_stage_without_a_verified_version_refuses_requests_and_recovers_without_a_restart(repos, tmp_path) -> None:
+    """Issue 25: a stage that starts while its store is missing holds (UNAVAILABLE, never version 0); once the store
+    is back it serves the committed version; a store that goes away again changes nothing it serves, and says so on
+    /metrics; the serving path never raised, the watcher never died."""
+    repository = tmp_path / "repository"
+    rebuild_repository(repos["allowing"], repository, RepositoryOptions(max_batch_size=4))
+    store_dir = repository / ARTIFACTS_DIR / "store"
+    away = store_dir.with_name("store.away")
+    store_dir.rename(away)
+    instance = "fire_ensemble_held"
+    fused = make(stages.FusedStage, repository, FIRE_ENSEMBLE, instance)
+    mine = {"model_instance": instance}
+    x = digits(2, 11)
+    (refused,) = fused.execute([pb.image_request(x)])
+    assert refused.error.code == pb.TritonError.UNAVAILABLE and "no verified version" in refused.error.message()
+    fused.metrics.flush()
+    assert scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) == 1 and scrape().one(m.STORE_DEGRADED.name, **mine) == 1
+    away.rename(store_dir)  # the volume is mounted: the watcher notices within its interval
+    deadline = time.monotonic() + 10
+    while fused.live.held:
+        assert time.monotonic() < deadline, "the stage did not take the store's version once it came back"
+        time.sleep(0.05)
+    (served,) = fused.execute([pb.image_request(x)])
+    assert served.error is None and served.outputs()[DIRECTION_VERSION].ravel().tolist() == [1, 1]
+    store_dir.rename(away)  # gone again: keeps serving what it verified
+    for _ in range(3):
+        (served,) = fused.execute([pb.image_request(x)])
+        assert served.error is None and served.outputs()[DIRECTION_VERSION].ravel().tolist() == [1, 1]
+    deadline = time.monotonic() + 10
+    while scrape().one(m.STORE_DEGRADED.name, **mine) != 1 or scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) != 0:
+        assert time.monotonic() < deadline, "the instance did not say the store is degraded"
+        fused.metrics.flush()
+        time.sleep(0.05)
+    assert fused.live.failures == 0 and fused.live._watcher.is_alive()
+    away.rename(store_dir)
+    fused.finalize()
+
+
 def test_image_validation_refuses_each_bad_request_alone(repos) -> None:
     fused = make(stages.FusedStage, repos["strict"], FIRE_ENSEMBLE)
     good = digits(2, 9)
