@@ -74,6 +74,8 @@ STALE_TMP_S = 3600.0
 HISTORY_BLOCK = 16 * 1024
 #: how many earlier committed versions resolve() tries when the live one does not verify
 FALLBACK_VERSIONS = 16
+#: free bytes a store's disk needs beyond two versions' payloads before resolve() names it full
+SPACE_MARGIN = 64 * 1024
 
 #: checks that a version's sets fit the network being served (layer names, shapes, bounds); raises ValueError
 FitCheck = Callable[["LayeredSet"], None]
@@ -590,9 +592,11 @@ class DirectionStore:
                 damage.append("no committed version verifies")
             return LiveState(None, "", None, tuple(damage)), None
         if committed[0] == 0:
+            self._space(damage, 0)
             return LiveState(0, committed[1], 0, tuple(damage), pristine), None
         version = self._loads(*committed, damage=damage)
         if version is not None:
+            self._space(damage, int(version.header.get("size", 0)))
             return LiveState(committed[0], committed[1], committed[0], tuple(damage)), version
         # The newest earlier committed version that verifies; never version 0 by way of damage.
         tried = {committed[0]}
@@ -608,6 +612,16 @@ class DirectionStore:
                 return LiveState(committed[0], committed[1], number, tuple(damage)), version
         damage.append("no committed version verifies")
         return LiveState(committed[0], committed[1], None, tuple(damage)), None
+
+    def _space(self, damage: list[str], version_size: int) -> None:
+        """Name a disk too full for the next commit (about two versions' size and a margin): commits would fail."""
+        try:
+            info = os.statvfs(self.root)
+        except OSError:
+            return
+        free, need = info.f_bavail * info.f_frsize, 2 * version_size + SPACE_MARGIN
+        if free < need:
+            damage.append(f"store disk full: {free // 1024} KiB free, a commit needs about {need // 1024} KiB")
 
     def _loads(self, number: int, sha256: str, damage: list[str] | None = None) -> Version | None:
         try:
@@ -815,7 +829,8 @@ class DirectionStore:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise StoreError(f"the request's nonce cannot be recorded ({NONCES}/: {describe(exc)})") from None
+            problem = self._root_problem() or f"{NONCES}/: {describe(exc)}"
+            raise StoreError(f"the request's nonce cannot be recorded ({problem}); nothing was changed") from None
         if time.monotonic() - self._nonces_pruned >= ttl_s / 2:
             self._nonces_pruned = time.monotonic()
             self._prune_nonces(ttl_s)
