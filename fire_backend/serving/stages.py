@@ -42,6 +42,7 @@ from fire_backend.wire.names import (
     CREDENTIAL_PARAMETER,
     DIRECTION_VERSION,
     FLAGGED,
+    HOLDING,
     IMAGE,
     LABEL,
     LATENT,
@@ -279,8 +280,8 @@ class Scoring:
         """Takes the plan for the whole batch; without one (no version ever verified) the batch is refused."""
         self.plan = self.live.refresh()
         if self.plan is None:
-            return ("the direction store has no verified version for this instance yet (missing, unreadable or "
-                    "unreachable): refusing to serve without the committed defence; see `fire ctl status`")
+            return (f"{HOLDING}: the direction store is missing, unreadable or unreachable for this instance; it "
+                    "refuses to serve without the committed defence (see `fire ctl status`)")
         return None
 
     def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:

@@ -42,6 +42,7 @@ from fire_backend.wire.names import (
     FIRE_ENSEMBLE,
     FIRE_HEAD,
     FLAGGED,
+    HOLDING,
     LABEL,
     LATENT,
     LOGITS,
@@ -354,7 +355,7 @@ def test_a_stage_without_a_verified_version_refuses_requests_and_recovers_withou
     mine = {"model_instance": instance}
     x = digits(2, 11)
     (refused,) = fused.execute([pb.image_request(x)])
-    assert refused.error.code == pb.TritonError.UNAVAILABLE and "no verified version" in refused.error.message()
+    assert refused.error.code == pb.TritonError.UNAVAILABLE and refused.error.message().startswith(HOLDING)
     fused.metrics.flush()
     assert scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) == 1 and scrape().one(m.STORE_DEGRADED.name, **mine) == 1
     away.rename(store_dir)  # the volume is mounted: the watcher notices within its interval
