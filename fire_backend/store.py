@@ -736,6 +736,7 @@ class DirectionStore:
             if not tail.readable and tail.problem != f"{HISTORY} missing":
                 raise StoreError(f"{tail.problem}; nothing was committed")
             try:
+                self.files.mkdir(VERSIONS)  # inside the locked (so existing) store: a store written before it had one
                 number, sha = self._write_version(self._next_number(tail), payload, magic,
                                                   {"action": action, "actor": actor, "time": time.time()})
             except OSError as exc:

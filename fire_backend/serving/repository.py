@@ -419,6 +419,8 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
     if store.root.is_dir():  # a file store in the artifacts (an etcd store is shared: the settings name it)
         shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
                         ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
+    else:  # the copy's own new store, at version 0
+        DirectionStore(artifacts / STORE_DIR).initialize()
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
                        max_batch_size=options.max_batch_size, build=asdict(options), store=options.store)
     settings.write(artifacts)
