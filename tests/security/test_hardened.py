@@ -50,7 +50,7 @@ def stubs(hardened: Hardened, instance_prefix: str = "") -> list:
 def store_files(hardened: Hardened) -> dict[str, bytes]:
     root = hardened.store.root
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and "instances" not in p.parts and p.name != ".lock"}
+            if p.is_file() and "nonces" not in p.parts and p.name != ".lock"}  # a request's nonce is no change
 
 
 def control(hardened: Hardened, request: bytes, credential: bytes, images: np.ndarray | None = None) -> dict:

@@ -123,14 +123,30 @@ def test_the_token_never_travels_and_a_credential_is_good_for_its_own_request_on
     assert snapshot(artifacts) == before
 
 
-def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifacts: Path) -> None:
-    """Writers record their nonce in the history: a second server (or a restarted one) refuses the replay."""
-    raw = json.dumps({"action": "push", "directions": [direction(1)]}).encode()
+@pytest.mark.parametrize("action", [{"action": "push", "directions": [direction(1)]}, {"action": "status"},
+                                    {"action": "history"}], ids=["push", "status", "history"])
+def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifacts: Path, action: dict) -> None:
+    """Every request's nonce is recorded in the store: a second server (or a restarted one) refuses the replay, of a
+    read-only request too (issue 25: read-only credentials could be replayed there)."""
+    raw = json.dumps(action).encode()
     credential = sign(TOKEN, CONTROL, digest(raw, b""))
     Controller(artifacts, TOKEN, head).handle(raw, credential, None)
     with pytest.raises(ControlError, match="already used"):
         Controller(artifacts, TOKEN, head).handle(raw, credential, None)
-    assert [e["version"] for e in Controller(artifacts, TOKEN, head).store.history()] == [1]
+    committed = 1 if action["action"] == "push" else 0
+    assert [e["version"] for e in Controller(artifacts, TOKEN, head).store.history()] == [1] * committed
+
+
+def test_a_read_only_request_is_served_when_the_store_cannot_record_its_nonce(artifacts: Path) -> None:
+    """The store gone (a volume that did not mount): status still answers and names it, guarded in memory only; a
+    writer fails, and nothing is created."""
+    controller = Controller(artifacts, TOKEN, head)
+    (artifacts / STORE_DIR).rename(artifacts / "away")
+    status = act(controller, "status")
+    assert status["version"] is None and status["damage"] == ["store directory missing"] and status["degraded"]
+    with pytest.raises(ControlError, match="store directory missing"):
+        act(controller, "push", directions=[direction(1)])
+    assert not (artifacts / STORE_DIR).exists()
 
 
 def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
