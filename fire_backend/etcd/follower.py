@@ -233,6 +233,9 @@ class EtcdFollower(threading.Thread):
                     self.store.report_instance(self.instance, self.status(), self._lease)
             except (EngineUnavailable, EngineError) as exc:
                 LOG.debug("%s: instance record not written: %s", self.instance, exc)
+            except Exception:  # noqa: BLE001 - a dead reporter would freeze what status shows of this instance
+                LOG.exception("%s: instance record not written", self.instance)
+                self._halt.wait(1.0)
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:
