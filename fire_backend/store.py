@@ -342,18 +342,17 @@ class DirectionStore:
             finally:
                 self._lock_depth -= 1
             return
-        try:
-            lock = self.files.locked(LOCK)
-            lock.__enter__()
-        except OSError as exc:
-            problem = self._root_problem() or f"{LOCK}: {describe(exc)}"
-            raise StoreError(f"the store cannot be locked ({problem}); nothing was committed") from None
-        self._lock_depth = 1
-        try:
-            yield
-        finally:
-            self._lock_depth = 0
-            lock.__exit__(None, None, None)
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.files.locked(LOCK))
+            except OSError as exc:
+                problem = self._root_problem() or f"{LOCK}: {describe(exc)}"
+                raise StoreError(f"the store cannot be locked ({problem}); nothing was committed") from None
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     def _damaged(self, kind: str, *key: object) -> None:
         """Tell ``on_damage`` of damage this object meets for the first time (``key`` tells damages apart)."""
@@ -371,8 +370,7 @@ class DirectionStore:
         except FileNotFoundError:
             raise StoreError(f"version {number} does not exist ({name}; the store keeps the newest {self.retain} "
                              "versions' files)") from None
-        except OSError as exc:
-            self._damaged(CHECKSUM, number, exc.errno)
+        except OSError as exc:  # not the file's content: fire_store_degraded says so, not a damage count
             raise StoreError(f"version {number}: {name} unreadable ({describe(exc)})") from None
         head, sep, payload = raw.partition(b"\n")
         try:

@@ -3,7 +3,7 @@
 One supervised server (the production defaults of `fire serve`, with its health endpoint) on a digits BadNets
 repository whose file store lives on its own volume: a real 4 MiB tmpfs where this machine allows `mount -t tmpfs`
 (root), so the full disk is a real ENOSPC; elsewhere the full-disk case is skipped here and runs against a filesystem
-double in tests/unit/test_store_faults.py. For each fault: 0 requests fail, 0 are answered with version 0 or a
+double in tests/unit/test_store_fail_closed.py. For each fault: 0 requests fail, 0 are answered with version 0 or a
 version that was never verified, `fire ctl status` names the fault within 2 s, `/ready` stays 200 and says the
 store is degraded (and `fire_store_degraded` is 1), and once the fault is removed everything recovers without a
 restart. Tests run in file order on the one server.
@@ -326,7 +326,7 @@ def test_a_version_of_the_wrong_shape_is_never_served_and_a_good_push_recovers(f
 def test_a_full_disk_fails_the_push_whole_and_serving_goes_on(faulty: Faulty, badnets_eval) -> None:
     if not faulty.tmpfs:
         pytest.skip("mount -t tmpfs is not allowed here; the full disk runs on a filesystem double in "
-                    "tests/unit/test_store_faults.py")
+                    "tests/unit/test_store_fail_closed.py")
     dim = ServingSettings.read(faulty.repository / ARTIFACTS_DIR).latent_dim
     filler = faulty.store.root.parent / "filler"
     before: dict[str, bytes] = {}
