@@ -70,6 +70,10 @@ VERSIONS, HISTORY, CURRENT, NONCES, LOCK = "versions", "history.jsonl", "CURRENT
 COMPACT_EVERY = 16
 #: temporary files older than this are left-overs of a crash, removed by compaction
 STALE_TMP_S = 3600.0
+#: the action of the versions ``fire repo build`` commits: the repository's starting point, never compacted away
+BUILD_ACTION = "build"
+#: bytes of a version file read to see its header line (a JSON object of a few hundred bytes)
+HEADER_BYTES = 4096
 #: bytes of the history read at a time, from its end
 HISTORY_BLOCK = 16 * 1024
 #: how many earlier committed versions resolve() tries when the live one does not verify
@@ -766,8 +770,9 @@ class DirectionStore:
             return number
 
     def compact(self) -> list[int]:
-        """Remove the payload files of versions older than the newest ``retain`` committed ones (never the live one
-        nor one a recent history line names) and temporary files a crash left behind; returns the numbers removed.
+        """Remove the payload files of versions older than the newest ``retain`` committed ones (never the live one,
+        one a recent history line names, nor one ``fire repo build`` committed) and temporary files a crash left
+        behind; returns the numbers removed.
         Best effort: a failure is logged, never raised (it runs after a commit that already landed)."""
         keep: set[int] = set()
         lines = 0
@@ -785,17 +790,29 @@ class DirectionStore:
         newest = max(keep, default=0)
         for name in names:
             stem = name[:-5]
-            if name.endswith(".fire") and stem.isdigit() and int(stem) not in keep and int(stem) < newest:
-                try:
-                    self.files.unlink(f"{VERSIONS}/{name}")
-                    removed.append(int(stem))
-                except OSError as exc:
-                    LOG.warning("store %s: %s not compacted (%s)", self.root, name, describe(exc))
+            if not (name.endswith(".fire") and stem.isdigit() and int(stem) not in keep and int(stem) < newest):
+                continue
+            try:
+                if self._built(name):
+                    continue
+                self.files.unlink(f"{VERSIONS}/{name}")
+                removed.append(int(stem))
+            except OSError as exc:
+                LOG.warning("store %s: %s not compacted (%s)", self.root, name, describe(exc))
         self._remove_stale_tmp()
         if removed:
             LOG.info("store %s: compacted %d version files (keeping the newest %d)", self.root, len(removed),
                      self.retain)
         return removed
+
+    def _built(self, name: str) -> bool:
+        """Whether version file ``name`` was committed by ``fire repo build`` (its header says so): the repository's
+        starting point, always kept for a rollback."""
+        head, _ = self.files.read_tail(f"{VERSIONS}/{name}", HEADER_BYTES, HEADER_BYTES)
+        try:
+            return json.loads(head.partition(b"\n")[0]).get("action") == BUILD_ACTION
+        except (ValueError, AttributeError):
+            return False
 
     def _remove_stale_tmp(self) -> None:
         cutoff = time.time() - STALE_TMP_S

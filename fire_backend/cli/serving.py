@@ -225,8 +225,8 @@ def register(sub) -> None:
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
     add_store_option(p, "the direction store the repository's servers share, recorded in its settings")
     p.add_argument("--retain-versions", type=int, default=RETAIN_VERSIONS,
-                   help=f"a file store keeps the payload files of the newest N committed versions, older ones are "
-                        f"compacted away (the history keeps every line; {RETAIN_VERSIONS})")
+                   help=f"a file store keeps the payload files of the newest N committed versions and the build's, "
+                        f"older ones are compacted away (the history keeps every line; {RETAIN_VERSIONS})")
     p.add_argument("--max-clean-change", type=float, default=MAX_CLEAN_CHANGE,
                    help="refuse a `fire ctl push` whose directions change more than this share of the clean reserve's "
                         f"predictions unless forced ({MAX_CLEAN_CHANGE:g})")

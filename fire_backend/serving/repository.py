@@ -41,7 +41,7 @@ from fire_backend.serving.artifacts import (
 from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.stages import GUARD_PARAMETER
 from fire_backend.split import Part, candidate_layers, save_part
-from fire_backend.store import DirectionSet, DirectionStore, LayeredSet
+from fire_backend.store import BUILD_ACTION, DirectionSet, DirectionStore, LayeredSet
 from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
@@ -368,13 +368,13 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         sets, ranking = learn(evidence, estimation_settings(settings))
         layered = LayeredSet({name: DirectionSet(center.numpy(), directions) for name, (directions, center)
                               in sets.items()}, to_uint8(samples.flagged), [s.to_dict() for s in ranking])
-        store.commit(layered, action="build", actor="fire repo build",
+        store.commit(layered, action=BUILD_ACTION, actor="fire repo build",
                      note={**note, "layers": [name for name, (d, _) in sets.items() if d]})
     elif flagged:
         estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
         ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
-        store.commit(ds, action="build", actor="fire repo build", note=note)
+        store.commit(ds, action=BUILD_ACTION, actor="fire repo build", note=note)
     write_configs(out, settings, options)
     return settings
 

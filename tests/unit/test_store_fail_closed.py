@@ -27,6 +27,7 @@ from fire_backend import nofollow
 from fire_backend.fire import Direction
 from fire_backend.instances import InstanceRegistry
 from fire_backend.store import (
+    BUILD_ACTION,
     CURRENT,
     HISTORY,
     DirectionSet,
@@ -295,13 +296,15 @@ def test_request_nonces_are_claimed_once_on_any_server_and_expire(store: Directi
 def test_compaction_keeps_the_newest_versions_files_and_every_history_line(tmp_path: Path) -> None:
     store = DirectionStore(tmp_path / "store", retain=3)
     store.initialize()
-    for seed in range(1, 41):
+    store.commit(direction_set(1), BUILD_ACTION)  # `fire repo build --flagged`: the repository's starting point
+    for seed in range(2, 41):
         store.commit(direction_set(seed), "push")
     kept = sorted(int(p.stem) for p in store.versions_dir.glob("*.fire"))
-    assert kept[-3:] == [38, 39, 40] and len(kept) <= 3 + 16 and 1 not in kept
+    assert kept[0] == 1 and kept[-3:] == [38, 39, 40] and len(kept) <= 1 + 3 + 16 and 2 not in kept
     assert len(store.history()) == 40 and store.resolve().damage == ()
     with pytest.raises(StoreError, match="does not exist"):
-        store.rollback(1)
+        store.rollback(2)
+    store.rollback(1)  # the build version is always there to go back to
     store.rollback(39)
     assert store.commit(direction_set(41), "push") == 41  # numbers are never reused
     (store.root / f"{nofollow.TMP_PREFIX}left-by-a-crash").write_bytes(b"x")
