@@ -678,6 +678,17 @@ class DirectionStore:
             self._publish(0, "")
         self.repair_pointer()
 
+    def recover(self) -> None:
+        """Finish what a writer killed mid-commit left behind (``CURRENT`` behind the history: a commit that was never
+        acknowledged), at a process's start; never creates a store. Best effort: a store that cannot be read or
+        written now is damage for ``resolve`` to name, not a reason to fail a start."""
+        if self._root_problem() is not None:
+            return
+        try:
+            self.repair_pointer()
+        except (StoreError, OSError) as exc:
+            LOG.warning("store %s: CURRENT not repaired (%s)", self.root, exc)
+
     def repair_pointer(self) -> None:
         """Make CURRENT name the committed version (after a crash between the two writes, or when unreadable).
 
@@ -864,9 +875,7 @@ class DirectionStore:
     def follower(self, instance: str) -> InstanceFollower:
         """What repair instance ``instance`` follows the store with. It never creates the store; a crash's stale
         ``CURRENT`` is repaired and this host's stale instance entries pruned first, both best effort."""
-        with contextlib.suppress(StoreError, OSError):
-            if self._root_problem() is None:
-                self.repair_pointer()
+        self.recover()
         try:
             for entry in self.registry.prune():
                 LOG.info("store %s: removed the stale instance entry %s (pid %s)", self.root, entry.get("instance"),

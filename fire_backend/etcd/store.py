@@ -275,6 +275,9 @@ class EtcdStore:
         """Nothing to create (an absent ``live`` is version 0); checks that the engine answers, naming the fix."""
         self.pointer()
 
+    def recover(self) -> None:
+        """Nothing to finish: a transaction commits whole."""
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """A read-derive-commit block, run optimistically: commits in it raise Conflict if another writer got in

@@ -197,9 +197,11 @@ class Controller:
         if self.layered and network is None:
             raise ValueError("a repository with several repair layers needs the whole network to learn online")
         self.network = network
-        # Nothing is read or created here: a store that is missing or unreachable while the server starts is damage
-        # for status to name, not a reason to refuse loading (the repair stages hold requests meanwhile).
+        # Nothing is created here: a store that is missing or unreachable while the server starts is damage for status
+        # to name, not a reason to refuse loading (the repair stages hold requests meanwhile). A commit a killed writer
+        # left half-published (its history line, not CURRENT) is finished, as at every repair instance's start.
         self.store = repository_store(artifacts, self.settings, on_damage)
+        self.store.recover()
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits

@@ -391,3 +391,16 @@ def test_a_block_that_keeps_losing_races_runs_again_until_it_lands_or_its_deadli
     losses["left"] = 10**6
     with pytest.raises(ControlError, match="changed under this request"):
         controller._atomically(block)
+
+
+def test_a_commit_a_killed_writer_left_half_published_is_finished_when_the_control_stage_loads(artifacts: Path) -> None:
+    """kill -9 between the history line and CURRENT: the commit was never acknowledged, the history has it; the next
+    control process (the supervisor reloads it) finishes it, so instances apply it and status names no damage."""
+    store = DirectionStore(artifacts / STORE_DIR)
+    act(Controller(artifacts, TOKEN, head), "push", directions=[direction(1)])
+    before = store.current_path.read_bytes()
+    act(Controller(artifacts, TOKEN, head), "push", directions=[direction(2)])
+    store.current_path.write_bytes(before)  # as if killed before CURRENT was rewritten
+    assert "CURRENT names version 1, the history version 2" in store.resolve().damage
+    Controller(artifacts, TOKEN, head)
+    assert store.read_pointer()[0] == 2 and store.resolve().damage == ()
