@@ -20,6 +20,12 @@ RESERVE_SEED = 0
 #: how directions at several layers are estimated (fire_backend.multilayer): each layer from unrepaired latents
 #: (the measured default), or deeper layers on latents repaired upstream
 ESTIMATION_MODES = ("independent", "ordered")
+#: how many of the newest committed direction versions keep their payload file in a file store (older files are
+#: compacted away; the history keeps every line): ``fire repo build --retain-versions``
+RETAIN_VERSIONS = 100
+#: the largest share of the defender's clean reserve predictions a pushed direction set may change without
+#: ``fire ctl push --force`` (the sets ``observe`` learns change 0-2% held out): ``fire repo build --max-clean-change``
+MAX_CLEAN_CHANGE = 0.05
 
 
 def cache_dir() -> Path:

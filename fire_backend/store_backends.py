@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
+from fire_backend.defaults import RETAIN_VERSIONS
+
 if TYPE_CHECKING:  # the stores import torch (the CLI imports this module without it); ssl only with TLS
     import ssl
 
-    from fire_backend.store import DirectionSet, LayeredSet, LiveState, Version
+    from fire_backend.store import DirectionSet, FitCheck, LayeredSet, LiveState, Version
     from fire_backend.store_damage import DamageListener
 
 #: overrides the repository's store URL for every stage of a server (``fire serve --store`` sets it)
@@ -35,17 +37,30 @@ TLS_OPTIONS = ("ca", "cert", "key")
 class RepairFollower(Protocol):
     """What a repair instance asks before each batch: did the version to apply change, and what is it now.
 
-    ``committed``: when the version it holds was committed (None for the version it started with: no propagation).
-    It reports the version and its lag to the store's instance records itself.
+    ``poll()`` never raises and never blocks on the engine. ``committed``: when the version it holds was committed
+    (None for the version it started with: no propagation). ``held``: no verified version yet (the stage refuses
+    requests rather than serve without the committed defence). ``damage``: what is wrong with the store as this
+    instance sees it (empty when healthy); ``degraded``: held or damaged. ``recheck()``: a full look whatever changed
+    (the idle watcher's, while degraded). ``report()``: record what the instance applies where ``status`` reads it
+    (called off the serving path; OSError or the engine's error when it cannot).
     """
 
     current: Version | None
     committed: float | None
+    held: bool
+    damage: tuple[str, ...]
 
     @property
     def version(self) -> int: ...
 
+    @property
+    def degraded(self) -> bool: ...
+
     def poll(self) -> bool: ...
+
+    def recheck(self) -> bool: ...
+
+    def report(self) -> bool: ...
 
     def close(self) -> None: ...
 
@@ -57,6 +72,8 @@ class StoreBackend(Protocol):
 
     def initialize(self) -> None: ...
 
+    def recover(self) -> None: ...
+
     def locked(self) -> contextlib.AbstractContextManager[None]: ...
 
     def resolve(self) -> LiveState: ...
@@ -65,7 +82,7 @@ class StoreBackend(Protocol):
 
     def history(self) -> list[dict]: ...
 
-    def used_nonce(self, nonce: str, since: float) -> bool: ...
+    def claim_nonce(self, nonce: str, ttl_s: float) -> bool: ...
 
     def commit(self, directions: DirectionSet | LayeredSet, action: str, actor: str = "local",
                note: dict | None = None) -> int: ...
@@ -81,27 +98,37 @@ class StoreBackend(Protocol):
     def follower(self, instance: str) -> RepairFollower: ...
 
 
-def open_store(url: str, default_root: Path | None = None, on_damage: DamageListener | None = None) -> StoreBackend:
+def open_store(url: str, default_root: Path | None = None, on_damage: DamageListener | None = None, *,
+               fits: FitCheck | None = None, registry_dir: Path | None = None,
+               retain: int = RETAIN_VERSIONS) -> StoreBackend:
     """The store ``url`` names (empty: the file store at ``default_root``); ValueError naming the fix.
 
-    ``on_damage`` hears of each damaged part the store meets (a stage passes its metrics' ``store_error``)."""
+    ``on_damage`` hears of each damaged part the store meets (a stage passes its metrics' ``store_error``);
+    ``fits`` checks every version against the served network; ``registry_dir`` is where a file store's repair
+    instances record what they apply (etcd keeps its records under the prefix); ``retain``: how many versions a
+    file store keeps the payload files of."""
+    from fire_backend.instances import InstanceRegistry
     from fire_backend.store import DirectionStore
+
+    def file_store(root: Path) -> StoreBackend:
+        registry = InstanceRegistry(registry_dir) if registry_dir is not None else None
+        return DirectionStore(root, on_damage, fits=fits, registry=registry, retain=retain)
 
     if not url:
         if default_root is None:
             raise ValueError("no store URL given")
-        return DirectionStore(default_root, on_damage)
+        return file_store(default_root)
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
         raise ValueError(f"store URL {url!r}: use file:///DIR or etcd://HOST:PORT/PREFIX")
     if scheme == "file":
         if not rest.startswith("/"):
             raise ValueError(f"store URL {url!r}: name an absolute directory, e.g. file:///srv/fire/store")
-        return DirectionStore(Path(rest), on_damage)
-    return _etcd_store(url, on_damage)
+        return file_store(Path(rest))
+    return _etcd_store(url, on_damage, fits)
 
 
-def _etcd_store(url: str, on_damage: DamageListener | None) -> StoreBackend:
+def _etcd_store(url: str, on_damage: DamageListener | None, fits: FitCheck | None) -> StoreBackend:
     from fire_backend.etcd.client import EtcdClient
     from fire_backend.etcd.store import EtcdStore
 
@@ -124,7 +151,7 @@ def _etcd_store(url: str, on_damage: DamageListener | None) -> StoreBackend:
     unknown = sorted(set(options) - set(TLS_OPTIONS))
     if unknown:
         raise ValueError(f"store URL {url!r}: unknown option {unknown[0]!r} (allowed: {', '.join(TLS_OPTIONS)})")
-    return EtcdStore(EtcdClient(host, port, ETCD_TIMEOUT_S, _tls(url, options)), parts.path, url, on_damage)
+    return EtcdStore(EtcdClient(host, port, ETCD_TIMEOUT_S, _tls(url, options)), parts.path, url, on_damage, fits)
 
 
 def _tls(url: str, options: dict[str, str]) -> ssl.SSLContext | None:

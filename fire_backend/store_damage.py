@@ -16,7 +16,9 @@ CHECKSUM = "checksum"
 TORN_LINE = "torn_line"
 #: a ``CURRENT`` pointer that exists but cannot be read or parsed
 UNREADABLE_POINTER = "unreadable_pointer"
-KINDS = (CHECKSUM, TORN_LINE, UNREADABLE_POINTER)
+#: a version that verifies but does not fit the served network (layer names, shapes, bounds)
+SHAPE = "shape"
+KINDS = (CHECKSUM, TORN_LINE, UNREADABLE_POINTER, SHAPE)
 
 #: called with one of KINDS each time a reader meets that damage (it must not raise, and must be cheap)
 DamageListener = Callable[[str], None]

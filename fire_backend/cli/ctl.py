@@ -17,11 +17,13 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def _print_status(status: dict[str, Any]) -> None:
     est = status.get("estimator") or {}
-    print(f"live version: {status['version']}   layer: {status['layer']} {status['latent_shape']}")
+    live = status["version"]
+    shown = live if live is not None else "UNKNOWN (the store cannot say)"
+    print(f"live version: {shown}   layer: {status['layer']} {status['latent_shape']}")
     if status.get("damage"):
         verified = status.get("verified_version")
-        restart = f"version {verified}" if verified is not None else "nothing verifiable"
-        print(f"  store damaged (an instance starting now applies {restart}):")
+        restart = f"applies version {verified}" if verified is not None else "holds requests: nothing verifiable"
+        print(f"  STORE DEGRADED (every instance keeps the version it verified; one starting now {restart}):")
         for line in status["damage"]:
             print(f"    {line}")
     for d in status["directions"]:
@@ -39,16 +41,22 @@ def _print_status(status: dict[str, Any]) -> None:
     for inst in status.get("instances", []):
         where = f" on {inst['host']}" if inst.get("alive") is None and inst.get("host") else ""
         store = "" if inst.get("engine_reachable", True) else "; store unreachable, serving its last verified version"
+        if inst.get("damage") and inst.get("engine_reachable", True):
+            store = f"; sees a degraded store ({'; '.join(inst['damage'])})"
         outages = f"; {inst['outages']} store outage(s) so far" if inst.get("outages") else ""
-        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, status['version'])}{store}{outages}")
+        print(f"  repair instance {inst['instance']}{where}: {_applied(inst, live)}{store}{outages}")
     for inst in status.get("gone", []):
         print(f"  repair instance {inst['instance']}: GONE (pid {inst.get('pid')} no longer runs; it last applied "
               f"version {inst['version']})")
 
 
-def _applied(instance: dict[str, Any], live: int) -> str:
+def _applied(instance: dict[str, Any], live: int | None) -> str:
     """An instance's version against the live one, and how long it took or how long it has been behind."""
     version, lag, behind = instance["version"], instance.get("lag_s"), instance.get("behind_s")
+    if instance.get("held"):
+        return "HOLDING requests: no verified version yet"
+    if live is None:
+        return f"version {version} (its last verified version; the live one is unknown)"
     if version != live:
         since = f" for {behind:.1f} s" if behind is not None else ""
         return f"version {version}, BEHIND the live version {live}{since}"
@@ -58,12 +66,12 @@ def _applied(instance: dict[str, Any], live: int) -> str:
 
 
 def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
+    from fire_backend.wire.images import load_npz
 
-    with np.load(args.file, allow_pickle=False) as data:
-        if "x" not in data.files:
-            raise ValueError(f"{args.file}: needs 'x' (uint8 N x H x W x C), as `fire data export` writes")
-        images = data["x"]
+    try:
+        images = load_npz(args.file).x  # the checks `fire infer` makes: uint8 N x H x W x C, never cast
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc)) from None
     result: dict[str, Any] = {}
     for start in range(0, len(images), args.chunk):
         result = client.observe(images[start : start + args.chunk], clean=args.clean, estimator=args.estimator,
@@ -95,9 +103,11 @@ def _act(client, args: argparse.Namespace) -> dict[str, Any]:
             print(f"live version is now {result['version']}")
     elif args.ctl_command == "push":
         directions, center = read_direction_file(args.file)
-        result = client.push(directions, center, args.layer)
+        result = client.push(directions, center, args.layer, force=args.force)
         if not args.json:
-            print(f"pushed {len(directions)} direction(s): live version {result['version']}")
+            change = result.get("clean_change")
+            measured = f"; changes {change:.1%} of the clean reserve's predictions" if change is not None else ""
+            print(f"pushed {len(directions)} direction(s): live version {result['version']}{measured}")
     else:
         result = _observe(client, args)
     return result
@@ -164,6 +174,9 @@ def register(sub) -> None:
     push.add_argument("file", type=Path, help=".npz with beta and optional alpha, mode, threshold, name, center")
     push.add_argument("--layer", default=None,
                       help="the layer whose set the push replaces (default: the split layer; the others are kept)")
+    push.add_argument("--force", action="store_true",
+                      help="commit even when the set changes more of the clean reserve's predictions than the "
+                           "repository allows (`fire repo build --max-clean-change`); the history records it")
     obs = actions.add_parser("observe", parents=[after],
                              help="fold flagged poisoned (or --clean) images into the live estimate")
     obs.add_argument("file", type=Path, help=".npz with x (uint8 N x H x W x C), as `fire data export` writes")

@@ -12,7 +12,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
-from fire_backend.defaults import ESTIMATION_MODES
+from fire_backend.defaults import ESTIMATION_MODES, MAX_CLEAN_CHANGE, RETAIN_VERSIONS
 from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
 from fire_backend.store_backends import STORE_URL_ENV
 from fire_backend.wire import names
@@ -31,6 +31,7 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch, gpu=args.gpu, model_instances=args.model_instances,
             repair_instances=args.repair_instances, torch_threads=args.torch_threads, flag_threshold=args.threshold,
             alpha=args.alpha, publish_every=args.publish_every, estimation=args.estimation, store=args.store or "",
+            retain_versions=args.retain_versions, max_clean_change=args.max_clean_change,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -76,15 +77,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def check_store(url: str) -> str:
-    """``url`` if it names a store that answers now (a wrong address or TLS file fails here, not in every stage)."""
+    """``url`` if it is a well-formed store URL (a wrong form or TLS file fails here, not in every stage); says once
+    what the store looks like. A store that does not answer now (etcd away, a volume not mounted yet) is no reason to
+    exit: the server starts, its repair stages hold requests (``/ready`` 503) and keep trying until it answers.
+    Nothing is created here: a missing file store is named, never replaced by a new one at version 0 (``fire repo
+    build --store`` creates one)."""
     from fire_backend.store import StoreError
     from fire_backend.store_backends import open_store
 
     try:
-        open_store(url).initialize()
-    except (ValueError, StoreError) as exc:
+        store = open_store(url)
+    except ValueError as exc:
         raise CliError(f"--store: {exc}") from None
-    print(f"direction store: {url}")
+    try:
+        state = store.resolve()
+    except (StoreError, OSError) as exc:
+        state = None
+        problem = str(exc)
+    else:
+        problem = "; ".join(state.damage) if state.version is None else ""
+    if state is None or problem:
+        print(f"note: --store {url}: {problem}; repair stages hold requests until it answers (a new file store is "
+              "created by `fire repo build --store URL`)", file=sys.stderr)
+    else:
+        damage = f"; damaged: {'; '.join(state.damage)}" if state.damage else ""
+        print(f"direction store: {url} (live version {state.version}{damage})")
     return url
 
 
@@ -208,6 +225,12 @@ def register(sub) -> None:
                         "measured default); ordered = deeper layers on latents repaired upstream")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances, DLPack tensors, directions on device")
     add_store_option(p, "the direction store the repository's servers share, recorded in its settings")
+    p.add_argument("--retain-versions", type=int, default=RETAIN_VERSIONS,
+                   help=f"a file store keeps the payload files of the newest N committed versions and the build's, "
+                        f"older ones are compacted away (the history keeps every line; {RETAIN_VERSIONS})")
+    p.add_argument("--max-clean-change", type=float, default=MAX_CLEAN_CHANGE,
+                   help="refuse a `fire ctl push` whose directions change more than this share of the clean reserve's "
+                        f"predictions unless forced ({MAX_CLEAN_CHANGE:g})")
     add_device_options(p, "the build's centroid and --flagged estimate (not the served stages: see --gpu)")
 
     p = add_command(sub, "serve", cmd_serve, "run tritonserver (from the nvidia-pytriton wheel) on a repository",

@@ -184,8 +184,11 @@ class EtcdClient:
         return {"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
 
     @staticmethod
-    def op_put(key: bytes, value: bytes) -> dict:
-        return {"request_put": {"key": b64(key), "value": b64(value)}}
+    def op_put(key: bytes, value: bytes, lease: int = 0) -> dict:
+        put = {"key": b64(key), "value": b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        return {"request_put": put}
 
     # -- leases ---------------------------------------------------------------------------
     def lease_grant(self, ttl: int) -> int:

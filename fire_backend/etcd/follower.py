@@ -33,8 +33,9 @@ from fire_backend.store import LiveState, StoreError, StoreUnavailable, Version
 LOG = logging.getLogger("fire_backend.store")
 #: seconds without a watch event before a liveness read
 IDLE_S = 1.0
-#: how long a starting instance waits for its first verified read before it refuses to load (fail closed)
-READY_TIMEOUT_S = 10.0
+#: how long a starting instance waits for its first verified read before it loads holding requests (fail closed:
+#: no direction is ever served unverified; its thread keeps trying)
+READY_TIMEOUT_S = 5.0
 #: the instance record's lease: a killed instance disappears from `status` after this long
 LEASE_TTL_S = 10
 BACKOFF_S = (0.05, 0.2)
@@ -65,6 +66,8 @@ class EtcdFollower(threading.Thread):
         super().__init__(name=f"fire-follower-{instance}", daemon=True)
         self.store, self.instance, self.idle, self.lease_ttl = store, instance, idle, lease_ttl
         self.current: Version | None = None  # replaced whole: readers need no lock
+        self.held = True  # no verified version yet: the stage refuses requests
+        self._refusal = ""  # why the newest committed version was not applied
         self._applied_at = 0.0
         self.committed: float | None = None  # the commit time of ``current`` (None: the version it started with)
         self._polled: Version | None = None
@@ -82,6 +85,28 @@ class EtcdFollower(threading.Thread):
     def version(self) -> int:
         return self.current.number if self.current else 0
 
+    @property
+    def damage(self) -> tuple[str, ...]:
+        """What is wrong as this instance sees it: the engine away, or a committed version it refused."""
+        problems = []
+        if self.down_since is not None:
+            problems.append(f"etcd store unreachable ({self.last_error})")
+        if self._refusal:
+            problems.append(self._refusal)
+        return tuple(problems)
+
+    @property
+    def degraded(self) -> bool:
+        return self.held or bool(self.damage)
+
+    def recheck(self) -> bool:
+        """The watch thread keeps looking by itself: the same as :meth:`poll`."""
+        return self.poll()
+
+    def report(self) -> bool:
+        """The instance record is written by this follower's own reporter thread (nothing to do here)."""
+        return False
+
     def poll(self) -> bool:
         """True when ``current`` changed since the last poll (the stage recompiles its plan)."""
         current = self.current
@@ -90,18 +115,19 @@ class EtcdFollower(threading.Thread):
         self._polled = current
         return True
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        """Block until the first verified read; StoreUnavailable if the engine is not reached in time (the instance
-        then refuses to load rather than serve without the committed defence)."""
-        if not self.ready.wait(timeout):
-            self.close()
-            raise StoreUnavailable(f"{self.store.url}: no answer from the etcd store in {timeout:g} s "
-                                   f"({self.last_error}); check the store URL, TLS options and the engine")
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Block until the first verified read, at most ``timeout`` seconds; False when there is none yet (the
+        instance then holds requests while this thread keeps trying)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready.wait(max(0.0, min(0.05, deadline - time.monotonic()))) and not self.held:
+                return True
+        return not self.held
 
     def status(self) -> dict[str, Any]:
         lag = None if self.committed is None else max(0.0, self._applied_at - self.committed)  # clock skew: >= 0
-        return {"instance": self.instance, "version": self.version, "lag_s": lag,
-                "engine_reachable": self.down_since is None,
+        return {"instance": self.instance, "version": self.version, "lag_s": lag, "held": self.held,
+                "degraded": self.degraded, "damage": list(self.damage), "engine_reachable": self.down_since is None,
                 "down_since": self.down_since, "last_error": self.last_error if self.down_since else "",
                 "outages": self.outages, "pid": os.getpid(), "host": this_host(), "time": time.time()}
 
@@ -123,7 +149,14 @@ class EtcdFollower(threading.Thread):
         if pointer.mod_revision and pointer.mod_revision <= seen:
             return
         self._seen_revision = max(seen, pointer.mod_revision)
-        if pointer.version == self.version and (self.current is None or self.current.sha256 == pointer.sha256):
+        if not self.held and pointer.version == self.version \
+                and (self.current is None or self.current.sha256 == pointer.sha256):
+            self._refusal = ""
+            return
+        if not pointer.mod_revision and not self.held and self.current is not None:
+            # ``live`` absent: a store nothing was ever committed to. One that applied a version never drops to 0.
+            self._refusal = (f"the store looks new (nothing committed) while version {self.version} is applied; "
+                             "not applied")
             return
         if self._refused == (pointer.version, pointer.sha256):
             return
@@ -132,26 +165,31 @@ class EtcdFollower(threading.Thread):
         except StoreUnavailable:
             self._seen_revision = seen  # not refused, just not fetched: the next read applies it
             raise
-        except StoreError as exc:  # corrupt or missing: never served; the previous version stays
+        except StoreError as exc:  # corrupt, missing or not fitting: never served; the previous version stays
             self._refused = (pointer.version, pointer.sha256)
-            LOG.error("%s: %s; keeping version %d", self.instance, exc, self.version)
-            if self.current is None and not self.ready.is_set():
-                version = self._fallback()
-                if version is None:
-                    return
-            else:
+            self._refusal = str(exc)
+            LOG.error("%s: %s; %s", self.instance, exc,
+                      "holding requests" if self.held else f"keeping version {self.version}")
+            if not self.held:
                 return
+            version = self._fallback()
+            if version is None:
+                return
+        else:
+            self._refusal = ""
         self.committed = (pointer.time or None) if self.ready.is_set() else None
         self._applied_at = time.time()
         self.current = version
+        self.held = False
         LOG.info("%s: direction version %d verified", self.instance, self.version)
         self._changed.set()
 
     def _fallback(self) -> Version | None:
-        """At start, when the live version does not verify: the newest earlier one that does (as the file store)."""
+        """At start, when the live version does not verify: the newest earlier one that does (as the file store);
+        None when none does (the instance keeps holding requests: never version 0 by way of damage)."""
         state = self.store.resolve()
         if not state.verified:
-            LOG.error("%s: no committed version verifies; starting without a direction", self.instance)
+            LOG.error("%s: no committed version verifies; holding requests", self.instance)
             return None
         return self.store.verified_version(state.verified)
 
@@ -195,6 +233,9 @@ class EtcdFollower(threading.Thread):
                     self.store.report_instance(self.instance, self.status(), self._lease)
             except (EngineUnavailable, EngineError) as exc:
                 LOG.debug("%s: instance record not written: %s", self.instance, exc)
+            except Exception:  # noqa: BLE001 - a dead reporter would freeze what status shows of this instance
+                LOG.exception("%s: instance record not written", self.instance)
+                self._halt.wait(1.0)
 
     # -- the loop -------------------------------------------------------------------------------------
     def run(self) -> None:

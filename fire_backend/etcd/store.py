@@ -15,6 +15,9 @@ Key layout under a prefix P (``etcd://host:port/P``; one prefix per deployment),
                             so a retried or repeated payload reuses its chunks
     P/instances/<id>        what each repair instance applies and whether it reaches the engine; on a lease, so
                             a dead instance disappears after its TTL
+    P/nonces/<hash>         a control request's nonce, claimed by a put-if-absent transaction before the action
+                            runs (a replay finds it taken, on any replica); on a lease that outlives the
+                            credential's time window
 
 A commit writes the chunks first (nothing refers to them yet), then ONE transaction that compares ``P/live``'s
 mod_revision with the one the writer read and only then creates ``versions/N`` and ``history/S`` and moves
@@ -29,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import math
 import threading
 import time
 import uuid
@@ -37,7 +42,7 @@ from dataclasses import replace
 from typing import Any, TypeVar
 
 from fire_backend.etcd.client import KV, EngineError, EngineUnavailable, EtcdClient
-from fire_backend.etcd.follower import EtcdFollower
+from fire_backend.etcd.follower import READY_TIMEOUT_S, EtcdFollower
 from fire_backend.etcd.pointer import Pointer
 from fire_backend.store import (
     MAGIC,
@@ -45,20 +50,24 @@ from fire_backend.store import (
     MAGICS,
     Conflict,
     DirectionSet,
+    FitCheck,
     LayeredSet,
     LiveState,
     StoreError,
     StoreUnavailable,
     Version,
 )
-from fire_backend.store_damage import CHECKSUM, DamageListener
+from fire_backend.store_damage import CHECKSUM, SHAPE, DamageListener
+
+LOG = logging.getLogger("fire_backend.store")
 
 #: payload chunk size: under etcd's default 1.5 MiB request limit even base64-encoded
 CHUNK = 512 * 1024
 #: how long a commit keeps retrying while the engine is unreachable before it reports "outcome unknown"
 COMMIT_DEADLINE_S = 10.0
-#: how long a read waits out an unreachable engine before it reports it
-READ_WAIT_S = 5.0
+#: how long a read waits out an unreachable engine before it reports it: a control action rides out an engine
+#: restart or a short outage as its commit does
+READ_WAIT_S = COMMIT_DEADLINE_S
 #: how many earlier committed versions resolve() tries when the live one does not verify
 FALLBACK_VERSIONS = 16
 
@@ -86,7 +95,8 @@ class EtcdStore:
     raises :class:`Conflict` when another writer committed since (the caller runs the block again).
     """
 
-    def __init__(self, client: EtcdClient, prefix: str, url: str = "", on_damage: DamageListener | None = None) -> None:
+    def __init__(self, client: EtcdClient, prefix: str, url: str = "", on_damage: DamageListener | None = None,
+                 fits: FitCheck | None = None) -> None:
         if not prefix.strip("/"):
             raise ValueError("the etcd store needs a key prefix, e.g. etcd://127.0.0.1:2379/fire/prod")
         self.client = client
@@ -98,7 +108,9 @@ class EtcdStore:
         self.conflicts = 0  # transactions lost to another writer
         self.resolved = 0  # commits whose answer was lost, found landed by their commit id
         self.on_damage = on_damage
-        self._damage_seen: set[tuple[int, str]] = set()
+        self.fits = fits
+        self._damage_seen: set[tuple[str, int, str]] = set()
+        self._nonce_lease: tuple[int, float] = (0, 0.0)  # (lease id, when granted: time.monotonic())
 
     def __repr__(self) -> str:
         return f"EtcdStore({self.url})"
@@ -142,11 +154,37 @@ class EtcdStore:
         kvs = self._read("read the history", lambda: self.client.get_prefix(self.prefix + b"/history/"))
         return [json.loads(kv.value) for kv in kvs]
 
-    def used_nonce(self, nonce: str, since: float) -> bool:
-        """Whether a commit since ``since`` recorded this request nonce: one key read (the commit's transaction
-        wrote it with its history entry), not a scan of a history that grows with every commit."""
-        kv, _ = self._read("read a request nonce", lambda: self.client.get(self.nonce_key(nonce)))
-        return kv is not None and float(json.loads(kv.value).get("time", 0)) >= since
+    def claim_nonce(self, nonce: str, ttl_s: float) -> bool:
+        """Record a control request's nonce (one put-if-absent transaction); False when it was already recorded (a
+        replay, on any replica). An answer lost mid-request is settled by reading the key back: the claim carries
+        an id of its own, so a retry never mistakes its own claim for a replay."""
+        key, claim = self.nonce_key(nonce), uuid.uuid4().hex
+        record = json.dumps({"time": time.time(), "claim": claim}).encode()
+
+        def attempt() -> bool:
+            try:
+                ok, _ = self.client.txn([self.client.cmp_absent(key)],
+                                        [self.client.op_put(key, record, self._lease_for(ttl_s))], [])
+            except EngineUnavailable:
+                kv, _ = self.client.get(key)  # did it land before the answer was lost?
+                if kv is None:
+                    raise
+                ok = json.loads(kv.value).get("claim") == claim
+            if not ok:
+                kv, _ = self.client.get(key)
+                ok = kv is not None and json.loads(kv.value).get("claim") == claim
+            return ok
+
+        return self._read("record the request's nonce", attempt)
+
+    def _lease_for(self, ttl_s: float) -> int:
+        """A lease the nonce keys of the next ``ttl_s / 2`` seconds share, granted for ``1.5 x ttl_s``: each key lives
+        at least ``ttl_s``, and one grant serves many requests."""
+        lease, granted = self._nonce_lease
+        if not lease or time.monotonic() - granted >= ttl_s / 2:
+            lease = self.client.lease_grant(math.ceil(1.5 * ttl_s))
+            self._nonce_lease = (lease, time.monotonic())
+        return lease
 
     def read_version(self, number: int) -> Version:
         """Load and verify one version; StoreError if it is missing, partial or corrupt."""
@@ -184,20 +222,26 @@ class EtcdStore:
         except (ValueError, KeyError, OSError) as exc:
             self._damaged(number, pointer.sha256)
             raise StoreError(f"version {number}: unreadable payload ({exc})") from None
+        if self.fits is not None:
+            try:
+                self.fits(layered)
+            except ValueError as exc:
+                self._damaged(number, pointer.sha256, SHAPE)
+                raise StoreError(f"version {number} does not fit the served network ({exc}); not served") from None
         return Version(number, pointer.sha256, layered, header or {"version": number, "sha256": pointer.sha256})
 
-    def _damaged(self, number: int, sha256: str) -> None:
-        """Tell ``on_damage`` of a version that does not verify, once per version and checksum."""
-        if self.on_damage is not None and (number, sha256) not in self._damage_seen:
-            self._damage_seen.add((number, sha256))
-            self.on_damage(CHECKSUM)
+    def _damaged(self, number: int, sha256: str, kind: str = CHECKSUM) -> None:
+        """Tell ``on_damage`` of a version that does not verify, once per version, checksum and kind."""
+        if self.on_damage is not None and (kind, number, sha256) not in self._damage_seen:
+            self._damage_seen.add((kind, number, sha256))
+            self.on_damage(kind)
 
     def resolve(self) -> LiveState:
         """What is committed and what of it verifies (an earlier committed version when the live one does not)."""
         pointer = self.pointer()
         damage: list[str] = []
         if self._verifies(pointer, damage):
-            return LiveState(pointer.version, pointer.sha256, pointer.version)
+            return LiveState(pointer.version, pointer.sha256, pointer.version, pristine=not pointer.mod_revision)
         candidates = [(int(e["live"]), str(e.get("sha256", ""))) for e in reversed(self.history())]
         tried: set[int] = {pointer.version}
         for number, sha in candidates:
@@ -231,6 +275,9 @@ class EtcdStore:
         """Nothing to create (an absent ``live`` is version 0); checks that the engine answers, naming the fix."""
         self.pointer()
 
+    def recover(self) -> None:
+        """Nothing to finish: a transaction commits whole."""
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """A read-derive-commit block, run optimistically: commits in it raise Conflict if another writer got in
@@ -251,6 +298,12 @@ class EtcdStore:
         Inside :meth:`locked` it commits only on top of the version the block read (else Conflict); outside, on
         top of whatever is live. Retries while the engine is unreachable, up to COMMIT_DEADLINE_S.
         """
+        if self.fits is not None:
+            try:
+                self.fits(directions if isinstance(directions, LayeredSet) else LayeredSet({"": directions}))
+            except ValueError as exc:
+                raise StoreError(f"refused: the set does not fit the served network ({exc}); nothing was committed"
+                                 ) from None
         payload = directions.to_bytes()
         sha = hashlib.sha256(payload).hexdigest()
         chunks = max(1, -(-len(payload) // CHUNK))
@@ -361,8 +414,6 @@ class EtcdStore:
         success = [c.op_put(key, value) for key, value in extra]
         success += [c.op_put(self.history_key(seq), json.dumps(entry, sort_keys=True).encode()),
                     c.op_put(self.live_key, live.record())]
-        if entry.get("nonce"):  # not compared: one request's several commits (observe) share its nonce
-            success.append(c.op_put(self.nonce_key(str(entry["nonce"])), json.dumps({"time": entry["time"]}).encode()))
         ok, answer = c.txn(compare, success, [])
         if not ok:
             self.conflicts += 1
@@ -385,10 +436,13 @@ class EtcdStore:
 
     # -- repair instances -------------------------------------------------------------------
     def follower(self, instance: str) -> EtcdFollower:
-        """A started follower thread for repair instance ``instance``, after its first verified read."""
+        """A started follower thread for repair instance ``instance``, after its first verified read, or after
+        READY_TIMEOUT_S without one (the engine away): the instance then holds requests while the thread retries."""
         follower = EtcdFollower(self, instance)
         follower.start()
-        follower.wait_ready()
+        if not follower.wait_ready():
+            LOG.warning("%s: no verified version from %s in %g s (%s); holding requests until there is one",
+                        instance, self.url, READY_TIMEOUT_S, follower.last_error)
         return follower
 
     def report_instance(self, instance: str, record: dict[str, Any], lease: int) -> None:

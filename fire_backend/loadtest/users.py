@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -41,6 +42,9 @@ from fire_backend.wire.images import load_digits
 LOGGER = logging.getLogger("fire.loadtest")
 #: key of the worker -> master report entry
 REPORT_KEY = "fire_defense"
+#: seconds a Locust process may spend shutting down (its time limit, SIGTERM, SIGINT) before it is ended anyway:
+#: whatever the server does, no client call may keep it alive (one request's --request-timeout is 30 s)
+SHUTDOWN_GRACE_S = 45.0
 
 DEFENSE = DefenseStats()
 #: (start time, latency ms, images) per request, for --latency-file
@@ -91,7 +95,13 @@ class FireUser(User):
         self.rng = np.random.default_rng()
         self.record_latency = bool(options.latency_file)
         self.client = FireClient(endpoint.url, timeout_s=options.request_timeout)
-        self.client.model_info(self.model)  # config lookup outside the timed calls; fails fast on a bad model
+        try:
+            self.client.model_info(self.model)  # config lookup outside the timed calls; fails fast on a bad model
+        except BaseException:
+            # Closed here, in the event loop: a gRPC channel left to the garbage collector is closed from __del__
+            # at some later point, where under gevent it can block the process for ever (it ignored SIGTERM).
+            self.client.close()
+            raise
 
     def on_stop(self) -> None:
         client = getattr(self, "client", None)
@@ -226,6 +236,16 @@ def _on_spawning_complete(**_kw) -> None:
     environment = _STATE["environment"]
     if environment is not None and environment.reset_stats:
         DEFENSE.reset()
+
+
+@events.quitting.add_listener
+def _arm_shutdown_watchdog(**_kw) -> None:
+    """Locust is shutting down: end the process after SHUTDOWN_GRACE_S whatever still holds it. A gRPC channel
+    closed by the garbage collector under gevent blocked a stopping Locust for ever, deaf to SIGTERM and SIGINT, in
+    C code that keeps the interpreter lock, so no Python thread or handler can help: the kernel's default action
+    for SIGALRM ends the process."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(int(SHUTDOWN_GRACE_S))
 
 
 @events.quit.add_listener

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fire_backend.defaults import RESERVE, RESERVE_SEED
+from fire_backend.defaults import MAX_CLEAN_CHANGE, RESERVE, RESERVE_SEED, RETAIN_VERSIONS
+from fire_backend.instances import INSTANCES_DIR
 from fire_backend.wire.names import FIRE_ENSEMBLE
 
 if TYPE_CHECKING:
@@ -48,6 +49,8 @@ class Limits:
     max_directions: int = 8
     max_observe_images: int = 256
     max_request_bytes: int = 16 * 1024 * 1024
+    #: a push changing more of the clean reserve's predictions than this share is refused unless forced
+    max_clean_change: float = MAX_CLEAN_CHANGE
 
 
 #: how ``fire_ensemble`` runs the network (see docs/architecture.md):
@@ -104,6 +107,8 @@ class ServingSettings:
     reserve_seed: int = RESERVE_SEED
     #: the direction store's URL (fire_backend.store_backends); empty: the file store in ``artifacts/store``
     store: str = ""
+    #: how many of the newest committed versions keep their payload file in a file store (compaction)
+    retain_versions: int = RETAIN_VERSIONS
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -191,10 +196,17 @@ def repository_store(artifacts: Path, settings: ServingSettings,
                      on_damage: DamageListener | None = None) -> StoreBackend:
     """The direction store a repository's stages and control endpoint share: ``$FIRE_STORE_URL`` (``fire serve
     --store``) if set, else the one it was built with (``fire repo build --store``), else ``artifacts/store``.
-    ``on_damage`` hears of the damage it meets (a stage's metrics)."""
+    ``on_damage`` hears of the damage it meets (a stage's metrics). Every version read or committed through it is
+    checked against the repository's network (layer names, latent sizes, bounds); the repair instances record what
+    they apply in ``artifacts/instances``, beside the store rather than in it."""
+    from fire_backend.store import fits_network
     from fire_backend.store_backends import STORE_URL_ENV, open_store
 
-    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR, on_damage)
+    limits = settings.limits
+    fits = fits_network(settings.layer_dims, settings.layer, limits.max_direction_norm, limits.max_alpha,
+                        limits.max_directions)
+    return open_store(os.environ.get(STORE_URL_ENV) or settings.store, artifacts / STORE_DIR, on_damage, fits=fits,
+                      registry_dir=artifacts / INSTANCES_DIR, retain=settings.retain_versions)
 
 
 def save_centroid(artifacts: Path, center: np.ndarray, count: int) -> None:

@@ -59,10 +59,15 @@ class ControlStage:
         self.max_batch = settings.max_batch_size
         network = load_network(artifacts, self.device)
         self.head = split(network.model, settings.layer)[0]
-        # The gauge reads the store through an object of its own: damage is the controller's to report.
+        # The gauges read the store through an object of its own: damage is the controller's to report.
         watched = repository_store(artifacts, settings)
+
+        def store_view() -> tuple[int | None, bool]:
+            state = watched.resolve()
+            return state.version, state.degraded
+
         self.metrics = ControlMetrics(pb_utils, args["model_name"], args.get("model_instance_name", args["model_name"]),
-                                      ACTIONS, live_version=lambda: watched.resolve().version)
+                                      ACTIONS, store_view=store_view)
         self.controller = Controller(artifacts, read_token(), self._latents, network,
                                      on_damage=self.metrics.store_error)
 

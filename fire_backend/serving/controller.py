@@ -13,14 +13,21 @@ The store is the only state: each action reads the live version, changes it, and
 (the file store's lock, or etcd's compare-and-set: a block that lost the race runs again on the new version), so
 several control instances or servers on one store stay consistent, two operators never both create version N,
 and a crash loses nothing committed.
-Writers record their credential's nonce in the history, so a captured request cannot be replayed
-against another server on the same store, nor after a restart.
+Every accepted request's nonce is recorded in the store (:meth:`StoreBackend.claim_nonce`), so a captured request,
+read-only or not, cannot be replayed against another server on the same store, nor after a restart. Where the
+store cannot record it (missing, full, unreachable), a read-only request is still served, guarded in memory only;
+a writer fails anyway.
+
+A push is measured before it is committed: the share of the defender's clean reserve images
+(``artifacts/reserve.npz``) whose prediction the new set's repair changes. Above ``limits.max_clean_change`` it is
+refused unless forced; the history records the figure either way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -34,7 +41,7 @@ import torch
 from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.data.datasets import to_tensor
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator, UnpairedOptions, centroid
-from fire_backend.multilayer import EstimationSettings, Evidence, learn, run
+from fire_backend.multilayer import EstimationSettings, Evidence, learn, repairs_of, run
 from fire_backend.serving.artifacts import ServingSettings, load_centroid, load_reserve, repository_store
 from fire_backend.split import Part
 from fire_backend.store import Conflict, DirectionSet, LayeredSet, StoreError, validate_direction_set
@@ -43,12 +50,15 @@ from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, Rep
 from fire_backend.wire.names import IMAGES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
+LOG = logging.getLogger("fire_backend.control")
 LEARNED = "learned"
 ESTIMATORS = ("unpaired", "augmented")
 #: how long a writer's block keeps running again after losing compare-and-set races before it gives up
 CONFLICT_DEADLINE_S = 20.0
 #: the longest random pause before a lost block runs again (the pause doubles from 5 ms up to this)
 CONFLICT_BACKOFF_S = 0.2
+#: how long a request's nonce stays recorded: past it, the credential's time window refuses it anyway
+NONCE_TTL_S = 2 * WINDOW_S
 T = TypeVar("T")
 
 
@@ -82,7 +92,8 @@ ACTION_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "status": {},
     "history": {},
     "rollback": {"version": (INT, True)},
-    "push": {"directions": (DIRECTIONS, True), "center": (NUMBERS, False), "layer": (TEXT, False)},
+    "push": {"directions": (DIRECTIONS, True), "center": (NUMBERS, False), "layer": (TEXT, False),
+             "force": (BOOL, False)},
     "observe": {"clean": (BOOL, False), "estimator": (TEXT, False), "publish_every": (INT, False)},
 }
 ACTIONS = tuple(ACTION_FIELDS)
@@ -186,12 +197,16 @@ class Controller:
         if self.layered and network is None:
             raise ValueError("a repository with several repair layers needs the whole network to learn online")
         self.network = network
+        # Nothing is created here: a store that is missing or unreachable while the server starts is damage for status
+        # to name, not a reason to refuse loading (the repair stages hold requests meanwhile). A commit a killed writer
+        # left half-published (its history line, not CURRENT) is finished, as at every repair instance's start.
         self.store = repository_store(artifacts, self.settings, on_damage)
-        self.store.initialize()
+        self.store.recover()
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits
         self.replay = ReplayGuard()
+        self._clean_predictions: torch.Tensor | None = None
 
     # -- entry point -----------------------------------------------------------------------
     def handle(self, request: bytes, credential: bytes | str, images: np.ndarray | None,
@@ -205,9 +220,23 @@ class Controller:
         signed = self._authenticate(request, credential, images, now)
         body = parse_request(request)
         try:
+            self._claim(body["action"], signed.nonce)
             return self._run(body, signed, images)
         except StoreError as exc:  # e.g. the engine unreachable: the message says what is known of the outcome
             raise ControlError(str(exc)) from None
+
+    def _claim(self, action: str, nonce: str) -> None:
+        """Record the request's nonce in the store, refusing a replay (another server on this store, a restart).
+        A read-only action the store cannot record goes on with the in-memory guard alone; a writer fails."""
+        try:
+            fresh = self.store.claim_nonce(nonce, NONCE_TTL_S)
+        except StoreError as exc:
+            if action in WRITERS:
+                raise
+            LOG.warning("%s served with its nonce guarded in memory only: %s", action, exc)
+            return
+        if not fresh:
+            raise AuthRefused("permission denied: this credential was already used (replayed request)")
 
     def _run(self, body: dict[str, Any], signed: Credential, images: np.ndarray | None) -> dict[str, Any]:
         action = body["action"]
@@ -262,12 +291,6 @@ class Controller:
                                        "committed, try again") from None
                 time.sleep(random.uniform(0.0, min(CONFLICT_BACKOFF_S, 0.005 * 2 ** attempt)))
 
-    def _refuse_replay(self, nonce: str) -> None:
-        """A writer's nonce already in the recent history: the same request, replayed (another server, a restart)."""
-        since = time.time() - 2 * WINDOW_S
-        if self.store.used_nonce(nonce, since):
-            raise AuthRefused("permission denied: this credential was already used (replayed request)")
-
     # -- read-only ---------------------------------------------------------------------------
     def _live(self, intact: bool) -> tuple[int, DirectionSet]:
         """The newest verified committed version and its set; ``intact``: refuse when the committed one is damaged.
@@ -280,6 +303,8 @@ class Controller:
     def _live_layered(self, intact: bool) -> tuple[int, LayeredSet | None]:
         """:meth:`_live` over every layer: the verified version's number and sets, read once."""
         state = self.store.resolve()
+        if state.version is None:
+            raise ControlError(f"the store is damaged ({'; '.join(state.damage)}); nothing was changed")
         if intact and state.verified != state.version:
             raise ControlError(f"the live version {state.version} is damaged ({'; '.join(state.damage)}); roll back "
                                "to a verified version or push a direction set first")
@@ -306,6 +331,7 @@ class Controller:
             "version": state.version,
             "verified_version": state.verified,
             "damage": list(state.damage),
+            "degraded": state.degraded,
             "layer": self.settings.layer,
             "latent_shape": list(self.settings.latent_shape),
             "directions": [
@@ -331,18 +357,18 @@ class Controller:
             "ranking": layered.ranking if layered else [],
         }
 
-    def _instances(self, live: int, sha256: str) -> dict[str, list[dict[str, Any]]]:
+    def _instances(self, live: int | None, sha256: str) -> dict[str, list[dict[str, Any]]]:
         """``instances``: the running repair instances, each with the version it applies, ``lag_s`` (seconds from
         that version's commit until it applied it; None for the version it started with) and ``behind_s`` (None
         when it applies the live version, else seconds since the live version was committed); ``gone``: entries
         of instances that no longer run (killed outright; `fire serve` prunes them)."""
         entries = self.store.instance_entries()
-        since = self.store.committed_at(live, sha256)
+        since = self.store.committed_at(live, sha256) if live is not None else None
         now = time.time()
         running = []
         for entry in entries:
             if entry["alive"] is not False:
-                behind = None if entry["version"] == live else (now - since if since is not None else None)
+                behind = None if entry["version"] == live or since is None else now - since
                 running.append({**entry, "lag_s": entry.get("lag_s"), "behind_s": behind})
         return {"instances": running, "gone": [e for e in entries if e["alive"] is False]}
 
@@ -353,7 +379,6 @@ class Controller:
             raise ControlError("rollback: 'version' must be >= 0")
 
         def block() -> None:
-            self._refuse_replay(note["nonce"])
             self.store.rollback(version, actor, note)
 
         self._atomically(block)
@@ -370,20 +395,23 @@ class Controller:
                     float(_given(entry, "threshold", self.settings.default_threshold)), _given(entry, "name", f"d{i}")))
             except (OverflowError, ValueError) as exc:
                 raise ControlError(f"push: direction {i}: {exc}") from None
+        force = _given(request, "force", False)
         if self.layered:
-            return self._push_layer(request, directions, actor, note)
+            return self._push_layer(request, directions, force, actor, note)
         if request.get("layer") not in (None, self.settings.layer):
             raise ControlError(f"push: this repository repairs at {self.settings.layer} only, not "
                                f"{str(request['layer'])[:40]!r}")
+        measured: list[float | None] = []
 
         def block() -> int:
-            self._refuse_replay(note["nonce"])
             _, live = self._live(intact=False)
             ds = DirectionSet(self._center(request, live.center), directions, live.estimator)
             self._validate(ds)
-            return self.store.commit(ds, "push", actor, {"directions": len(directions), **note})
+            measured[:] = [self._guard(LayeredSet({self.settings.layer: ds}), force)]
+            return self.store.commit(ds, "push", actor, {"directions": len(directions), **self._figure(measured[0],
+                                                                                                      force), **note})
 
-        return {"version": self._atomically(block), "action": "push"}
+        return {"version": self._atomically(block), "action": "push", "clean_change": measured[0]}
 
     def observe(self, request: dict[str, Any], images: np.ndarray | None, actor: str,
                 note: dict[str, Any]) -> dict[str, Any]:
@@ -408,8 +436,6 @@ class Controller:
         def block() -> tuple:
             # A block run again after a lost race folds only the chunks not yet committed, onto the new live version
             # (whose history already holds this request's nonce once a chunk is in).
-            if not versions:
-                self._refuse_replay(note["nonce"])
             _, live = self._live(intact=True)
             estimator, centroid = self._estimator(live, kind)
             for start in range(every * len(versions), len(batch), every):
@@ -446,21 +472,59 @@ class Controller:
         return LayeredSet({layer: sets[layer] for layer in self.settings.repair_layers},
                           live.flagged if live else None, live.ranking if live else [])
 
-    def _push_layer(self, request: dict[str, Any], directions: list[Direction], actor: str,
+    def _push_layer(self, request: dict[str, Any], directions: list[Direction], force: bool, actor: str,
                     note: dict[str, Any]) -> dict[str, Any]:
         layer = _given(request, "layer", self.settings.layer)
         if layer not in self.settings.repair_layers:
             raise ControlError(f"push: 'layer' must be one of {', '.join(self.settings.repair_layers)}, "
                                f"not {layer[:40]!r}")
+        measured: list[float | None] = []
 
         def block() -> int:
-            self._refuse_replay(note["nonce"])
             live = self._live_layers()
             live.sets[layer] = DirectionSet(self._center(request, live.sets[layer].center), directions)
             self._validate(live.sets[layer], layer)
-            return self.store.commit(live, "push", actor, {"directions": len(directions), "layer": layer, **note})
+            measured[:] = [self._guard(live, force)]
+            return self.store.commit(live, "push", actor, {"directions": len(directions), "layer": layer,
+                                                           **self._figure(measured[0], force), **note})
 
-        return {"version": self._atomically(block), "action": "push", "layer": layer}
+        return {"version": self._atomically(block), "action": "push", "layer": layer, "clean_change": measured[0]}
+
+    # -- the clean-image guard -------------------------------------------------------------------
+    def _guard(self, candidate: LayeredSet, force: bool) -> float | None:
+        """The share of the clean reserve's predictions ``candidate`` changes; ControlError above the limit unless
+        forced. None where it cannot be measured (no network or reserve in this process)."""
+        share = self.clean_change(candidate)
+        limit = self.limits.max_clean_change
+        if share is not None and share > limit and not force:
+            raise ControlError(f"push: the new set changes {share:.1%} of the defender's clean reserve predictions "
+                               f"(at most {limit:.0%} without --force): it would cost clean accuracy; check the "
+                               "directions and their alpha, or push again with --force; nothing was changed")
+        return share
+
+    @staticmethod
+    def _figure(share: float | None, force: bool) -> dict[str, Any]:
+        """What the history records of the guard: the measured share, and whether the push was forced."""
+        return {"clean_change": None if share is None else round(share, 4), "forced": force}
+
+    def clean_change(self, candidate: LayeredSet) -> float | None:
+        """The share of the defender's clean reserve images whose prediction ``candidate``'s repair changes, against
+        the unrepaired network (as ``observe``'s ranking counts a changed clean prediction); None without the
+        network or the reserve."""
+        if self.network is None:
+            return None
+        try:
+            reserve = self._clean_evidence()
+        except FileNotFoundError:
+            return None
+        batch = self.settings.max_batch_size
+        if self._clean_predictions is None:
+            self._clean_predictions = run(self.network, reserve, {}, batch=batch)[0].argmax(1)
+        device = next(self.network.parameters()).device
+        sets = {layer: (ds.directions, torch.from_numpy(ds.center))
+                for layer, ds in candidate.at(self.settings.layer).items()}
+        repaired = run(self.network, reserve, repairs_of(sets, device), batch=batch)[0].argmax(1)
+        return float((repaired != self._clean_predictions).float().mean())
 
     def _observe_layers(self, request: dict[str, Any], images: np.ndarray, actor: str,
                         note: dict[str, Any]) -> dict[str, Any]:
@@ -484,8 +548,6 @@ class Controller:
             # As the one-layer observe: a block run again after a lost race learns the images not yet committed on
             # top of the new live version, whose kept flagged images hold those already committed by this request.
             done = every * len(versions)
-            if not done:
-                self._refuse_replay(note["nonce"])
             live = self._live_layers()
             kept = live.flagged if live.flagged is not None else images[:0]
             if len(kept) + len(images) - done > self.limits.max_observe_images:

@@ -99,10 +99,17 @@ CONTROL_ACTIONS_TOTAL = Family("fire_control_actions_total", COUNTER, "Control a
                                ("action", "result"))
 STORE_ERRORS_TOTAL = Family("fire_store_errors_total", COUNTER,
                             "Direction-store problems met (never served): by kind.", ("kind",))
+STORE_DEGRADED = Family("fire_store_degraded", GAUGE,
+                        "1 while the direction store, as this process sees it, is missing, unreadable, damaged or "
+                        "unreachable (repair instances keep serving the version they verified), else 0.")
+REPAIR_UNAVAILABLE = Family("fire_repair_unavailable", GAUGE,
+                            "1 while this repair instance has no verified direction version and refuses requests "
+                            "(it started while the store was unreadable), else 0.")
 
 BATCH_FAMILIES = (REQUESTS_TOTAL, SAMPLES_TOTAL, FLAGGED_SAMPLES_TOTAL, BYPASSED_REQUESTS_TOTAL, SCORE_BUCKET,
-                  SCORE_COUNT, SCORE_SUM, APPLIED_VERSION, APPLY_LAG_SECONDS, STORE_ERRORS_TOTAL)
-CONTROL_FAMILIES = (CONTROL_ACTIONS_TOTAL, LIVE_VERSION, STORE_ERRORS_TOTAL)
+                  SCORE_COUNT, SCORE_SUM, APPLIED_VERSION, APPLY_LAG_SECONDS, STORE_ERRORS_TOTAL, STORE_DEGRADED,
+                  REPAIR_UNAVAILABLE)
+CONTROL_FAMILIES = (CONTROL_ACTIONS_TOTAL, LIVE_VERSION, STORE_ERRORS_TOTAL, STORE_DEGRADED)
 #: every family FIRE exports, once each
 FAMILIES = tuple(dict.fromkeys(BATCH_FAMILIES + CONTROL_FAMILIES))
 
@@ -119,6 +126,7 @@ OTHER_ACTION = "other"
 STORE_CHECKSUM = store_damage.CHECKSUM
 STORE_TORN_LINE = store_damage.TORN_LINE
 STORE_UNREADABLE_POINTER = store_damage.UNREADABLE_POINTER
+STORE_SHAPE = store_damage.SHAPE
 STORE_ERROR_KINDS = store_damage.KINDS
 
 #: REPAIR_SCORE is about 0 for clean inputs and about 1 for triggered ones (threshold 0.5 by default): fine
@@ -182,7 +190,8 @@ def exported_names() -> set[str]:
 
 #: what a short summary of a run shows (``fire demo``): traffic, the attack signal, versions, control actions
 SUMMARY_FAMILIES = (REQUESTS_TOTAL, SAMPLES_TOTAL, FLAGGED_SAMPLES_TOTAL, BYPASSED_REQUESTS_TOTAL, APPLIED_VERSION,
-                    APPLY_LAG_SECONDS, LIVE_VERSION, CONTROL_ACTIONS_TOTAL, STORE_ERRORS_TOTAL)
+                    APPLY_LAG_SECONDS, LIVE_VERSION, CONTROL_ACTIONS_TOTAL, STORE_ERRORS_TOTAL, STORE_DEGRADED,
+                    REPAIR_UNAVAILABLE)
 
 
 def summary_lines(page: str) -> list[str]:
@@ -374,6 +383,8 @@ class _BatchTally:
     score_sum: float = 0.0
     version: int | None = None
     lag_s: float | None = None
+    #: (store degraded, instance unavailable) when it changed since the last flush
+    store: tuple[bool, bool] | None = None
 
     def reduce(self, edges: np.ndarray) -> None:
         """Fold the kept batches into bucket counts, flagged count and score sum (numpy; off the hot path)."""
@@ -408,7 +419,7 @@ class BatchMetrics(_Exporter):
         self._edges = np.asarray(self.config.score_buckets, dtype=np.float64)
         self._le = [le_label(b) for b in (*self.config.score_buckets, math.inf)]
         for family in (REQUESTS_TOTAL, SAMPLES_TOTAL, FLAGGED_SAMPLES_TOTAL, BYPASSED_REQUESTS_TOTAL, SCORE_COUNT,
-                       SCORE_SUM, APPLIED_VERSION):
+                       SCORE_SUM, APPLIED_VERSION, STORE_DEGRADED, REPAIR_UNAVAILABLE):
             self._create(family)
         self._create(APPLY_LAG_SECONDS).set(math.nan)
         for le in self._le:
@@ -461,6 +472,13 @@ class BatchMetrics(_Exporter):
                 self._tally.lag_s = lag
         self._wake.set()
 
+    def store_state(self, degraded: bool, unavailable: bool) -> None:
+        """What this instance sees of the store: ``degraded`` (missing, unreadable, damaged, unreachable: it keeps
+        its verified version) and ``unavailable`` (no verified version: it refuses requests). Sent at once."""
+        with self._lock:
+            self._tally.store = (bool(degraded), bool(unavailable))
+        self._wake.set()
+
     def _drain(self) -> list[tuple[Any, str, float]]:
         with self._lock:
             tally, self._tally = self._tally, _BatchTally()
@@ -483,19 +501,25 @@ class BatchMetrics(_Exporter):
             calls.append((self._series(APPLIED_VERSION), "set", float(tally.version)))
         if tally.lag_s is not None:
             calls.append((self._series(APPLY_LAG_SECONDS), "set", tally.lag_s))
+        if tally.store is not None:
+            calls += [(self._series(STORE_DEGRADED), "set", float(tally.store[0])),
+                      (self._series(REPAIR_UNAVAILABLE), "set", float(tally.store[1]))]
         return calls
 
 
 class ControlMetrics(_Exporter):
-    """The control stage's metrics: actions by result, the store's live version, store errors.
+    """The control stage's metrics: actions by result, the store's live version and whether it is degraded, store
+    errors.
 
     ``actions`` are the controller's action names (one series per action and result, all created at 0);
-    ``live_version``, when given, is read by the flusher every ``flush_interval_s`` and after every action,
-    so the gauge follows commits made through other servers sharing the store too.
+    ``store_view``, when given, returns (the committed live version or None when the store cannot say, whether the
+    store is degraded); the flusher reads it every ``flush_interval_s`` and after every action, so the gauges follow
+    commits made through other servers sharing the store, and damage nobody is writing.
     """
 
     def __init__(self, pb_utils: Any, model: str, model_instance: str, actions: Sequence[str], *,
-                 live_version: Callable[[], int] | None = None, config: MetricsConfig | None = None) -> None:
+                 store_view: Callable[[], tuple[int | None, bool]] | None = None,
+                 config: MetricsConfig | None = None) -> None:
         super().__init__(pb_utils, {MODEL_LABEL: model, INSTANCE_LABEL: model_instance}, CONTROL_FAMILIES,
                          config or MetricsConfig())
         self.actions = tuple(dict.fromkeys((*actions, OTHER_ACTION)))
@@ -503,8 +527,10 @@ class ControlMetrics(_Exporter):
             for result in CONTROL_RESULTS:
                 self._create(CONTROL_ACTIONS_TOTAL, action=action, result=result)
         self._create(LIVE_VERSION)
-        self._live_version = live_version
+        self._create(STORE_DEGRADED)
+        self._store_view = store_view
         self._live_sent: int | None = None
+        self._degraded_sent: bool | None = None
         self._actions: Counter = Counter()
         self._start()
 
@@ -523,13 +549,16 @@ class ControlMetrics(_Exporter):
         calls: list[tuple[Any, str, float]] = [
             (self._series(CONTROL_ACTIONS_TOTAL, action=a, result=r), "increment", n) for (a, r), n in actions.items()
         ]
-        if self._live_version is not None:
+        if self._store_view is not None:
             try:
-                live = int(self._live_version())
-            except Exception as exc:  # the store's own errors are reported by the store; keep the last value
-                LOG.warning("metrics: could not read the live version: %s", exc)
-            else:
-                if live != self._live_sent:
-                    self._live_sent = live
-                    calls.append((self._series(LIVE_VERSION), "set", float(live)))
+                live, degraded = self._store_view()
+            except Exception as exc:  # e.g. an engine away: the store cannot be read, so it is degraded
+                LOG.warning("metrics: could not read the store: %s", exc)
+                live, degraded = None, True
+            if live is not None and live != self._live_sent:  # unknown: keep the last value
+                self._live_sent = live
+                calls.append((self._series(LIVE_VERSION), "set", float(live)))
+            if degraded != self._degraded_sent:
+                self._degraded_sent = degraded
+                calls.append((self._series(STORE_DEGRADED), "set", float(degraded)))
         return calls

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data.datasets import to_uint8
-from fire_backend.defaults import ESTIMATION_MODES
+from fire_backend.defaults import ESTIMATION_MODES, MAX_CLEAN_CHANGE, RETAIN_VERSIONS
 from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
 from fire_backend.evaluation import LayerView, load_defender_samples
 from fire_backend.fire import Direction
@@ -32,6 +32,7 @@ from fire_backend.serving.artifacts import (
     FULL_FILE,
     LAYOUTS,
     STORE_DIR,
+    Limits,
     ServingSettings,
     models_dir,
     save_centroid,
@@ -40,7 +41,7 @@ from fire_backend.serving.artifacts import (
 from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.stages import GUARD_PARAMETER
 from fire_backend.split import Part, candidate_layers, save_part
-from fire_backend.store import DirectionSet, DirectionStore, LayeredSet
+from fire_backend.store import BUILD_ACTION, DirectionSet, DirectionStore, LayeredSet
 from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
     DIRECTION_VERSION,
@@ -100,6 +101,10 @@ class RepositoryOptions:
     store: str = ""
     #: how observe estimates several layers: independent (measured default) or ordered (fire_backend.multilayer)
     estimation: str = "independent"
+    #: how many of the newest committed versions keep their payload file in a file store (compaction)
+    retain_versions: int = RETAIN_VERSIONS
+    #: the largest share of the clean reserve's predictions a push may change without being forced
+    max_clean_change: float = MAX_CLEAN_CHANGE
 
     def __post_init__(self) -> None:
         for layout in (self.layout, *self.compare_layouts):
@@ -115,6 +120,10 @@ class RepositoryOptions:
             open_store(self.store)  # the URL's form only (ValueError naming the fix); nothing is contacted
         if self.estimation not in ESTIMATION_MODES:
             raise ValueError(f"estimation must be one of {', '.join(ESTIMATION_MODES)}, not {self.estimation!r}")
+        if self.retain_versions < 1:
+            raise ValueError(f"retain versions must be >= 1, got {self.retain_versions}")
+        if not 0.0 <= self.max_clean_change <= 1.0:
+            raise ValueError(f"max clean change must be a share in [0, 1], got {self.max_clean_change}")
 
     @classmethod
     def from_record(cls, record: dict) -> RepositoryOptions:
@@ -336,7 +345,8 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
         estimation=options.estimation,
         layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
         allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
-        store=options.store,
+        store=options.store, retain_versions=options.retain_versions,
+        limits=Limits(max_clean_change=options.max_clean_change),
     )
     artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
@@ -351,21 +361,20 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
     save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
     save_reserve(artifacts, to_uint8(samples.clean))
     store = open_store(settings.store, artifacts / STORE_DIR)
+    store.initialize()  # the one place a file store is created
     note = {"flagged": flagged, "defender": samples.describe()}
     if flagged and len(layers) > 1:
         evidence = Evidence(whole, samples.clean, samples.flagged, layers, batch_size)
         sets, ranking = learn(evidence, estimation_settings(settings))
         layered = LayeredSet({name: DirectionSet(center.numpy(), directions) for name, (directions, center)
                               in sets.items()}, to_uint8(samples.flagged), [s.to_dict() for s in ranking])
-        store.commit(layered, action="build", actor="fire repo build",
+        store.commit(layered, action=BUILD_ACTION, actor="fire repo build",
                      note={**note, "layers": [name for name, (d, _) in sets.items() if d]})
     elif flagged:
         estimator = view.estimator("unpaired", flagged)
         direction = Direction(estimator.direction(), options.alpha, "projection", options.flag_threshold)
         ds = DirectionSet(view.mu.numpy(), [direction], estimator.state())
-        store.commit(ds, action="build", actor="fire repo build", note=note)
-    else:
-        store.initialize()
+        store.commit(ds, action=BUILD_ACTION, actor="fire repo build", note=note)
     write_configs(out, settings, options)
     return settings
 
@@ -410,6 +419,8 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
     if store.root.is_dir():  # a file store in the artifacts (an etcd store is shared: the settings name it)
         shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
                         ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
+    else:  # the copy's own new store, at version 0
+        DirectionStore(artifacts / STORE_DIR).initialize()
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
                        max_batch_size=options.max_batch_size, build=asdict(options), store=options.store)
     settings.write(artifacts)

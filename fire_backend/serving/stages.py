@@ -42,6 +42,7 @@ from fire_backend.wire.names import (
     CREDENTIAL_PARAMETER,
     DIRECTION_VERSION,
     FLAGGED,
+    HOLDING,
     IMAGE,
     LABEL,
     LATENT,
@@ -158,10 +159,14 @@ class Stage:
         self.device = instance_device(args)
         limit_threads(int(self.params.get("torch_threads", "1")))
 
-    def error(self, message: str) -> Any:
-        return self.pb.InferenceResponse(
-            output_tensors=[], error=self.pb.TritonError(message, self.pb.TritonError.INVALID_ARG)
-        )
+    def error(self, message: str, code: Any = None) -> Any:
+        """A request's own error response (INVALID_ARG unless ``code`` says otherwise)."""
+        code = self.pb.TritonError.INVALID_ARG if code is None else code
+        return self.pb.InferenceResponse(output_tensors=[], error=self.pb.TritonError(message, code))
+
+    def unavailable(self) -> str | None:
+        """Why this stage cannot serve the next batch at all (None: it can); every request then gets UNAVAILABLE."""
+        return None
 
     # -- per request -------------------------------------------------------------------------
     def validate(self, batch: torch.Tensor) -> None:
@@ -205,6 +210,9 @@ class Stage:
         return owners, tensors
 
     def execute(self, requests: Sequence[Any]) -> list[Any]:
+        refusal = self.unavailable()
+        if refusal is not None:
+            return [self.error(refusal, self.pb.TritonError.UNAVAILABLE) for _ in requests]
         responses: list[Any] = [None] * len(requests)
         owners, tensors = self._admitted(requests, responses)
         bypass: list[bool] = []
@@ -266,6 +274,15 @@ class Scoring:
         """Start exporting metrics and following the store (metrics first: the plan reports to them)."""
         self.metrics = BatchMetrics(self.pb, self.name, self.instance, layout=self.layout)
         self.live = LivePlan(self.artifacts, self.settings, self.device, self.instance, self.metrics)
+        self.plan = self.live.plan
+
+    def unavailable(self: Any) -> str | None:
+        """Takes the plan for the whole batch; without one (no version ever verified) the batch is refused."""
+        self.plan = self.live.refresh()
+        if self.plan is None:
+            return (f"{HOLDING}: the direction store is missing, unreadable or unreachable for this instance; it "
+                    "refuses to serve without the committed defence (see `fire ctl status`)")
+        return None
 
     def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
         self.metrics.record_batch(n_requests, values[REPAIR_SCORE], values[FLAGGED], bypassed)
@@ -330,7 +347,7 @@ class RepairingStage(Scoring, ImageStage):
 
     def run(self, batch: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The part's output and the per-sample scores, under one plan for the whole batch."""
-        run = RepairPass(self.live.refresh(), keep)
+        run = RepairPass(self.plan, keep)
         out = self.net(batch, run.hooks)
         return out, _scores(run, batch.shape[0], batch.device)
 
@@ -436,7 +453,7 @@ class RepairStage(Scoring, Stage):
         return bypass
 
     def compute(self, batch, keep):
-        run = RepairPass(self.live.refresh(), keep)
+        run = RepairPass(self.plan, keep)
         hook = run.hooks.get(self.settings.layer)
         repaired = hook(batch) if hook else batch
         return {REPAIRED: repaired, **_scores(run, batch.shape[0], batch.device)}

@@ -20,7 +20,9 @@ twice a second:
   sees it, and regions never shrink): ``fire_control`` is reloaded the same way, for a fresh region.
 
 Readiness (:attr:`Supervisor.ready`) is false while starting, restarting or degraded; ``fire serve`` publishes it
-on its own health endpoint (:mod:`fire_backend.serving.health`). Events go to ``report``; nothing here prints.
+on its own health endpoint (:mod:`fire_backend.serving.health`), with what the stages say of the direction store
+(:mod:`fire_backend.serving.store_health`: a repair instance without a verified version makes it 503). Events go to
+``report``; nothing here prints.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from typing import Any
 
 from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
 from fire_backend.procfs import Process, child_processes, is_running, this_host, uptime_ticks
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR
+from fire_backend.serving.artifacts import ARTIFACTS_DIR
 from fire_backend.serving.model_configs import StubModel, stub_models
 from fire_backend.serving.server import TritonServer, TritonServerError
+from fire_backend.serving.store_health import StoreHealth
 from fire_backend.wire.names import FIRE_CONTROL
 
 LOGGER = logging.getLogger(__name__)
@@ -131,6 +134,7 @@ class Supervisor:
         self._restarts: deque[float] = deque()
         self._generation = 0  #: counts restarts, so a round notices one happened under it
         self.events: list[tuple[float, str]] = []  #: (time, message) of everything reported
+        self.store_health = StoreHealth(server.urls["metrics"])
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -156,11 +160,12 @@ class Supervisor:
         return busy or time.monotonic() - self._heartbeat < max(10.0, 20 * self.policy.interval_s)
 
     def health(self) -> dict[str, Any]:
-        """What the health endpoint shows."""
+        """What the health endpoint shows (not ready, too, while a repair instance has no verified version)."""
+        store = self.store_health.snapshot() if self._state is State.READY else None
         with self._lock:
             return {"state": self._state.value, "detail": self._detail, "since": self._since,
-                    "ready": self.ready, "live": self.live, "tritonserver_pid": self.server.pid,
-                    "restarts": len(self._restarts)}
+                    "ready": self.ready and not (store and store["unavailable"]), "live": self.live,
+                    "tritonserver_pid": self.server.pid, "restarts": len(self._restarts), "store": store}
 
     def _set(self, state: State, detail: str = "") -> None:
         with self._lock:
@@ -348,7 +353,7 @@ class Supervisor:
 
     def _prune_registry(self, superseded: set[int] | frozenset[int] = frozenset()) -> None:
         """Remove the store's instance entries of exited stubs (and of ``superseded`` ones of this host)."""
-        registry = InstanceRegistry(Path(self.server.config.repository) / ARTIFACTS_DIR / STORE_DIR / INSTANCES_DIR)
+        registry = InstanceRegistry(Path(self.server.config.repository) / ARTIFACTS_DIR / INSTANCES_DIR)
         here = this_host()
 
         def stale(entry: dict[str, Any]) -> bool:

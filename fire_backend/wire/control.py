@@ -32,7 +32,12 @@ class ControlClient(Connection):
     def call(self, request: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
         """Send one JSON action (with images for ``observe``), signed; the server's JSON answer."""
         body = json.dumps(request).encode()
-        pixels = None if images is None else np.ascontiguousarray(images, dtype=np.uint8)
+        if images is not None and (not isinstance(images, np.ndarray) or images.dtype != np.uint8
+                                   or images.ndim != 4):
+            # Never cast: float images in [0, 1] or int16 would silently become other pixels the server learns from.
+            shown = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+            raise ValueError(f"images must be uint8 N x H x W x C (as `fire data export` writes), got {shown}")
+        pixels = None if images is None else np.ascontiguousarray(images)
         # Without a token there is nothing to sign with: the empty credential lets the server say so.
         credential = sign(self.token, CONTROL, digest(body, b"" if pixels is None else pixels.tobytes())) \
             if self.token else ""
@@ -54,9 +59,13 @@ class ControlClient(Connection):
         return self.call({"action": "rollback", "version": version})
 
     def push(self, directions: list[dict[str, Any]], center: list[float] | None = None,
-             layer: str | None = None) -> dict[str, Any]:
-        """Replace the direction set at ``layer`` (default: the split layer); the other layers' sets are kept."""
-        return self.call({"action": "push", "directions": directions, "center": center, "layer": layer})
+             layer: str | None = None, force: bool = False) -> dict[str, Any]:
+        """Replace the direction set at ``layer`` (default: the split layer); the other layers' sets are kept.
+        ``force``: commit even when the set changes more of the clean reserve's predictions than allowed."""
+        request: dict[str, Any] = {"action": "push", "directions": directions, "center": center, "layer": layer}
+        if force:
+            request["force"] = True
+        return self.call(request)
 
     def observe(self, images: np.ndarray, clean: bool = False, estimator: str | None = None,
                 publish_every: int | None = None) -> dict[str, Any]:

@@ -1,13 +1,14 @@
 """What went wrong on the wire, said once: tritonclient's exceptions become errors that name the fix.
 
 Classified by type and status code, never by matching message text: gRPC reports ``StatusCode.UNAVAILABLE``
-when nothing listens and ``DEADLINE_EXCEEDED`` on a timeout; the HTTP client raises ``OSError`` (connection
+when nothing listens (and a repairing stage that holds requests answers UNAVAILABLE too, its message starting with
+the wire constant ``HOLDING``) and ``DEADLINE_EXCEEDED`` on a timeout; the HTTP client raises ``OSError`` (connection
 refused or reset, DNS, socket timeouts) before any status exists.
 """
 
 from __future__ import annotations
 
-from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS, FIRE_CONTROL, INFERENCE_MODELS
+from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS, FIRE_CONTROL, HOLDING, INFERENCE_MODELS
 
 
 class FireClientError(Exception):
@@ -52,6 +53,8 @@ def translate(exc: BaseException, address: str, protocol: str, timeout_s: float,
         return unreachable(address, protocol, exc)
     if isinstance(exc, InferenceServerException):
         status, message = str(exc.status() or ""), exc.message() or str(exc)
+        if "UNAVAILABLE" in status and message.startswith(HOLDING):  # the server answered: it holds requests
+            return FireClientError(f"{address}: {message}")
         if "UNAVAILABLE" in status:
             return unreachable(address, protocol, exc)
         if protocol == "http" and status == "403":  # a closed API group; for a client that is HTTP inference

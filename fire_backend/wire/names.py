@@ -53,6 +53,9 @@ RESPONSE = "RESPONSE"
 BYPASS_PARAMETER = "fire_bypass"
 #: request parameter with the bypass credential: wire.auth.sign(token, BYPASS, digest(IMAGE bytes as sent))
 CREDENTIAL_PARAMETER = "fire_credential"
+#: how a repairing stage's UNAVAILABLE answer begins while it holds requests (no verified direction version yet):
+#: clients tell it from "nothing listens", which gRPC also reports as UNAVAILABLE
+HOLDING = "no verified direction version yet"
 
 # -- endpoints ---------------------------------------------------------------------------------------
 PROTOCOLS = ("grpc", "http")

@@ -43,6 +43,7 @@ class Fleet:
     token: str
     store: StoreBackend
     beta: list[float]  # the offline estimate's direction (version 1)
+    repository: Path
 
     def controls(self) -> list[ControlClient]:
         return [ControlClient(s.urls["grpc"], self.token, timeout_s=30) for s in self.servers]
@@ -74,7 +75,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, badnets_checkpoint: Path) ->
         with ExitStack() as stack:
             servers = [stack.enter_context(running_server(repository, extra_env=pinned_token(token)))
                        for _ in range(REPLICAS)]
-            yield Fleet(engine, servers, token, store, beta)
+            yield Fleet(engine, servers, token, store, beta, repository)
     finally:
         engine.stop(kill=True)
 
@@ -187,3 +188,56 @@ def test_concurrent_pushes_on_two_replicas_never_share_a_version(fleet: Fleet) -
     assert fleet.store.resolve().version == ours[-1]
     pushed = [e["version"] for e in fleet.store.history() if e["action"] == "push"]
     assert pushed[-20:] == ours
+
+
+def test_a_replica_started_while_etcd_is_down_holds_ready_at_503_and_serves_once_it_answers(
+        fleet: Fleet, badnets_eval) -> None:
+    """Issue 25 (run last: it stops the engine): the replica's stages load holding requests rather than refusing to
+    load (which made `fire serve` exit); `/ready` is 503 meanwhile, so a load balancer sends traffic elsewhere;
+    requests get UNAVAILABLE, never an undefended answer; once etcd answers it serves the live version and `/ready`
+    turns 200, with no restart."""
+    import urllib.error
+    import urllib.request
+
+    from fire_backend.serving.health import HealthServer
+    from fire_backend.serving.ports import free_ports
+    from fire_backend.serving.server import ServerConfig
+    from fire_backend.serving.supervisor import Supervisor
+    from fire_backend.wire.errors import FireClientError, ServerUnreachable
+    from fire_backend.wire.names import HOLDING
+
+    live = fleet.store.resolve().version
+    fleet.engine.stop(kill=True)
+    http, grpc, metrics, health_port = free_ports(4)
+    config = ServerConfig(fleet.repository, http_port=http, grpc_port=grpc, metrics_port=metrics,
+                          extra_env=pinned_token(fleet.token))
+    supervisor = Supervisor(TritonServer(config), report=lambda message: None)
+    health = HealthServer("127.0.0.1", health_port, supervisor.health).start()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def ready() -> int:
+        try:
+            with opener.open(f"http://127.0.0.1:{health_port}/ready", timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        supervisor.start()  # did not exit: the stages loaded, holding
+        wait_for(lambda: ready() == 503, timeout=10)
+        assert supervisor.health()["store"]["unavailable"]
+        with FireClient(supervisor.server.urls["grpc"], timeout_s=30) as client:
+            with pytest.raises(FireClientError, match=HOLDING):  # the server answered: not "unreachable"
+                client.infer(badnets_eval.clean[:2])
+            try:
+                client.infer(badnets_eval.clean[:2])
+            except FireClientError as exc:
+                assert not isinstance(exc, ServerUnreachable)
+            fleet.engine.start()
+            wait_for(lambda: ready() == 200, timeout=60)
+            assert set(client.infer(badnets_eval.clean[:8]).versions.tolist()) == {live}
+    finally:
+        if fleet.engine.process is None:
+            fleet.engine.start()
+        supervisor.stop()
+        health.stop()

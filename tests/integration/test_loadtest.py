@@ -302,3 +302,37 @@ def test_web_ui_reset_zeroes_the_defense_counters_of_a_distributed_run(served, t
     # (without the reset the defense count would still hold the `before` requests).
     assert int(defense["clean"]["requests"]) + int(defense["poisoned"]["requests"]) == model["num_requests"] > 0
     assert int(run["per_sample"]["fire_ensemble"]["samples"]) == 2 * model["num_requests"]
+
+
+@pytest.mark.parametrize("down", ["refused", "silent"])
+@pytest.mark.parametrize("stop", ["sigterm", "time_limit"])
+def test_locust_exits_on_sigterm_and_its_time_limit_whatever_the_server_does(tmp_path, down, stop):
+    """Issue 25: against a server that is down (a closed port, or one that accepts and never answers), Locust once
+    never exited and ignored SIGTERM and SIGINT (a gRPC channel closed by the garbage collector under gevent). It
+    must exit on SIGTERM and on -t, promptly; a watchdog ends any shutdown that still hangs (SHUTDOWN_GRACE_S)."""
+    import signal
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        if down == "silent":
+            listener.listen(16)  # accepts connections (the kernel does) and never answers
+        port = listener.getsockname()[1]
+        if down == "refused":
+            listener.close()
+        args = ["--headless", "-u", "2", "-r", "2", "--host", f"grpc://127.0.0.1:{port}"]
+        log = tmp_path / "locust.log"
+        proc = start_locust(args + (["-t", "5s"] if stop == "time_limit" else []), log)
+        try:
+            if stop == "sigterm":
+                time.sleep(8)
+                proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            proc.wait(timeout=30)
+            took = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"{down} server, {stop}: exited {took:.1f} s after (code {proc.returncode})")
+    assert proc.returncode in (0, 1), log.read_text()[-3000:]  # not killed by the watchdog: a clean exit

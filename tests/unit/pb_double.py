@@ -22,7 +22,7 @@ MetricFamily = METRICS.MetricFamily
 
 
 class TritonError:
-    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG = 0, 1, 2, 3
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE = 0, 1, 2, 3, 4
 
     def __init__(self, message: str, code: int = 0) -> None:
         self._message, self.code = message, code

@@ -134,3 +134,40 @@ def test_ctl_status_shows_each_instances_version_and_lag_and_the_gone_ones(capsy
     assert "  repair instance fire_ensemble_0_1-12: version 3 (live; applied at start)" in lines
     assert "  repair instance fire_repair_0_0-13: version 2, BEHIND the live version 3 for 42.0 s" in lines
     assert "  repair instance fire_repair_0_1-14: GONE (pid 14 no longer runs; it last applied version 1)" in lines
+
+
+def test_ctl_status_names_a_degraded_store_and_what_each_instance_does(capsys) -> None:
+    from fire_backend.cli.ctl import _print_status
+
+    status = {"version": None, "verified_version": None, "damage": ["store directory missing"], "layer": "block2",
+              "latent_shape": [32], "directions": [], "estimator": None,
+              "instances": [
+                  {"instance": "fire_ensemble_0_0-11", "version": 3, "lag_s": None, "behind_s": None, "alive": True,
+                   "held": False, "damage": ["store directory missing"]},
+                  {"instance": "fire_ensemble_0_1-12", "version": 0, "lag_s": None, "behind_s": None, "alive": True,
+                   "held": True, "damage": ["store directory missing"]}],
+              "gone": []}
+    _print_status(status)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("live version: UNKNOWN")
+    assert "STORE DEGRADED" in lines[1] and "holds requests" in lines[1] and lines[2] == "    store directory missing"
+    assert ("  repair instance fire_ensemble_0_0-11: version 3 (its last verified version; the live one is unknown); "
+            "sees a degraded store (store directory missing)") in lines
+    assert any(line.startswith("  repair instance fire_ensemble_0_1-12: HOLDING requests") for line in lines)
+
+
+def test_ctl_observe_refuses_images_that_are_not_uint8_as_infer_does(tmp_path: Path, capsys,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: float or int16 images were cast to uint8 and learned from (PA 1.00 -> 0.00)."""
+    import numpy as np
+
+    from fire_backend.wire.control import ControlClient
+
+    monkeypatch.setenv("FIRE_CONTROL_TOKEN", "t")
+    for dtype in (np.float32, np.int16):
+        path = tmp_path / f"{np.dtype(dtype).name}.npz"
+        np.savez(path, x=np.ones((2, 8, 8, 1), dtype))
+        assert main(["ctl", "--url", "127.0.0.1:1", "observe", str(path)]) == 2
+        assert "x must be uint8" in capsys.readouterr().err
+    with ControlClient("127.0.0.1:1", "t") as client, pytest.raises(ValueError, match="must be uint8"):
+        client.observe(np.ones((2, 8, 8, 1), np.float32))  # refused before anything is sent

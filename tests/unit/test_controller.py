@@ -18,7 +18,7 @@ from fire_backend.procfs import this_host
 from fire_backend.serving import controller as controller_module
 from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
 from fire_backend.serving.controller import ControlError, Controller, token_id
-from fire_backend.store import Conflict
+from fire_backend.store import Conflict, DirectionStore
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 
 TOKEN = "s3cret-token"
@@ -47,6 +47,7 @@ def latents(x: np.ndarray) -> torch.Tensor:
 def artifacts(tmp_path: Path) -> Path:
     ServingSettings(layer="block", input_shape=SHAPE, latent_shape=(DIM,), num_classes=10, arch="test").write(tmp_path)
     save_centroid(tmp_path, latents(images(CLEAN_COUNT, 1)).mean(0).numpy(), CLEAN_COUNT)
+    DirectionStore(tmp_path / STORE_DIR).initialize()  # as `fire repo build` does: a controller never creates one
     return tmp_path
 
 
@@ -69,8 +70,11 @@ def act(controller: Controller, action: str, images_: np.ndarray | None = None, 
 
 
 def snapshot(artifacts: Path) -> dict[str, bytes]:
+    """The store's files, its request nonces left out: a refused request changes no version, pointer or history line
+    (its nonce is recorded, so it cannot be replayed either)."""
     root = artifacts / STORE_DIR
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent.name != "nonces"}
 
 
 def direction(seed: int, **extra) -> dict:
@@ -119,19 +123,35 @@ def test_the_token_never_travels_and_a_credential_is_good_for_its_own_request_on
     assert snapshot(artifacts) == before
 
 
-def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifacts: Path) -> None:
-    """Writers record their nonce in the history: a second server (or a restarted one) refuses the replay."""
-    raw = json.dumps({"action": "push", "directions": [direction(1)]}).encode()
+@pytest.mark.parametrize("action", [{"action": "push", "directions": [direction(1)]}, {"action": "status"},
+                                    {"action": "history"}], ids=["push", "status", "history"])
+def test_a_replay_against_another_controller_on_the_same_store_is_refused(artifacts: Path, action: dict) -> None:
+    """Every request's nonce is recorded in the store: a second server (or a restarted one) refuses the replay, of a
+    read-only request too (issue 25: read-only credentials could be replayed there)."""
+    raw = json.dumps(action).encode()
     credential = sign(TOKEN, CONTROL, digest(raw, b""))
     Controller(artifacts, TOKEN, head).handle(raw, credential, None)
     with pytest.raises(ControlError, match="already used"):
         Controller(artifacts, TOKEN, head).handle(raw, credential, None)
-    assert [e["version"] for e in Controller(artifacts, TOKEN, head).store.history()] == [1]
+    committed = 1 if action["action"] == "push" else 0
+    assert [e["version"] for e in Controller(artifacts, TOKEN, head).store.history()] == [1] * committed
+
+
+def test_a_read_only_request_is_served_when_the_store_cannot_record_its_nonce(artifacts: Path) -> None:
+    """The store gone (a volume that did not mount): status still answers and names it, guarded in memory only; a
+    writer fails, and nothing is created."""
+    controller = Controller(artifacts, TOKEN, head)
+    (artifacts / STORE_DIR).rename(artifacts / "away")
+    status = act(controller, "status")
+    assert status["version"] is None and status["damage"] == ["store directory missing"] and status["degraded"]
+    with pytest.raises(ControlError, match="store directory missing"):
+        act(controller, "push", directions=[direction(1)])
+    assert not (artifacts / STORE_DIR).exists()
 
 
 def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
     result = act(controller, "push", directions=[direction(1, alpha=0.5, mode="constant", threshold=0.3)])
-    assert result == {"version": 1, "action": "push"}
+    assert result == {"version": 1, "action": "push", "clean_change": None}  # no network here: not measured
     status = act(controller, "status")
     (d,) = status["directions"]
     assert status["version"] == 1
@@ -259,9 +279,9 @@ def test_status_names_the_damage_and_what_a_restart_would_apply(controller: Cont
 
 def test_status_shows_each_instances_version_and_lag_and_marks_gone_ones(controller: Controller) -> None:
     pushed = act(controller, "push", directions=[direction(1)])["version"]
-    controller.store.report_instance("fire_repair_0_0-here", pushed, 0.012)
-    controller.store.report_instance("fire_repair_0_1-started", pushed)  # started on it: no propagation
-    controller.store.report_instance("fire_repair_0_2-behind", 0)
+    controller.store.registry.report("fire_repair_0_0-here", pushed, 0.012)
+    controller.store.registry.report("fire_repair_0_1-started", pushed)  # started on it: no propagation
+    controller.store.registry.report("fire_repair_0_2-behind", 0)
     stale = {"instance": "fire_repair_0_3-gone", "version": 0, "pid": 2**22 + 1, "host": this_host()}
     (controller.store.instances_dir / "fire_repair_0_3-gone.json").write_text(json.dumps(stale))
     status = act(controller, "status")
@@ -371,3 +391,16 @@ def test_a_block_that_keeps_losing_races_runs_again_until_it_lands_or_its_deadli
     losses["left"] = 10**6
     with pytest.raises(ControlError, match="changed under this request"):
         controller._atomically(block)
+
+
+def test_a_commit_a_killed_writer_left_half_published_is_finished_when_the_control_stage_loads(artifacts: Path) -> None:
+    """kill -9 between the history line and CURRENT: the commit was never acknowledged, the history has it; the next
+    control process (the supervisor reloads it) finishes it, so instances apply it and status names no damage."""
+    store = DirectionStore(artifacts / STORE_DIR)
+    act(Controller(artifacts, TOKEN, head), "push", directions=[direction(1)])
+    before = store.current_path.read_bytes()
+    act(Controller(artifacts, TOKEN, head), "push", directions=[direction(2)])
+    store.current_path.write_bytes(before)  # as if killed before CURRENT was rewritten
+    assert "CURRENT names version 1, the history version 2" in store.resolve().damage
+    Controller(artifacts, TOKEN, head)
+    assert store.read_pointer()[0] == 2 and store.resolve().damage == ()

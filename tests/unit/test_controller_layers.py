@@ -111,3 +111,25 @@ def test_build_with_flagged_samples_ranks_and_learns_every_layer_offline(digits_
     chosen = layered.ranking[0]["layers"]
     assert [layer for layer, n in layered.counts("block2").items() if n] == chosen
     assert store.history()[-1]["layers"] == chosen
+
+
+def test_a_push_that_changes_too_many_clean_predictions_is_refused_unless_forced(controller, built) -> None:
+    """Issue 25: one signed push within every bound (constant mode, alpha 10, along the clean centroid) took CA from
+    0.99 to 0.10 with no warning. It is measured on the defender's clean reserve first and refused above the
+    repository's limit; --force commits it, and the history records the figure either way."""
+    artifacts, _ = built
+    center = controller._live_layers().sets["block2"].center
+    harmful = {"beta": center.tolist(), "alpha": 10.0, "mode": "constant", "name": "along-the-centroid"}
+    before = snapshot(artifacts)
+    refusal = r"changes \d+\.\d% of the defender's clean reserve predictions \(at most 5%"
+    with pytest.raises(ControlError, match=refusal):
+        act(controller, "push", layer="block2", directions=[harmful])
+    assert snapshot(artifacts) == before
+    forced = act(controller, "push", layer="block2", directions=[harmful], force=True)
+    assert forced["clean_change"] > 0.5
+    entry = act(controller, "history")["history"][-1]
+    assert (entry["version"], entry["clean_change"], entry["forced"]) == (forced["version"],
+                                                                          round(forced["clean_change"], 4), True)
+    act(controller, "rollback", version=0)
+    ok = act(controller, "push", layer="block2", directions=[{"beta": [1e-3] * len(center), "name": "small"}])
+    assert ok["clean_change"] <= 0.05 and act(controller, "history")["history"][-1]["forced"] is False

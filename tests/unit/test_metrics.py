@@ -392,8 +392,8 @@ ACTIONS = ("status", "push", "observe", "rollback", "history")
 
 def test_control_actions_by_action_and_result(pb: PbMetrics) -> None:
     live = {"version": 0}
-    exporter = m.ControlMetrics(pb, "fire_control", "fire_control_0_0", ACTIONS, live_version=lambda: live["version"],
-                                config=SLOW)
+    exporter = m.ControlMetrics(pb, "fire_control", "fire_control_0_0", ACTIONS,
+                                store_view=lambda: (live["version"], False), config=SLOW)
     page = scrape(pb)
     assert len(page.select(m.CONTROL_ACTIONS_TOTAL.name)) == (len(ACTIONS) + 1) * len(m.CONTROL_RESULTS)
     assert page.total(m.CONTROL_ACTIONS_TOTAL.name) == 0
@@ -415,22 +415,41 @@ def test_control_actions_by_action_and_result(pb: PbMetrics) -> None:
     exporter.close()
 
 
-def test_live_version_follows_the_store_and_survives_a_failing_read(pb: PbMetrics) -> None:
-    reads = iter([2, OSError("CURRENT unreadable"), 3])
+def test_live_version_and_degraded_follow_the_store_and_survive_a_failing_read(pb: PbMetrics) -> None:
+    reads = iter([(2, False), OSError("engine away"), (None, True), (3, False)])
 
-    def read() -> int:
+    def read() -> tuple[int | None, bool]:
         value = next(reads)
         if isinstance(value, Exception):
             raise value
         return value
 
-    exporter = m.ControlMetrics(pb, "fire_control", "fire_control_0_0", ACTIONS, live_version=read, config=SLOW)
+    exporter = m.ControlMetrics(pb, "fire_control", "fire_control_0_0", ACTIONS, store_view=read, config=SLOW)
     wait_for(lambda: scrape(pb).one(m.LIVE_VERSION.name) == 2, "the first flush runs at start")
+    assert scrape(pb).one(m.STORE_DEGRADED.name) == 0
     exporter.flush()
-    assert scrape(pb).one(m.LIVE_VERSION.name) == 2, "a failed read keeps the last value"
+    page = scrape(pb)
+    assert page.one(m.LIVE_VERSION.name) == 2, "a failed read keeps the last version"
+    assert page.one(m.STORE_DEGRADED.name) == 1, "and says the store is degraded"
     exporter.flush()
-    assert scrape(pb).one(m.LIVE_VERSION.name) == 3
+    page = scrape(pb)
+    assert page.one(m.LIVE_VERSION.name) == 2 and page.one(m.STORE_DEGRADED.name) == 1  # a store that cannot say
+    exporter.flush()
+    page = scrape(pb)
+    assert page.one(m.LIVE_VERSION.name) == 3 and page.one(m.STORE_DEGRADED.name) == 0  # recovered
     exporter.close()
+
+
+def test_an_instance_says_whether_the_store_is_degraded_and_whether_it_is_unavailable(
+        pb: PbMetrics, batch: m.BatchMetrics) -> None:
+    batch.flush()
+    assert scrape(pb).one(m.STORE_DEGRADED.name) == 0 and scrape(pb).one(m.REPAIR_UNAVAILABLE.name) == 0
+    batch.store_state(True, True)
+    batch.flush()
+    assert scrape(pb).one(m.STORE_DEGRADED.name) == 1 and scrape(pb).one(m.REPAIR_UNAVAILABLE.name) == 1
+    batch.store_state(True, False)
+    batch.flush()
+    assert scrape(pb).one(m.STORE_DEGRADED.name) == 1 and scrape(pb).one(m.REPAIR_UNAVAILABLE.name) == 0
 
 
 def test_the_summary_shows_counters_that_moved_and_every_gauge(pb: PbMetrics, batch: m.BatchMetrics) -> None:
@@ -442,5 +461,6 @@ def test_the_summary_shows_counters_that_moved_and_every_gauge(pb: PbMetrics, ba
     shown = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
     assert math.isnan(shown.pop(m.APPLY_LAG_SECONDS.name))  # a gauge: shown even before any propagation
     assert shown == {m.REQUESTS_TOTAL.name: 2, m.SAMPLES_TOTAL.name: 3, m.FLAGGED_SAMPLES_TOTAL.name: 2,
-                     m.BYPASSED_REQUESTS_TOTAL.name: 1, m.APPLIED_VERSION.name: 3}
-    assert len(lines) == 6  # no store error (all at 0), no bucket, no Triton metric, no HELP/TYPE line
+                     m.BYPASSED_REQUESTS_TOTAL.name: 1, m.APPLIED_VERSION.name: 3, m.STORE_DEGRADED.name: 0,
+                     m.REPAIR_UNAVAILABLE.name: 0}
+    assert len(lines) == 8  # no store error (all at 0), no bucket, no Triton metric, no HELP/TYPE line

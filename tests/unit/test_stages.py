@@ -23,6 +23,7 @@ from observability import Exposition
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
+from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
 from fire_backend.serving import live_plan as stages_live_plan
 from fire_backend.serving import metrics as m
 from fire_backend.serving import stages
@@ -41,6 +42,7 @@ from fire_backend.wire.names import (
     FIRE_ENSEMBLE,
     FIRE_HEAD,
     FLAGGED,
+    HOLDING,
     LABEL,
     LATENT,
     LOGITS,
@@ -314,8 +316,16 @@ def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage
     while fused.live.plan.version != pushed:  # no batch: the watcher applies it
         assert time.monotonic() < deadline, "an idle instance did not apply the pushed version"
         time.sleep(0.05)
-    (entry,) = [e for e in store.registry.entries() if e["instance"] == fused.live.instance_id]
-    assert entry["version"] == pushed and 0 <= entry["lag_s"] < 5
+    registry = InstanceRegistry(repository / ARTIFACTS_DIR / INSTANCES_DIR)  # beside the store, not in it
+
+    def entry() -> dict:
+        return next((e for e in registry.entries() if e["instance"] == fused.live.instance_id), {})
+
+    while entry().get("version") != pushed:  # the watcher thread writes the record, never the serving path
+        assert time.monotonic() < deadline, f"the instance record did not follow: {entry()}"
+        time.sleep(0.05)
+    assert 0 <= entry()["lag_s"] < 5 and not entry()["held"] and not entry()["degraded"]
+    assert not store.instances_dir.exists()  # nothing written into the store by an instance
     fused.metrics.flush()
     page = scrape()
     assert page.one(m.APPLIED_VERSION.name, **mine) == pushed
@@ -328,7 +338,45 @@ def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage
         time.sleep(0.05)
     assert fused.live.plan.version == pushed  # fails closed: the history still names the pushed version
     fused.finalize()
-    assert not [e for e in store.registry.entries() if e["instance"] == fused.live.instance_id]
+    assert entry() == {}
+
+
+def test_a_stage_without_a_verified_version_refuses_requests_and_recovers_without_a_restart(repos, tmp_path) -> None:
+    """Issue 25: a stage that starts while its store is missing holds (UNAVAILABLE, never version 0); once the store
+    is back it serves the committed version; a store that goes away again changes nothing it serves, and says so on
+    /metrics; the serving path never raised, the watcher never died."""
+    repository = tmp_path / "repository"
+    rebuild_repository(repos["allowing"], repository, RepositoryOptions(max_batch_size=4))
+    store_dir = repository / ARTIFACTS_DIR / "store"
+    away = store_dir.with_name("store.away")
+    store_dir.rename(away)
+    instance = "fire_ensemble_held"
+    fused = make(stages.FusedStage, repository, FIRE_ENSEMBLE, instance)
+    mine = {"model_instance": instance}
+    x = digits(2, 11)
+    (refused,) = fused.execute([pb.image_request(x)])
+    assert refused.error.code == pb.TritonError.UNAVAILABLE and refused.error.message().startswith(HOLDING)
+    fused.metrics.flush()
+    assert scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) == 1 and scrape().one(m.STORE_DEGRADED.name, **mine) == 1
+    away.rename(store_dir)  # the volume is mounted: the watcher notices within its interval
+    deadline = time.monotonic() + 10
+    while fused.live.held:
+        assert time.monotonic() < deadline, "the stage did not take the store's version once it came back"
+        time.sleep(0.05)
+    (served,) = fused.execute([pb.image_request(x)])
+    assert served.error is None and served.outputs()[DIRECTION_VERSION].ravel().tolist() == [1, 1]
+    store_dir.rename(away)  # gone again: keeps serving what it verified
+    for _ in range(3):
+        (served,) = fused.execute([pb.image_request(x)])
+        assert served.error is None and served.outputs()[DIRECTION_VERSION].ravel().tolist() == [1, 1]
+    deadline = time.monotonic() + 10
+    while scrape().one(m.STORE_DEGRADED.name, **mine) != 1 or scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) != 0:
+        assert time.monotonic() < deadline, "the instance did not say the store is degraded"
+        fused.metrics.flush()
+        time.sleep(0.05)
+    assert fused.live.failures == 0 and fused.live._watcher.is_alive()
+    away.rename(store_dir)
+    fused.finalize()
 
 
 def test_image_validation_refuses_each_bad_request_alone(repos) -> None:

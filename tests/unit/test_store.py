@@ -48,7 +48,7 @@ def files(store: DirectionStore) -> dict[str, bytes]:
 
 def test_a_new_store_is_version_0(store: DirectionStore) -> None:
     assert store.live_version() == 0 and store.history() == [] and store.read_pointer() == (0, "")
-    assert store.resolve() == LiveState(0, "", 0, ())
+    assert store.resolve() == LiveState(0, "", 0, (), pristine=True)
 
 
 def test_commit_round_trips_the_direction_set(store: DirectionStore) -> None:
@@ -194,7 +194,7 @@ def test_the_instance_registry_lists_running_instances_only(store: DirectionStor
     import subprocess
     import sys
 
-    store.report_instance("fire_repair_0_0-me", 3)
+    store.registry.report("fire_repair_0_0-me", 3)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
     stale = {"instance": "fire_repair_0_1-gone", "version": 2, "pid": int(dead.stdout), "host": os.uname().nodename}
@@ -301,7 +301,9 @@ def test_concurrent_writers_each_get_a_distinct_version(store: DirectionStore) -
 
 def test_the_follower_sees_each_new_version_once(store: DirectionStore) -> None:
     follower = StoreFollower(store)
-    assert follower.poll() is False and follower.current is None  # version 0: nothing to apply
+    assert follower.held  # nothing verified yet: a stage refuses requests
+    assert follower.poll() is True and follower.current is None and not follower.held  # a new store: version 0
+    assert follower.poll() is False
     store.commit(direction_set(1), "push")
     assert follower.poll() is True and follower.version == 1
     assert follower.poll() is False

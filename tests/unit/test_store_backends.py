@@ -1,5 +1,5 @@
 """Choosing the direction store by URL: what each form opens, and a clear error for each malformed one or, at
-`fire serve --store`, for a store that does not answer (the etcd store's own tests run a real engine:
+`fire serve --store`, what it says of a store that does not answer (the etcd store's own tests run a real engine:
 tests/integration/test_etcd_store.py)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fire_backend.cli import main
+from fire_backend.cli.serving import check_store
 from fire_backend.etcd.local import free_port
 from fire_backend.etcd.store import EtcdStore
 from fire_backend.serving.artifacts import MODELS_DIR, STORE_DIR, ServingSettings, repository_store
@@ -64,11 +65,20 @@ def fake_repository(root: Path) -> Path:
     return root
 
 
-def test_fire_serve_refuses_a_store_that_does_not_answer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Checked once before tritonserver starts, so a wrong address is one line, not a failed load per stage."""
+def test_fire_serve_starts_on_a_store_that_does_not_answer_and_says_so(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """Issue 25: a replica started while etcd is down (or a file store's volume not mounted yet) must not exit: its
+    repair stages hold requests (/ready 503) and keep trying. `fire serve` says once what it found; it never
+    creates a missing file store (a new one at version 0 would serve no defence)."""
     url = f"etcd://127.0.0.1:{free_port()}/fire/prod"  # nothing listens there
-    assert main(["serve", "--repository", str(fake_repository(tmp_path)), "--store", url]) == 2
-    assert "--store: read the live version: the etcd store is unreachable" in capsys.readouterr().err
+    assert check_store(url) == url
+    assert "the etcd store is unreachable" in capsys.readouterr().err
+    missing = tmp_path / "volume" / "store"
+    assert check_store(f"file://{missing}") == f"file://{missing}"
+    assert "store directory missing" in capsys.readouterr().err and not missing.exists()
+    DirectionStore(missing).initialize()
+    check_store(f"file://{missing}")
+    assert "live version 0" in capsys.readouterr().out
 
 
 def test_fire_serve_refuses_a_malformed_store_url(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
