@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fire_backend.defaults import RESERVE, RESERVE_SEED
-from fire_backend.wire.names import FIRE_ENSEMBLE
+from fire_backend.wire.names import FIRE_ENSEMBLE, MAX_CONTROL_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from fire_backend.store_backends import StoreBackend
@@ -47,7 +47,9 @@ class Limits:
     max_alpha: float = 10.0
     max_directions: int = 8
     max_observe_images: int = 256
-    max_request_bytes: int = 16 * 1024 * 1024
+    #: REQUEST and IMAGES bytes of one control request together; never more than MAX_CONTROL_REQUEST_BYTES, whatever
+    #: a repository's settings say (the stubs' regions are sized for that)
+    max_request_bytes: int = MAX_CONTROL_REQUEST_BYTES
 
 
 #: how ``fire_ensemble`` runs the network (see docs/architecture.md):

@@ -16,7 +16,17 @@ import numpy as np
 
 from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.connection import Connection
-from fire_backend.wire.names import DEFAULT_URL, FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
+from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.names import (
+    DEFAULT_URL,
+    FIRE_CONTROL,
+    IMAGES,
+    MAX_CONTROL_REQUEST_BYTES,
+    OBSERVE_CHUNK_IMAGES,
+    REQUEST,
+    RESPONSE,
+    TOKEN,
+)
 
 
 class ControlClient(Connection):
@@ -59,13 +69,50 @@ class ControlClient(Connection):
         return self.call({"action": "push", "directions": directions, "center": center, "layer": layer})
 
     def observe(self, images: np.ndarray, clean: bool = False, estimator: str | None = None,
-                publish_every: int | None = None) -> dict[str, Any]:
+                publish_every: int | None = None, chunk: int = OBSERVE_CHUNK_IMAGES) -> dict[str, Any]:
+        """Fold ``images`` (uint8 N x H x W x C) into the live estimate, in requests of at most ``chunk`` images and
+        MAX_CONTROL_REQUEST_BYTES each, one after the other; the last request's answer, with ``versions`` listing
+        every version committed and ``requests`` how many were sent.
+
+        Each request commits on its own: a request refused after others committed raises FireClientError naming
+        what was committed (the server's ``history`` has it too).
+        """
         request: dict[str, Any] = {"action": "observe", "clean": clean}
         if estimator:
             request["estimator"] = estimator
         if publish_every:
             request["publish_every"] = publish_every
-        return self.call(request, images)
+        pixels = np.ascontiguousarray(images, dtype=np.uint8)
+        per_request = observe_chunk(pixels, len(json.dumps(request).encode()), chunk)
+        versions: list[int] = []
+        result: dict[str, Any] = {}
+        starts = range(0, len(pixels), per_request)
+        for n, start in enumerate(starts):
+            try:
+                result = self.call(request, pixels[start:start + per_request])
+            except FireClientError as exc:
+                if not versions:
+                    raise
+                raise FireClientError(f"observe: request {n + 1} of {len(starts)} (images {start} to "
+                                      f"{min(start + per_request, len(pixels)) - 1}) failed after versions "
+                                      f"{versions} were committed from images 0 to {start - 1}: {exc}") from exc
+            versions += result.get("versions", [result["version"]])
+        return {**result, "versions": versions, "requests": len(starts)}
+
+
+def observe_chunk(images: np.ndarray, request_bytes: int, chunk: int = OBSERVE_CHUNK_IMAGES) -> int:
+    """How many of ``images`` one observe request carries: at most ``chunk``, and within
+    MAX_CONTROL_REQUEST_BYTES together with the ``request_bytes`` of its JSON. ValueError when not even one fits."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 image, got {chunk}")
+    if len(images) == 0:
+        raise ValueError("observe needs at least one image")
+    per_image = images[0].nbytes
+    fits = (MAX_CONTROL_REQUEST_BYTES - request_bytes) // max(per_image, 1)
+    if fits < 1:
+        raise ValueError(f"one image of {list(images.shape[1:])} is {per_image} bytes: a control request carries "
+                         f"at most {MAX_CONTROL_REQUEST_BYTES} bytes")
+    return min(chunk, fits)
 
 
 def read_direction_file(path: Path) -> tuple[list[dict[str, Any]], list[float] | None]:
