@@ -1,9 +1,10 @@
 """``fire serve``'s own health endpoint: ``/live`` and ``/ready``, answered from the supervisor's state.
 
 Triton 2.51's ``/v2/health/ready`` stays 200 while a stage's stub is dead (readiness reports the model, not its
-instances), so orchestrators probe this endpoint instead: ``/ready`` is 503 while the server starts, restarts
-or a stage is degraded; ``/live`` is 503 once the supervisor gave up (or its loop stalled), so the orchestrator
-restarts the container. Both answer a small JSON object. GET and HEAD only; request bodies are never read.
+instances), so orchestrators probe this endpoint instead: ``/ready`` is 503 while the server starts, restarts, a
+stage is degraded, or tritonserver does not answer its own readiness check in time; ``/live`` is 503 once the
+supervisor gave up (or its loop stalled), so the orchestrator restarts the container. Both answer a small JSON
+object. GET and HEAD only; request bodies are never read.
 """
 
 from __future__ import annotations
