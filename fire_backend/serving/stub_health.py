@@ -140,8 +140,14 @@ class StubHealthKeeper:
         key = (stub.pid, stub.region)
         try:
             fd = os.open(self.region_path(stub.region), os.O_RDWR)
-        except OSError:
+        except FileNotFoundError:
             return False  # not created yet, or already removed
+        except OSError as exc:
+            if key not in self._verdicts:
+                self._verdicts[key] = why = f"its region cannot be opened ({exc.strerror})"
+                LOGGER.warning("stub %s (pid %d): %s; its health flag is left to the stub alone", stub.instance,
+                               stub.pid, why)
+            return False
         try:
             if key not in self._verdicts:
                 block = os.pread(fd, _OWNERSHIP_BYTES + _CONTROL.size, stub.control)
