@@ -124,7 +124,7 @@ def main() -> None:
     next_sample = start
     try:
         with ControlClient(server.urls["grpc"], token, timeout_s=120) as ctl:
-            while time.monotonic() - start < duration:
+            while time.monotonic() - start < duration or plan:  # a loaded machine may need longer for the plan
                 now = time.monotonic()
                 if now >= next_sample:
                     samples.append((now - start, tree_rss(server.pid), sum(counts), os.getloadavg()[0]))
@@ -146,6 +146,7 @@ def main() -> None:
                     continue
                 time.sleep(0.2)
     finally:
+        elapsed = time.monotonic() - start
         stop.set()
         for t in threads:
             t.join()
@@ -166,7 +167,7 @@ def main() -> None:
     growth = (last[1] - reference[1]) / reference[1]
     per_request = (last[1] - reference[1]) / max(1, last[2] - reference[2])
     load = [s[3] for s in samples]
-    print(f"{args.minutes:g} min beside {args.hogs} busy processes (load {min(load):.1f}-{max(load):.1f}): "
+    print(f"{elapsed / 60:.1f} min beside {args.hogs} busy processes (load {min(load):.1f}-{max(load):.1f}): "
           f"{sum(counts)} requests, {sum(failures.values())} failed; {done['push']} of {args.pushes} pushes, "
           f"{done['observe']} of {args.observes} large observes ({observed.nbytes / 2**20:.2f} MiB each, "
           f"{observe_requests} requests), {len(control_failures)} control failures")
@@ -176,7 +177,7 @@ def main() -> None:
     for line in control_failures[:5] + [f"{n} x {what}" for what, n in failures.most_common(5)] + supervised[:5]:
         print(f"  {line}")
     if args.json:
-        print(json.dumps({"minutes": args.minutes, "hogs": args.hogs, "requests": sum(counts),
+        print(json.dumps({"minutes": elapsed / 60, "hogs": args.hogs, "requests": sum(counts),
                           "failures": sum(failures.values()), "pushes": done["push"], "observes": done["observe"],
                           "observe_requests": observe_requests, "control_failures": control_failures,
                           "model_loads": loads, "supervisor_reloads_restarts": supervised, "aborts": aborts,
