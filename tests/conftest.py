@@ -3,23 +3,77 @@ shared data beside the project (../shared, or FIRE_SHARED_DIR), and the evaluati
 
 Set FIRE_TEST_CACHE=DIR to keep the checkpoints between sessions: an existing DIR/digits-ATTACK
 checkpoint is reused instead of retrained.
+
+Set FIRE_TEST_STRESS=1 (or pass ``--stress``) to run beside 2 busy processes and have the session fail on any
+lock_exception, heap corruption or segmentation fault in the tritonserver logs it left (tests/stress.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import stress
 
 from fire_backend.defaults import SHARED_DIR_ENV, shared_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_ATTACKS = ("badnets", "blended")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--stress", action="store_true",
+                     help=f"run beside {stress.HOGS} busy processes (as {stress.STRESS_ENV}=1 does) and fail on "
+                          "tritonserver aborts in the logs the session left")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_STRESS] = stress.requested(config.getoption("--stress"))
+    config.stash[_STARTED] = time.time()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    config = session.config
+    if not config.stash.get(_STRESS, False):
+        return
+    report = stress.scan_logs(config.stash[_BASETEMP], config.stash[_STARTED]) if _BASETEMP in config.stash \
+        else stress.AbortReport()
+    config.stash[_REPORT] = report
+    if report.unexpected and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    report = config.stash.get(_REPORT, None)
+    if report is not None:
+        for line in [f"stress mode: {stress.HOGS} busy processes beside the tests", *report.lines()]:
+            terminalreporter.write_line(line)
+
+
+_STRESS = pytest.StashKey[bool]()
+_STARTED = pytest.StashKey[float]()
+_BASETEMP = pytest.StashKey[Path]()
+_REPORT = pytest.StashKey[stress.AbortReport]()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_hog(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """In stress mode, the busy processes for the whole session (and where its repositories live, for the scan)."""
+    if not request.config.stash.get(_STRESS, False):
+        yield
+        return
+    request.config.stash[_BASETEMP] = tmp_path_factory.getbasetemp()
+    hogs = stress.start_hogs()
+    try:
+        yield
+    finally:
+        stress.stop_hogs(hogs)
 
 
 def _is_checkpoint(directory: Path, attack: str) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fire_backend.cli.base import CliError, add_command
-from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS
+from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS, MAX_CONTROL_REQUEST_BYTES, OBSERVE_CHUNK_IMAGES
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 
 DEFAULT_CTL_URL = f"{DEFAULT_HOST}:{DEFAULT_PORTS['grpc']}"
@@ -72,10 +72,8 @@ def _observe(client, args: argparse.Namespace) -> dict[str, Any]:
         images = load_npz(args.file).x  # the checks `fire infer` makes: uint8 N x H x W x C, never cast
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from None
-    result: dict[str, Any] = {}
-    for start in range(0, len(images), args.chunk):
-        result = client.observe(images[start : start + args.chunk], clean=args.clean, estimator=args.estimator,
-                                publish_every=args.publish_every)
+    result = client.observe(images, clean=args.clean, estimator=args.estimator, publish_every=args.publish_every,
+                            chunk=args.chunk)
     if not args.json:
         kind = "clean" if args.clean else "flagged poisoned"
         counts = f"{result['poisoned_count']} poisoned, {result['clean_count']} clean" if "clean_count" in result \
@@ -185,4 +183,6 @@ def register(sub) -> None:
                      help="streaming estimator (server default: unpaired)")
     obs.add_argument("--publish-every", type=int, default=None,
                      help="republish after every k images (server default: 1; with several layers: once per request)")
-    obs.add_argument("--chunk", type=int, default=64, help="images per request (64)")
+    obs.add_argument("--chunk", type=int, default=OBSERVE_CHUNK_IMAGES,
+                     help=f"images per request at most ({OBSERVE_CHUNK_IMAGES}); a request also stays within "
+                          f"{MAX_CONTROL_REQUEST_BYTES >> 20} MiB, so large images go in fewer per request")

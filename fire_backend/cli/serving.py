@@ -118,7 +118,8 @@ def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
     """Run and supervise the server in the foreground until SIGINT/SIGTERM; return an exit code.
 
     Used by ``fire serve``: 0 after a clean signal-triggered stop, 1 if it could not start or the supervisor
-    gave up restarting it. ``health_port``: serve /live and /ready there (on ``config.host``).
+    gave up restarting it (only with a restart limit; none by default). ``health_port``: serve /live and /ready
+    there (on ``config.host``).
     """
     from fire_backend.serving.health import HealthServer
     from fire_backend.serving.server import TritonServer, TritonServerError
@@ -254,4 +255,5 @@ def register(sub) -> None:
     add_store_option(p, "follow this direction store instead of the one the repository was built with")
     p.add_argument("--health-port", type=int, default=names.DEFAULT_HEALTH_PORT,
                    help=f"serve /live and /ready here, on --host ({names.DEFAULT_HEALTH_PORT}; 0: off); /ready is "
-                        "503 while starting, restarting or a stage is degraded")
+                        "503 while starting, restarting, a stage is degraded or tritonserver does not answer its "
+                        "own readiness check within 2 s")

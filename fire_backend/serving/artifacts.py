@@ -19,7 +19,7 @@ import numpy as np
 
 from fire_backend.defaults import MAX_CLEAN_CHANGE, RESERVE, RESERVE_SEED, RETAIN_VERSIONS
 from fire_backend.instances import INSTANCES_DIR
-from fire_backend.wire.names import FIRE_ENSEMBLE
+from fire_backend.wire.names import FIRE_ENSEMBLE, MAX_CONTROL_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from fire_backend.store_backends import StoreBackend
@@ -48,7 +48,9 @@ class Limits:
     max_alpha: float = 10.0
     max_directions: int = 8
     max_observe_images: int = 256
-    max_request_bytes: int = 16 * 1024 * 1024
+    #: REQUEST and IMAGES bytes of one control request together; never more than MAX_CONTROL_REQUEST_BYTES, whatever
+    #: a repository's settings say (the stubs' regions are sized for that)
+    max_request_bytes: int = MAX_CONTROL_REQUEST_BYTES
     #: a push changing more of the clean reserve's predictions than this share is refused unless forced
     max_clean_change: float = MAX_CLEAN_CHANGE
 

@@ -47,7 +47,7 @@ from fire_backend.split import Part
 from fire_backend.store import Conflict, DirectionSet, LayeredSet, StoreError, validate_direction_set
 from fire_backend.store_damage import DamageListener
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
-from fire_backend.wire.names import IMAGES, REQUEST
+from fire_backend.wire.names import IMAGES, MAX_CONTROL_REQUEST_BYTES, REQUEST
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV
 
 LOG = logging.getLogger("fire_backend.control")
@@ -205,6 +205,8 @@ class Controller:
         self.token = token
         self.latents = latents
         self.limits = self.settings.limits
+        #: REQUEST and IMAGES bytes of one request: the repository's limit, never above the wire's bound
+        self.max_request_bytes = min(self.limits.max_request_bytes, MAX_CONTROL_REQUEST_BYTES)
         self.replay = ReplayGuard()
         self._clean_predictions: torch.Tensor | None = None
 
@@ -215,8 +217,11 @@ class Controller:
 
         ``request`` is the REQUEST's raw bytes (the credential signs exactly them), ``credential`` the TOKEN input.
         """
-        if len(request) > self.limits.max_request_bytes:
-            raise ControlError(f"{REQUEST} of {len(request)} bytes; at most {self.limits.max_request_bytes}")
+        size = len(request) + (images.nbytes if images is not None else 0)
+        if size > self.max_request_bytes:
+            raise ControlError(f"a control request of {size} bytes ({REQUEST} and {IMAGES}); at most "
+                               f"{self.max_request_bytes}: split it (`fire ctl observe` and ControlClient.observe "
+                               "send a large observe in requests within the bound)")
         signed = self._authenticate(request, credential, images, now)
         body = parse_request(request)
         try:

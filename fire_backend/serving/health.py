@@ -1,8 +1,9 @@
 """``fire serve``'s own health endpoint: ``/live`` and ``/ready``, answered from the supervisor's state.
 
 Triton 2.51's ``/v2/health/ready`` stays 200 while a stage's stub is dead (readiness reports the model, not its
-instances), so orchestrators probe this endpoint instead: ``/ready`` is 503 while the server starts, restarts
-or a stage is degraded; ``/live`` is 503 once the supervisor gave up (or its loop stalled), so the orchestrator
+instances), so orchestrators probe this endpoint instead: ``/ready`` is 503 while the server starts, restarts, a
+stage is degraded, a repair instance has no verified direction version, or tritonserver does not answer its own
+readiness check in time; ``/live`` is 503 once the supervisor gave up (or its loop stalled), so the orchestrator
 restarts the container. Both answer a small JSON object. GET and HEAD only (405 otherwise); request bodies are
 never read. Served by the HTTP front's machinery (:mod:`fire_backend.serving.front`), on a loop of its own so it
 answers whatever tritonserver and the inference front are doing.

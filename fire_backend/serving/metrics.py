@@ -30,6 +30,16 @@ Every series carries ``model`` and ``model_instance`` (Triton's instance name): 
 from several stubs would be one shared server-side series, and gauges set by two instances would overwrite
 each other. ``model_instance`` rather than ``instance``, which Prometheus reserves for the scrape target.
 
+A stub never deletes its metrics: each family and series handle is kept for as long as the process lives
+(``_RETAINED``), and the stub leaves without tearing its interpreter down
+(:mod:`fire_backend.serving.triton_models`). Triton 2.51 shares one server-side series between the stubs that
+create it with identical labels, and frees it when the first of them deletes its handle
+(triton-inference-server/server#8663): after a reload, the old copy's finalize freed the series its successor
+(same model, same instance name) still updates, and the server's heap was corrupted (measured: a 2-instance model
+with one counter, reloaded under traffic, aborted or hung at the first reload; 20 of 20 reloads passed with the
+handles kept; docs/limits.md). So a series stays on /metrics, at its last value, until the server stops, and a
+reloaded instance goes on counting in the same series.
+
 ``pb_utils`` is handed in, like the stages: this module imports neither Triton nor torch.
 """
 
@@ -140,6 +150,8 @@ _FLUSH_EARLY_BATCHES = 1024
 #: batches kept by reference that are folded into bucket counts on the spot: bounds memory should the
 #: flusher be stuck (a hung IPC call); never reached while it keeps up
 _MAX_PENDING_BATCHES = 65536
+#: every family and series handle this process created: never released while it lives (see the module docstring)
+_RETAINED: list[Any] = []
 
 
 @dataclass(frozen=True)
@@ -256,6 +268,7 @@ class _Exporter:
         self._store_errors: Counter = Counter()
         for kind in STORE_ERROR_KINDS:
             self._create(STORE_ERRORS_TOTAL, kind=kind)
+        _RETAINED.extend(self._families.values())
 
     def _create(self, family: Family, **extra: str) -> Any:
         """Create one series (at 0); only in constructors, before the flusher starts."""
@@ -263,6 +276,7 @@ class _Exporter:
         labels = {**self.labels, **extra}
         metric = self._families[family.name].Metric(labels=labels)
         self._metrics[family.name, tuple(sorted(extra.items()))] = metric
+        _RETAINED.append(metric)
         return metric
 
     def _series(self, family: Family, **extra: str) -> Any:
@@ -354,8 +368,8 @@ class _Exporter:
                 LOG.error("metrics: %s(%r) failed: %s", operation, value, exc)
 
     def close(self) -> None:
-        """Stop the flusher and delete the metrics (before their families, as Triton requires): their series
-        leave /metrics. What accumulated since the last flush is not sent: the series are going away."""
+        """Stop the flusher. The handles stay retained (never deleted: see the module docstring); what accumulated
+        since the last flush is not sent."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

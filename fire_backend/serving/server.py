@@ -55,6 +55,7 @@ from fire_backend.serving.front import BindError, Front, Upstream
 from fire_backend.serving.model_configs import stub_models
 from fire_backend.serving.ports import WILDCARD_HOSTS, free_ports, port_in_use
 from fire_backend.serving.server_tree import ServerTreeError, libs_dir, prepare_server_tree
+from fire_backend.serving.stub_health import StubHealthKeeper
 from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 LOGGER = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ UNSENDABLE_VALUE = "x"
 CLOSED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 #: the server's and stubs' umask: nothing they write is readable by other users
 SERVER_UMASK = 0o077
+MIB = 1 << 20
+#: every stub's shared-memory region starts this large (the Python backend's ``shm-default-byte-size``; Triton
+#: allocates it whole): a control request within MAX_CONTROL_REQUEST_BYTES and its answer, or a batch of 64
+#: CIFAR-size images, fit without the region growing. Regions never shrink, and each growth maps the region anew
+#: (the old mappings stay), so growing is for requests no client of ours sends.
+STUB_REGION_BYTES = 4 * MIB
+#: how much a region grows by when it must (``shm-growth-byte-size``)
+STUB_REGION_GROWTH_BYTES = 4 * MIB
 
 _LOG_TAIL_LINES = 40
 _SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
@@ -117,6 +126,9 @@ class ServerConfig:
     exit_timeout_s: int = 5
     #: server stdout/stderr; default is ``tritonserver.log`` in a private work directory.
     log_file: Path | None = None
+    #: keep every live stub's health flag set from outside (:mod:`fire_backend.serving.stub_health`), so a stub
+    #: that stalls for more than a second is waited for instead of breaking the server; off only to show why
+    keep_stubs_healthy: bool = True
 
     def __post_init__(self) -> None:
         ports = {"http_port": self.http_port, "grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
@@ -266,6 +278,9 @@ class TritonServer:
         self._work_dir: Path | None = None
         self._log_path: Path | None = None
         self._shm: shm.ShmClaim | None = None
+        self._keeper: StubHealthKeeper | None = None
+        self._starts = 0
+        self._crashed = False  #: some start of this server ended other than by a requested stop
         self._lock = threading.RLock()
         self._sockets = _socket_dir()
         self._front: Front | None = None
@@ -396,6 +411,8 @@ class TritonServer:
             f"--grpc-restricted-protocol={','.join(CLOSED_APIS)}{closed}",
             # A unique shm prefix keeps concurrent servers (parallel tests) from colliding in /dev/shm.
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix or 'fire-'}",
+            f"--backend-config=python,shm-default-byte-size={STUB_REGION_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={STUB_REGION_GROWTH_BYTES}",
         ]
         if self.private_shm:
             return shm.private_shm_command(self._shm_size_mib()) + args
@@ -525,6 +542,8 @@ class TritonServer:
                 self._shm.release()
                 raise
             t0 = time.monotonic()
+            if self.config.keep_stubs_healthy:  # from the first stub on: loading waits on the stubs too
+                self._keeper = StubHealthKeeper(self._proc.pid, self.region_path).start()
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -534,15 +553,19 @@ class TritonServer:
         LOGGER.info("tritonserver ready in %.1fs; front at %s", self.startup_s, self.urls["http"])
 
     def _spawn(self, tree: Path) -> None:
-        self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
+        # One work directory, and so one log, for every start of this server: a restart appends to it.
+        if self._work_dir is None or not self._work_dir.is_dir():
+            self._work_dir = Path(tempfile.mkdtemp(prefix="fire-tritonserver-"))
         self._log_path = Path(self.config.log_file or self._work_dir / "tritonserver.log")
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         args = self.build_args(tree)
         LOGGER.info("starting %s", self.redacted_command(tree))
         log_fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         with os.fdopen(log_fd, "ab") as log:
-            # Marks where this run starts when a user-given log file is appended to across runs.
-            log.write(f"=== fire-backend: {self.redacted_command(tree)}\n".encode())
+            # Marks where each start begins in a log appended to across starts (restarts, a user-given file).
+            self._starts += 1
+            log.write(f"=== fire-backend: start {self._starts} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{self.redacted_command(tree)}\n".encode())
             log.flush()
             self._proc = subprocess.Popen(
                 args,
@@ -593,12 +616,14 @@ class TritonServer:
             lines = [line.rstrip("\n") for line in deque(fh, maxlen=n)]
         return redact_args(lines, self._secrets())
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0, keep_log: bool = False) -> None:
         """Stop the server and every process in its group; idempotent.
 
         SIGTERM goes to the whole group; tritonserver then unloads models (stubs run ``finalize``) and
         exits. Anything still alive after ``timeout_s`` -- or left over after the server exited -- gets
-        SIGKILL, and the stubs' ``/dev/shm`` regions are removed.
+        SIGKILL, and the stubs' ``/dev/shm`` regions are removed. The private work directory and its log are
+        removed only when ``keep_log`` is false (a restart passes true: the next start appends to the same log)
+        and every start of this server ended cleanly: a crash's log outlives the server.
         """
         with self._lock:
             proc = self._proc
@@ -621,10 +646,15 @@ class TritonServer:
                 time.sleep(0.05)
             if _group_alive(pgid):
                 _killpg(pgid, signal.SIGKILL)
+            if self._keeper is not None:  # kept through the shutdown: unloading waits on the stubs as well
+                self._keeper.stop()
+                self._keeper = None
             if self._shm is not None:
                 self._shm.release()
-            clean_exit = proc.returncode in (0, -signal.SIGTERM)
-            if self._work_dir is not None and (self.config.log_file is not None or clean_exit):
+            self._crashed |= proc.returncode not in (0, -signal.SIGTERM)
+            if keep_log:
+                return
+            if self._work_dir is not None and (self.config.log_file is not None or not self._crashed):
                 # The private work dir only holds the default log: keep it for post-mortems after a failure.
                 shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None

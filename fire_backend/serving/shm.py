@@ -33,8 +33,8 @@ from fire_backend.defaults import cache_dir
 LOGGER = logging.getLogger(__name__)
 HOST_SHM = Path("/dev/shm")
 MIB = 1 << 20
-#: what the private tmpfs holds per stub beyond its 1 MiB region: room for a 16 MiB control request
-#: (Limits.max_request_bytes) or a large batch, in every stub at once
+#: what the private tmpfs holds per stub: its region (server.STUB_REGION_BYTES, allocated whole) and room for a
+#: large batch beyond it, in every stub at once
 SHM_MIB_PER_STUB = 16
 SHM_BASE_MIB = 64
 

@@ -5,10 +5,12 @@ python_backend in May 2024), and its readiness never reflects a dead stub: after
 stub, every request routed to it fails after a second, for ever, while ``/v2/health/ready`` says 200. So,
 twice a second:
 
-- **tritonserver exited** without being asked (a crash, a signal, the OOM killer): the event and the log's last
-  lines are reported, the process group is killed, its shared memory cleaned, and the server started again with
-  the same configuration: the first time at once, then after 1, 2, 4 ... s (at most 30); after
-  ``max_restarts`` within ``restart_window_s`` the supervisor gives up and says so.
+- **tritonserver exited** without being asked (a crash, a signal, the OOM killer), or **stopped answering**
+  (no answer to its own readiness check for ``unresponsive_restart_s``: frozen or hung): the event and the log's
+  last lines are reported, the process group is killed, its shared memory cleaned, and the server started again
+  with the same configuration and the same log file (each start marked in it): the first time at once, then after
+  1, 2, 4 ... s (at most ``max_backoff_s``), counting the restarts of the last ``restart_window_s``. It never gives
+  up by default: a crash a request caused must not end the service (``max_restarts`` sets a limit).
 - **a stub died** (its process stayed a zombie for ``confirm_s`` and no newer stub took its instance over; Triton
   reaps the stubs it stops itself at once): the model's version directory is touched, so poll mode loads a fresh
   copy and swaps it in; the healthy instances keep serving meanwhile and only requests routed to the dead one
@@ -16,13 +18,16 @@ twice a second:
   copy loaded and every instance runs in a new stub; a failed load, or none within ``reload_timeout_s``: a full
   restart. (Under traffic Triton 2.51 keeps the replaced copy, dead stub included, until the next restart; it
   serves nothing.)
-- **the control stub's region grew** past its limit (Triton copies a request into the region before the model
-  sees it, and regions never shrink): ``fire_control`` is reloaded the same way, for a fresh region.
+- **a stub's region grew** past the size the stubs start with (Triton copies a request into the region before the
+  model sees it, and regions never shrink): reported once per new size, and nothing else. A model is loaded only
+  to replace a dead stage: Triton 2.51 breaks when models load or unload under traffic (docs/limits.md), so
+  nothing the project does on its own reloads one, and a control request is bounded so that it fits the region.
 
-Readiness (:attr:`Supervisor.ready`) is false while starting, restarting or degraded; ``fire serve`` publishes it
-on its own health endpoint (:mod:`fire_backend.serving.health`), with what the stages say of the direction store
-(:mod:`fire_backend.serving.store_health`: a repair instance without a verified version makes it 503). Events go to
-``report``; nothing here prints.
+Readiness (:attr:`Supervisor.ready`) is false while starting, restarting or degraded, and whenever tritonserver's
+own readiness (gRPC ``ServerReady``, strict: every model ready) did not answer yes within ``health_deadline_s`` at
+the last round; ``fire serve`` publishes it on its own health endpoint (:mod:`fire_backend.serving.health`), with
+what the stages say of the direction store (:mod:`fire_backend.serving.store_health`: a repair instance without a
+verified version makes it 503). Events go to ``report``; nothing here prints.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -45,15 +50,12 @@ from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
 from fire_backend.procfs import Process, child_processes, is_running, this_host, uptime_ticks
 from fire_backend.serving.artifacts import ARTIFACTS_DIR
 from fire_backend.serving.model_configs import StubModel, stub_models
-from fire_backend.serving.server import TritonServer, TritonServerError
+from fire_backend.serving.server import STUB_REGION_BYTES, TritonServer, TritonServerError
 from fire_backend.serving.store_health import StoreHealth
-from fire_backend.wire.names import FIRE_CONTROL
+from fire_backend.serving.stub_health import stub_args
 
 LOGGER = logging.getLogger(__name__)
 MIB = 1 << 20
-#: a stub's argv: [binary, model.py, region, size, growth, server pid, backend dir, ipc handle, instance, ...]
-STUB_ARGV_MODEL_PY, STUB_ARGV_REGION, STUB_ARGV_INSTANCE = 1, 2, 8
-STUB_BINARY = "triton_python_backend_stub"
 
 
 class State(str, Enum):
@@ -85,12 +87,17 @@ class SupervisorPolicy:
     confirm_s: float = 1.5
     #: a reloaded model not healthy after this long gets a full restart
     reload_timeout_s: float = 60.0
-    #: model -> largest shared-memory region its stubs may keep before the model is reloaded for a fresh one
-    region_limits: Mapping[str, int] = field(default_factory=lambda: {FIRE_CONTROL: 8 * MIB})
-    #: give up after this many restarts within restart_window_s; wait 1, 2, 4 ... max_backoff_s between them
-    max_restarts: int = 5
+    #: a stub's region larger than this is reported (once per new size); nothing is reloaded for it
+    region_report_bytes: int = STUB_REGION_BYTES
+    #: restarts within restart_window_s set the backoff: 0, then 1, 2, 4 ... max_backoff_s seconds
     restart_window_s: float = 600.0
     max_backoff_s: float = 30.0
+    #: None: never give up; N: give up (state FAILED, /live 503) at the N+1-th restart within restart_window_s
+    max_restarts: int | None = None
+    #: longest tritonserver's own readiness check may take; no answer in time: not ready
+    health_deadline_s: float = 2.0
+    #: a running tritonserver that has answered no readiness check for this long is restarted (frozen or hung)
+    unresponsive_restart_s: float = 60.0
 
 
 @dataclass
@@ -133,6 +140,8 @@ class Supervisor:
         self._missing_since: dict[str, float] = {}
         self._restarts: deque[float] = deque()
         self._generation = 0  #: counts restarts, so a round notices one happened under it
+        self._regions: dict[int, int] = {}  #: stub pid -> the largest region size reported
+        self._triton = _TritonHealth()
         self.events: list[tuple[float, str]] = []  #: (time, message) of everything reported
         self.store_health = StoreHealth(server.urls["metrics"])
 
@@ -149,7 +158,7 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        return self._state is State.READY and self.server.is_alive()
+        return self._state is State.READY and self.server.is_alive() and self._triton.ready
 
     @property
     def live(self) -> bool:
@@ -165,7 +174,9 @@ class Supervisor:
         with self._lock:
             return {"state": self._state.value, "detail": self._detail, "since": self._since,
                     "ready": self.ready and not (store and store["unavailable"]), "live": self.live,
-                    "tritonserver_pid": self.server.pid, "restarts": len(self._restarts), "store": store}
+                    "tritonserver_pid": self.server.pid, "restarts": len(self._restarts), "store": store,
+                    "tritonserver_ready": self._triton.snapshot(),
+                    "log": str(self.server.log_path) if self.server.log_path else None}
 
     def _set(self, state: State, detail: str = "") -> None:
         with self._lock:
@@ -194,14 +205,17 @@ class Supervisor:
         self._stubs.clear()
         self._reloads.clear()
         self._missing_since.clear()
+        self._regions.clear()
         self._learn(child_processes(self.server.pid or 0))
         self._heartbeat = time.monotonic()
+        self._triton.reset(self.server.urls["grpc"])  # start() returned: it answered ready just now
         self._set(State.READY)
 
     def stop(self) -> None:
         if self._state is not State.FAILED:  # keep saying why it gave up
             self._set(State.STOPPED, "stopping")
         self.server.stop()
+        self._triton.close()
 
     def run(self, stop: threading.Event) -> int:
         """Supervise until ``stop`` is set (0) or the supervisor gives up (1). The server must be started."""
@@ -214,7 +228,8 @@ class Supervisor:
     # -- one round -------------------------------------------------------------------------------
 
     def check(self, stop: threading.Event | None = None) -> None:
-        """One supervision round: restart a dead server, reload models with dead stubs, reset big regions."""
+        """One supervision round: restart a dead or unresponsive server, reload models with dead stubs, report
+        grown regions, ask tritonserver whether it is ready."""
         self._heartbeat = time.monotonic()
         if self._state in (State.FAILED, State.STOPPED):
             return
@@ -224,6 +239,13 @@ class Supervisor:
                 self._reloads.clear()
             self._restart(f"tritonserver died ({describe_exit(self.server.returncode)})", stop, with_log=True)
             return
+        self._triton.probe(self.policy.health_deadline_s)
+        silent = self._triton.silent_s()
+        if silent >= self.policy.unresponsive_restart_s and self.server.is_alive():
+            self._restart(f"tritonserver answered no readiness check for {silent:.0f} s ({self._triton.error}: "
+                          "frozen or hung)", stop, with_log=True, stop_timeout_s=5.0)
+            return
+        self._heartbeat = time.monotonic()
         now = time.monotonic()
         with contextlib.suppress(OSError):  # the operator may edit configs: expect what they say now
             self._models = {m.name: m for m in stub_models(self.server.models_dir)}
@@ -259,22 +281,17 @@ class Supervisor:
                 self._reload(model.name, f"{missing[0]} has no running stub", set(), degrades=True)
                 if generation != self._generation:
                     return
-        self._check_regions(newest)
+        self._check_regions()
         if generation == self._generation:
             self._settle(now, set(newest))
 
     def _learn(self, processes: list[Process]) -> None:
         for proc in processes:
-            argv = proc.argv
-            if not proc.running or proc.pid in self._stubs or len(argv) <= STUB_ARGV_INSTANCE \
-                    or not argv[0].endswith(STUB_BINARY):
-                continue
-            model = Path(argv[STUB_ARGV_MODEL_PY]).parent.parent.name
-            spec = self._models.get(model)
+            stub = stub_args(proc) if proc.running and proc.pid not in self._stubs else None
+            spec = self._models.get(stub.model) if stub is not None else None
             # Only instance stubs: the transient model-level stub of a load (named after the model) is not one.
-            if spec is not None and argv[STUB_ARGV_INSTANCE] in spec.instances:
-                self._stubs[proc.pid] = _Stub(proc.pid, argv[STUB_ARGV_INSTANCE], model, argv[STUB_ARGV_REGION],
-                                              proc.started)
+            if stub is not None and spec is not None and stub.instance in spec.instances:
+                self._stubs[proc.pid] = _Stub(proc.pid, stub.instance, stub.model, stub.region, proc.started)
 
     def _settle(self, now: float, running_instances: set[str]) -> None:
         """Recovered once Triton logged the new copy loaded and every instance runs in a stub started after the
@@ -363,40 +380,46 @@ class Supervisor:
         for entry in registry.prune(stale):
             self._report(f"removed the stale instance entry {entry.get('instance')} (pid {entry.get('pid')})")
 
-    def _check_regions(self, newest: dict[str, int]) -> None:
+    def _check_regions(self) -> None:
+        """Report a region that grew past the stubs' starting size, once per new size. Nothing is reloaded: the
+        memory stays in use until tritonserver restarts (bounded by the private /dev/shm's size)."""
         for stub in list(self._stubs.values()):
-            limit = self.policy.region_limits.get(stub.model)
-            if limit is None or stub.dead_since is not None or stub.model in self._reloads \
-                    or newest.get(stub.instance) != stub.started:  # a superseded stub, on its way out
+            if stub.dead_since is not None:
                 continue
             try:
                 size = self.server.region_path(stub.region).stat().st_size
             except OSError:
                 continue
-            if size > limit:
-                self._reload(stub.model, f"{stub.instance}'s shared-memory region grew to {size / MIB:.0f} MiB "
-                                         f"(limit {limit / MIB:.0f} MiB)", {stub.pid}, degrades=False)
-                return  # one reload a round; the others wait for the next
+            if size > max(self.policy.region_report_bytes, self._regions.get(stub.pid, 0)):
+                self._regions[stub.pid] = size
+                self._report(f"{stub.instance}'s shared-memory region grew to {size / MIB:.0f} MiB (stubs start with "
+                             f"{self.policy.region_report_bytes / MIB:.0f} MiB): a request that large reached it; "
+                             "nothing is reloaded, the memory stays in use until tritonserver restarts")
 
     # -- restart ---------------------------------------------------------------------------------
 
-    def _restart(self, why: str, stop: threading.Event | None, with_log: bool = False) -> None:
+    def _restart(self, why: str, stop: threading.Event | None, with_log: bool = False,
+                 stop_timeout_s: float = 20.0) -> None:
         self._generation += 1
         now = time.monotonic()
         while self._restarts and now - self._restarts[0] > self.policy.restart_window_s:
             self._restarts.popleft()
-        if len(self._restarts) >= self.policy.max_restarts:
+        limit = self.policy.max_restarts
+        if limit is not None and len(self._restarts) >= limit:
             self._report(f"{why}; giving up after {len(self._restarts)} restarts within "
                          f"{self.policy.restart_window_s / 60:.0f} min: see the tritonserver log "
                          f"{self.server.log_path}")
             self._set(State.FAILED, why)
             self.server.stop()
             return
-        tail = "\n".join(_without_backtrace(self.server.log_tail(60))[-12:]) if with_log else ""
-        self._report(f"{why}; restarting it" + (f"; its last log lines:\n{tail}" if tail else ""))
-        self._set(State.RESTARTING, why)
-        self.server.stop()
         delay = 0.0 if not self._restarts else min(2.0 ** (len(self._restarts) - 1), self.policy.max_backoff_s)
+        tail = "\n".join(_without_backtrace(self.server.log_tail(60))[-12:]) if with_log else ""
+        when = f" in {delay:.0f} s ({len(self._restarts)} restarts in the last " \
+               f"{self.policy.restart_window_s / 60:.0f} min)" if delay else ""
+        self._report(f"{why}; restarting it{when} (log: {self.server.log_path})"
+                     + (f"; its last log lines:\n{tail}" if tail else ""))
+        self._set(State.RESTARTING, why)
+        self.server.stop(timeout_s=stop_timeout_s, keep_log=True)
         self._restarts.append(now)
         if delay and (stop.wait(delay) if stop is not None else time.sleep(delay)):
             return
@@ -408,6 +431,49 @@ class Supervisor:
             return  # the next round sees the server down and tries again, with backoff
         self._after_start()
         self._report(f"tritonserver restarted in {time.monotonic() - began:.1f} s (pid {self.server.pid})")
+
+
+class _TritonHealth:
+    """tritonserver's own answer to "are you ready?" (gRPC ``ServerReady``), asked once a round with a deadline."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self.ready = False
+        self.error = "not asked yet"
+        self._answered = time.monotonic()  #: when it last answered (ready or not)
+
+    def reset(self, grpc_url: str) -> None:
+        """A fresh start just answered ready (``TritonServer.start`` waits for it)."""
+        self.close()
+        import tritonclient.grpc as grpcclient  # the launcher's only use of it; not imported before serving
+
+        self._client = grpcclient.InferenceServerClient(grpc_url)
+        self.ready, self.error, self._answered = True, "", time.monotonic()
+
+    def probe(self, deadline_s: float) -> None:
+        if self._client is None:
+            return
+        try:
+            self.ready = bool(self._client.is_server_ready(client_timeout=deadline_s))
+            self.error = "" if self.ready else "tritonserver says not ready"
+            self._answered = time.monotonic()
+        except Exception as exc:  # no answer in time, or the connection refused
+            self.ready = False
+            self.error = f"no answer within {deadline_s:g} s" if "Deadline" in str(exc) \
+                else str(exc).splitlines()[0][:200]
+
+    def silent_s(self) -> float:
+        """Seconds since tritonserver last answered (0 when it answered at the last probe)."""
+        return time.monotonic() - self._answered if self._client is not None else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"ready": self.ready, "error": self.error, "answered_s_ago": round(self.silent_s(), 1)}
+
+    def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
 
 
 def _without_backtrace(lines: list[str]) -> list[str]:

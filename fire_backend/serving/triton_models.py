@@ -8,12 +8,32 @@ MonolithicModel and ControlModel keep serving repositories built before layouts 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import gc
+import os
+import sys
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
 from fire_backend.serving import control_stage, stages
+
+
+def _leave_without_teardown() -> None:
+    """End the stub before its interpreter tears its modules down (atexit runs first in ``Py_Finalize``).
+
+    By then the stub has answered its finalize and released its queues; what the teardown would still do is
+    delete every metric handle, and Triton 2.51 frees a series on the first delete even while a stub of a
+    reloaded copy updates it (:mod:`fire_backend.serving.metrics`).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+atexit.register(_leave_without_teardown)
 
 
 class _Model:

@@ -16,7 +16,17 @@ import numpy as np
 
 from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.connection import Connection
-from fire_backend.wire.names import DEFAULT_URL, FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
+from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.names import (
+    DEFAULT_URL,
+    FIRE_CONTROL,
+    IMAGES,
+    MAX_CONTROL_REQUEST_BYTES,
+    OBSERVE_CHUNK_IMAGES,
+    REQUEST,
+    RESPONSE,
+    TOKEN,
+)
 
 
 class ControlClient(Connection):
@@ -32,12 +42,7 @@ class ControlClient(Connection):
     def call(self, request: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
         """Send one JSON action (with images for ``observe``), signed; the server's JSON answer."""
         body = json.dumps(request).encode()
-        if images is not None and (not isinstance(images, np.ndarray) or images.dtype != np.uint8
-                                   or images.ndim != 4):
-            # Never cast: float images in [0, 1] or int16 would silently become other pixels the server learns from.
-            shown = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
-            raise ValueError(f"images must be uint8 N x H x W x C (as `fire data export` writes), got {shown}")
-        pixels = None if images is None else np.ascontiguousarray(images)
+        pixels = None if images is None else _pixels(images)
         # Without a token there is nothing to sign with: the empty credential lets the server say so.
         credential = sign(self.token, CONTROL, digest(body, b"" if pixels is None else pixels.tobytes())) \
             if self.token else ""
@@ -68,13 +73,59 @@ class ControlClient(Connection):
         return self.call(request)
 
     def observe(self, images: np.ndarray, clean: bool = False, estimator: str | None = None,
-                publish_every: int | None = None) -> dict[str, Any]:
+                publish_every: int | None = None, chunk: int = OBSERVE_CHUNK_IMAGES) -> dict[str, Any]:
+        """Fold ``images`` (uint8 N x H x W x C) into the live estimate, in requests of at most ``chunk`` images and
+        MAX_CONTROL_REQUEST_BYTES each, one after the other; the last request's answer, with ``versions`` listing
+        every version committed and ``requests`` how many were sent.
+
+        Each request commits on its own: a request refused after others committed raises FireClientError naming
+        what was committed (the server's ``history`` has it too).
+        """
         request: dict[str, Any] = {"action": "observe", "clean": clean}
         if estimator:
             request["estimator"] = estimator
         if publish_every:
             request["publish_every"] = publish_every
-        return self.call(request, images)
+        pixels = _pixels(images)
+        per_request = observe_chunk(pixels, len(json.dumps(request).encode()), chunk)
+        versions: list[int] = []
+        result: dict[str, Any] = {}
+        starts = range(0, len(pixels), per_request)
+        for n, start in enumerate(starts):
+            try:
+                result = self.call(request, pixels[start:start + per_request])
+            except FireClientError as exc:
+                if not versions:
+                    raise
+                raise FireClientError(f"observe: request {n + 1} of {len(starts)} (images {start} to "
+                                      f"{min(start + per_request, len(pixels)) - 1}) failed after versions "
+                                      f"{versions} were committed from images 0 to {start - 1}: {exc}") from exc
+            versions += result.get("versions", [result["version"]])
+        return {**result, "versions": versions, "requests": len(starts)}
+
+
+def _pixels(images: np.ndarray) -> np.ndarray:
+    """``images`` as a contiguous uint8 N x H x W x C array; ValueError for anything else. Never cast: float images
+    in [0, 1] or int16 would silently become other pixels the server learns from."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        shown = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise ValueError(f"images must be uint8 N x H x W x C (as `fire data export` writes), got {shown}")
+    return np.ascontiguousarray(images)
+
+
+def observe_chunk(images: np.ndarray, request_bytes: int, chunk: int = OBSERVE_CHUNK_IMAGES) -> int:
+    """How many of ``images`` one observe request carries: at most ``chunk``, and within
+    MAX_CONTROL_REQUEST_BYTES together with the ``request_bytes`` of its JSON. ValueError when not even one fits."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 image, got {chunk}")
+    if len(images) == 0:
+        raise ValueError("observe needs at least one image")
+    per_image = images[0].nbytes
+    fits = (MAX_CONTROL_REQUEST_BYTES - request_bytes) // max(per_image, 1)
+    if fits < 1:
+        raise ValueError(f"one image of {list(images.shape[1:])} is {per_image} bytes: a control request carries "
+                         f"at most {MAX_CONTROL_REQUEST_BYTES} bytes")
+    return min(chunk, fits)
 
 
 def read_direction_file(path: Path) -> tuple[list[dict[str, Any]], list[float] | None]:

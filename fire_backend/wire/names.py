@@ -47,6 +47,12 @@ REQUEST = "REQUEST"
 TOKEN = "TOKEN"
 IMAGES = "IMAGES"
 RESPONSE = "RESPONSE"
+#: the most one control request may carry, REQUEST and IMAGES bytes together: fire_control refuses more, and the
+#: control client splits a larger observe into requests within it. Bounded so that a request and its answer fit the
+#: stub's shared-memory region as it starts (serving.server.STUB_REGION_BYTES), which then never has to grow.
+MAX_CONTROL_REQUEST_BYTES = 1 << 20
+#: images per observe request the control client sends at most (a repository's ``max_observe_images`` may be lower)
+OBSERVE_CHUNK_IMAGES = 64
 
 #: request parameter (a JSON boolean) that makes fire_ensemble keep that request's latents unrepaired (scores still
 #: computed); honoured only by repositories built with --allow-bypass, and only with CREDENTIAL_PARAMETER

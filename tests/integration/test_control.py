@@ -19,13 +19,14 @@ from helpers import DEFENDED, EVERY_LAYOUT, infer, labels
 
 from fire_backend.data import load_dataset, resolve_attack, to_uint8
 from fire_backend.data.reserve import flagged_samples
-from fire_backend.procfs import is_running
+from fire_backend.procfs import child_processes, is_running
 from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.server import running_server
+from fire_backend.serving.server import STUB_REGION_BYTES, running_server
+from fire_backend.serving.stub_health import stub_args
 from fire_backend.store import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
-from fire_backend.wire.names import FIRE_ENSEMBLE
+from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE, MAX_CONTROL_REQUEST_BYTES
 from fire_backend.wire.token import pinned_token
 
 pytestmark = pytest.mark.integration
@@ -97,6 +98,27 @@ def test_augmented_estimator_and_clean_observations(ctl, learning):
     assert r["poisoned_count"] == 5 and len(r["versions"]) == 1
     with pytest.raises(FireClientError, match="live estimate is 'augmented'"):
         ctl.observe(flagged_images(2), estimator="unpaired")
+
+
+def test_a_large_observe_goes_in_bounded_requests_and_reloads_nothing(ctl, learning):
+    """Issue 24: an observe larger than one control request went as one request: it grew fire_control's
+    shared-memory region past its limit, the supervisor reloaded fire_control, and the reload could abort the whole
+    server under load. The client now splits it into requests within the bound; the region keeps the size every
+    stub starts with, and tritonserver loads nothing."""
+    images = np.repeat(flagged_images(20), 2000, axis=0)  # 40,000 images, 2.4 x the bound
+    assert images.nbytes > 2 * MAX_CONTROL_REQUEST_BYTES
+    log = learning.server.log_path
+    offset = log.stat().st_size
+    result = ctl.observe(images, publish_every=len(images), chunk=256)
+    assert result["requests"] == 157 and len(result["versions"]) == 157
+    assert result["poisoned_count"] == 40_000 == ctl.status()["estimator"]["poisoned_count"]
+    stubs = [stub for stub in map(stub_args, child_processes(learning.server.pid))
+             if stub is not None and stub.model == FIRE_CONTROL]
+    assert stubs and all(learning.server.region_path(stub.region).stat().st_size == STUB_REGION_BYTES for stub in stubs)
+    with open(log, "rb") as fh:
+        fh.seek(offset)
+        since = fh.read().decode(errors="replace")
+    assert "loading:" not in since and "unloaded" not in since, since[-2000:]
 
 
 def test_push_reaches_every_instance_within_100ms(ctl, learning, badnets_eval):
@@ -188,7 +210,8 @@ def test_rejected_actions_change_nothing(ctl, learning, case):
         "oversized": (lambda c: c.push([{**good, "beta": [0.01] * (dim * 4000)}]), None, "bytes"),
         "bad_alpha": (lambda c: c.push([{**good, "alpha": 1e9}]), None, "alpha"),
         "bad_images": (lambda c: c.observe(np.zeros((2, 8, 8, 3), np.uint8)), None, "unexpected shape for input"),
-        "too_many_images": (lambda c: c.observe(np.zeros((300, 8, 8, 1), np.uint8)), None, "1 to 256"),
+        # one request of 300 (the client would split them: 300 digits images are 19 KB)
+        "too_many_images": (lambda c: c.observe(np.zeros((300, 8, 8, 1), np.uint8), chunk=300), None, "1 to 256"),
         "unknown_action": (lambda c: c.call({"action": "format-disk"}), None, "unknown action"),
         "bad_rollback": (lambda c: c.rollback(99999), None, "never committed"),
     }[case]

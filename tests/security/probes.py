@@ -81,7 +81,7 @@ def served(grpc_url: str, images: np.ndarray, batch: int = 8) -> InferResult:
         return client.infer_batches(images, batch)
 
 
-TINY_CONFIG = ('backend: "python" max_batch_size: 8 instance_group [ { kind: KIND_CPU count: 1 } ]\n'
+TINY_CONFIG = ('backend: "python" max_batch_size: 8 instance_group [ { kind: KIND_CPU count: COUNT } ]\n'
                'input [ { name: "X" data_type: TYPE_FP32 dims: [ -1 ] } ]\n'
                'output [ { name: "Y" data_type: TYPE_FP32 dims: [ -1 ] } ]\n')
 
@@ -105,10 +105,10 @@ class TritonPythonModel:
 """
 
 
-def tiny_repository(root: Path) -> Path:
-    """A repository with one Python-backend model, ``echo``, that starts in seconds."""
+def tiny_repository(root: Path, instances: int = 1) -> Path:
+    """A repository with one Python-backend model, ``echo`` (``instances`` stubs), that starts in seconds."""
     version = root / "models" / "echo" / "1"
     version.mkdir(parents=True)
-    (version.parent / "config.pbtxt").write_text(TINY_CONFIG)
+    (version.parent / "config.pbtxt").write_text(TINY_CONFIG.replace("COUNT", str(instances)))
     (version / "model.py").write_text(TINY_MODEL)
     return root

@@ -11,8 +11,12 @@ here raise ``ServerAborted`` (a test never catches it, so such a misuse fails th
 
 Clean errors (``TritonModelException``), as the real API raises them: an invalid metric or label name,
 ``set`` on a counter, ``Metric`` of a HISTOGRAM family without buckets, buckets on a counter or gauge.
-Identical labels in one family are one series however many ``Metric`` objects (stubs) hold them; a series
-leaves the exposition when its last ``Metric`` is deleted. Every call is counted in ``calls`` (by thread name).
+Identical labels in one family name are one series however many ``Metric`` objects (stubs) hold them. As in
+Triton 2.51's core (``MetricFamily::Remove`` counts references per family object, the prometheus series is shared
+by name and labels; triton-inference-server/server#8663), deleting a ``Metric`` frees the series once the deleting
+stub's *own* family object holds no other reference to it, whoever else still holds it: the series leaves the
+exposition, and any later call through another stub's ``Metric`` on it raises ``ServerAborted`` (real: a use after
+free that corrupts the server's heap). Every call is counted in ``calls`` (by thread name).
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 class _Series:
     def __init__(self) -> None:
         self.value = 0.0
-        self.holders = 0
+        #: id(MetricFamily object) -> Metric objects of that family object holding the series
+        self.holders: Counter = Counter()
+        self.freed = False
 
 
 class PbMetrics:
@@ -94,7 +100,7 @@ def _family_class(server: PbMetrics) -> type:
             self._key = tuple(sorted(labels.items()))
             self._busy = threading.Lock()
             series = family.series.setdefault(self._key, _Series())
-            series.holders += 1
+            series.holders[id(family)] += 1
             self._series = series
             self.cleared = False
 
@@ -106,6 +112,9 @@ def _family_class(server: PbMetrics) -> type:
                 self._busy.release()
                 raise TritonModelException("Invalid metric operation as the corresponding 'MetricFamily' has "
                                            "been deleted.")
+            if self._series.freed:
+                self._busy.release()
+                raise ServerAborted("a series another stub's delete freed (server#8663; the real heap is corrupted)")
             time.sleep(server.latency_s)
 
         def increment(self, value: float) -> None:
@@ -143,9 +152,13 @@ def _family_class(server: PbMetrics) -> type:
                 return
             server.call()
             self.cleared = True
-            self._series.holders -= 1
-            if self._series.holders == 0:
-                self._family.series.pop(self._key, None)
+            holders = self._series.holders
+            holders[id(self._family)] -= 1
+            if holders[id(self._family)] == 0:  # this family object's last reference: Triton 2.51 frees the series
+                del holders[id(self._family)]
+                self._series.freed = True
+                if self._family.series.get(self._key) is self._series:
+                    del self._family.series[self._key]
 
         def __del__(self) -> None:
             self.clear()

@@ -193,6 +193,11 @@ REFUSED = {
     "no images": ({"action": "observe"}, None, "needs IMAGES"),
     "image shape": ({"action": "observe"}, np.zeros((2, 4, 4, 3), np.uint8), "uint8 N x 4 x 4 x 1"),
     "too many images": ({"action": "observe"}, np.zeros((300, 4, 4, 1), np.uint8), "1 to 256"),
+    # issue 24: what one request may carry is bounded (REQUEST and IMAGES together), so the control stub's region
+    # never grows; the clients split a large observe
+    "images over the bound": ({"action": "observe"}, np.zeros((70_000, 4, 4, 1), np.uint8), "split it"),
+    "request over the bound": ({"action": "push", "directions": [direction(1, name="n" * (1 << 20))]}, None,
+                               "at most 1048576"),
     "estimator": ({"action": "observe", "estimator": "paired"}, images(2, 3), "'estimator' must be one of"),
     "publish_every": ({"action": "observe", "publish_every": 0}, images(2, 3), "publish_every"),
     # issue 12, finding 7: "false" counted as clean, "abc" gave a traceback; floats and booleans slipped through

@@ -6,6 +6,7 @@ tests/integration/test_metrics_endpoint.py runs the same module inside the real 
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -346,12 +347,34 @@ def test_flushes_from_two_threads_never_overlap_on_one_metric() -> None:
     exporter.close()
 
 
-def test_close_removes_the_series_metrics_before_families(pb: PbMetrics) -> None:
+def test_close_keeps_every_series(pb: PbMetrics) -> None:
     exporter = m.BatchMetrics(pb, "fire_repair", "fire_repair_0_0", config=SLOW)
+    before = [(sample.name, sample.labels) for sample in scrape(pb).samples]
     assert scrape(pb).select(m.REQUESTS_TOTAL.name)
     exporter.close()
-    assert scrape(pb).samples == []
+    gc.collect()
+    assert [(sample.name, sample.labels) for sample in scrape(pb).samples] == before
     assert pb.warnings == []
+
+
+def test_a_reloaded_instance_counts_on_after_its_predecessor_closes(pb: PbMetrics) -> None:
+    """A reload: the new copy's instance (same model, same instance name, a stub of its own) creates its series
+    while the old copy still runs, then the old copy finalizes. Deleting the old handles would free the series the
+    new copy updates (Triton 2.51; the double raises ServerAborted): they are retained instead."""
+    old = m.BatchMetrics(pb, "fire_repair", "fire_repair_0_0", config=SLOW)
+    old.record_batch(2, np.array([1.0, 0.0]), 1)
+    old.flush()
+    new = m.BatchMetrics(pb, "fire_repair", "fire_repair_0_0", config=SLOW)
+    old.close()
+    del old
+    gc.collect()
+    new.record_batch(3, np.array([0.0, 0.0, 1.0]), 1)
+    new.applied(4)
+    new.flush()
+    page = scrape(pb)
+    assert page.one(m.REQUESTS_TOTAL.name, model_instance="fire_repair_0_0") == 5
+    assert page.one(m.APPLIED_VERSION.name, model_instance="fire_repair_0_0") == 4
+    new.close()
 
 
 def test_two_instances_keep_their_own_series(pb: PbMetrics) -> None:
