@@ -20,6 +20,8 @@ RESERVE_SEED = 0
 #: how directions at several layers are estimated (fire_backend.multilayer): each layer from unrepaired latents
 #: (the measured default), or deeper layers on latents repaired upstream
 ESTIMATION_MODES = ("independent", "ordered")
+#: the networks fire knows by name (fire_backend.models.ARCHITECTURES; here so `fire --help` needs no torch)
+ARCHITECTURE_NAMES = ("digits_cnn", "preact_resnet18", "vgg19_bn", "mobilenet_v3_large")
 
 
 def cache_dir() -> Path:

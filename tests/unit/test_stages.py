@@ -30,7 +30,6 @@ from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, model
 from fire_backend.serving.control_stage import ControlStage
 from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
 from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
-from fire_backend.split import split
 from fire_backend.store import DirectionStore
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 from fire_backend.wire.names import (
@@ -139,7 +138,7 @@ def offline(repos):
     version = DirectionStore(repos["allowing"] / ARTIFACTS_DIR / "store").read_version(1)
     compiled = compile_directions(version.directions.directions, torch.from_numpy(version.directions.center),
                                   settings.latent_dim)
-    head, tail = split(model, settings.layer)
+    head, tail = model.cut(settings.layer)
 
     def run(x: np.ndarray, repaired: bool = True) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
@@ -361,13 +360,13 @@ def test_control_stage_computes_latents_in_process_in_chunks_of_the_max_batch(re
     control = make(ControlStage, repos["allowing"], FIRE_CONTROL)
     assert control.max_batch == 4
     calls = []
-    head = control.head
-    control.head = lambda x: calls.append(len(x)) or head(x)
+    latents_of = control.network.latents
+    control.network.latents = lambda x, layer: calls.append(len(x)) or latents_of(x, layer)
     x = torch.from_numpy(digits(10, 10))
     latents = control._latents(x)
     model, _ = load_checkpoint(repos["checkpoint"])
     with torch.inference_mode():
-        expected = split(model, "block2")[0](x)
+        expected = model.latents(x, "block2")
     assert calls == [4, 4, 2]
     assert torch.allclose(latents, expected, atol=1e-6)
     assert not latents.is_inference()  # the estimators may fold it into running means
