@@ -115,9 +115,12 @@ def build_from_file(path: Path, factory: str, kwargs: Mapping[str, Any] | None =
         model = target(**dict(kwargs or {}))
     except TypeError as exc:
         try:
-            signature = f"{factory}{inspect.signature(target)}"
-        except (TypeError, ValueError):
-            signature = factory
+            signature = f"{factory}{inspect.signature(target, eval_str=True)}"
+        except Exception:  # noqa: BLE001 - annotations that do not evaluate: show them as written
+            try:
+                signature = f"{factory}{inspect.signature(target)}"
+            except (TypeError, ValueError):
+                signature = factory
         raise UserModelError(f"{path}: {factory}(**{json.dumps(dict(kwargs or {}))}) failed: {exc}; it takes "
                              f"{signature} (pass arguments with --kwargs JSON)") from None
     if not isinstance(model, nn.Module):
