@@ -140,8 +140,13 @@ def test_dispatchers_are_registered_once_not_per_batch() -> None:
     with torch.inference_mode():
         for _ in range(3):
             net(x, {"block2": lambda t: t, "block1": lambda t: t})
-    assert len(net.model.block2._forward_hooks) == 1 and len(net.model.block1._forward_hooks) == 1
-    assert len(net.model.block3._forward_hooks) == 0  # a layer never hooked costs nothing
+    wrapped = net.model.block2.forward
+    with torch.inference_mode():
+        net(x, {"block2": lambda t: t})
+    assert net.model.block2.forward is wrapped and wrapped.fire_layer == "block2"
+    assert net.model.block1.forward.fire_layer == "block1"
+    assert "forward" not in vars(net.model.block3)  # a layer never hooked costs nothing
+    assert not any(m._forward_hooks for m in net.model.modules())  # no forward hook: the fast call path
 
 
 # --- the cut ---------------------------------------------------------------------------------------------------
