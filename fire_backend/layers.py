@@ -17,8 +17,9 @@ import torch
 #: module types that only hold others in order (their children are walked through, not a block of their own, when
 #: they hold more than one weight layer)
 SEQUENCE_TYPES = ("Sequential", "ModuleList", "ModuleDict")
-#: preference among names of one latent: a block, then a sequence, then a single layer
-KIND_ORDER = {"block": 0, "sequence": 1, "leaf": 2}
+#: preference among names of one latent: a block, then a single layer, then a sequence (which is walked through, so
+#: its last layer is the stage: VGG's features.52 rather than features)
+KIND_ORDER = {"block": 0, "leaf": 1, "sequence": 2}
 
 
 class LayerError(ValueError):
@@ -90,7 +91,7 @@ def classify(raw: Sequence[RawCandidate], modules: Mapping[str, ModuleInfo]) -> 
         return module_kind(modules[name])
 
     preferred: dict[int, str] = {}
-    for candidate in raw:  # per latent: a block, then a sequence, then a leaf; then the outermost; then the first
+    for candidate in raw:  # per latent: a block, then a leaf, then a sequence; then the outermost; then the first
         best = preferred.get(candidate.group)
         key = (KIND_ORDER[kind(candidate.name)], candidate.name.count("."))
         if best is None or key < (KIND_ORDER[kind(best)], best.count(".")):
