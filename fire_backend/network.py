@@ -102,13 +102,14 @@ def probe_modules(model: nn.Module, input_shape: Sequence[int]) -> tuple[Layer, 
 class Network(nn.Module):
     """A classifier FIRE can run: candidate layers, forward with repair hooks, latents at a layer, a cut in two.
 
-    Built by :meth:`from_module` (any ``nn.Module``: its forward hooks carry the repair) or :meth:`from_graph` (a
-    ``torch.export`` program's module, or a part cut from a network: identity slots in the graph carry it). The
-    network takes FP32 NCHW images in [0, 1] (a part: its input latent) and returns logits (a head: the latent).
+    Built by :meth:`from_module` (any ``nn.Module``: each hooked module's forward is wrapped) or :meth:`from_graph` (a
+    ``torch.export`` program's module; the parts :meth:`cut` returns are of this graph form too: identity slots in
+    the graph carry the repair). The network takes FP32 NCHW images in [0, 1] (a part: its input latent) and returns
+    logits (a head: the latent). It is always in eval mode.
     """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *, layers: Sequence[Layer] | None = None,
-                 outputs: Mapping[str, str] | None = None, program: bool = False) -> None:
+                 outputs: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.model = model
         self.input_shape = tuple(int(v) for v in input_shape)
@@ -117,8 +118,6 @@ class Network(nn.Module):
         self._candidates: tuple[Layer, ...] | None = tuple(layers) if layers is not None else None
         self._installed: set[str] = set()
         self._active: Mapping[str, Hook] = {}
-        #: an exported program (or a part of one): always in eval mode, never switched
-        self._program = program
         self.__dict__["_graph_cache"] = None  # the module form's export, cached (not a submodule: no state)
         self.train(False)
 
@@ -129,13 +128,10 @@ class Network(nn.Module):
         return cls(model.eval(), input_shape)
 
     @classmethod
-    def from_graph(cls, module: torch.fx.GraphModule, input_shape: Sequence[int],
-                   layers: Sequence[Layer] | None = None, outputs: Mapping[str, str] | None = None) -> Network:
-        """A ``torch.export`` program's module (``ExportedProgram.module()``), or a part of one with its layers."""
-        if layers is None or outputs is None:
-            found = split.graph_layers(module)
-            layers, outputs = found.layers, found.outputs
-        return cls(module, input_shape, layers=layers, outputs=outputs, program=True)
+    def from_graph(cls, module: torch.fx.GraphModule, input_shape: Sequence[int]) -> Network:
+        """A ``torch.export`` program's module (``ExportedProgram.module()``), its layers read off its graph."""
+        found = split.graph_layers(module)
+        return cls(module, input_shape, layers=found.layers, outputs=found.outputs)
 
     @property
     def graph_form(self) -> bool:
@@ -145,7 +141,7 @@ class Network(nn.Module):
         if mode:
             raise RuntimeError("a Network runs a trained classifier for inference; train the nn.Module itself")
         self.training = False
-        if not self._program:  # an exported program's module refuses eval(): it is exported in eval mode
+        if self._outputs is None:  # a graph module refuses eval(): a program is exported in eval mode
             self.model.eval()
         return self
 
@@ -279,9 +275,9 @@ class Network(nn.Module):
         before = [c for c in self.candidates() if outputs.get(c.name) in head_nodes]
         after = [c for c in self.candidates() if outputs.get(c.name) in tail_nodes]
         head_net = Network(head, self.input_shape, layers=before,
-                           outputs={c.name: head_nodes[outputs[c.name]] for c in before}, program=True)
+                           outputs={c.name: head_nodes[outputs[c.name]] for c in before})
         tail_net = Network(tail, at.shape, layers=after,
-                           outputs={c.name: tail_nodes[outputs[c.name]] for c in after}, program=True)
+                           outputs={c.name: tail_nodes[outputs[c.name]] for c in after})
         return head_net, tail_net
 
     def cut_reason(self, layer: str) -> str | None:
