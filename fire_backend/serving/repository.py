@@ -302,8 +302,8 @@ def check_layouts(settings: ServingSettings, options: RepositoryOptions) -> None
                          f"({', '.join(settings.repair_layers)}): use --layout fused or --layout inline")
     split_layouts = [layout for layout in (options.layout, *options.compare_layouts) if layout != "fused"]
     if settings.cut_reason and split_layouts:
-        raise ValueError(f"the {split_layouts[0]} layout serves the network as models cut at {settings.layer!r}, "
-                         f"and it cannot be cut there: {settings.cut_reason}")
+        raise ValueError(f"the {split_layouts[0]} layout serves the network as two models, cut at the split layer "
+                         f"{settings.layer!r}; {settings.cut_reason}")
 
 
 def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> list[str]:

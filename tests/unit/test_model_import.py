@@ -258,7 +258,7 @@ def test_a_network_that_cannot_be_cut_is_served_fused_and_inline_refuses(skip_ch
                                                                          capsys: pytest.CaptureFixture) -> None:
     _, err = run(capsys, ["repo", "build", "--checkpoint", str(skip_checkpoint), "--layer", "body", "--layout",
                           "inline", "--out", str(tmp_path / "inline")], code=2)
-    assert "the inline layout serves the network as models cut at 'body'" in err
+    assert "the inline layout serves the network as two models, cut at the split layer 'body'" in err
     assert "the rest of the network also needs the network's input image" in err
     assert not (tmp_path / "inline").exists()
     repository = tmp_path / "fused"
