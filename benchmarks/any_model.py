@@ -14,10 +14,15 @@ For each network of ``benchmarks/networks/`` (``FILE.py`` with a ``build`` facto
 
 Steps already done in --work are reused. Prints one table row per network and form; writes ``summary.json``. A
 measurement: the exit status is 0 whatever the figures. Trainings run at the priority the script is started with
-(``nice -n 10`` on a shared machine).
+(``nice -n 10`` on a shared machine); its commands get ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (on a busy
+machine spinning OpenMP threads burned ten times the CPU time of a training step, measured).
 
-    nice -n 10 python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model
-    python benchmarks/any_model.py --data cifar10:... --networks resmix --steps check --pt2 resmix
+    nice -n 10 python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+        --networks resmix --train-subset 10000 --epochs 6
+    nice -n 10 python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+        --networks vgg_small,mobile_small,vit_small --train-subset 6000 --epochs 6
+    python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+        --steps import,check,bench
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def run(command: list[str], log: Path) -> str:
     print(f"$ {' '.join(command)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ})
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    proc = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     log.write_text(proc.stdout + proc.stderr)
     print(f"  ({time.perf_counter() - start:.0f} s, log {log})", flush=True)
     if proc.returncode != 0:
