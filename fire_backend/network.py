@@ -279,11 +279,3 @@ class Network(nn.Module):
         tail_net = Network(tail, at.shape, layers=after,
                            outputs={c.name: tail_nodes[outputs[c.name]] for c in after})
         return head_net, tail_net
-
-    def cut_reason(self, layer: str) -> str | None:
-        """Why the network cannot be cut at ``layer`` (None: it can)."""
-        try:
-            self.cut(layer)
-        except CutError as exc:
-            return str(exc)
-        return None
