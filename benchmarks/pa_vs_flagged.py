@@ -3,7 +3,7 @@
 The default served configuration, with the library code the server runs when ``fire ctl observe`` receives the
 defender's first n flagged reserve images (no second FIRE implementation):
 
-- the architecture's default repair layers (:data:`fire_backend.multilayer.DEFAULT_REPAIR_LAYERS`) and the
+- the network's default repair layers (:func:`fire_backend.multilayer.default_layers`) and the
   estimation settings a default ``fire repo build`` writes, read back as the control endpoint reads them
   (:func:`fire_backend.serving.controller.estimation_settings`);
 - the evidence: the 100 clean reserve images (``clean_samples``) and the first n flagged reserve images, passed
@@ -49,25 +49,25 @@ from fire_backend.data.datasets import to_uint8
 from fire_backend.data.reserve import defender_samples
 from fire_backend.defaults import shared_dir
 from fire_backend.evaluation import accuracy_figures, evaluation_set, predict, subset_metrics
-from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS, Evidence, learn
+from fire_backend.multilayer import Evidence, default_layers, learn
+from fire_backend.network import Network
 from fire_backend.serving.artifacts import ServingSettings
 from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.repository import RepositoryOptions
-from fire_backend.split import Part, candidate_layers
 
 #: the flagged counts of the curve (the defender's reserve holds at least 20 usable images for every attack here)
 CURVE = (1, 2, 3, 5, 10, 20)
 
 
-def default_estimation(model: torch.nn.Module, meta) -> tuple[tuple[str, ...], object]:
+def default_estimation(model: Network, meta) -> tuple[tuple[str, ...], object]:
     """The default repository's repair layers and estimation settings (what ``fire repo build`` with no option
     writes, read back as the control endpoint reads them)."""
     options = RepositoryOptions()
-    layers = DEFAULT_REPAIR_LAYERS[meta.spec.arch]
-    shapes = dict(candidate_layers(model, meta.spec.input_shape))
+    layers = default_layers(model.stages())
+    shapes = {layer.name: layer.shape for layer in model.candidates()}
     settings = ServingSettings(
         layer=layers[-1], input_shape=meta.spec.input_shape, latent_shape=shapes[layers[-1]],
-        num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, repair_layers=layers,
+        num_classes=meta.spec.classes, arch=meta.spec.label, repair_layers=layers,
         layer_shapes={name: shapes[name] for name in layers}, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, estimation=options.estimation)
     return layers, estimation_settings(settings)
@@ -81,7 +81,7 @@ def curve(checkpoint: Path, eval_images: int | None, batch: int) -> dict:
     samples = defender_samples(data.x_test, data.y_test, attack, meta.target, RepositoryOptions().clean_samples,
                                max(CURVE))
     layers, settings = default_estimation(model, meta)
-    net = Part(model, 0, len(model.stages()))
+    net = model
     undefended = subset_metrics(net, evaluation, meta.target, {}, batch)
     shrinkpad = accuracy_figures(predict(model, shrinkpad_defense(evaluation.x), batch), evaluation.y,
                                  predict(model, shrinkpad_defense(evaluation.poisoned), batch), evaluation.poisoned_y,

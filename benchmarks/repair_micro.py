@@ -3,7 +3,7 @@
 For a batch of 64 on the PreActResNet18 split (and the digits CNN), time the head forward pass and
 the fused repair (projection mode, one and four directions) in the same run, interleaved, and print
 the ratio repair / head. Target: <= 5% on PreActResNet18. Also times the per-batch version check, and the
-whole network as the fused stage runs it (``Part.forward`` with a ``RepairPass``) repairing at the default pair
+whole network as the fused stage runs it (``Network.forward`` with a ``RepairPass``) repairing at the default pair
 of layers against the deepest one alone (issue 16's target: two layers cost <= 2% more than one).
 
     python benchmarks/repair_micro.py [--batch 64] [--repeats 30] [--width 64] [--json]
@@ -23,8 +23,8 @@ import torch
 
 from fire_backend.fire import Direction, RepairPass, compile_directions, compile_plan, repair
 from fire_backend.models import DigitsCNN, PreActResNet18
-from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS
-from fire_backend.split import Part, candidate_layers, split
+from fire_backend.multilayer import default_layers
+from fire_backend.network import Network
 from fire_backend.store import DirectionSet, DirectionStore, StoreFollower
 
 
@@ -38,8 +38,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def measure(name: str, model: torch.nn.Module, layer: str, input_shape, batch: int, repeats: int) -> dict:
-    model.eval()
-    head, _ = split(model, layer)
+    head, _ = Network.from_module(model, input_shape).cut(layer)
     x = torch.rand(batch, *input_shape)
     with torch.inference_mode():
         latents = head(x)
@@ -65,13 +64,14 @@ def measure(name: str, model: torch.nn.Module, layer: str, input_shape, batch: i
 
 def layers_cost(model: torch.nn.Module, arch: str, input_shape, batch: int, repeats: int) -> dict:
     """Whole-network milliseconds per batch, interleaved: no repair, the deepest default layer, the default pair."""
-    model.eval()
-    pair = DEFAULT_REPAIR_LAYERS[arch]
-    dims = {name: torch.Size(shape).numel() for name, shape in candidate_layers(model, input_shape)}
+    net = Network.from_module(model, input_shape)
+    pair = default_layers(net.stages())
+    dims = {layer.name: layer.dim for layer in net.candidates()}
     sets = {layer: ([Direction(torch.randn(dims[layer]))], torch.randn(dims[layer])) for layer in pair}
     plans = {"none": compile_plan({}, dims), "one": compile_plan({pair[-1]: sets[pair[-1]]}, dims),
              "pair": compile_plan(sets, dims)}
-    net, x = Part(model, 0, len(model.stages())), torch.rand(batch, *input_shape)
+    net.check_hooks(pair)
+    x = torch.rand(batch, *input_shape)
     times: dict[str, list[float]] = {name: [] for name in plans}
     with torch.inference_mode():
         for _ in range(3):  # warm-up

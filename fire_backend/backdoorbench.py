@@ -17,8 +17,9 @@ e.g. ``cifar10``), ``bd_train`` and ``bd_test`` (plus optional extras). In its v
 where ``index`` is the image's position in the clean split (torchvision's order) and ``image`` is the
 triggered image before BackdoorBench's normalization (a PIL image, or a PNG file on disk).
 
-The import writes ``model.pt`` + ``meta.json`` (a PreActResNet18 with BackdoorBench's input
-normalization folded into its first convolution, so it takes [0, 1] images like every fire model) and
+The import writes ``model.pt`` + ``meta.json`` (a PreActResNet18, VGG19-BN or MobileNetV3-Large of fire's own
+definitions under BackdoorBench's parameter names, with its input normalization folded into the first
+convolution, so it takes [0, 1] images like every fire model) and
 ``poisoned_test.npz``: the attack's own poisoned test images (``x`` uint8 NHWC, ``y`` true labels,
 ``index`` positions in the clean test split, ``key`` digests of the clean originals). The checkpoint's
 attack is ``stored:PATH``: a trigger that replaces each clean test image by the attacker's poisoned
@@ -44,13 +45,15 @@ from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
 from fire_backend.data import Dataset, load_dataset, resolve_attack, to_tensor
 from fire_backend.data.stored import STORED_PREFIX, write_stored_set
 from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
-from fire_backend.models import PreActResNet18
-from fire_backend.split import ModelSpec
+from fire_backend.models import build_model
+from fire_backend.models.spec import ModelSpec
 
 POISONED_FILE = "poisoned_test.npz"
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
-# BackdoorBench model_name -> fire architecture. Only PreActResNet18 has fire's stage structure.
-SUPPORTED_MODELS = {"preactresnet18": "preact_resnet18"}
+# BackdoorBench model_name -> fire architecture (fire's own definitions, BackdoorBench's state-dict keys).
+SUPPORTED_MODELS = {"preactresnet18": "preact_resnet18", "vgg19_bn": "vgg19_bn",
+                    "mobilenet_v3_large": "mobilenet_v3_large"}
+#: PreActResNet18's width in BackdoorBench (fire's PreActResNet18 also trains narrower copies)
 BACKDOORBENCH_WIDTH = 64
 # BackdoorBench's test-time normalization per data set (utils/aggregate_block/dataset_and_transform_generate.py).
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -154,7 +157,7 @@ def parse_model(result: dict) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     """The fire model spec (with BackdoorBench's normalization) and a state dict that loads into it."""
     name = result["model_name"]
     if not isinstance(name, str) or name.lower() not in SUPPORTED_MODELS:
-        supported = ", ".join(f"{k} (fire's {v}, width {BACKDOORBENCH_WIDTH})" for k, v in SUPPORTED_MODELS.items())
+        supported = ", ".join(f"{k} (fire's {v})" for k, v in SUPPORTED_MODELS.items())
         raise ValueError(f"model_name {name!r} is not supported; fire imports: {supported}")
     num_classes = result["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
@@ -167,9 +170,11 @@ def parse_model(result: dict) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         )
     h, w, c = _image_size(result)
     mean, std = NORMALIZATION[clean_data]
-    kwargs = {"num_classes": int(num_classes), "in_channels": c, "width": BACKDOORBENCH_WIDTH,
-              "mean": list(mean), "std": list(std)}
-    spec = ModelSpec(SUPPORTED_MODELS[name.lower()], kwargs, (c, h, w))
+    arch = SUPPORTED_MODELS[name.lower()]
+    shape_kwargs: dict[str, Any] = {"num_classes": int(num_classes), "in_channels": c}
+    if arch == "preact_resnet18":
+        shape_kwargs["width"] = BACKDOORBENCH_WIDTH
+    spec = ModelSpec(arch, {**shape_kwargs, "mean": list(mean), "std": list(std)}, (c, h, w))
 
     weights = result["model"]
     if not isinstance(weights, dict):
@@ -181,15 +186,17 @@ def parse_model(result: dict) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"model[{key!r}] is a {type(value).__name__}, not a tensor")
         state[key.removeprefix("module.")] = value
-    reference = PreActResNet18(num_classes=int(num_classes), width=BACKDOORBENCH_WIDTH, in_channels=c).state_dict()
+    with torch.device("meta"):  # names and shapes only: VGG19-BN has 139 M parameters
+        reference = build_model(arch, **shape_kwargs).state_dict()
     for key in reference:  # checkpoints from before BatchNorm counted batches lack these buffers
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = torch.zeros((), dtype=torch.long)
     missing = [k for k in reference if k not in state]
     unexpected = [k for k in state if k not in reference]
     if missing or unexpected:
+        described = f"width {BACKDOORBENCH_WIDTH}, " if arch == "preact_resnet18" else ""
         raise ValueError(
-            f"model: the state dict is not a PreActResNet18 (width {BACKDOORBENCH_WIDTH}, {num_classes} classes): "
+            f"model: the state dict is not BackdoorBench's {name} ({described}{num_classes} classes): "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
         )
     for key, ref in reference.items():
@@ -407,16 +414,12 @@ def import_backdoorbench(
     result_path = Path(result_path)
     result = load_attack_result(result_path, trust_pickle=trust_pickle)
     spec, state = parse_model(result)
-    model = spec.build()
-    model.load_state_dict(state)
-    model.eval()
-    if measure:
-        model.to(compute)
+    model = spec.network(None, state, compute if measure else "cpu")
     dataset = load_dataset(data)
     if dataset.input_shape != spec.input_shape:
         raise ValueError(f"{data}: images are {dataset.input_shape} (C, H, W), the model takes {spec.input_shape}")
-    if dataset.num_classes > spec.kwargs["num_classes"]:
-        raise ValueError(f"{data} has {dataset.num_classes} classes, the model {spec.kwargs['num_classes']}")
+    if dataset.num_classes > spec.classes:
+        raise ValueError(f"{data} has {dataset.num_classes} classes, the model {spec.classes}")
 
     extra: dict[str, Any] = {
         "source": "backdoorbench",
@@ -480,5 +483,5 @@ def import_backdoorbench(
         meta.ca, meta.asr = metrics.ca, metrics.asr
         meta.extra["measured"] = {"images": len(y), "poisoned": int((y != meta.target).sum()) - excluded,
                                   "excluded": excluded}
-    save_checkpoint(out, model, meta)
+    save_checkpoint(out, model.model, meta)
     return ImportReport(meta, stored, uncovered, change, warnings, excluded)

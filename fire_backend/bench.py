@@ -73,14 +73,18 @@ class Target:
     stages: tuple[str, ...]
 
 
-def bench_layouts(repair_layers: int) -> tuple[str, ...]:
+def bench_layouts(repair_layers: int, cut: bool = True) -> tuple[str, ...]:
     """The FIRE layouts a bench repository serves: all three for one repair layer; ``separate`` repairs one layer,
-    so a repository repairing at several (the default build) is compared in ``fused`` and ``inline``."""
+    so a repository repairing at several (the default build) is compared in ``fused`` and ``inline``; a network that
+    cannot be cut at its split layer (``cut`` false) is served ``fused`` only."""
+    if not cut:
+        return ("fused",)
     return ("fused", "inline", "separate") if repair_layers == 1 else ("fused", "inline")
 
 
-def bench_targets(layouts: Sequence[str]) -> list[Target]:
-    """The targets of a bench repository, in the order they run (the models come from the repository builder)."""
+def bench_targets(layouts: Sequence[str], cut: bool = True) -> list[Target]:
+    """The targets of a bench repository, in the order they run (the models come from the repository builder); no
+    undefended split for a network that cannot be cut (``cut`` false)."""
     from fire_backend.serving.repository import LAYOUT_MODELS, served_models
     from fire_backend.wire.names import FIRE_ENSEMBLE
 
@@ -90,7 +94,8 @@ def bench_targets(layouts: Sequence[str]) -> list[Target]:
         models = served_models(public, layout)
         targets.append(Target(layout, public, tuple(models)))
     undefended, monolithic = BENCH_TARGETS[3:]
-    targets.append(Target(undefended, UNDEFENDED_ENSEMBLE, tuple(served_models(UNDEFENDED_ENSEMBLE, "inline"))))
+    if cut:
+        targets.append(Target(undefended, UNDEFENDED_ENSEMBLE, tuple(served_models(UNDEFENDED_ENSEMBLE, "inline"))))
     targets.append(Target(monolithic, FIRE_MONOLITHIC, (FIRE_MONOLITHIC,)))
     return targets
 
@@ -525,7 +530,8 @@ def bench_repository(config: BenchConfig, progress: Progress) -> Path:
         build_repository(config.checkpoint, out, config.layer, flagged=BENCH_FLAGGED, options=options)
         return out
     source = ServingSettings.read(config.repository / ARTIFACTS_DIR)
-    compare = tuple(layout for layout in bench_layouts(len(source.repair_layers)) if layout != DEFAULT_TARGET)
+    compare = tuple(layout for layout in bench_layouts(len(source.repair_layers), not source.cut_reason)
+                    if layout != DEFAULT_TARGET)
     recorded = RepositoryOptions.from_record(source.build)
     options = RepositoryOptions.from_record({**asdict(recorded), "layout": DEFAULT_TARGET,
                                              "compare_layouts": compare, "baselines": True, "allow_bypass": False,
@@ -581,7 +587,11 @@ def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
     traffic = write_traffic(load_dataset(settings.dataset), settings.attack, settings.target, out / "data",
                             TRAFFIC_IMAGES)
     label = max(settings.target, 0)
-    targets = bench_targets(bench_layouts(len(settings.repair_layers)))
+    cut = not settings.cut_reason
+    if not cut:
+        progress(f"the network cannot be cut at {settings.layer}: fused against monolithic only "
+                 f"({settings.cut_reason})")
+    targets = bench_targets(bench_layouts(len(settings.repair_layers), cut), cut)
     if config.targets is not None:
         unknown = sorted(set(config.targets) - {t.name for t in targets})
         if unknown:

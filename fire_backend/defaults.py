@@ -26,6 +26,8 @@ RETAIN_VERSIONS = 100
 #: the largest share of the defender's clean reserve predictions a pushed direction set may change without
 #: ``fire ctl push --force`` (the sets ``observe`` learns change 0-2% held out): ``fire repo build --max-clean-change``
 MAX_CLEAN_CHANGE = 0.05
+#: the networks fire knows by name (fire_backend.models.ARCHITECTURES; here so `fire --help` needs no torch)
+ARCHITECTURE_NAMES = ("digits_cnn", "preact_resnet18", "vgg19_bn", "mobilenet_v3_large")
 
 
 def cache_dir() -> Path:

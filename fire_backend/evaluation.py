@@ -35,11 +35,11 @@ from fire_backend.fire import (
     compile_directions,
     repair,
 )
-from fire_backend.multilayer import LayerSets, repairs_of, run
-from fire_backend.split import Part, candidate_layers, split
+from fire_backend.layers import CutError
+from fire_backend.multilayer import LayerSets, default_layers, repairs_of, run
+from fire_backend.network import Network
 
 ESTIMATORS = ("paired", "unpaired", "augmented")
-DEFAULT_LAYERS = {"digits_cnn": "block2", "preact_resnet18": "layer4.0"}
 ALPHA_GRID = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
@@ -101,7 +101,12 @@ def attack_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
     return accuracy_figures(predict(model, x, batch), y, predict(model, poisoned, batch), poison_y, target), excluded
 
 
-def subset_metrics(net: Part, evaluation: EvaluationSet, target: int, sets: LayerSets,
+def default_layer(net: Network) -> str:
+    """The one layer ``fire eval`` repairs at when none is named: the deep layer of the default pair."""
+    return default_layers(net.stages())[-1]
+
+
+def subset_metrics(net: Network, evaluation: EvaluationSet, target: int, sets: LayerSets,
                    batch: int = DEFAULT_BATCH_SIZE) -> Metrics:
     """CA/PA/ASR with the directions of ``sets`` repaired at their layers as the network runs (what the fused
     layout serves)."""
@@ -149,9 +154,13 @@ class DefenderData:
 
 def load_defender_samples(dataset: Dataset | str, attack_name: str, target: int, n_clean: int,
                           n_flagged: int) -> DefenderSamples:
-    """The defender's samples only (a repository build): reads no evaluation image through the attack."""
+    """The defender's samples only (a repository build): reads no evaluation image through the attack (with no
+    flagged samples, no attack is needed)."""
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
-    return defender_samples(data.x_test, data.y_test, resolve_attack(attack_name), target, n_clean, n_flagged)
+    if n_flagged and not attack_name:
+        raise ValueError("flagged samples need the attack's trigger, and no attack is named")
+    attack = resolve_attack(attack_name) if attack_name else None
+    return defender_samples(data.x_test, data.y_test, attack, target, n_clean, n_flagged)
 
 
 def load_for_eval(dataset: str, attack_name: str, target: int, n_clean: int, n_flagged: int,
@@ -167,28 +176,41 @@ def load_for_eval(dataset: str, attack_name: str, target: int, n_clean: int, n_f
 
 
 class LayerView:
-    """A model cut at one layer: the clean centroid from the defender's clean set, direction estimates from its
-    flagged samples, and (computed once, on first use) the evaluation images' latents for figures."""
+    """A network seen at one layer: the clean centroid from the defender's clean set, direction estimates from its
+    flagged samples, and (computed once, on first use) the evaluation images' latents for figures.
 
-    def __init__(self, model: nn.Module, layer: str, samples: DefenderSamples,
+    Repaired predictions run the tail of the network cut at the layer on the repaired latents; a network that cannot
+    be cut there runs whole with the repair hooked in at the layer, as the fused layout serves it.
+    """
+
+    def __init__(self, net: Network, layer: str, samples: DefenderSamples,
                  evaluation: EvaluationSet | None = None, batch: int = DEFAULT_BATCH_SIZE) -> None:
+        self.net = net
         self.layer = layer
-        self.head, self.tail = split(model, layer)
+        net.check_hooks([layer])
         self.samples = samples
         self.evaluation = evaluation
         self.batch = batch
-        self.device = module_device(model)
+        self.device = module_device(net)
         self.mu = centroid(self.latents(samples.clean)).cpu()
         self.dim = self.mu.numel()
 
     def latents(self, x: torch.Tensor) -> torch.Tensor:
-        """The head's output for ``x`` (on the model's device)."""
-        return batched(self.head, x, self.batch, self.device)
+        """The latent at the layer for ``x`` (on the network's device)."""
+        return batched(lambda chunk: self.net.latents(chunk, self.layer), x, self.batch, self.device)
 
     def _evaluated(self) -> EvaluationSet:
         if self.evaluation is None:
             raise ValueError("this view has no evaluation set: pass one to compute figures")
         return self.evaluation
+
+    @functools.cached_property
+    def tail(self) -> Network | None:
+        """The network after the layer (None where it cannot be cut there), cut on first use."""
+        try:
+            return self.net.cut(self.layer)[1]
+        except CutError:
+            return None
 
     @functools.cached_property
     def clean_latents(self) -> torch.Tensor:
@@ -219,23 +241,36 @@ class LayerView:
     def estimate(self, kind: str, n_flagged: int) -> torch.Tensor:
         return self.estimator(kind, n_flagged).direction()
 
-    def _repaired(self, latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted labels and repair scores (on the CPU) of ``latents`` after the repair."""
-        fixed, score, _ = repair(latents, compiled)
-        return batched(self.tail, fixed, self.batch).argmax(1).cpu(), score.cpu()
+    def _repaired(self, poisoned: bool, compiled: CompiledRepair) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted labels and repair scores (on the CPU) of the clean or poisoned evaluation images after the
+        repair."""
+        if self.tail is not None:
+            fixed, score, _ = repair(self.poison_latents if poisoned else self.clean_latents, compiled)
+            return batched(self.tail, fixed, self.batch).argmax(1).cpu(), score.cpu()
+        evaluation = self._evaluated()
+        scores: list[torch.Tensor] = []
+
+        def fix(latent: torch.Tensor) -> torch.Tensor:
+            fixed, score, _ = repair(latent, compiled)
+            scores.append(score)
+            return fixed
+
+        logits = batched(lambda chunk: self.net(chunk, {self.layer: fix}),
+                         evaluation.poisoned if poisoned else evaluation.x, self.batch, self.device)
+        return logits.argmax(1).cpu(), torch.cat(scores).cpu()
 
     def metrics(self, directions: Sequence[Direction], target: int) -> tuple[Metrics, torch.Tensor, torch.Tensor]:
         """Metrics after repair, plus the clean and poisoned scores (for the detector)."""
         evaluation = self._evaluated()
         compiled = compile_directions(directions, self.mu, self.dim, self.device)
-        clean_pred, clean_score = self._repaired(self.clean_latents, compiled)
-        poison_pred, poison_score = self._repaired(self.poison_latents, compiled)
+        clean_pred, clean_score = self._repaired(False, compiled)
+        poison_pred, poison_score = self._repaired(True, compiled)
         figures = accuracy_figures(clean_pred, evaluation.y, poison_pred, evaluation.poisoned_y, target)
         return figures, clean_score, poison_score
 
     def poisoned_accuracy(self, directions: Sequence[Direction]) -> float:
-        """PA alone (the streaming curve): the tail does not run on the clean images."""
-        pred, _ = self._repaired(self.poison_latents, compile_directions(directions, self.mu, self.dim, self.device))
+        """PA alone (the streaming curve): the network does not run on the clean images."""
+        pred, _ = self._repaired(True, compile_directions(directions, self.mu, self.dim, self.device))
         return float((pred == self._evaluated().poisoned_y).float().mean())
 
 
@@ -272,7 +307,7 @@ class EvalReport:
 
 
 def evaluate(
-    model: nn.Module,
+    model: Network,
     data: DefenderData,
     target: int,
     layer: str,
@@ -309,21 +344,22 @@ def evaluate(
 
 
 def sweep(
-    model: nn.Module,
+    model: Network,
     data: DefenderData,
     target: int,
-    input_shape: tuple[int, int, int],
     n_flagged: int = 20,
     estimator: str = "unpaired",
     alphas: Sequence[float] = ALPHA_GRID,
     batch: int = DEFAULT_BATCH_SIZE,
 ) -> tuple[list[dict], dict]:
-    """Per candidate layer, the best alpha's CA and PA; recommends the layer with the best PA among
-    those whose CA drops by at most one point (or the smallest drop if none qualifies)."""
+    """Per stage of the network (:meth:`~fire_backend.network.Network.stages`), the best alpha's CA and PA;
+    recommends the layer with the best PA among those whose CA drops by at most one point (or the smallest drop if
+    none qualifies)."""
     evaluation = data.evaluation
     base_ca = float((predict(model, evaluation.x, batch) == evaluation.y).float().mean())
     rows = []
-    for layer, shape in candidate_layers(model, input_shape):
+    for stage in model.stages():
+        layer, shape = stage.name, stage.shape
         view = LayerView(model, layer, data.samples, evaluation, batch)
         beta = view.estimate(estimator, n_flagged)
         best = None

@@ -23,15 +23,10 @@ import torch
 
 from fire_backend.defaults import ESTIMATION_MODES
 from fire_backend.fire import Direction, UnpairedOptions, centroid, compile_directions, repair, unpaired_direction
-from fire_backend.split import Part
+from fire_backend.layers import Layer
+from fire_backend.network import Network
 
 MODES = ESTIMATION_MODES
-#: the layers a repository repairs at when none is named (``fire repo build``): an early and a deep one, chosen from
-#: measurements (CIFAR-10 PreActResNet18: layer4.0 alone fails Blended, PA .56; layer1.0 alone leaves BadNets ASR
-#: up to .20; both, independent, z-score 4, non-target reference: BadNets PA .878 ASR .016, Blended PA .835 ASR
-#: .014; digits: block1 + block2 ranked best for every digits attack measured); the ranking then picks among
-#: their subsets online
-DEFAULT_REPAIR_LAYERS = {"digits_cnn": ("block1", "block2"), "preact_resnet18": ("layer1.0", "layer4.0")}
 #: folds of the label-free ranking, and the weight of a changed clean prediction against a flipped flagged one
 FOLDS = 5
 CHANGE_WEIGHT = 2.0
@@ -57,12 +52,54 @@ class EstimationSettings:
             raise ValueError(f"estimation mode must be one of {', '.join(MODES)}, not {self.mode!r}")
 
 
-def _in_order(net: Part, layers: Sequence[str]) -> list[str]:
+def _weight_layer(layer: Layer) -> bool:
+    name = layer.module_type.lower()
+    return "conv" in name or "linear" in name
+
+
+def default_layers(stages: Sequence[Layer]) -> tuple[str, ...]:
+    """The layers ``fire repo build`` repairs at when none is named: an early and a deep one, chosen from the
+    network's stages (:meth:`fire_backend.network.Network.stages`) by one rule for any network; the label-free
+    ranking then picks among their subsets online.
+
+    - **early**: the first stage that is a block (a module with submodules: a residual block, a conv-norm-activation
+      unit); in a network of single layers only (VGG's ``features``), the first stage after the first weight layer
+      that is not itself a weight layer (the end of the first convolution unit).
+    - **deep**: the first stage after the early one at the smallest spatial size above 1 x 1 among the C x H x W
+      latents after it (where the last resolution stage starts, before global pooling); in a network without such
+      latents (a transformer's tokens, vectors), the stage three quarters of the way from the early one to the
+      last stage.
+
+    On the built-ins it gives the pairs measured best (CIFAR-10 PreActResNet18: ``layer1.0`` + ``layer4.0``,
+    layer4.0 alone fails Blended, PA .56, layer1.0 alone leaves BadNets ASR up to .20, both: BadNets PA .878 ASR
+    .016, Blended PA .835 ASR .014; digits CNN: ``block1`` + ``block2``, ranked best for every digits attack
+    measured). One layer when the network has no later stage.
+    """
+    stages = list(stages)
+    if not stages:
+        raise ValueError("the network has no stage to repair at (no module called once per forward that returns "
+                         "one tensor with the batch dimension): name a layer")
+    early = next((i for i, s in enumerate(stages) if s.kind == "block"), None)
+    if early is None:
+        first_weight = next((i for i, s in enumerate(stages) if _weight_layer(s)), 0)
+        early = next((i for i, s in enumerate(stages) if i > first_weight and not _weight_layer(s)), 0)
+    after = stages[early + 1:]
+    if not after:
+        return (stages[early].name,)
+    sizes = [s.spatial for s in after if s.spatial is not None and s.spatial > 1]
+    if sizes:
+        deep = next(s for s in after if s.spatial == min(sizes))
+    else:
+        deep = stages[early + max(1, round(0.75 * len(after)))]
+    return stages[early].name, deep.name
+
+
+def _in_order(net: Network, layers: Sequence[str]) -> list[str]:
     net.check_hooks(layers)
     return sorted(set(layers), key=net.layers.index)
 
 
-def run(net: Part, images: torch.Tensor, repairs: Mapping[str, Hook],
+def run(net: Network, images: torch.Tensor, repairs: Mapping[str, Hook],
         capture: Sequence[str] = (), batch: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits of ``images`` (CPU) with ``repairs`` hooked in, and the latents entering each ``capture`` layer's
     repair (CPU, flattened), i.e. the latent after that layer with every upstream repair applied."""
@@ -100,7 +137,7 @@ class Evidence:
     and candidate): the target (the majority prediction on the flagged images), the clean predictions, and the
     unrepaired latents at every layer asked for."""
 
-    def __init__(self, net: Part, clean: torch.Tensor, flagged: torch.Tensor, layers: Sequence[str],
+    def __init__(self, net: Network, clean: torch.Tensor, flagged: torch.Tensor, layers: Sequence[str],
                  batch: int = 64) -> None:
         if len(flagged) == 0 or len(clean) == 0:
             raise ValueError("estimation needs at least one flagged and one clean image")

@@ -15,7 +15,8 @@ from fire_backend.data import load_dataset, resolve_attack, to_tensor
 from fire_backend.defaults import stratified_order
 from fire_backend.device import check_batch_size, resolve_device
 from fire_backend.evaluation import attack_metrics
-from fire_backend.split import ModelSpec
+from fire_backend.models.spec import MODULE_ARCH, ModelSpec, place_source, user_spec
+from fire_backend.models.user import check_classifier, parse_factory
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     arch: str | None = None  # None: digits_cnn for 1-channel data, preact_resnet18 otherwise
+    module: str | None = None  # FILE.py:FACTORY: the user's own network instead of a built-in one
+    kwargs: dict | None = None  # the factory's arguments (with module)
     width: int | None = None
     train_subset: int | None = None  # train on a seeded, class-stratified draw of N training images (CPU budgets)
     augment: bool = False  # random crop + flip per image (the usual CIFAR recipe for long GPU runs)
@@ -36,6 +39,9 @@ class TrainConfig:
 
 
 def default_spec(config: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> ModelSpec:
+    if config.module:
+        path, factory = parse_factory(config.module)
+        return user_spec(MODULE_ARCH, path, input_shape, num_classes, factory, config.kwargs)
     arch = config.arch or ("digits_cnn" if input_shape[0] == 1 and input_shape[1] <= 16 else "preact_resnet18")
     kwargs: dict = {"num_classes": num_classes}
     if arch == "digits_cnn":
@@ -86,7 +92,13 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
     x, y = to_tensor(x_np), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
     x, y = poison_training_set(x, y, config, generator)
     spec = default_spec(config, data.input_shape, data.num_classes)
-    model = spec.build().to(device)
+    if spec.user:  # the user's file goes into the checkpoint, and the network is built from that copy
+        place_source(spec, parse_factory(str(config.module))[0], out)
+        model = spec.build(out)
+        check_classifier(model.eval(), spec.input_shape, spec.classes)
+    else:
+        model = spec.build()
+    model = model.to(device)
     epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
@@ -120,5 +132,5 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         asr=metrics.asr,
         extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if config.augment else {})},
     )
-    save_checkpoint(out, model, meta)
+    save_checkpoint(out, model, meta, source_dir=out)
     return meta

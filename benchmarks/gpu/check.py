@@ -64,7 +64,8 @@ def main() -> int:
     clean = export_images(data, meta.attack, meta.target, n=args.eval)
     poisoned = export_images(data, meta.attack, meta.target, poisoned=True, n=args.eval)
     flagged = export_images(data, meta.attack, meta.target, poisoned=True, n=FLAGGED, part="reserve")
-    targets = bench_targets(bench_layouts(len(settings.repair_layers)))
+    cut = not settings.cut_reason
+    targets = bench_targets(bench_layouts(len(settings.repair_layers), cut), cut)
     token = secrets.token_urlsafe(16)
     report: dict = {"checkpoint": str(args.checkpoint), "arch": settings.arch, "layer": settings.layer,
                     "gpu": args.gpu, "eval_images": len(clean), "flagged": len(flagged)}

@@ -17,10 +17,13 @@ def formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
-def add_command(subparsers, name: str, handler: Handler, help_text: str, examples: str) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows ``help_text`` and the ``examples``; ``handler`` runs it."""
+def add_command(subparsers, name: str, handler: Handler, help_text: str, examples: str,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows ``description`` (default ``help_text``) and the ``examples``; ``handler``
+    runs it."""
     parser = subparsers.add_parser(
-        name, help=help_text, description=help_text, epilog=f"examples:\n{examples}", formatter_class=formatter
+        name, help=help_text, description=description or help_text, epilog=f"examples:\n{examples}",
+        formatter_class=formatter,
     )
     parser.set_defaults(handler=handler)
     return parser

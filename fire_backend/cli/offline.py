@@ -7,22 +7,45 @@ import json
 from pathlib import Path
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
-from fire_backend.defaults import ESTIMATION_MODES
+from fire_backend.defaults import ARCHITECTURE_NAMES, ESTIMATION_MODES
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fire_backend.training import TrainConfig, train_backdoored
 
     options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset",
-               "batch_size", "device")
-    config = TrainConfig(**{name: getattr(args, name) for name in options})
+               "batch_size", "device", "module")
+    if args.module and (args.arch or args.width):
+        raise CliError("--module builds your own network: --arch and --width choose a built-in one")
+    if args.kwargs and not args.module:
+        raise CliError("--kwargs are the arguments of --module's factory")
+    config = TrainConfig(**{name: getattr(args, name) for name in options}, kwargs=parse_kwargs(args.kwargs))
     if not 0.0 < config.poison_rate < 1.0:
         raise CliError(f"--poison-rate must be in (0, 1), got {config.poison_rate}")
     meta = train_backdoored(config, args.out, progress=not args.json)
-    print(f"saved {args.out}: {meta.spec.arch} on {meta.dataset}, attack {meta.attack} -> {meta.target}; "
+    print(f"saved {args.out}: {meta.spec.label} on {meta.dataset}, attack {meta.attack} -> {meta.target}; "
           f"CA {meta.ca:.4f}  ASR {meta.asr:.4f}")
     emit_json(args, {"checkpoint": str(args.out), "ca": meta.ca, "asr": meta.asr})
     return 0
+
+
+def parse_kwargs(text: str | None) -> dict:
+    """``--kwargs``: a JSON object of a factory's keyword arguments."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"--kwargs: not JSON ({exc.msg}); e.g. --kwargs '{{\"width\": 32}}'") from None
+    if not isinstance(value, dict):
+        raise CliError(f"--kwargs must be a JSON object (keyword arguments), got {type(value).__name__}")
+    return value
+
+
+def _no_attack(what: str) -> CliError:
+    return CliError(f"{what} needs the attack's triggered images, and this checkpoint names no attack (imported "
+                    "without --attack): import it again with --attack NAME --target T, or learn the direction "
+                    "online from flagged images (`fire ctl observe`)")
 
 
 def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
@@ -31,11 +54,13 @@ def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
         raise CliError("--clean and --flagged must be at least 1")
     if args.eval_images is not None and args.eval_images < 1:
         raise CliError("--eval-images must be at least 1")
-    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.checkpoint import load_checkpoint, read_meta
     from fire_backend.device import check_batch_size, resolve_device
     from fire_backend.evaluation import load_for_eval
 
     check_batch_size(args.batch_size)
+    if not read_meta(args.checkpoint).has_attack:
+        raise _no_attack(f"fire {args.command}")
     model, meta = load_checkpoint(args.checkpoint, resolve_device(args.device))
     data = load_for_eval(meta.dataset, meta.attack, meta.target, args.clean, n_flagged, args.eval_images,
                          at_least=args.flagged)
@@ -55,10 +80,13 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fire_backend.evaluation import DEFAULT_LAYERS, evaluate, plot_streaming, write_csv
+    from fire_backend.checkpoint import read_meta
+    from fire_backend.evaluation import default_layer, evaluate, plot_streaming, write_csv
 
+    if not read_meta(args.checkpoint).has_attack:
+        return _clean_accuracy(args)
     model, meta, data = _load_eval_inputs(args, max(args.flagged, 100))
-    layer = args.layer or DEFAULT_LAYERS.get(meta.spec.arch)
+    layer = args.layer or default_layer(model)
     report = evaluate(model, data, meta.target, layer, n_flagged=args.flagged, alpha=args.alpha,
                       batch=args.batch_size)
     print(f"{meta.attack} -> {meta.target} on {meta.dataset}; layer {layer}; FIRE from {args.flagged} flagged")
@@ -78,12 +106,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean_accuracy(args: argparse.Namespace) -> int:
+    """`fire eval` of a checkpoint without an attack: CA on the evaluation images, and why there is nothing else."""
+    import numpy as np
+    import torch
+
+    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.data import load_dataset, to_tensor
+    from fire_backend.defaults import evaluation_indices
+    from fire_backend.device import check_batch_size, resolve_device
+    from fire_backend.evaluation import predict
+
+    check_batch_size(args.batch_size)
+    model, meta = load_checkpoint(args.checkpoint, resolve_device(args.device))
+    data = load_dataset(meta.dataset)
+    index = evaluation_indices(data.y_test)[:args.eval_images]
+    y = torch.from_numpy(np.asarray(data.y_test)[index].astype(np.int64))
+    ca = float((predict(model, to_tensor(data.x_test[index]), args.batch_size) == y).float().mean())
+    print(f"{meta.spec.label} on {meta.dataset}: no attack named, so CA only (PA, ASR and FIRE's figures need the "
+          "attack: import with --attack NAME --target T)")
+    print(f"CA {ca:.4f} on {len(y)} evaluation images (the defender's reserve left out)")
+    emit_json(args, {"ca": ca, "evaluated": len(y), "attack": None})
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from fire_backend.evaluation import plot_sweep, sweep, write_csv
 
     model, meta, data = _load_eval_inputs(args, args.flagged)
-    rows, recommended = sweep(model, data, meta.target, meta.spec.input_shape, n_flagged=args.flagged,
-                              estimator=args.estimator, batch=args.batch_size)
+    rows, recommended = sweep(model, data, meta.target, n_flagged=args.flagged, estimator=args.estimator,
+                              batch=args.batch_size)
     print(_describe_defender(recommended["defender"]))
     print(f"{'layer':12s} {'shape':16s} {'alpha':>6s} {'CA':>7s} {'PA':>7s} {'PA/CA':>7s}")
     for r in rows:
@@ -106,14 +158,11 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
     """The label-free ranking of the layer subsets the control endpoint ranks online (the same code), each with
     the CA/PA/ASR its repair reaches on the evaluation images (labels used for these figures only)."""
     from fire_backend.evaluation import subset_metrics
-    from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS, EstimationSettings, Evidence, estimate, rank_subsets
-    from fire_backend.split import Part
+    from fire_backend.multilayer import EstimationSettings, Evidence, default_layers, estimate, rank_subsets
 
-    layers = args.rank_layers or list(DEFAULT_REPAIR_LAYERS.get(meta.spec.arch, ()))
-    if not layers:
-        raise CliError(f"no default layers to rank for {meta.spec.arch}: name them with --rank-layers")
+    layers = args.rank_layers or list(default_layers(model.stages()))
     settings = EstimationSettings(args.estimation, batch=args.batch_size)
-    net = Part(model, 0, len(model.stages()))
+    net = model
     evidence = Evidence(net, data.samples.clean, data.samples.flagged[:args.flagged], layers, args.batch_size)
     ranking = []
     print(f"label-free ranking ({settings.mode} estimation; flip - 2 x change, then clean_tv):")
@@ -129,13 +178,15 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
-    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.checkpoint import read_meta
     from fire_backend.data import load_dataset
     from fire_backend.data.export import export_images
 
     if args.n is not None and args.n < 1:
         raise CliError("--n must be at least 1")
-    _, meta = load_checkpoint(args.checkpoint)
+    meta = read_meta(args.checkpoint)
+    if args.poisoned and not meta.has_attack:
+        raise _no_attack("--poisoned")
     part = "all" if args.include_reserve else args.part
     images = export_images(load_dataset(meta.dataset), meta.attack, meta.target, split=args.split,
                            poisoned=args.poisoned, n=args.n, part=part)
@@ -152,7 +203,9 @@ def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
                     "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
                     "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
-                    "--epochs 8 --out runs/c10\n  fire train --attack mypkg.triggers:stripes --out runs/custom")
+                    "--epochs 8 --out runs/c10\n  fire train --attack mypkg.triggers:stripes --out runs/custom\n"
+                    "  fire train --module mynet.py:build --kwargs '{\"width\": 32}' --data cifar10:cifar10.npz "
+                    "--train-subset 10000 --epochs 8 --out runs/mynet")
     p.add_argument("--data", default="digits", help="digits (bundled) | cifar10:PATH (batches folder or .npz) | "
                    "npz:PATH (x_train/y_train/x_test/y_test uint8 NHWC); never downloaded")
     p.add_argument("--attack", default="badnets", help="badnets | blended | sig, or package.module:function "
@@ -161,9 +214,13 @@ def register(sub) -> None:
     p.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned (0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: 40 digits, 10 PreActResNet18)")
-    p.add_argument("--arch", choices=["digits_cnn", "preact_resnet18"], default=None,
-                   help="architecture (default: digits_cnn for 8x8 grayscale, else preact_resnet18)")
+    p.add_argument("--arch", choices=ARCHITECTURE_NAMES, default=None,
+                   help="a built-in architecture (default: digits_cnn for 8x8 grayscale, else preact_resnet18)")
     p.add_argument("--width", type=int, default=None, help="base width (digits 32; PreActResNet18 64 = standard)")
+    p.add_argument("--module", default=None, metavar="FILE.py:FACTORY",
+                   help="train your own network: FACTORY(**KWARGS) in FILE.py builds it (the file is run, and "
+                        "copied into the checkpoint); it takes FP32 NCHW images in [0, 1] and returns logits")
+    p.add_argument("--kwargs", default=None, metavar="JSON", help="the factory's keyword arguments, a JSON object")
     p.add_argument("--train-subset", type=int, default=None,
                    help="train on a seeded, class-stratified draw of N training images (CPU budgets)")
     add_device_options(p, "training (and the final CA/ASR measurement)", batch_size=64)
@@ -178,7 +235,8 @@ def register(sub) -> None:
          "  fire sweep --checkpoint runs/digits-badnets\n  fire sweep --checkpoint runs/c10 --estimator paired"),
     ):
         p = add_command(sub, name, handler, text, examples)
-        p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`")
+        p.add_argument("--checkpoint", type=Path, required=True,
+                       help="directory written by `fire train` or `fire import`")
         p.add_argument("--clean", type=int, default=100, help="clean samples for the centroid (100)")
         p.add_argument("--flagged", type=int, default=20, help="flagged poisoned samples to estimate from (20)")
         p.add_argument("--out", type=Path, default=None, help="where CSV and PNG go (CHECKPOINT/results)")
@@ -188,14 +246,15 @@ def register(sub) -> None:
         add_device_options(p, "the model")
         p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
         if name == "eval":
-            p.add_argument("--layer", default=None, help="layer to repair (default per architecture; see sweep)")
+            p.add_argument("--layer", default=None, help="layer to repair, a module path (default: the deep layer of "
+                           "the network's default pair; see sweep)")
             p.add_argument("--alpha", type=float, default=1.0, help="repair strength (1.0)")
         else:
             p.add_argument("--estimator", choices=["paired", "unpaired", "augmented"], default="unpaired",
                            help="direction estimator (unpaired)")
             p.add_argument("--rank-layers", action="append", default=None,
                            help="a layer whose subsets the label-free ranking scores; repeat (default: the "
-                                "architecture's pair that `fire repo build` configures)")
+                                "network's pair that `fire repo build` configures)")
             p.add_argument("--estimation", choices=ESTIMATION_MODES, default="independent",
                            help="how the ranked subsets are estimated (independent)")
 
@@ -206,7 +265,7 @@ def register(sub) -> None:
                     "  fire data export --checkpoint runs/digits-badnets --split test --n 200 --out clean.npz\n"
                     "  fire data export --checkpoint runs/digits-badnets --split test --poisoned --n 20 "
                     "--out flagged.npz")
-    p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train`")
+    p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train` or `fire import`")
     p.add_argument("--split", choices=["train", "test"], default="test", help="data split (test)")
     p.add_argument("--poisoned", action="store_true", help="apply the checkpoint's trigger (non-target images)")
     p.add_argument("--n", type=int, default=None, help="at most N images (all)")

@@ -1,8 +1,8 @@
-"""Reference networks whose forward pass is an explicit chain of named stages.
+"""The networks FIRE knows by name: the demo's digits CNN, and BackdoorBench's architectures under its parameter
+names (PreActResNet18, VGG19-BN, MobileNetV3-Large), so their attack results load without renaming or torchvision.
 
-Every model here exposes ``stages()``: the ordered (name, module) pairs whose composition is the
-forward pass. Splitting at a stage boundary is then exact by construction, which is what FIRE needs
-to repair a latent in the middle of a network served as separate Triton stages.
+Any other network comes in as the user's own (:mod:`fire_backend.models.user`); every network, these included, runs
+through :class:`fire_backend.network.Network`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Any
 
 from torch import nn
 
+from fire_backend.defaults import ARCHITECTURE_NAMES
 from fire_backend.models.digits_cnn import DigitsCNN
+from fire_backend.models.mobilenet_v3 import MobileNetV3Large
 from fire_backend.models.preact_resnet import PreActResNet18
+from fire_backend.models.vgg import VGG19BN
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "digits_cnn": DigitsCNN,
-    "preact_resnet18": PreActResNet18,
-}
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = dict(
+    zip(ARCHITECTURE_NAMES, (DigitsCNN, PreActResNet18, VGG19BN, MobileNetV3Large), strict=True))
 
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
@@ -31,4 +32,4 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
     return factory(**kwargs)
 
 
-__all__ = ["ARCHITECTURES", "DigitsCNN", "PreActResNet18", "build_model"]
+__all__ = ["ARCHITECTURES", "VGG19BN", "DigitsCNN", "MobileNetV3Large", "PreActResNet18", "build_model"]

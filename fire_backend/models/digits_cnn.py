@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fire_backend.models.stages import Flatten
+from fire_backend.models.blocks import Flatten
 
 
 class DigitsCNN(nn.Module):
-    """Conv-conv-pool-conv-pool-fc-fc; every block boundary is a candidate FIRE layer."""
+    """Conv-conv-pool-conv-pool-fc-fc; each block (``block1``..``fc1``) is one of its stages."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
@@ -27,16 +27,5 @@ class DigitsCNN(nn.Module):
         self.fc1 = nn.Sequential(nn.Linear(4 * width, 2 * width), nn.ReLU())
         self.fc2 = nn.Linear(2 * width, num_classes)
 
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        return [
-            ("block1", self.block1),
-            ("block2", self.block2),
-            ("block3", self.block3),
-            ("fc1", self.fc1),
-            ("fc2", self.fc2),
-        ]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _, stage in self.stages():
-            x = stage(x)
-        return x
+        return self.fc2(self.fc1(self.block3(self.block2(self.block1(x)))))

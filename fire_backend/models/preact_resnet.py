@@ -16,25 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fire_backend.models.stages import Chain, Flatten
-
-
-class NormalizedConv2d(nn.Conv2d):
-    """A convolution that first standardizes its input per channel: conv((x - mean) / std).
-
-    Keeps the convolution's own parameter names (so state dicts load unchanged); mean and std are
-    non-persistent buffers, rebuilt from the model's constructor arguments.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float], *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if len(mean) != self.in_channels or len(std) != self.in_channels or min(std) <= 0:
-            raise ValueError(f"need {self.in_channels} means and {self.in_channels} positive stds, got {mean}, {std}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward((x - self.mean) / self.std)
+from fire_backend.models.blocks import first_conv
 
 
 class PreActBlock(nn.Module):
@@ -66,12 +48,7 @@ class PreActResNet18(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if (mean is None) != (std is None):
-            raise ValueError("give both mean and std for input normalization, or neither")
-        if mean is None:
-            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
-        else:
-            self.conv1 = NormalizedConv2d(mean, std, in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = first_conv(mean, std, in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
         for index, (p, stride) in enumerate(zip(planes, [1, 2, 2, 2], strict=True)):
@@ -80,16 +57,6 @@ class PreActResNet18(nn.Module):
             in_planes = p
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.linear = nn.Linear(8 * width, num_classes)
-
-    def stages(self) -> list[tuple[str, nn.Module]]:
-        """Block-level boundaries: the stem, each residual block, the pooled feature, the classifier."""
-        out: list[tuple[str, nn.Module]] = [("conv1", self.conv1)]
-        for layer in ("layer1", "layer2", "layer3", "layer4"):
-            for index, block in enumerate(getattr(self, layer)):
-                out.append((f"{layer}.{index}", block))
-        out.append(("avgpool", Chain(self.avgpool, Flatten())))
-        out.append(("linear", self.linear))
-        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(x)

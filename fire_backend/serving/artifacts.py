@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 MODELS_DIR = "models"
 #: the artifacts folder beside it (each stage's ``artifacts_dir`` parameter, relative to the repository root)
 ARTIFACTS_DIR = "artifacts"
-#: the whole network (spec + weights); every stage cuts its own part from it at start
+#: the whole network (spec + weights; a user network's file sits beside it); every stage takes its part at start
 FULL_FILE = "full.pt"
 SETTINGS_FILE = "serving.json"
 #: the clean centroid the store starts from (version 0) and its sample count
@@ -111,6 +111,9 @@ class ServingSettings:
     store: str = ""
     #: how many of the newest committed versions keep their payload file in a file store (compaction)
     retain_versions: int = RETAIN_VERSIONS
+    #: why the network cannot be cut at ``layer`` (empty: it can, or it was not asked): then only the fused layout
+    #: and the monolithic baseline serve it
+    cut_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:

@@ -34,7 +34,6 @@ from fire_backend.serving.metrics import (
 )
 from fire_backend.serving.stages import instance_device, limit_threads, load_network
 from fire_backend.serving.tensors import from_triton
-from fire_backend.split import split
 from fire_backend.wire.names import FIRE_CONTROL, IMAGES, REQUEST, RESPONSE, TOKEN
 from fire_backend.wire.token import read_token
 
@@ -58,7 +57,7 @@ class ControlStage:
         self.device = instance_device(args)
         self.max_batch = settings.max_batch_size
         network = load_network(artifacts, self.device)
-        self.head = split(network.model, settings.layer)[0]
+        self.network, self.layer = network, settings.layer
         # The gauges read the store through an object of its own: damage is the controller's to report.
         watched = repository_store(artifacts, settings)
 
@@ -77,7 +76,7 @@ class ControlStage:
         with torch.inference_mode():
             for start in range(0, len(images), self.max_batch):
                 chunk = images[start : start + self.max_batch].to(self.device)
-                parts.append(self.head(chunk).cpu())
+                parts.append(self.network.latents(chunk, self.layer).cpu())
         return torch.cat(parts).clone()
 
     def _bytes(self, request: Any, name: str) -> bytes:

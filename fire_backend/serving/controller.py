@@ -42,8 +42,8 @@ from fire_backend.data.augment import trigger_breaking_augmentations
 from fire_backend.data.datasets import to_tensor
 from fire_backend.fire import AugmentedEstimator, Direction, RunningMean, UnpairedEstimator, UnpairedOptions, centroid
 from fire_backend.multilayer import EstimationSettings, Evidence, learn, repairs_of, run
+from fire_backend.network import Network
 from fire_backend.serving.artifacts import ServingSettings, load_centroid, load_reserve, repository_store
-from fire_backend.split import Part
 from fire_backend.store import Conflict, DirectionSet, LayeredSet, StoreError, validate_direction_set
 from fire_backend.store_damage import DamageListener
 from fire_backend.wire.auth import CONTROL, WINDOW_S, AuthError, Credential, ReplayGuard, digest, verify
@@ -190,7 +190,7 @@ class Controller:
     """
 
     def __init__(self, artifacts: Path, token: str | None, latents: Callable[[torch.Tensor], torch.Tensor],
-                 network: Part | None = None, on_damage: DamageListener | None = None) -> None:
+                 network: Network | None = None, on_damage: DamageListener | None = None) -> None:
         self.artifacts = artifacts
         self.settings = ServingSettings.read(artifacts)
         self.layered = len(self.settings.repair_layers) > 1

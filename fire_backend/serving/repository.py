@@ -1,4 +1,4 @@
-"""Write a Triton model repository for any supported checkpoint, split layer and layout.
+"""Write a Triton model repository for any checkpoint (built-in or user network), repair layers and layout.
 
 The public model ``fire_ensemble`` serves the network with FIRE in the chosen layout (see
 :data:`~fire_backend.serving.artifacts.LAYOUTS`): ``fused`` (default) is one Python model; ``inline`` is an
@@ -24,7 +24,10 @@ from fire_backend.defaults import ESTIMATION_MODES, MAX_CLEAN_CHANGE, RETAIN_VER
 from fire_backend.device import DEFAULT_BATCH_SIZE, check_batch_size, resolve_device
 from fire_backend.evaluation import LayerView, load_defender_samples
 from fire_backend.fire import Direction
-from fire_backend.multilayer import DEFAULT_REPAIR_LAYERS, Evidence, learn
+from fire_backend.layers import CutError
+from fire_backend.models.spec import load_network_spec, save_network_file
+from fire_backend.multilayer import Evidence, default_layers, learn
+from fire_backend.network import Network
 from fire_backend.serving.artifacts import (
     ARTIFACTS_DIR,
     CENTROID_FILE,
@@ -40,7 +43,6 @@ from fire_backend.serving.artifacts import (
 )
 from fire_backend.serving.controller import estimation_settings
 from fire_backend.serving.stages import GUARD_PARAMETER
-from fire_backend.split import Part, candidate_layers, save_part
 from fire_backend.store import BUILD_ACTION, DirectionSet, DirectionStore, LayeredSet
 from fire_backend.store_backends import open_store
 from fire_backend.wire.names import (
@@ -249,10 +251,15 @@ def _layout(public: str, layout: str, settings: ServingSettings, options: Reposi
 
 
 def _baselines(settings: ServingSettings, options: RepositoryOptions) -> dict[str, _Model]:
-    """undefended_ensemble (the split network, no repair) and fire_monolithic (unsplit, no repair)."""
+    """undefended_ensemble (the split network, no repair; only where the network can be cut) and fire_monolithic
+    (unsplit, no repair)."""
     o = options
     image_in = _io("input", IMAGE, "TYPE_FP32", settings.input_shape)
     logits = _logits_outputs(settings)
+    monolithic = _stage(FIRE_MONOLITHIC, "MonolithicModel", o, [image_in], logits, o.model_instances,
+                        o.head_queue_delay_us)
+    if settings.cut_reason:
+        return {FIRE_MONOLITHIC: monolithic}
     head, tail = stage_name(UNDEFENDED_ENSEMBLE, HEAD), stage_name(UNDEFENDED_ENSEMBLE, TAIL)
     return {
         head: _stage(head, "HeadModel", o, [image_in], [_io("output", LATENT, "TYPE_FP32", settings.latent_shape)],
@@ -261,8 +268,7 @@ def _baselines(settings: ServingSettings, options: RepositoryOptions) -> dict[st
                      o.tail_instances, o.tail_queue_delay_us),
         UNDEFENDED_ENSEMBLE: _ensemble(UNDEFENDED_ENSEMBLE, o, settings, logits, [
             (head, {IMAGE: IMAGE}, {LATENT: "latent"}), (tail, {LATENT: "latent"}, {LOGITS: LOGITS, LABEL: LABEL})]),
-        FIRE_MONOLITHIC: _stage(FIRE_MONOLITHIC, "MonolithicModel", o, [image_in], logits, o.model_instances,
-                                o.head_queue_delay_us),
+        FIRE_MONOLITHIC: monolithic,
     }
 
 
@@ -290,14 +296,31 @@ def repository_models(settings: ServingSettings, options: RepositoryOptions) -> 
     return models
 
 
+def servable(options: RepositoryOptions, cut_reason: str) -> RepositoryOptions:
+    """``options`` without the comparison layouts a network that cannot be cut (``cut_reason``) has no models for
+    (``fire bench`` then compares what exists); the served layout itself is never changed."""
+    if not cut_reason:
+        return options
+    return replace(options, compare_layouts=tuple(layout for layout in options.compare_layouts if layout == "fused"))
+
+
+def check_layouts(settings: ServingSettings, options: RepositoryOptions) -> None:
+    """A ValueError naming the fix when a layout cannot serve this configuration."""
+    if len(settings.repair_layers) > 1 and "separate" in (options.layout, *options.compare_layouts):
+        raise ValueError(f"the separate layout repairs one layer; {len(settings.repair_layers)} are configured "
+                         f"({', '.join(settings.repair_layers)}): use --layout fused or --layout inline")
+    split_layouts = [layout for layout in (options.layout, *options.compare_layouts) if layout != "fused"]
+    if settings.cut_reason and split_layouts:
+        raise ValueError(f"the {split_layouts[0]} layout serves the network as two models, cut at the split layer "
+                         f"{settings.layer!r}; {settings.cut_reason}")
+
+
 def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptions) -> list[str]:
     """The config.pbtxt and thin model.py of every model (no weights); removes models of an earlier build.
 
     Returns the model names written.
     """
-    if len(settings.repair_layers) > 1 and "separate" in (options.layout, *options.compare_layouts):
-        raise ValueError(f"the separate layout repairs one layer; {len(settings.repair_layers)} are configured "
-                         f"({', '.join(settings.repair_layers)}): use --layout fused or --layout inline")
+    check_layouts(settings, options)
     models = repository_models(settings, options)
     for config in sorted(models_dir(out).glob("*/config.pbtxt")):  # an earlier build's, not written by this one
         if config.parent.name not in models:
@@ -320,51 +343,64 @@ def write_configs(out: Path, settings: ServingSettings, options: RepositoryOptio
 def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | None = None,
                      flagged: int | None = None, options: RepositoryOptions | None = None, device: str = "auto",
                      batch_size: int = DEFAULT_BATCH_SIZE) -> ServingSettings:
-    """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several; by default
-    the architecture's measured pair, :data:`~fire_backend.multilayer.DEFAULT_REPAIR_LAYERS`).
+    """Write a servable repository for the checkpoint to ``out``, repairing at ``layer`` (one or several module
+    paths; by default the network's early and deep layer, :func:`~fire_backend.multilayer.default_layers`).
 
-    With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network). The
-    clean centroid comes from ``options.clean_samples`` images of the defender's reserve, kept as the clean
-    evidence of online learning. With ``flagged``, the store starts at version 1 learned from that many flagged
-    poisoned reserve images (one layer: the unpaired estimate; several: :func:`~fire_backend.multilayer.learn`,
-    which ranks the layer subsets); without it, at version 0 (no direction), to be learned online. Only those
-    reserve images are read and run through the network (on ``device``), never the evaluation split.
+    With several layers the deepest is the split layer (where ``inline`` and ``separate`` cut the network; a network
+    that cannot be cut there is served ``fused`` only, and its baselines are the monolithic model alone). The clean
+    centroid comes from ``options.clean_samples`` images of the defender's reserve, kept as the clean evidence of
+    online learning. With ``flagged``, the store starts at version 1 learned from that many flagged poisoned reserve
+    images (one layer: the unpaired estimate; several: :func:`~fire_backend.multilayer.learn`, which ranks the layer
+    subsets); without it, at version 0 (no direction), to be learned online. Only those reserve images are read and
+    run through the network (on ``device``), never the evaluation split. A user network's file is copied into the
+    artifacts beside the network file.
     """
     options = options or RepositoryOptions()
     compute, batch_size = resolve_device(device), check_batch_size(batch_size)
-    model, meta = load_checkpoint(checkpoint, compute)
-    shapes = dict(candidate_layers(model, meta.spec.input_shape))
-    layers = repair_layers(layer or default_layers(meta.spec.arch, options), list(shapes))
+    net, meta = load_checkpoint(checkpoint, compute)
+    if flagged and not meta.has_attack:
+        raise ValueError(f"{checkpoint} names no attack, so it has no flagged images to learn from: build without "
+                         "--flagged and send flagged images to the running server (`fire ctl observe`)")
+    layers = repair_layers(layer or default_repair_layers(net, options), net)
     layer = layers[-1]
+    cut_reason = ""
+    if options.baselines or any(layout != "fused" for layout in (options.layout, *options.compare_layouts)):
+        try:
+            net.cut(layer)
+        except CutError as exc:
+            cut_reason = str(exc)
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, options.clean_samples, flagged or 0)
+    shapes = {name: net.layer(name).shape for name in layers}
     settings = ServingSettings(
         layer=layer, input_shape=meta.spec.input_shape, latent_shape=shapes[layer],
-        num_classes=int(meta.spec.kwargs.get("num_classes", 10)), arch=meta.spec.arch, attack=meta.attack,
+        num_classes=meta.spec.classes, arch=meta.spec.label, attack=meta.attack,
         target=meta.target, dataset=meta.dataset, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, publish_every=options.publish_every,
         estimation=options.estimation,
-        layout=options.layout, repair_layers=layers, layer_shapes={name: shapes[name] for name in layers},
+        layout=options.layout, repair_layers=layers, layer_shapes=shapes,
         allow_bypass=options.allow_bypass, max_batch_size=options.max_batch_size, build=asdict(options),
         store=options.store, retain_versions=options.retain_versions,
-        limits=Limits(max_clean_change=options.max_clean_change),
+        limits=Limits(max_clean_change=options.max_clean_change), cut_reason=cut_reason,
     )
+    options = servable(options, cut_reason)
+    settings = replace(settings, build=asdict(options))
+    check_layouts(settings, options)  # a layout the network cannot serve fails before anything is written
     artifacts = out / ARTIFACTS_DIR
     if artifacts.exists():
         shutil.rmtree(artifacts)
     artifacts.mkdir(parents=True)
-    names = [n for n, _ in model.stages()]
-    whole = Part(model, 0, len(names))
-    save_part(whole, meta.spec, layer, "full", artifacts / FULL_FILE)
+    state = {} if net.graph_form else net.model.state_dict()
+    save_network_file(artifacts / FULL_FILE, meta.spec, layer, state, source_dir=checkpoint)
     settings.write(artifacts)
 
-    view = LayerView(model, layer, samples, batch=batch_size)
+    view = LayerView(net, layer, samples, batch=batch_size)
     save_centroid(artifacts, view.mu.numpy(), len(samples.clean))
     save_reserve(artifacts, to_uint8(samples.clean))
     store = open_store(settings.store, artifacts / STORE_DIR)
     store.initialize()  # the one place a file store is created
     note = {"flagged": flagged, "defender": samples.describe()}
     if flagged and len(layers) > 1:
-        evidence = Evidence(whole, samples.clean, samples.flagged, layers, batch_size)
+        evidence = Evidence(net, samples.clean, samples.flagged, layers, batch_size)
         sets, ranking = learn(evidence, estimation_settings(settings))
         layered = LayeredSet({name: DirectionSet(center.numpy(), directions) for name, (directions, center)
                               in sets.items()}, to_uint8(samples.flagged), [s.to_dict() for s in ranking])
@@ -379,23 +415,22 @@ def build_repository(checkpoint: Path, out: Path, layer: str | Sequence[str] | N
     return settings
 
 
-def default_layers(arch: str, options: RepositoryOptions) -> tuple[str, ...]:
-    """The measured default pair of ``arch``; its deepest layer alone where a ``separate`` layout is written (it
-    repairs one layer)."""
-    if arch not in DEFAULT_REPAIR_LAYERS:
-        raise ValueError(f"no default repair layers for {arch!r}: name them (`fire repo build --layer NAME`)")
-    layers = DEFAULT_REPAIR_LAYERS[arch]
+def default_repair_layers(net: Network, options: RepositoryOptions) -> tuple[str, ...]:
+    """The network's default pair (:func:`~fire_backend.multilayer.default_layers`); its deepest layer alone where a
+    ``separate`` layout is written (it repairs one layer)."""
+    layers = default_layers(net.stages())
     return layers[-1:] if "separate" in (options.layout, *options.compare_layouts) else layers
 
 
-def repair_layers(layers: str | Sequence[str], candidates: Sequence[str]) -> tuple[str, ...]:
-    """The layers to repair at, checked against the candidates and put in stage order (the deepest last)."""
+def repair_layers(layers: str | Sequence[str], net: Network) -> tuple[str, ...]:
+    """The layers to repair at, checked against the network's candidates (a LayerError names near matches) and put
+    in execution order (the deepest last)."""
     chosen = [layers] if isinstance(layers, str) else list(layers)
-    unknown = [name for name in chosen if name not in candidates]
-    if unknown or not chosen:
-        raise ValueError(f"cannot repair at {', '.join(map(repr, unknown)) or 'no layer'}; candidate layers: "
-                         f"{', '.join(candidates)}")
-    return tuple(sorted(set(chosen), key=candidates.index))
+    if not chosen:
+        raise ValueError("no layer to repair at")
+    net.check_hooks(chosen)
+    order = net.layers
+    return tuple(sorted(set(chosen), key=order.index))
 
 
 def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> ServingSettings:
@@ -415,12 +450,14 @@ def rebuild_repository(source: Path, out: Path, options: RepositoryOptions) -> S
     artifacts.mkdir(parents=True)
     for name in (FULL_FILE, CENTROID_FILE):
         shutil.copy2(src / name, artifacts / name)
+    load_network_spec(src / FULL_FILE)[0].copy_source(src, artifacts)  # a user network's file goes with it
     store = DirectionStore(src / STORE_DIR)
     if store.root.is_dir():  # a file store in the artifacts (an etcd store is shared: the settings name it)
         shutil.copytree(src / STORE_DIR, artifacts / STORE_DIR,
                         ignore=lambda d, _: [store.instances_dir.name] if Path(d) == store.root else [])
     else:  # the copy's own new store, at version 0
         DirectionStore(artifacts / STORE_DIR).initialize()
+    options = servable(options, settings.cut_reason)
     settings = replace(settings, layout=options.layout, allow_bypass=options.allow_bypass,
                        max_batch_size=options.max_batch_size, build=asdict(options), store=options.store)
     settings.write(artifacts)

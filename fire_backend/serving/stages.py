@@ -31,11 +31,13 @@ import numpy as np
 import torch
 
 from fire_backend.fire import RepairPass
+from fire_backend.layers import CutError
+from fire_backend.models.spec import load_network_file
+from fire_backend.network import Network
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, FULL_FILE, ServingSettings, resolve_artifacts
 from fire_backend.serving.live_plan import LivePlan
 from fire_backend.serving.metrics import BatchMetrics
 from fire_backend.serving.tensors import from_triton, to_host, to_triton
-from fire_backend.split import Part, load_part, split
 from fire_backend.wire.auth import BYPASS, AuthError, digest, verify
 from fire_backend.wire.names import (
     BYPASS_PARAMETER,
@@ -96,13 +98,23 @@ def limit_threads(threads: int) -> None:
             pass
 
 
-def load_network(artifacts: Path, device: torch.device) -> Part:
-    """The whole network (eval mode, on ``device``) from the repository's one weights file."""
+def load_network(artifacts: Path, device: torch.device) -> Network:
+    """The whole network (eval mode, on ``device``) from the repository's one network file."""
     path = artifacts / FULL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; rebuild the repository with `fire repo build`")
-    full, _ = load_part(path, device)
+    full, _, _ = load_network_file(path, device)
     return full
+
+
+def cut(full: Network, settings: ServingSettings) -> tuple[Network, Network]:
+    """Head and tail at the split layer (the layouts of two or three models); a ValueError with the reason where the
+    network cannot be cut there (the fused layout serves it)."""
+    try:
+        return full.cut(settings.layer)
+    except CutError as exc:
+        raise ValueError(f"{exc}; this stage belongs to the {settings.layout} layout: build the repository with "
+                         "`fire repo build --layout fused`") from None
 
 
 class BypassGuard:
@@ -338,7 +350,7 @@ class RepairingStage(Scoring, ImageStage):
         self.guard = BypassGuard(self.settings)
         self.follow()
 
-    def cut(self, full: Part) -> Part:
+    def cut(self, full: Network) -> Network:
         """The part of the network this stage runs."""
         raise NotImplementedError
 
@@ -357,7 +369,7 @@ class FusedStage(RepairingStage):
 
     layout = "fused"
 
-    def cut(self, full: Part) -> Part:
+    def cut(self, full: Network) -> Network:
         return full
 
     def compute(self, batch, keep):
@@ -372,12 +384,12 @@ class InlineHeadStage(RepairingStage):
 
     device_outputs = frozenset({LATENT})
 
-    def cut(self, full: Part) -> Part:
-        return split(full.model, self.settings.layer)[0]
+    def cut(self, full: Network) -> Network:
+        return cut(full, self.settings)[0]
 
     def compute(self, batch, keep):
         latent, scores = self.run(batch, keep)
-        return {LATENT: latent, **scores}
+        return {LATENT: latent.reshape(latent.shape[0], *self.settings.latent_shape), **scores}
 
 
 class HeadStage(ImageStage):
@@ -391,15 +403,15 @@ class HeadStage(ImageStage):
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
-        full = load_network(self.artifacts, self.device)
-        self.net = split(full.model, self.settings.layer)[0]
+        self.net = cut(load_network(self.artifacts, self.device), self.settings)[0]
         self.guard = BypassGuard(self.settings) if self.params.get(GUARD_PARAMETER) == "true" else None
 
     def admit(self, request: Any, tensor: torch.Tensor) -> bool:
         return self.guard.check(request, tensor) if self.guard else False
 
     def compute(self, batch, keep):
-        return {LATENT: self.net(batch)}
+        latent = self.net(batch)  # as the configuration declares it (a repository of an older release: flattened)
+        return {LATENT: latent.reshape(latent.shape[0], *self.settings.latent_shape)}
 
 
 class TailStage(Stage):
@@ -409,11 +421,10 @@ class TailStage(Stage):
 
     def __init__(self, args: dict[str, str], pb_utils: Any) -> None:
         super().__init__(args, pb_utils)
-        full = load_network(self.artifacts, self.device)
-        self.net = split(full.model, self.settings.layer)[1]
+        self.net = cut(load_network(self.artifacts, self.device), self.settings)[1]
 
     def compute(self, batch, keep):
-        return _logits(self.net(batch))
+        return _logits(self.net(batch.reshape(batch.shape[0], *self.net.input_shape)))
 
 
 class MonolithicStage(ImageStage):

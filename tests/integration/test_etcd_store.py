@@ -26,7 +26,6 @@ from fire_backend.serving.controller import AuthRefused, Controller, token_id
 from fire_backend.serving.live_plan import LivePlan
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.stages import load_network
-from fire_backend.split import split
 from fire_backend.store import MAGIC_LAYERED, Conflict, DirectionSet, LayeredSet, StoreError
 from fire_backend.store_backends import STORE_URL_ENV, open_store
 from fire_backend.store_damage import CHECKSUM
@@ -371,7 +370,7 @@ def test_several_layer_control_actions_run_again_after_a_lost_race(etcd: LocalEt
     settings = ServingSettings.read(artifacts)
     assert len(settings.repair_layers) == 2
     network = load_network(artifacts, torch.device("cpu"))
-    controller = Controller(artifacts, "tok", split(network.model, settings.layer)[0], network)
+    controller = Controller(artifacts, "tok", lambda x: network.latents(x, settings.layer), network)
     other = open_store(etcd.url("/fire/layered-ctl"))
     live_layers = controller._live_layers
     raced = []

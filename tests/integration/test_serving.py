@@ -24,7 +24,6 @@ from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
 from fire_backend.serving.artifacts import ServingSettings
 from fire_backend.serving.ports import free_ports
-from fire_backend.split import split
 from fire_backend.store import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
@@ -69,7 +68,7 @@ def test_served_fire_equals_offline_fire(client, defended, badnets_eval, model):
     version = DirectionStore(defended.repository / "artifacts" / "store").read_version(1)
     compiled = compile_directions(version.directions.directions, torch.from_numpy(version.directions.center),
                                   settings.latent_dim)
-    head, tail = split(net, settings.layer)
+    head, tail = net.cut(settings.layer)
 
     def offline(images: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

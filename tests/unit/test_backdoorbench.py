@@ -30,9 +30,9 @@ from fire_backend.data import resolve_attack, to_tensor, to_uint8
 from fire_backend.data.stored import stored_attack
 from fire_backend.defaults import RESERVE, evaluation_indices
 from fire_backend.evaluation import batched
-from fire_backend.models import PreActResNet18
-from fire_backend.serving.artifacts import FULL_FILE
-from fire_backend.split import load_part, split
+from fire_backend.models import MobileNetV3Large, PreActResNet18
+from fire_backend.models.spec import load_network_file
+from fire_backend.serving.artifacts import FULL_FILE, ServingSettings
 
 TARGET = 0
 # A width-64 PreActResNet18 is slow on a CPU: few images, most of them in the target class, so that the
@@ -171,8 +171,8 @@ def test_import_and_eval_end_to_end(clean_data, weights, tmp_path: Path, capsys:
     # to the model).
     repository = tmp_path / "repository"
     assert main(["repo", "build", "--checkpoint", str(checkpoint), "--out", str(repository), "--flagged", "3"]) == 0
-    full, _ = load_part(repository / "artifacts" / FULL_FILE)
-    head, tail = split(full.model, "layer4.0")
+    full, _, _ = load_network_file(repository / "artifacts" / FULL_FILE)
+    head, tail = full.cut("layer4.0")
     with torch.inference_mode():
         assert torch.allclose(tail(head(x)), model(x), atol=1e-4)
 
@@ -247,10 +247,14 @@ def malformed_cases(weights: dict, x_test: np.ndarray, y_test: np.ndarray) -> di
     return {
         "missing key": (without("bd_test"), r"missing keys \['bd_test'\]"),
         "missing model": (without("model"), r"missing keys \['model'\]"),
-        "other architecture": (attack_result(weights, x_test, y_test, model_name="vgg19_bn"),
-                               r"'vgg19_bn' is not supported; fire imports: preactresnet18"),
-        "renamed keys": (attack_result(renamed, x_test, y_test), r"not a PreActResNet18.*linear\.weight.*fc\.weight"),
-        "missing keys": (attack_result(dropped, x_test, y_test), r"not a PreActResNet18.*missing keys"),
+        "other architecture": (attack_result(weights, x_test, y_test, model_name="resnet18"),
+                               r"'resnet18' is not supported; fire imports: preactresnet18.*vgg19_bn.*"
+                               r"mobilenet_v3_large"),
+        "another's weights": (attack_result(weights, x_test, y_test, model_name="vgg19_bn"),
+                              r"not BackdoorBench's vgg19_bn \(10 classes\): 102 missing keys \['features.0.weight'"),
+        "renamed keys": (attack_result(renamed, x_test, y_test),
+                         r"not BackdoorBench's preactresnet18.*linear\.weight.*fc\.weight"),
+        "missing keys": (attack_result(dropped, x_test, y_test), r"not BackdoorBench's preactresnet18.*missing keys"),
         "other width": (attack_result(narrow, x_test, y_test), r"model\['conv1.weight'\] has shape \(32, 3, 3, 3\)"),
         "junk tensor": (attack_result(junk, x_test, y_test), r"model\['conv1.weight'\] is a str, not a tensor"),
         "junk model": (attack_result(weights, x_test, y_test, model=[1, 2, 3]), r"model must be a state dict"),
@@ -270,9 +274,9 @@ def malformed_cases(weights: dict, x_test: np.ndarray, y_test: np.ndarray) -> di
 
 
 CASES = [
-    "missing key", "missing model", "other architecture", "renamed keys", "missing keys", "other width",
-    "junk tensor", "junk model", "junk image", "bad img_size", "unknown data set", "no poisoned set", "v1 layout",
-    "all to all", "other test set",
+    "missing key", "missing model", "other architecture", "another's weights", "renamed keys", "missing keys",
+    "other width", "junk tensor", "junk model", "junk image", "bad img_size", "unknown data set", "no poisoned set",
+    "v1 layout", "all to all", "other test set",
 ]
 
 
@@ -283,6 +287,35 @@ def test_malformed_files_give_a_clear_error(case: str, clean_data, weights, tmp_
     source = save(result, tmp_path / "attack_result.pt")
     with pytest.raises(ValueError, match=message):
         import_backdoorbench(source, tmp_path / "out", f"npz:{data_path}")
+
+
+def test_mobilenet_v3_large_attack_result_imports_and_serves(clean_data, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """BackdoorBench's mobilenet_v3_large keys load into fire's own definition (no torchvision), normalization folded
+    in; the default build picks its layers by the rule and cuts it for the inline layout."""
+    data_path, x_test, y_test = clean_data
+    torch.manual_seed(1)
+    reference = MobileNetV3Large(num_classes=10)
+    with torch.no_grad():
+        for module in reference.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}  # as DataParallel saves it
+    source = save(attack_result(state, x_test, y_test, model_name="mobilenet_v3_large"), tmp_path / "mnv3.pt")
+    checkpoint = tmp_path / "mnv3"
+    run_json(capsys, ["import", "backdoorbench", str(source), "--data", f"npz:{data_path}", "--out", str(checkpoint),
+                      "--json"])
+    model, meta = load_checkpoint(checkpoint)
+    assert meta.spec.arch == "mobilenet_v3_large" and "width" not in meta.spec.kwargs
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["cifar10"])
+    x = to_tensor(x_test[:4])
+    with torch.inference_mode():
+        assert torch.allclose(model(x), reference.eval()((x - mean) / std), atol=1e-4)
+    repository = tmp_path / "repository"
+    assert main(["repo", "build", "--checkpoint", str(checkpoint), "--out", str(repository), "--layout", "inline"]) == 0
+    settings = ServingSettings.read(repository / "artifacts")
+    assert settings.repair_layers == ("features.0", "features.7") and not settings.cut_reason
 
 
 def test_not_a_torch_file(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@ and how its runs over several protocols are compared."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fire_backend.bench import (
@@ -76,3 +78,23 @@ def test_a_bench_config_names_known_protocols_only(tmp_path) -> None:
     assert parse_list("grpc, triton-http", BENCH_PROTOCOLS, "protocols") == ("grpc", "triton-http")
     with pytest.raises(ValueError, match="out of fused"):
         parse_list("fused,nope", BENCH_TARGETS, "targets")
+
+
+def test_a_network_that_cannot_be_cut_is_benched_fused_against_monolithic(tmp_path) -> None:
+    import torch
+    from tiny_networks import SkipAround
+
+    from fire_backend.cli import main
+
+    assert bench_layouts(1, cut=False) == ("fused",)
+    assert [t.name for t in bench_targets(bench_layouts(2, cut=False), cut=False)] == ["fused", "monolithic"]
+    weights = tmp_path / "w.pt"
+    torch.save(SkipAround().state_dict(), weights)
+    checkpoint = tmp_path / "skip"
+    networks = Path(__file__).resolve().parent / "tiny_networks.py"
+    assert main(["import", "model", "--module", f"{networks}:SkipAround", "--weights", str(weights), "--data",
+                 "digits", "--attack", "badnets", "--target", "0", "--out", str(checkpoint)]) == 0
+    out = bench_repository(BenchConfig(checkpoint=checkpoint, layer="body", out=tmp_path / "bench"),
+                           lambda _line: None)
+    assert {p.name for p in models_dir(out).iterdir()} == {"fire_ensemble", "fire_monolithic", "fire_control"}
+    assert "skip connection" in ServingSettings.read(out / ARTIFACTS_DIR).cut_reason

@@ -19,7 +19,6 @@ from fire_backend.serving.controller import ControlError, Controller
 from fire_backend.serving.live_plan import plan_of
 from fire_backend.serving.repository import build_repository
 from fire_backend.serving.stages import load_network
-from fire_backend.split import split
 
 LAYERS = ("block1", "block2")
 
@@ -40,7 +39,7 @@ def controller(built) -> Controller:
     artifacts, _ = built
     network = load_network(artifacts, torch.device("cpu"))
     settings = ServingSettings.read(artifacts)
-    controller = Controller(artifacts, TOKEN, split(network.model, settings.layer)[0], network)
+    controller = Controller(artifacts, TOKEN, lambda x: network.latents(x, settings.layer), network)
     act(controller, "rollback", version=0)
     return controller
 

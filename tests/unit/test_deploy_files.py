@@ -11,9 +11,9 @@ import yaml
 
 from fire_backend.cli import build_parser
 from fire_backend.models import DigitsCNN
+from fire_backend.network import Network
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
 from fire_backend.serving.repository import RepositoryOptions, write_configs
-from fire_backend.split import candidate_layers
 from fire_backend.store_backends import STORE_URL_ENV, TLS_OPTIONS
 from fire_backend.wire.names import DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
@@ -68,7 +68,7 @@ def test_dockerfile_is_well_formed_and_runs_fire_serve():
 
 def test_committed_model_repository_is_what_the_builder_writes(tmp_path):
     """model_repository/ is the digits demo's generated repository; regenerate it if this fails."""
-    shapes = dict(candidate_layers(DigitsCNN(), (1, 8, 8)))
+    shapes = {layer.name: layer.shape for layer in Network.from_module(DigitsCNN(), (1, 8, 8)).candidates()}
     settings = ServingSettings(layer="block2", input_shape=(1, 8, 8), latent_shape=shapes["block2"],
                                num_classes=10, arch="digits_cnn")
     write_configs(tmp_path, settings, RepositoryOptions())

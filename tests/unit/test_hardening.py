@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from fire_backend.models import DigitsCNN
+from fire_backend.network import Network
 from fire_backend.procfs import children, cmdline, is_running, process_state
 from fire_backend.serving import shm
 from fire_backend.serving.artifacts import ServingSettings
@@ -30,13 +31,12 @@ from fire_backend.serving.server import (
     precompile_models,
 )
 from fire_backend.serving.supervisor import describe_exit
-from fire_backend.split import candidate_layers
 from fire_backend.wire.names import DEFAULT_PORTS, FIRE_CONTROL, FIRE_ENSEMBLE
 
 
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
-    shapes = dict(candidate_layers(DigitsCNN(), (1, 8, 8)))
+    shapes = {layer.name: layer.shape for layer in Network.from_module(DigitsCNN(), (1, 8, 8)).candidates()}
     settings = ServingSettings(layer="block2", input_shape=(1, 8, 8), latent_shape=shapes["block2"],
                                num_classes=10, arch="digits_cnn")
     write_configs(tmp_path, settings, RepositoryOptions(model_instances=3))  # the default (fused) layout

@@ -26,7 +26,7 @@ from fire_backend.multilayer import (
     rank_subsets,
     ranked,
 )
-from fire_backend.split import Part
+from fire_backend.network import Network
 
 D = 32
 
@@ -80,17 +80,25 @@ def test_nontarget_reference_leaves_out_clean_latents_predicted_as_the_target() 
     assert reference(clean, torch.zeros(10, dtype=torch.long), target=0).count == 10
 
 
+class Copy(nn.Module):
+    """Passes its input on as a new tensor (a layer of its own)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0
+
+
 class Chain(nn.Module):
-    """Two identity stages and a linear head: the latent at ``b`` equals the one at ``a`` unless ``a`` is repaired."""
+    """Two pass-through layers and a linear head: the latent at ``b`` equals the one at ``a`` unless ``a`` is
+    repaired."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Identity(), nn.Identity()
+        self.a, self.b = Copy(), Copy()
         self.head = nn.Linear(D, 3)
         torch.manual_seed(0)
 
-    def stages(self):
-        return [("a", self.a), ("b", self.b), ("head", self.head)]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(self.a(x)))
 
 
 def chain_evidence() -> Evidence:
@@ -100,7 +108,7 @@ def chain_evidence() -> Evidence:
     clean = torch.randn(40, D, generator=g)
     flagged = torch.randn(10, D, generator=g) + shift
     model = Chain().eval()
-    return Evidence(Part(model, 0, 3), clean, flagged, ["b", "a"])
+    return Evidence(Network.from_module(model, (D,)), clean, flagged, ["b", "a"])
 
 
 @pytest.mark.parametrize("options", [PLAIN, UnpairedOptions()])
@@ -157,7 +165,7 @@ def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_workin
 
     model, meta = load_checkpoint(digits_checkpoint("badnets"))
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
-    net = Part(model, 0, len(model.stages()))
+    net = model
     ev = Evidence(net, samples.clean, samples.flagged, ["block1", "block2", "fc1"])
     assert ev.target == meta.target  # from the flagged images' predictions, not from the checkpoint
     scores = rank_subsets(ev, EstimationSettings())
@@ -185,7 +193,7 @@ def test_fire_sweep_ranks_with_the_same_code_as_the_control_endpoint(digits_chec
     assert "label-free ranking" in capsys.readouterr().out
     model, meta = load_checkpoint(checkpoint)
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
-    evidence = Evidence(Part(model, 0, len(model.stages())), samples.clean, samples.flagged, ["block1", "block2"])
+    evidence = Evidence(model, samples.clean, samples.flagged, ["block1", "block2"])
     direct = [s.to_dict() for s in rank_subsets(evidence, EstimationSettings())]
     assert [{k: r[k] for k in direct[0]} for r in ranking] == direct
     assert all(0.0 <= r["pa"] <= 1.0 and 0.0 <= r["asr"] <= 1.0 for r in ranking)

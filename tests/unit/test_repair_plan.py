@@ -13,7 +13,7 @@ import torch
 
 from fire_backend.fire import Direction, RepairPass, RepairPlan, compile_directions, compile_plan, repair
 from fire_backend.models import DigitsCNN
-from fire_backend.split import Part, candidate_layers, split
+from fire_backend.network import Network
 
 INPUT = (1, 8, 8)
 
@@ -26,11 +26,19 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def dims(model) -> dict[str, int]:
-    return {name: int(torch.Size(shape).numel()) for name, shape in candidate_layers(model, INPUT)}
+    return {layer.name: layer.dim for layer in whole(model).candidates()}
 
 
-def whole(model: torch.nn.Module) -> Part:
-    return Part(model, 0, len(model.stages()))
+_WRAPPED: dict[int, Network] = {}
+
+
+def whole(model: torch.nn.Module) -> Network:
+    """The model as FIRE runs it (one wrapper per model: its hook dispatchers are registered once)."""
+    return _WRAPPED.setdefault(id(model), Network.from_module(model, INPUT))
+
+
+def split(model: torch.nn.Module, layer: str) -> tuple[Network, Network]:
+    return whole(model).cut(layer)
 
 
 def images(n: int = 12, seed: int = 1) -> torch.Tensor:
@@ -72,10 +80,9 @@ def test_two_layers_run_in_stage_order_on_repaired_latents(model, dims) -> None:
     def offline():
         """block1, repair, block2..block3, repair, the rest: written out by hand."""
         with torch.inference_mode():
-            first = Part(model, 0, 1)
-            fixed1, s1, f1 = repair(first(x), compile_directions([d1], c1, dims["block1"]))
-            fixed3, s3, f3 = repair(Part(model, 1, 3)(fixed1), compile_directions([d2], c2, dims["block3"]))
-            return Part(model, 3, len(model.stages()))(fixed3), s1, f1, s3, f3
+            fixed1, s1, f1 = repair(model.block1(x), compile_directions([d1], c1, dims["block1"]))
+            fixed3, s3, f3 = repair(model.block3(model.block2(fixed1)), compile_directions([d2], c2, dims["block3"]))
+            return model.fc2(model.fc1(fixed3)), s1, f1, s3, f3
 
     _, s1, _, s3, _ = offline()
     # thresholds at each layer's median score: each layer flags half the samples, not the same half
@@ -141,6 +148,6 @@ def test_plans_and_parts_refuse_layers_they_cannot_reach(model, dims) -> None:
         compile_plan({"fc9": ([d], torch.zeros(dims["block2"]))}, dims)
     head, tail = split(model, "block2")
     head.check_hooks(["block1", "block2"])
-    with pytest.raises(ValueError, match="block3 are not in this part; its layers: block1, block2"):
+    with pytest.raises(ValueError, match=r"no layer 'block3'.*stages: block1, block2 "):
         head.check_hooks(["block2", "block3"])
-    assert tail.layers == ("block3", "fc1", "fc2")
+    assert [s.name for s in tail.stages()] == ["block3", "fc1"] and "block2" not in tail.layers

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch._subclasses import FakeTensor
 
 from fire_backend.checkpoint import META_FILE, load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
@@ -23,6 +24,7 @@ from fire_backend.data.reserve import defender_samples, flagged_samples
 from fire_backend.data.stored import write_stored_set
 from fire_backend.defaults import RESERVE, RESERVE_SEED, evaluation_indices, reserve_indices, stratified_order
 from fire_backend.evaluation import LayerView, evaluation_set
+from fire_backend.network import PROBE_BATCH
 from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings
 from fire_backend.store import DirectionStore
 from fire_backend.training import TrainConfig, train_backdoored
@@ -172,14 +174,14 @@ def test_a_repository_build_reads_only_the_reserve_images_it_uses(
         def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor]) -> None:
             seen["head"] += len(inputs[0])
 
-        model.stages()[0][1].register_forward_pre_hook(count)
+        model.model.block1.register_forward_pre_hook(count)
         return model, meta
 
     monkeypatch.setattr(repository, "load_checkpoint", counting_load)
     monkeypatch.setitem(fire_test_triggers.SEEN, "images", 0)
     repository.build_repository(checkpoint, tmp_path / "repo", "block2", flagged=20)
-    # candidate_layers' one shape probe + 100 clean + 20 flagged images, and only those 20 through the attack
-    assert seen["head"] == 1 + 100 + 20
+    # the layers' one probe + 100 clean + 20 flagged images, and only those 20 through the attack
+    assert seen["head"] == PROBE_BATCH + 100 + 20
     assert fire_test_triggers.SEEN["images"] == 20
 
 
@@ -190,13 +192,14 @@ def test_evaluation_latents_are_computed_only_when_a_figure_needs_them(ordered_c
     samples = defender_samples(data.x_test, data.y_test, attack, TARGET, 100, 10)
     evaluation = evaluation_set(data.x_test, data.y_test, attack, TARGET, limit=50)
     seen = []
-    model.stages()[0][1].register_forward_pre_hook(lambda _m, inputs: seen.append(len(inputs[0])))
+    model.model.block1.register_forward_pre_hook(  # not torch.export's trace, which cuts the network: fake tensors
+        lambda _m, inputs: None if isinstance(inputs[0], FakeTensor) else seen.append(len(inputs[0])))
     view = LayerView(model, "block2", samples, evaluation)
-    assert sum(seen) == 100  # the centroid only
+    assert sum(seen) == PROBE_BATCH + 100  # the layers' probe and the centroid only
     figures, _, _ = view.metrics([], TARGET)
-    assert sum(seen) == 100 + 50 + int((evaluation.y != TARGET).sum())
+    assert sum(seen) == PROBE_BATCH + 100 + 50 + int((evaluation.y != TARGET).sum())
     assert view.poisoned_accuracy([]) == figures.pa  # the streaming curve's PA-only path
-    assert sum(seen) == 100 + 50 + int((evaluation.y != TARGET).sum())  # latents computed once
+    assert sum(seen) == PROBE_BATCH + 100 + 50 + int((evaluation.y != TARGET).sum())  # latents computed once
 
 
 # --- through the console script ------------------------------------------------------------------------

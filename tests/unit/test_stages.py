@@ -31,7 +31,6 @@ from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, model
 from fire_backend.serving.control_stage import ControlStage
 from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
 from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
-from fire_backend.split import split
 from fire_backend.store import DirectionStore
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 from fire_backend.wire.names import (
@@ -141,7 +140,7 @@ def offline(repos):
     version = DirectionStore(repos["allowing"] / ARTIFACTS_DIR / "store").read_version(1)
     compiled = compile_directions(version.directions.directions, torch.from_numpy(version.directions.center),
                                   settings.latent_dim)
-    head, tail = split(model, settings.layer)
+    head, tail = model.cut(settings.layer)
 
     def run(x: np.ndarray, repaired: bool = True) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
@@ -410,13 +409,13 @@ def test_control_stage_computes_latents_in_process_in_chunks_of_the_max_batch(re
     control = make(ControlStage, repos["allowing"], FIRE_CONTROL)
     assert control.max_batch == 4
     calls = []
-    head = control.head
-    control.head = lambda x: calls.append(len(x)) or head(x)
+    latents_of = control.network.latents
+    control.network.latents = lambda x, layer: calls.append(len(x)) or latents_of(x, layer)
     x = torch.from_numpy(digits(10, 10))
     latents = control._latents(x)
     model, _ = load_checkpoint(repos["checkpoint"])
     with torch.inference_mode():
-        expected = split(model, "block2")[0](x)
+        expected = model.latents(x, "block2")
     assert calls == [4, 4, 2]
     assert torch.allclose(latents, expected, atol=1e-6)
     assert not latents.is_inference()  # the estimators may fold it into running means
@@ -467,3 +466,32 @@ def test_a_repository_written_before_layouts_serves_as_separate(repos, tmp_path)
         model.rename(old / model.name)
     with pytest.raises(ValueError, match="fire repo build"):
         require_fire_repository(old)
+
+
+def test_a_repository_of_the_previous_release_with_a_flattened_latent_still_serves(tmp_path: Path) -> None:
+    """Before layers were module paths, PreActResNet18's ``avgpool`` stage flattened its latent ([C]); the module
+    returns [C, 1, 1] now. A repository built then declares LATENT as [C]: its head and tail still serve it."""
+    from fire_backend.models import PreActResNet18
+    from fire_backend.models.spec import PART_FORMAT, ModelSpec
+    from fire_backend.serving.artifacts import FULL_FILE
+    from fire_backend.wire.names import LATENT
+
+    torch.manual_seed(0)
+    model = PreActResNet18(width=4).eval()
+    spec = ModelSpec("preact_resnet18", {"num_classes": 10, "width": 4, "in_channels": 3}, (3, 32, 32))
+    artifacts = tmp_path / ARTIFACTS_DIR
+    artifacts.mkdir()
+    torch.save({"format": PART_FORMAT, "role": "full", "layer": "avgpool", "spec": spec.to_dict(),
+                "state_dict": model.state_dict()}, artifacts / FULL_FILE)
+    settings = ServingSettings(layer="avgpool", input_shape=(3, 32, 32), latent_shape=(32,), num_classes=10,
+                               arch="preact_resnet18", layout="separate")
+    settings.write(artifacts)
+    write_configs(tmp_path, settings, RepositoryOptions(layout="separate"))
+    head = stages.HeadStage(stage_args(tmp_path, "fire_head"), pb)
+    tail = stages.TailStage(stage_args(tmp_path, "fire_tail"), pb)
+    x = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
+    latent = head.execute([pb.image_request(x)])[0].outputs()[LATENT]
+    assert latent.shape == (3, 32)  # as the old configuration declares it
+    logits = tail.execute([pb.InferenceRequest({LATENT: pb.Tensor(LATENT, latent)}, {})])[0].outputs()[LOGITS]
+    with torch.inference_mode():
+        assert np.allclose(logits, model(torch.from_numpy(x)).numpy(), atol=1e-5)

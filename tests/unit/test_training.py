@@ -46,9 +46,13 @@ def test_checkpoint_meta_round_trip(tiny_checkpoint) -> None:
     assert CheckpointMeta.from_dict(json.loads(json.dumps(meta.to_dict()))) == meta
 
 
-def test_load_checkpoint_requires_both_files(tmp_path: Path) -> None:
-    (tmp_path / META_FILE).write_text("{}")
+def test_load_checkpoint_requires_both_files(tmp_path: Path, tiny_checkpoint) -> None:
+    out, _ = tiny_checkpoint
+    (tmp_path / META_FILE).write_text((out / META_FILE).read_text())
     with pytest.raises(FileNotFoundError, match="fire train"):
+        load_checkpoint(tmp_path)
+    (tmp_path / META_FILE).write_text("{}")
+    with pytest.raises(ValueError, match="not a checkpoint's metadata"):
         load_checkpoint(tmp_path)
 
 
