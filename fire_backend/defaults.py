@@ -20,6 +20,10 @@ RESERVE_SEED = 0
 #: how directions at several layers are estimated (fire_backend.multilayer): each layer from unrepaired latents
 #: (the measured default), or deeper layers on latents repaired upstream
 ESTIMATION_MODES = ("independent", "ordered")
+#: the built-in triggers, each a function of that name in fire_backend.data.triggers (torch-free here for the CLI)
+ATTACK_NAMES = ("badnets", "blended", "sig", "wanet", "input_aware", "low_frequency", "label_consistent")
+#: how ``fire train`` labels the poisoned images: the attack's own way (auto), or forced (fire_backend.poisoning)
+POISONINGS = ("auto", "dirty-label", "clean-label")
 
 
 def cache_dir() -> Path:
