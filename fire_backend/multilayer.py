@@ -95,9 +95,27 @@ def repairs_of(sets: LayerSets, device: torch.device | str = "cpu") -> dict[str,
     return hooks
 
 
+#: a second (third, ...) label counts as an attack's target when at least this share of the flagged images, and two
+#: of them, are predicted as it: several triggers with their own targets in one model (each gets its own direction)
+TARGET_SHARE = 0.25
+MAX_TARGETS = 4
+
+
+def targets_of(predictions: torch.Tensor, share: float = TARGET_SHARE) -> list[int]:
+    """The attack targets the flagged images' predictions show: the most predicted label first (the single target of
+    an all-to-one attack), then every other label predicted for ``share`` of them (and at least two), most first."""
+    predictions = predictions.reshape(-1).cpu()
+    counts = torch.bincount(predictions)
+    first = int(torch.mode(predictions).values)
+    need = max(2, int(np.ceil(share * len(predictions))))
+    others = [int(c) for c in torch.argsort(counts, descending=True, stable=True) if c != first and counts[c] >= need]
+    return [first, *others][:MAX_TARGETS]
+
+
 class Evidence:
     """The defender's images and what the unrepaired network makes of them (computed once, reused by every fold
-    and candidate): the target (the majority prediction on the flagged images), the clean predictions, and the
+    and candidate): the targets (:func:`targets_of` the flagged predictions; ``target`` is the first), each flagged
+    image's target (its own prediction when that is a target, else the first), the clean predictions, and the
     unrepaired latents at every layer asked for."""
 
     def __init__(self, net: Part, clean: torch.Tensor, flagged: torch.Tensor, layers: Sequence[str],
@@ -110,19 +128,26 @@ class Evidence:
         flagged_logits, self.flagged_latents = run(net, flagged, {}, self.layers, batch)
         self.clean_logits = clean_logits
         self.clean_pred = clean_logits.argmax(1)
-        self.target = int(torch.mode(flagged_logits.argmax(1)).values)
+        predicted = flagged_logits.argmax(1)
+        self.targets = targets_of(predicted)
+        self.target = self.targets[0]
+        self.flagged_target = torch.where(torch.isin(predicted, torch.tensor(self.targets)), predicted,
+                                          torch.tensor(self.target))
 
 
 def estimate(evidence: Evidence, layers: Sequence[str], settings: EstimationSettings,
              clean_rows: np.ndarray | None = None, flagged_rows: np.ndarray | None = None) -> LayerSets:
-    """One direction and the clean centroid per layer, from the evidence's rows (all by default).
+    """One direction per target and the clean centroid per layer, from the evidence's rows (all by default).
 
     ``independent``: every layer from the cached unrepaired latents. ``ordered``: layer by layer in stage order,
-    each from latents repaired at the layers before it.
+    each from latents repaired at the layers before it. Each target's direction comes from the flagged images
+    assigned to it (``Evidence.flagged_target``): one attack, one direction, as before; two triggers with their own
+    targets, two directions (their mean shift would be neither trigger's).
     """
     ev = evidence
     crows = slice(None) if clean_rows is None else torch.as_tensor(clean_rows)
     frows = slice(None) if flagged_rows is None else torch.as_tensor(flagged_rows)
+    flagged_target = ev.flagged_target[frows]
     sets: LayerSets = {}
     for layer in _in_order(ev.net, layers):
         if settings.mode == "independent" or not sets:
@@ -133,8 +158,14 @@ def estimate(evidence: Evidence, layers: Sequence[str], settings: EstimationSett
             logits, clean_at = run(ev.net, ev.clean[crows], upstream, [layer], ev.batch)
             _, flagged_at = run(ev.net, ev.flagged[frows], upstream, [layer], ev.batch)
             clean, flagged, clean_pred = clean_at[layer], flagged_at[layer], logits.argmax(1)
-        beta = unpaired_direction(flagged, clean, settings.options, clean_pred, ev.target)
-        directions = [Direction(beta, settings.alpha, "projection", settings.threshold)] if beta.norm() > 0 else []
+        directions = []
+        for target in ev.targets:
+            group = flagged[flagged_target == target]
+            if len(group):
+                beta = unpaired_direction(group, clean, settings.options, clean_pred, target)
+                if beta.norm() > 0:
+                    directions.append(Direction(beta, settings.alpha, "projection", settings.threshold,
+                                                f"target-{target}"))
         sets[layer] = (directions, centroid(clean))
     return sets
 
@@ -143,7 +174,7 @@ def estimate(evidence: Evidence, layers: Sequence[str], settings: EstimationSett
 class FoldScore:
     """What the K folds say of one layer subset, without labels.
 
-    ``flip``: share of held-out flagged images whose prediction leaves the target after the repair; ``change``:
+    ``flip``: share of held-out flagged images whose prediction leaves their target after the repair; ``change``:
     share of held-out clean images whose prediction changes; ``clean_tv``: mean total-variation distance of the
     held-out clean images' class probabilities (the tie-break: a repair that leaves clean outputs alone).
     """
@@ -186,7 +217,7 @@ def fold_score(evidence: Evidence, layers: Sequence[str], settings: EstimationSe
         held_f, held_c = torch.as_tensor(flagged_folds[f]), torch.as_tensor(clean_folds[f])
         flagged_logits, _ = run(ev.net, ev.flagged[held_f], hooks, (), ev.batch)
         clean_logits, _ = run(ev.net, ev.clean[held_c], hooks, (), ev.batch)
-        flips += int((flagged_logits.argmax(1) != ev.target).sum())
+        flips += int((flagged_logits.argmax(1) != ev.flagged_target[held_f]).sum())
         changes += int((clean_logits.argmax(1) != ev.clean_pred[held_c]).sum())
         tv += float(0.5 * (clean_logits.softmax(1) - base_prob[held_c]).abs().sum(1).sum())
     return FoldScore(tuple(_in_order(ev.net, layers)), flips / len(ev.flagged), changes / len(ev.clean),

@@ -25,6 +25,7 @@ from fire_backend.multilayer import (
     estimate,
     rank_subsets,
     ranked,
+    targets_of,
 )
 from fire_backend.split import Part
 
@@ -124,6 +125,47 @@ def test_ordered_estimates_a_deeper_layer_on_latents_repaired_upstream() -> None
     assert torch.allclose(second.beta, expected, atol=1e-5)
     assert torch.allclose(center_b, repaired_clean.mean(0), atol=1e-5)
     assert float(second.beta.norm()) < 0.2 * float(first.beta.norm())  # the upstream repair took the shift away
+
+
+def test_targets_are_the_labels_a_real_share_of_the_flagged_images_is_predicted_as() -> None:
+    assert targets_of(torch.tensor([0] * 17 + [3, 5, 3])) == [0]  # misfires of one attack are not a target
+    assert targets_of(torch.tensor([0, 1, 0, 1, 0])) == [0, 1]  # two triggers, two targets, the larger first
+    assert targets_of(torch.tensor([2] * 10 + [7] * 5 + [4] * 4 + [9])) == [2, 7]  # 4 of 20 is under a quarter
+    assert targets_of(torch.tensor([1, 2])) == [1]  # a label needs two images besides the share
+    assert len(targets_of(torch.arange(10).repeat(3))) == 1  # ten labels of 30 images: none holds a quarter
+
+
+def test_two_triggers_with_two_targets_get_a_direction_each() -> None:
+    """Flagged images of two triggers (each shifting other coordinates) that the model sends to two labels: one
+    direction per target, each the shift of its own group; their mean would be half of each."""
+
+    class TwoWay(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Identity()
+            self.head = nn.Linear(D, 3)
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+                self.head.weight[0, :4] = 1.0  # trigger one -> class 0
+                self.head.weight[1, 4:8] = 1.0  # trigger two -> class 1
+
+        def stages(self):
+            return [("a", self.a), ("head", self.head)]
+
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(40, D, generator=g) * 0.1
+    one, two = torch.zeros(D), torch.zeros(D)
+    one[:4], two[4:8] = 5.0, 5.0
+    flagged = torch.cat([torch.randn(6, D, generator=g) * 0.1 + one, torch.randn(4, D, generator=g) * 0.1 + two])
+    ev = Evidence(Part(TwoWay().eval(), 0, 2), clean, flagged, ["a"])
+    assert ev.targets == [0, 1] and ev.flagged_target.tolist() == [0] * 6 + [1] * 4
+    directions, _ = estimate(ev, ["a"], EstimationSettings("independent", PLAIN))["a"]
+    assert [d.name for d in directions] == ["target-0", "target-1"]
+    assert torch.allclose(directions[0].beta[:8], one[:8], atol=0.2) and torch.allclose(
+        directions[1].beta[:8], two[:8], atol=0.2)
+    score = rank_subsets(ev, EstimationSettings("independent", PLAIN), folds=2)[0]
+    assert score.flip == 1.0  # every held-out image leaves its own target
 
 
 def test_the_rule_prefers_flips_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
