@@ -39,12 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from default_config_check import ctl
 from real_data_check import FIRE, figures, step
 
 from fire_backend.checkpoint import load_checkpoint
-from fire_backend.data import load_dataset, resolve_attack, to_tensor
+from fire_backend.data import load_dataset, resolve_attack
 from fire_backend.data.augment import shrinkpad_defense
 from fire_backend.data.export import export_images
 from fire_backend.defaults import cache_dir
@@ -142,7 +141,8 @@ def evaluate(setting: Setting, checkpoint: Path, args: argparse.Namespace, log: 
     data = load_dataset(meta.dataset)
     triggers = [Trigger(setting.name if not meta.extra.get("also") else f"{setting.name}: {meta.attack}",
                         meta.attack, meta.target)]
-    triggers += [Trigger(f"{setting.name}: {e['attack']}", e["attack"], e["target"]) for e in meta.extra.get("also", [])]
+    triggers += [Trigger(f"{setting.name}: {e['attack']}", e["attack"], e["target"])
+                 for e in meta.extra.get("also", [])]
     sets = [evaluation_set(data.x_test, data.y_test, resolve_attack(t.attack), t.target, args.eval_images)
             for t in triggers]
     clean, y = sets[0].x, sets[0].y.numpy()
@@ -150,7 +150,7 @@ def evaluate(setting: Setting, checkpoint: Path, args: argparse.Namespace, log: 
     work.mkdir(parents=True, exist_ok=True)
     # ShrinkPad (offline): no flagged image needed
     shrunk = predict(model, shrinkpad_defense(clean)).numpy()
-    for t, s in zip(triggers, sets):
+    for t, s in zip(triggers, sets, strict=True):
         t.rows["shrinkpad"] = figures(shrunk, y, predict(model, shrinkpad_defense(s.poisoned)).numpy(),
                                       s.poisoned_y.numpy(), t.target)
     repository = work / "repository"
@@ -167,7 +167,7 @@ def evaluate(setting: Setting, checkpoint: Path, args: argparse.Namespace, log: 
         log["server start"] = round(time.perf_counter() - start, 1)
         with FireClient(url, token=token) as client:
             base = [client.infer_batches(clean.numpy(), args.batch, bypass=True).labels]
-            for t, s in zip(triggers, sets):
+            for t, s in zip(triggers, sets, strict=True):
                 poisoned = client.infer_batches(s.poisoned.numpy(), args.batch, bypass=True).labels
                 t.rows["undefended"] = figures(base[0], y, poisoned, s.poisoned_y.numpy(), t.target)
             done = 0
@@ -181,7 +181,7 @@ def evaluate(setting: Setting, checkpoint: Path, args: argparse.Namespace, log: 
                 done = n
                 time.sleep(0.5)  # every instance applies the committed version from its next batch
                 defended = client.infer_batches(clean.numpy(), args.batch).labels
-                for t, s in zip(triggers, sets):
+                for t, s in zip(triggers, sets, strict=True):
                     poisoned = client.infer_batches(s.poisoned.numpy(), args.batch).labels
                     t.rows[f"fire-{n}"] = figures(defended, y, poisoned, s.poisoned_y.numpy(), t.target)
     log["served"] = round(time.perf_counter() - start, 1)
@@ -248,7 +248,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     width = 0.8 / len(COLUMNS)
     colours = ("#9e9e9e", "#ffb74d", "#64b5f6", "#1565c0")
     names = ("undefended", "ShrinkPad", *(f"FIRE, {n} flagged" for n in FLAGGED))
-    for ax, metric in zip(axes, ("ca", "pa", "asr")):
+    for ax, metric in zip(axes, ("ca", "pa", "asr"), strict=True):
         for k, column in enumerate(COLUMNS):
             values = [r["rows"].get(column, {}).get(metric, np.nan) for r in rows]
             ax.bar(np.arange(len(rows)) + (k - (len(COLUMNS) - 1) / 2) * width, values, width, color=colours[k],

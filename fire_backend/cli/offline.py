@@ -128,13 +128,14 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
     net = Part(model, 0, len(model.stages()))
     evidence = Evidence(net, data.samples.clean, data.samples.flagged[:args.flagged], layers, args.batch_size)
     ranking = []
-    print(f"label-free ranking ({settings.mode} estimation; flip - 2 x change, then clean_tv):")
-    print(f"{'layers':28s} {'flip':>6s} {'change':>7s} {'tv':>7s}   {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    print(f"label-free ranking ({settings.mode} estimation; restore - 2 x change, then clean_tv):")
+    print(f"{'layers':28s} {'flip':>6s} {'restore':>7s} {'change':>7s} {'tv':>7s}   {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
     for score in rank_subsets(evidence, settings):
         figures = subset_metrics(net, data.evaluation, meta.target, estimate(evidence, score.layers, settings),
                                  args.batch_size)
         ranking.append({**score.to_dict(), "ca": figures.ca, "pa": figures.pa, "asr": figures.asr})
-        print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.change:7.2f} {score.clean_tv:7.4f}   "
+        print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.restore:7.3f} {score.change:7.2f} "
+              f"{score.clean_tv:7.4f}   "
               f"{figures.ca:7.4f} {figures.pa:7.4f} {figures.asr:7.4f}")
     print(f"ranked first: --layer {' --layer '.join(ranking[0]['layers'])}")
     return ranking

@@ -88,7 +88,10 @@ class Chain(nn.Module):
         super().__init__()
         self.a, self.b = nn.Identity(), nn.Identity()
         self.head = nn.Linear(D, 3)
-        torch.manual_seed(0)
+        with torch.no_grad():  # the planted shift (the first four coordinates) means class 0
+            self.head.weight.zero_()
+            self.head.weight[0, :4] = 1.0
+            self.head.bias.copy_(torch.tensor([0.0, 1.0, 0.5]))
 
     def stages(self):
         return [("a", self.a), ("b", self.b), ("head", self.head)]
@@ -168,29 +171,54 @@ def test_two_triggers_with_two_targets_get_a_direction_each() -> None:
     assert score.flip == 1.0  # every held-out image leaves its own target
 
 
-def test_the_rule_prefers_flips_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
-    both = FoldScore(("l1", "l4"), flip=1.0, change=0.02, clean_tv=0.014)
-    alone = FoldScore(("l1",), flip=1.0, change=0.0, clean_tv=0.001)
-    deep = FoldScore(("l4",), flip=0.97, change=0.0, clean_tv=0.010)
-    calm = FoldScore(("l1", "l2"), flip=1.0, change=0.0, clean_tv=0.001)
+def score(layers: tuple[str, ...], flip: float, change: float, clean_tv: float, restore: float | None = None
+          ) -> FoldScore:
+    """A FoldScore whose flipped images are predicted with full confidence unless ``restore`` says otherwise."""
+    return FoldScore(layers, flip, change, clean_tv, flip if restore is None else restore)
+
+
+def test_the_rule_prefers_restored_images_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
+    both = score(("l1", "l4"), flip=1.0, change=0.02, clean_tv=0.014)
+    alone = score(("l1",), flip=1.0, change=0.0, clean_tv=0.001)
+    deep = score(("l4",), flip=0.97, change=0.0, clean_tv=0.010)
+    calm = score(("l1", "l2"), flip=1.0, change=0.0, clean_tv=0.001)
     assert alone.score == 1.0 and both.score == pytest.approx(1.0 - CHANGE_WEIGHT * 0.02)
     assert [s.layers for s in ranked([both, deep, calm, alone])] == [("l1",), ("l1", "l2"), ("l4",), ("l1", "l4")]
     assert candidate_subsets(["a", "b", "c"]) == [("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c")]
 
 
+def test_a_repair_that_only_pushes_images_off_the_target_loses_to_one_that_restores_them() -> None:
+    """The clean-label SIG CIFAR-10 rows (RESULTS section 6): every subset flips every held-out flagged image; the
+    flip rule kept layer4.0 (no clean change; PA 0.34), which leaves them at a mean top probability of 0.47, while
+    the pair restores them at 0.71 (PA 0.57)."""
+    deep = score(("l4",), flip=1.0, change=0.0, clean_tv=0.008, restore=0.47)
+    early = score(("l1",), flip=1.0, change=0.01, clean_tv=0.013, restore=0.72)
+    both = score(("l1", "l4"), flip=1.0, change=0.01, clean_tv=0.018, restore=0.71)
+    assert ranked([deep, early, both])[0].layers == ("l1",)
+    assert ranked([deep, early, both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")  # within one image of l1
+    assert [s.layers for s in ranked([deep, both], ("l1", "l4"), 1 / 20)] == [("l1", "l4"), ("l4",)]
+    assert both.to_dict()["restore"] == 0.71 and both.to_dict()["score"] == pytest.approx(0.71 - 0.02)
+
+
 def test_a_near_tie_keeps_every_configured_layer_instead_of_the_calmest_one() -> None:
     # the n = 5 CIFAR-10 BadNets rows: every subset flips 2 of 5 held-out images, none changes a clean one; the
     # clean_tv tie-break alone picked layer4.0 (PA .036)
-    deep = FoldScore(("l4",), flip=0.4, change=0.0, clean_tv=0.0004)
-    early = FoldScore(("l1",), flip=0.4, change=0.0, clean_tv=0.0030)
-    both = FoldScore(("l1", "l4"), flip=0.4, change=0.0, clean_tv=0.0032)
+    deep = score(("l4",), flip=0.4, change=0.0, clean_tv=0.0004)
+    early = score(("l1",), flip=0.4, change=0.0, clean_tv=0.0030)
+    both = score(("l1", "l4"), flip=0.4, change=0.0, clean_tv=0.0032)
     assert ranked([both, early, deep])[0].layers == ("l4",)  # the rule without the tie preference
     assert [s.layers for s in ranked([deep, early, both], ("l1", "l4"), 1 / 5)] == [("l1", "l4"), ("l4",), ("l1",)]
     # within one held-out image's worth (1/5) it still wins; beyond it the better subset does
-    assert ranked([FoldScore(("l1",), 0.6, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1", "l4")
-    assert ranked([FoldScore(("l1",), 0.8, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1",)
-    assert ranked([FoldScore(("l1",), 0.45, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")
-    assert ranked([FoldScore(("l1",), 0.5, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1",)
+    assert ranked([score(("l1",), 0.6, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1", "l4")
+    assert ranked([score(("l1",), 0.8, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1",)
+    assert ranked([score(("l1",), 0.45, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")
+    assert ranked([score(("l1",), 0.5, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1",)
+
+
+def test_restore_weighs_each_flipped_image_by_the_confidence_of_its_new_prediction() -> None:
+    ev = chain_evidence()
+    result = rank_subsets(ev, EstimationSettings("independent", PLAIN), [("a",)])[0]
+    assert 0.0 < result.restore <= result.flip <= 1.0
 
 
 def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_working_subset(digits_checkpoint) -> None:

@@ -17,9 +17,9 @@ from fire_backend.data.triggers import (
     input_aware_parts,
     label_consistent,
     low_frequency_pattern,
-    warp_grid,
     wanet,
     wanet_noise,
+    warp_grid,
 )
 from fire_backend.defaults import ATTACK_NAMES
 
