@@ -23,6 +23,9 @@ Writes ``SETTING.json`` per setting and, from every ``*.json`` in ``--out``, ``r
     python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz          # every CIFAR-10 setting
     python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz --settings sig,wanet --train-only
     python benchmarks/report_card.py --data digits --settings badnets,blended --eval-images 400 --out /tmp/rc
+
+The ``shared-*`` settings import the full-size models of ../shared/models (``make_attack_result.py`` and ``fire
+import backdoorbench``, as real_data_check.py) instead of training; a CPU needs minutes per observe for them.
 """
 
 from __future__ import annotations
@@ -40,13 +43,13 @@ from pathlib import Path
 
 import numpy as np
 from default_config_check import ctl
-from real_data_check import FIRE, figures, step
+from real_data_check import FIRE, figures, imported_checkpoint, step
 
 from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack
 from fire_backend.data.augment import shrinkpad_defense
 from fire_backend.data.export import export_images
-from fire_backend.defaults import cache_dir
+from fire_backend.defaults import cache_dir, shared_dir
 from fire_backend.evaluation import evaluation_set, predict
 from fire_backend.serving.server import running_server
 from fire_backend.training import TrainConfig, train_backdoored
@@ -65,7 +68,7 @@ class Setting:
 
     name: str
     attack: str
-    group: str  # "attack" | "adaptive"
+    group: str  # "attack" | "adaptive" | "imported" (a shared full-size model, ``fire import backdoorbench``)
     poisoning: str = "auto"
     poison_rate: float = 0.1
     also: tuple[tuple[str, int], ...] = ()
@@ -90,6 +93,8 @@ SETTINGS = (
     Setting("badnets-5pct", "badnets", "adaptive", poison_rate=0.05, note="5% poisoned"),
     Setting("badnets-1pct", "badnets", "adaptive", poison_rate=0.01, note="1% poisoned"),
     Setting("two-targets", "badnets", "adaptive", also=(("blended", 1),), note="badnets -> 0 and blended -> 1"),
+    Setting("shared-badnets", "badnets", "imported", note="full-size PreActResNet18 (../shared/models), imported"),
+    Setting("shared-blended", "blended", "imported", note="full-size PreActResNet18 (../shared/models), imported"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -114,6 +119,11 @@ def train_config(setting: Setting, data: str, args: argparse.Namespace) -> Train
 
 def cached_checkpoint(setting: Setting, args: argparse.Namespace, log: dict) -> Path:
     """The setting's trained checkpoint, trained now when the cache has none for this exact configuration."""
+    if setting.group == "imported":
+        start = time.perf_counter()
+        checkpoint = imported_checkpoint(args.shared, setting.attack, args.cache / setting.name, {})
+        log["train_s"] = round(time.perf_counter() - start, 1)
+        return checkpoint
     config = train_config(setting, args.data, args)
     key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
     out = args.cache / f"{setting.name}-{key}"
@@ -298,11 +308,15 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "report-card", help="repositories, flagged files")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "report-card" / "card",
                         help="per-setting JSON, the table and the figure")
+    parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
+                        help="the shared data and full-size models of the imported settings (FIRE_SHARED_DIR)")
     parser.add_argument("--train-only", action="store_true", help="train (or find cached) models, evaluate nothing")
     parser.add_argument("--card-only", action="store_true", help="rebuild the table and figure from --out's JSON")
     args = parser.parse_args()
     args.flagged = tuple(sorted(int(n) for n in args.flagged.split(",")))
     unknown = [n for n in args.settings.split(",") if n not in BY_NAME]
+    if args.data == "digits" and "--settings" not in sys.argv:
+        args.settings = ",".join(s.name for s in SETTINGS if s.group != "imported")
     if unknown:
         parser.error(f"unknown settings {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     args.out.mkdir(parents=True, exist_ok=True)
