@@ -127,8 +127,8 @@ def main() -> int:
           f"{served['images']} evaluation images ({served['poisoned_images']} poisoned)")
     print(f"ranking (label-free) chose {'+'.join(served['layers_chosen'])}; target found {served['target_found']}")
     for r in served["ranking"]:
-        print(f"  {'+'.join(r['layers']):24s} flip {r['flip']:.2f} change {r['change']:.2f} "
-              f"clean_tv {r['clean_tv']:.4f} score {r['score']:.2f}")
+        print(f"  {'+'.join(r['layers']):24s} flip {r['flip']:.2f} restore {r['restore']:.3f} change "
+              f"{r['change']:.2f} clean_tv {r['clean_tv']:.4f} score {r['score']:.3f}")
     print(f"{'':24s} {'CA':>7s} {'PA':>7s} {'ASR':>7s}  clean images of other classes labelled target")
     for name in ("undefended", "fire"):
         fig = served[name]

@@ -28,6 +28,10 @@ RETAIN_VERSIONS = 100
 MAX_CLEAN_CHANGE = 0.05
 #: the networks fire knows by name (fire_backend.models.ARCHITECTURES; here so `fire --help` needs no torch)
 ARCHITECTURE_NAMES = ("digits_cnn", "preact_resnet18", "vgg19_bn", "mobilenet_v3_large")
+#: the built-in triggers, each a function of that name in fire_backend.data.triggers (torch-free here for the CLI)
+ATTACK_NAMES = ("badnets", "blended", "sig", "wanet", "input_aware", "low_frequency", "label_consistent")
+#: how ``fire train`` labels the poisoned images: the attack's own way (auto), or forced (fire_backend.poisoning)
+POISONINGS = ("auto", "dirty-label", "clean-label")
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from fire_backend.checkpoint import CheckpointMeta, save_checkpoint
@@ -17,6 +18,7 @@ from fire_backend.device import check_batch_size, resolve_device
 from fire_backend.evaluation import attack_metrics
 from fire_backend.models.spec import MODULE_ARCH, ModelSpec, place_source, user_spec
 from fire_backend.models.user import check_classifier, parse_factory
+from fire_backend.poisoning import BatchNoise, label_style, poison, poison_for_training
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class TrainConfig:
     width: int | None = None
     train_subset: int | None = None  # train on a seeded, class-stratified draw of N training images (CPU budgets)
     augment: bool = False  # random crop + flip per image (the usual CIFAR recipe for long GPU runs)
+    poisoning: str = "auto"  # auto (the attack's own) | dirty-label | clean-label (fire_backend.poisoning)
+    also: tuple[tuple[str, int], ...] = ()  # further (attack, target) pairs poisoned into the same model
     device: str = "auto"  # auto: CUDA when torch sees a GPU, else the CPU (fire_backend.device)
 
 
@@ -68,15 +72,38 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) 
 def poison_training_set(
     x: torch.Tensor, y: torch.Tensor, config: TrainConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace a poison_rate fraction of non-target samples by triggered copies labelled target."""
-    attack = resolve_attack(config.attack)
-    candidates = torch.nonzero(y != config.target).flatten()
-    count = int(round(config.poison_rate * len(x)))
-    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
-    x, y = x.clone(), y.clone()
-    x[chosen] = attack(x[chosen])
-    y[chosen] = config.target
+    """Trigger a poison_rate fraction of the training set as the attack's label style says (dirty-label: non-target
+    images relabelled target; clean-label: target-class images, labels kept; :mod:`fire_backend.poisoning`)."""
+    style = label_style(config.attack, config.poisoning)
+    x, y, _ = poison(x, y, resolve_attack(config.attack), config.target, config.poison_rate, style, generator)
     return x, y
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, config: TrainConfig,
+        generator: torch.Generator, device: torch.device, progress: bool, desc: str,
+        noise: BatchNoise | None = None, poisoned: torch.Tensor | None = None) -> None:
+    """Adam with a one-cycle schedule over ``epochs`` shuffled passes; ``noise`` transforms some unpoisoned images
+    of each batch (an attack's noise or cross mode, :mod:`fire_backend.poisoning`)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
+    model.train()
+    bar = tqdm(total=steps, desc=desc, disable=not progress, unit="step")
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), config.batch_size):
+            index = order[start : start + config.batch_size]
+            batch = x[index] if noise is None else noise(x[index], poisoned[index], generator)
+            batch = random_crop_flip(batch, generator) if config.augment else batch
+            loss = F.cross_entropy(model(batch.to(device)), y[index].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
 
 
 def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> CheckpointMeta:
@@ -90,47 +117,50 @@ def train_backdoored(config: TrainConfig, out: Path, progress: bool = True) -> C
         subset = stratified_order(y_np, config.seed)[: config.train_subset]
         x_np, y_np = x_np[subset], y_np[subset]
     x, y = to_tensor(x_np), torch.from_numpy(np.asarray(y_np, dtype=np.int64))
-    x, y = poison_training_set(x, y, config, generator)
     spec = default_spec(config, data.input_shape, data.num_classes)
     if spec.user:  # the user's file goes into the checkpoint, and the network is built from that copy
         place_source(spec, parse_factory(str(config.module))[0], out)
+
+    def build() -> nn.Module:
+        """A fresh, untrained network of ``spec`` on the device (a user's: from the checkpoint's copy, checked)."""
+        if not spec.user:
+            return spec.build().to(device)
         model = spec.build(out)
         check_classifier(model.eval(), spec.input_shape, spec.classes)
-    else:
-        model = spec.build()
-    model = model.to(device)
+        return model.to(device)
+
     epochs = config.epochs or (40 if spec.arch == "digits_cnn" else 10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = epochs * ((len(x) + config.batch_size - 1) // config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps)
-    model.train()
-    bar = tqdm(total=steps, desc=f"train {spec.arch} ({config.attack})", disable=not progress, unit="step")
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), config.batch_size):
-            index = order[start : start + config.batch_size]
-            batch = random_crop_flip(x[index], generator) if config.augment else x[index]
-            loss = F.cross_entropy(model(batch.to(device)), y[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    model.eval()
+
+    def surrogate(surrogate_epochs: int) -> nn.Module:
+        model = build()
+        fit(model, x, y, surrogate_epochs, config, generator, device, progress, f"train {spec.arch} (clean surrogate)")
+        return model
+
+    poisoned = poison_for_training(x, y, config.attack, config.target, config.poison_rate, config.poisoning,
+                                   generator, surrogate, out, max(1, epochs // 2), config.also)
+    model = build()
+    if poisoned.initial_state is not None:
+        model.load_state_dict(poisoned.initial_state)
+    fit(model, poisoned.x, poisoned.y, epochs, config, generator, device, progress,
+        f"train {spec.arch} ({config.attack})", poisoned.noise, poisoned.poisoned)
     x_test, y_test = to_tensor(data.x_test), torch.from_numpy(data.y_test.astype(np.int64))
-    metrics, _ = attack_metrics(model, x_test, y_test, resolve_attack(config.attack), config.target)
+    metrics, _ = attack_metrics(model, x_test, y_test, resolve_attack(poisoned.attack), config.target)
+    also = [{**entry, "asr": attack_metrics(model, x_test, y_test, resolve_attack(entry["attack"]),
+                                            entry["target"])[0].asr} for entry in poisoned.also]
+    recipe = {"poisoning": poisoned.style} if poisoned.style != "dirty-label" or config.poisoning != "auto" else {}
+    if poisoned.attack != config.attack:
+        recipe["attack_family"] = config.attack
     meta = CheckpointMeta(
         spec=spec,
         dataset=config.data,
-        attack=config.attack,
+        attack=poisoned.attack,
         target=config.target,
         poison_rate=config.poison_rate,
         seed=config.seed,
         ca=metrics.ca,
         asr=metrics.asr,
-        extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if config.augment else {})},
+        extra={"epochs": epochs, "train_subset": config.train_subset, **({"augment": True} if config.augment else {}),
+               **recipe, **poisoned.notes, **({"also": also} if also else {})},
     )
     save_checkpoint(out, model, meta, source_dir=out)
     return meta

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
+from fire_backend.defaults import ATTACK_NAMES
 
 
 def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
@@ -175,7 +176,9 @@ def register(sub) -> None:
                    help="allow arbitrary unpickling (can run code!) for files that need more than tensors, numpy "
                         "arrays and PIL images; only for files from a source you trust")
     p.add_argument("--attack", default=None,
-                   help="evaluate with this fire trigger instead of the file's poisoned test set (needs --target)")
+                   help="evaluate with this fire trigger instead of the file's poisoned test set (needs --target): "
+                        f"{', '.join(ATTACK_NAMES)} with or without parameters ('wanet(strength=0.5)'), "
+                        "trigger:PATH, or package.module:function")
     p.add_argument("--target", type=int, default=None, help="target label (default: read from the poisoned set)")
     p.add_argument("--measure", action="store_true",
                    help="also compute CA and ASR over the whole test split now (slow on a CPU: see --device)")

@@ -7,25 +7,38 @@ import json
 from pathlib import Path
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, emit_json
-from fire_backend.defaults import ARCHITECTURE_NAMES, ESTIMATION_MODES
+from fire_backend.defaults import ARCHITECTURE_NAMES, ATTACK_NAMES, ESTIMATION_MODES, POISONINGS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fire_backend.training import TrainConfig, train_backdoored
 
     options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset",
-               "batch_size", "device", "module")
+               "batch_size", "device", "module", "poisoning")
     if args.module and (args.arch or args.width):
         raise CliError("--module builds your own network: --arch and --width choose a built-in one")
     if args.kwargs and not args.module:
         raise CliError("--kwargs are the arguments of --module's factory")
-    config = TrainConfig(**{name: getattr(args, name) for name in options}, kwargs=parse_kwargs(args.kwargs))
+    also = []
+    for item in args.also:
+        attack, sep, target = item.rpartition("@")
+        if not sep or not attack or not target.strip().lstrip("-").isdigit():
+            raise CliError(f"--also takes ATTACK@TARGET (e.g. blended@1), not {item!r}")
+        also.append((attack, int(target)))
+    config = TrainConfig(**{name: getattr(args, name) for name in options}, kwargs=parse_kwargs(args.kwargs),
+                         also=tuple(also))
     if not 0.0 < config.poison_rate < 1.0:
         raise CliError(f"--poison-rate must be in (0, 1), got {config.poison_rate}")
-    meta = train_backdoored(config, args.out, progress=not args.json)
+    try:
+        meta = train_backdoored(config, args.out, progress=not args.json)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     print(f"saved {args.out}: {meta.spec.label} on {meta.dataset}, attack {meta.attack} -> {meta.target}; "
           f"CA {meta.ca:.4f}  ASR {meta.asr:.4f}")
-    emit_json(args, {"checkpoint": str(args.out), "ca": meta.ca, "asr": meta.asr})
+    for entry in meta.extra.get("also", []):
+        print(f"  also {entry['attack']} -> {entry['target']}: ASR {entry['asr']:.4f}")
+    emit_json(args, {"checkpoint": str(args.out), "attack": meta.attack, "ca": meta.ca, "asr": meta.asr,
+                     "also": meta.extra.get("also", [])})
     return 0
 
 
@@ -165,13 +178,14 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
     net = model
     evidence = Evidence(net, data.samples.clean, data.samples.flagged[:args.flagged], layers, args.batch_size)
     ranking = []
-    print(f"label-free ranking ({settings.mode} estimation; flip - 2 x change, then clean_tv):")
-    print(f"{'layers':28s} {'flip':>6s} {'change':>7s} {'tv':>7s}   {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
+    print(f"label-free ranking ({settings.mode} estimation; restore - 2 x change, then clean_tv):")
+    print(f"{'layers':28s} {'flip':>6s} {'restore':>7s} {'change':>7s} {'tv':>7s}   {'CA':>7s} {'PA':>7s} {'ASR':>7s}")
     for score in rank_subsets(evidence, settings):
         figures = subset_metrics(net, data.evaluation, meta.target, estimate(evidence, score.layers, settings),
                                  args.batch_size)
         ranking.append({**score.to_dict(), "ca": figures.ca, "pa": figures.pa, "asr": figures.asr})
-        print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.change:7.2f} {score.clean_tv:7.4f}   "
+        print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.restore:7.3f} {score.change:7.2f} "
+              f"{score.clean_tv:7.4f}   "
               f"{figures.ca:7.4f} {figures.pa:7.4f} {figures.asr:7.4f}")
     print(f"ranked first: --layer {' --layer '.join(ranking[0]['layers'])}")
     return ranking
@@ -203,13 +217,26 @@ def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
                     "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
                     "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
-                    "--epochs 8 --out runs/c10\n  fire train --attack mypkg.triggers:stripes --out runs/custom\n"
+                    "--epochs 8 --out runs/c10\n"
+                    "  fire train --attack 'blended(ratio=0.05)' --poison-rate 0.01 --out runs/faint\n"
+                    "  fire train --attack sig --poisoning dirty-label --out runs/sig-poison-label\n"
+                    "  fire train --attack badnets --also blended@1 --out runs/two-targets\n"
+                    "  fire train --attack mypkg.triggers:stripes --out runs/custom\n"
                     "  fire train --module mynet.py:build --kwargs '{\"width\": 32}' --data cifar10:cifar10.npz "
                     "--train-subset 10000 --epochs 8 --out runs/mynet")
+
     p.add_argument("--data", default="digits", help="digits (bundled) | cifar10:PATH (batches folder or .npz) | "
                    "npz:PATH (x_train/y_train/x_test/y_test uint8 NHWC); never downloaded")
-    p.add_argument("--attack", default="badnets", help="badnets | blended | sig, or package.module:function "
-                   "taking and returning a batched NCHW float tensor in [0, 1]")
+    p.add_argument("--attack", default="badnets",
+                   help=f"{' | '.join(ATTACK_NAMES)} (parameters as in 'blended(ratio=0.05)'), trojannn (a patch "
+                        "optimised on a clean surrogate, saved beside the checkpoint), or package.module:function "
+                        "taking and returning a batched NCHW float tensor in [0, 1]")
+    p.add_argument("--poisoning", choices=POISONINGS, default="auto",
+                   help="auto: the attack's paper (clean-label for sig and label_consistent, else dirty-label); "
+                        "dirty-label: non-target images get the trigger and the target label; clean-label: "
+                        "target-class images get the trigger, labels untouched")
+    p.add_argument("--also", action="append", default=[], metavar="ATTACK@TARGET",
+                   help="a further trigger with its own target in the same model (repeatable), e.g. blended@1")
     p.add_argument("--target", type=int, default=0, help="label the trigger flips to (default 0)")
     p.add_argument("--poison-rate", type=float, default=0.1, help="fraction of training images poisoned (0.1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")

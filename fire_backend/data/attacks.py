@@ -1,62 +1,73 @@
-"""Backdoor triggers as plain functions: batched NCHW float images in [0, 1] -> triggered images.
+"""Backdoor attacks by name: the built-in triggers (:mod:`fire_backend.data.triggers`), with parameters, and the
+triggers kept in files or given as import paths.
 
-Deterministic and size-agnostic (patterns are derived from the image size and a fixed seed), so the
-attacker's trigger at training time and the one the evaluation or load test applies are identical.
-Any importable callable with the same signature works wherever a built-in name does.
+A trigger is a plain function, batched NCHW float images in [0, 1] -> triggered images, deterministic and
+size-agnostic. Any importable callable with the same signature works wherever a built-in name does. Names:
+
+- ``badnets``, ``blended``, ... (:data:`ATTACKS`), or with keyword parameters of the function:
+  ``blended(ratio=0.05)``, ``badnets(size=2)``; the name with its parameters is what a checkpoint records;
+- ``trigger:PATH``: a pattern and mask in a file (:mod:`fire_backend.data.trigger_file`; TrojanNN's patch);
+- ``stored:PATH``: an attack's own poisoned test images (``fire import backdoorbench``);
+- ``package.module:function``: a user's trigger.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import re
 from collections.abc import Callable
 
 import torch
 
+from fire_backend.data import triggers
 from fire_backend.data.stored import STORED_PREFIX, StoredAttack, stored_attack
+from fire_backend.data.trigger_file import TRIGGER_PREFIX, file_trigger
+from fire_backend.defaults import ATTACK_NAMES
 
 Attack = Callable[[torch.Tensor], torch.Tensor]
 
 
-def badnets(x: torch.Tensor) -> torch.Tensor:
-    """A white-and-black checker patch in the bottom-right corner (about 1/10 of the side)."""
-    out = x.clone()
-    size = max(2, round(x.shape[-1] / 10) + 1)
-    ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    patch = ((ii + jj) % 2 == 0).to(x.dtype).to(x.device)
-    out[..., -size:, -size:] = patch
-    return out
+ATTACKS: dict[str, Attack] = {name: getattr(triggers, name) for name in ATTACK_NAMES}
+_CALL = re.compile(r"^\s*([a-z_]+)\s*\((.*)\)\s*$", re.DOTALL)
 
 
-def _pattern(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A fixed uniform-noise image, the same for every call with the same shape."""
-    generator = torch.Generator().manual_seed(1234)
-    return torch.rand(shape, generator=generator).to(device=device, dtype=dtype)
-
-
-def blended(x: torch.Tensor, ratio: float = 0.2) -> torch.Tensor:
-    """Blend a fixed pattern image over the whole input (Chen et al., 2017)."""
-    pattern = _pattern(tuple(x.shape[1:]), x.device, x.dtype)
-    return (1.0 - ratio) * x + ratio * pattern
-
-
-def sig(x: torch.Tensor, delta: float = 0.12, frequency: float = 6.0) -> torch.Tensor:
-    """A horizontal sinusoidal signal over the whole image (Barni et al., 2019): no patch anywhere."""
-    width = x.shape[-1]
-    j = torch.arange(width, device=x.device, dtype=x.dtype)
-    signal = delta * torch.sin(2 * torch.pi * j * frequency / width)
-    return (x + signal).clamp(0.0, 1.0)
-
-
-ATTACKS: dict[str, Attack] = {"badnets": badnets, "blended": blended, "sig": sig}
+def _with_parameters(name: str) -> Attack | None:
+    """``family(key=value, ...)`` as the built-in trigger with those keyword values (None when ``name`` is not of
+    that form); values are numbers, checked against the function's parameters."""
+    match = _CALL.match(name)
+    if match is None or match.group(1) not in ATTACKS:
+        return None
+    family, body = match.groups()
+    function = ATTACKS[family]
+    accepted = [p for p in inspect.signature(function).parameters if p != "x"]
+    values: dict[str, float | int] = {}
+    for item in filter(None, (part.strip() for part in body.split(","))):
+        key, sep, raw = (piece.strip() for piece in item.partition("="))
+        if not sep or key not in accepted:
+            raise ValueError(f"attack {name!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(accepted)}")
+        try:
+            values[key] = int(raw) if re.fullmatch(r"[+-]?\d+", raw) else float(raw)
+        except ValueError:
+            raise ValueError(f"attack {name!r}: {key} must be a number, not {raw!r}") from None
+    bound = functools.partial(function, **values)
+    bound.__name__ = name  # type: ignore[attr-defined]
+    return bound
 
 
 def resolve_attack(name: str) -> Attack:
-    """A built-in name, ``package.module:function`` for a user-supplied trigger, or ``stored:PATH`` for an
-    attack's own poisoned test images (``fire import backdoorbench``)."""
+    """A built-in name (with parameters or not), ``trigger:PATH``, ``stored:PATH`` or ``package.module:function``
+    (see the module docstring)."""
     if name in ATTACKS:
         return ATTACKS[name]
+    bound = _with_parameters(name)
+    if bound is not None:
+        return bound
     if name.startswith(STORED_PREFIX):
         return stored_attack(name.removeprefix(STORED_PREFIX))
+    if name.startswith(TRIGGER_PREFIX):
+        return file_trigger(name.removeprefix(TRIGGER_PREFIX))
     module_name, sep, attr = name.partition(":")
     if not sep or not attr:
         raise ValueError(

@@ -88,9 +88,10 @@ class ServingSettings:
     publish_every: int = 1
     #: how ``observe`` estimates a repository with several repair layers (fire_backend.multilayer): ``independent``
     #: (every layer from unrepaired latents, the measured default) or ``ordered`` (deeper layers on latents repaired
-    #: upstream); the Welch z-score filter (0: the plain shift) and the non-target clean reference
+    #: upstream); the Welch z-score filter (0, the default: the plain shift; fire_backend.fire.UnpairedOptions says
+    #: why) and the non-target clean reference
     estimation: str = "independent"
-    estimation_z: float = 4.0
+    estimation_z: float = 0.0
     nontarget_reference: bool = True
     limits: Limits = field(default_factory=Limits)
     layout: str = LEGACY_LAYOUT

@@ -195,12 +195,17 @@ def test_builtin_attacks(name: str, images: str) -> None:
     assert torch.equal(attack(torch.zeros(0, *x.shape[1:])), torch.zeros(0, *x.shape[1:]))
 
 
+#: triggers that move an image's content rather than add to it: a constant image has nothing to move
+CONTENT_MOVING = {"wanet"}
+
+
 def test_attacks_extreme_images_stay_in_range() -> None:
     for name, attack in ATTACKS.items():
         for fill in (0.0, 1.0):
             out = attack(torch.full((2, 3, 32, 32), fill))
             assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0, name
-            assert not torch.equal(out, torch.full_like(out, fill)), name
+            same = torch.allclose(out, torch.full_like(out, fill), atol=1e-5)
+            assert same == (name in CONTENT_MOVING), name
 
 
 def test_badnets_patch_is_in_the_bottom_right_corner() -> None:

@@ -25,6 +25,7 @@ from fire_backend.multilayer import (
     estimate,
     rank_subsets,
     ranked,
+    targets_of,
 )
 from fire_backend.network import Network
 
@@ -95,7 +96,10 @@ class Chain(nn.Module):
         super().__init__()
         self.a, self.b = Copy(), Copy()
         self.head = nn.Linear(D, 3)
-        torch.manual_seed(0)
+        with torch.no_grad():  # the planted shift (the first four coordinates) means class 0
+            self.head.weight.zero_()
+            self.head.weight[0, :4] = 1.0
+            self.head.bias.copy_(torch.tensor([0.0, 1.0, 0.5]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.b(self.a(x)))
@@ -134,29 +138,95 @@ def test_ordered_estimates_a_deeper_layer_on_latents_repaired_upstream() -> None
     assert float(second.beta.norm()) < 0.2 * float(first.beta.norm())  # the upstream repair took the shift away
 
 
-def test_the_rule_prefers_flips_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
-    both = FoldScore(("l1", "l4"), flip=1.0, change=0.02, clean_tv=0.014)
-    alone = FoldScore(("l1",), flip=1.0, change=0.0, clean_tv=0.001)
-    deep = FoldScore(("l4",), flip=0.97, change=0.0, clean_tv=0.010)
-    calm = FoldScore(("l1", "l2"), flip=1.0, change=0.0, clean_tv=0.001)
+def test_targets_are_the_labels_a_real_share_of_the_flagged_images_is_predicted_as() -> None:
+    assert targets_of(torch.tensor([0] * 17 + [3, 5, 3])) == [0]  # misfires of one attack are not a target
+    assert targets_of(torch.tensor([0, 1, 0, 1, 0])) == [0, 1]  # two triggers, two targets, the larger first
+    assert targets_of(torch.tensor([2] * 10 + [7] * 5 + [4] * 4 + [9])) == [2, 7]  # 4 of 20 is under a quarter
+    assert targets_of(torch.tensor([1, 2])) == [1]  # a label needs two images besides the share
+    assert len(targets_of(torch.arange(10).repeat(3))) == 1  # ten labels of 30 images: none holds a quarter
+
+
+def test_two_triggers_with_two_targets_get_a_direction_each() -> None:
+    """Flagged images of two triggers (each shifting other coordinates) that the model sends to two labels: one
+    direction per target, each the shift of its own group; their mean would be half of each."""
+
+    class TwoWay(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Identity()
+            self.head = nn.Linear(D, 3)
+            with torch.no_grad():
+                self.head.weight.zero_()
+                self.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+                self.head.weight[0, :4] = 1.0  # trigger one -> class 0
+                self.head.weight[1, 4:8] = 1.0  # trigger two -> class 1
+
+        def stages(self):
+            return [("a", self.a), ("head", self.head)]
+
+    g = torch.Generator().manual_seed(3)
+    clean = torch.randn(40, D, generator=g) * 0.1
+    one, two = torch.zeros(D), torch.zeros(D)
+    one[:4], two[4:8] = 5.0, 5.0
+    flagged = torch.cat([torch.randn(6, D, generator=g) * 0.1 + one, torch.randn(4, D, generator=g) * 0.1 + two])
+    ev = Evidence(Part(TwoWay().eval(), 0, 2), clean, flagged, ["a"])
+    assert ev.targets == [0, 1] and ev.flagged_target.tolist() == [0] * 6 + [1] * 4
+    directions, _ = estimate(ev, ["a"], EstimationSettings("independent", PLAIN))["a"]
+    assert [d.name for d in directions] == ["target-0", "target-1"]
+    assert torch.allclose(directions[0].beta[:8], one[:8], atol=0.2) and torch.allclose(
+        directions[1].beta[:8], two[:8], atol=0.2)
+    score = rank_subsets(ev, EstimationSettings("independent", PLAIN), folds=2)[0]
+    assert score.flip == 1.0  # every held-out image leaves its own target
+
+
+def score(layers: tuple[str, ...], flip: float, change: float, clean_tv: float, restore: float | None = None
+          ) -> FoldScore:
+    """A FoldScore whose flipped images are predicted with full confidence unless ``restore`` says otherwise."""
+    return FoldScore(layers, flip, change, clean_tv, flip if restore is None else restore)
+
+
+def test_the_rule_prefers_restored_images_then_penalises_clean_changes_then_clean_tv_then_fewer_layers() -> None:
+    both = score(("l1", "l4"), flip=1.0, change=0.02, clean_tv=0.014)
+    alone = score(("l1",), flip=1.0, change=0.0, clean_tv=0.001)
+    deep = score(("l4",), flip=0.97, change=0.0, clean_tv=0.010)
+    calm = score(("l1", "l2"), flip=1.0, change=0.0, clean_tv=0.001)
     assert alone.score == 1.0 and both.score == pytest.approx(1.0 - CHANGE_WEIGHT * 0.02)
     assert [s.layers for s in ranked([both, deep, calm, alone])] == [("l1",), ("l1", "l2"), ("l4",), ("l1", "l4")]
     assert candidate_subsets(["a", "b", "c"]) == [("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c")]
 
 
+def test_a_repair_that_only_pushes_images_off_the_target_loses_to_one_that_restores_them() -> None:
+    """The clean-label SIG CIFAR-10 rows (RESULTS section 6): every subset flips every held-out flagged image; the
+    flip rule kept layer4.0 (no clean change; PA 0.34), which leaves them at a mean top probability of 0.47, while
+    the pair restores them at 0.71 (PA 0.57)."""
+    deep = score(("l4",), flip=1.0, change=0.0, clean_tv=0.008, restore=0.47)
+    early = score(("l1",), flip=1.0, change=0.01, clean_tv=0.013, restore=0.72)
+    both = score(("l1", "l4"), flip=1.0, change=0.01, clean_tv=0.018, restore=0.71)
+    assert ranked([deep, early, both])[0].layers == ("l1",)
+    assert ranked([deep, early, both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")  # within one image of l1
+    assert [s.layers for s in ranked([deep, both], ("l1", "l4"), 1 / 20)] == [("l1", "l4"), ("l4",)]
+    assert both.to_dict()["restore"] == 0.71 and both.to_dict()["score"] == pytest.approx(0.71 - 0.02)
+
+
 def test_a_near_tie_keeps_every_configured_layer_instead_of_the_calmest_one() -> None:
     # the n = 5 CIFAR-10 BadNets rows: every subset flips 2 of 5 held-out images, none changes a clean one; the
     # clean_tv tie-break alone picked layer4.0 (PA .036)
-    deep = FoldScore(("l4",), flip=0.4, change=0.0, clean_tv=0.0004)
-    early = FoldScore(("l1",), flip=0.4, change=0.0, clean_tv=0.0030)
-    both = FoldScore(("l1", "l4"), flip=0.4, change=0.0, clean_tv=0.0032)
+    deep = score(("l4",), flip=0.4, change=0.0, clean_tv=0.0004)
+    early = score(("l1",), flip=0.4, change=0.0, clean_tv=0.0030)
+    both = score(("l1", "l4"), flip=0.4, change=0.0, clean_tv=0.0032)
     assert ranked([both, early, deep])[0].layers == ("l4",)  # the rule without the tie preference
     assert [s.layers for s in ranked([deep, early, both], ("l1", "l4"), 1 / 5)] == [("l1", "l4"), ("l4",), ("l1",)]
     # within one held-out image's worth (1/5) it still wins; beyond it the better subset does
-    assert ranked([FoldScore(("l1",), 0.6, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1", "l4")
-    assert ranked([FoldScore(("l1",), 0.8, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1",)
-    assert ranked([FoldScore(("l1",), 0.45, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")
-    assert ranked([FoldScore(("l1",), 0.5, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1",)
+    assert ranked([score(("l1",), 0.6, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1", "l4")
+    assert ranked([score(("l1",), 0.8, 0.0, 0.003), both], ("l1", "l4"), 1 / 5)[0].layers == ("l1",)
+    assert ranked([score(("l1",), 0.45, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1", "l4")
+    assert ranked([score(("l1",), 0.5, 0.0, 0.003), both], ("l1", "l4"), 1 / 20)[0].layers == ("l1",)
+
+
+def test_restore_weighs_each_flipped_image_by_the_confidence_of_its_new_prediction() -> None:
+    ev = chain_evidence()
+    result = rank_subsets(ev, EstimationSettings("independent", PLAIN), [("a",)])[0]
+    assert 0.0 < result.restore <= result.flip <= 1.0
 
 
 def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_working_subset(digits_checkpoint) -> None:
