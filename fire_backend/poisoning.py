@@ -42,6 +42,7 @@ from fire_backend.data.attacks import Attack, resolve_attack
 from fire_backend.data.trigger_file import TRIGGER_PREFIX, write_trigger
 from fire_backend.data.triggers import input_aware_cross, wanet_noise
 from fire_backend.defaults import POISONINGS
+from fire_backend.network import Network
 
 #: attacks whose papers poison without touching a label
 CLEAN_LABEL_ATTACKS = frozenset({"sig", "label_consistent"})
@@ -172,15 +173,18 @@ def trojan_patch(model: nn.Module, x: torch.Tensor, generator: torch.Generator, 
                  steps: int = TROJAN_STEPS) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """TrojanNN's trigger (Liu et al., 2018), optimised on a clean model: pattern (C, H, W) and mask (1, H, W).
 
-    The neuron: at the stage two thirds into the network, the output channel whose incoming weights (the stage's
-    last convolution or linear layer) are largest in absolute sum, the most easily driven one. The patch: a square
-    of ``side`` x the image side in the bottom-right corner, its pixels optimised (Adam on logits) to maximise that
-    channel's mean activation over clean images ``x``. Returns the notes (stage, channel, activation before/after).
+    The neuron: at the stage (:meth:`Network.stages`) two thirds into the network, the output channel whose incoming
+    weights (the stage's last convolution or linear layer) are largest in absolute sum, the most easily driven one.
+    The patch: a square of ``side`` x the image side in the bottom-right corner, its pixels optimised (Adam on
+    logits) to maximise that channel's mean activation over clean images ``x``. Returns the notes (stage, channel,
+    activation before/after).
     """
     device = next(model.parameters()).device
-    stages = model.stages()
+    net = Network.from_module(model, x.shape[1:])
+    stages = net.stages()
     depth = max(1, int(len(stages) * 2 / 3))
-    name, stage = stages[depth - 1]
+    name = stages[depth - 1].name
+    stage = model.get_submodule(name)
     weights = [m.weight for m in stage.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     if not weights:
         raise ValueError(f"trojannn: the stage {name!r} has no convolution or linear layer to pick a neuron from")
@@ -194,10 +198,7 @@ def trojan_patch(model: nn.Module, x: torch.Tensor, generator: torch.Generator, 
     images, m = x.to(device), mask.to(device)
 
     def activation(pattern: torch.Tensor) -> torch.Tensor:
-        z = images * (1 - m) + pattern * m
-        for _, step in stages[:depth]:
-            z = step(z)
-        return z[:, channel].mean()
+        return net.latents(images * (1 - m) + pattern * m, name)[:, channel].mean()
 
     model.eval()
     for p in model.parameters():

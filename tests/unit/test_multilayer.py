@@ -153,7 +153,7 @@ def test_two_triggers_with_two_targets_get_a_direction_each() -> None:
     class TwoWay(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a = nn.Identity()
+            self.a = Copy()
             self.head = nn.Linear(D, 3)
             with torch.no_grad():
                 self.head.weight.zero_()
@@ -161,15 +161,15 @@ def test_two_triggers_with_two_targets_get_a_direction_each() -> None:
                 self.head.weight[0, :4] = 1.0  # trigger one -> class 0
                 self.head.weight[1, 4:8] = 1.0  # trigger two -> class 1
 
-        def stages(self):
-            return [("a", self.a), ("head", self.head)]
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.a(x))
 
     g = torch.Generator().manual_seed(3)
     clean = torch.randn(40, D, generator=g) * 0.1
     one, two = torch.zeros(D), torch.zeros(D)
     one[:4], two[4:8] = 5.0, 5.0
     flagged = torch.cat([torch.randn(6, D, generator=g) * 0.1 + one, torch.randn(4, D, generator=g) * 0.1 + two])
-    ev = Evidence(Part(TwoWay().eval(), 0, 2), clean, flagged, ["a"])
+    ev = Evidence(Network.from_module(TwoWay().eval(), (D,)), clean, flagged, ["a"])
     assert ev.targets == [0, 1] and ev.flagged_target.tolist() == [0] * 6 + [1] * 4
     directions, _ = estimate(ev, ["a"], EstimationSettings("independent", PLAIN))["a"]
     assert [d.name for d in directions] == ["target-0", "target-1"]
