@@ -72,6 +72,20 @@ def request_parameters(request: Any) -> dict[str, Any]:
     return json.loads(raw) if isinstance(raw, str) else dict(raw)
 
 
+def asks_bypass(request: Any) -> bool:
+    """Whether the request's parameters may hold ``fire_bypass`` at all: a substring test of the JSON text, so the
+    common request (no such parameter) is never parsed. True only means "parse and check"."""
+    raw = request.parameters()
+    return bool(raw) and (not isinstance(raw, str) or BYPASS_PARAMETER in raw)
+
+
+def requested_outputs(request: Any, outputs: dict[str, Any]) -> list[str]:
+    """The names among ``outputs`` the request asked for, in ``outputs``' order. Triton lists every output of the
+    model when the client named none, so an empty list is what a client asking for other outputs only gets."""
+    asked = request.requested_output_names()
+    return [name for name in outputs if name in asked]
+
+
 def bypass_flag(parameters: dict[str, Any]) -> bool:
     """The request's ``fire_bypass``: absent is False; anything but a JSON boolean is refused."""
     value = parameters.get(BYPASS_PARAMETER, False)
@@ -130,6 +144,8 @@ class BypassGuard:
         self.token = read_token() if self.allowed else None
 
     def check(self, request: Any, image: torch.Tensor) -> bool:
+        if not asks_bypass(request):
+            return False
         parameters = request_parameters(request)
         if not bypass_flag(parameters):
             return False
@@ -242,14 +258,21 @@ class Stage:
         with torch.inference_mode():
             keep = torch.tensor(np.repeat(bypass, sizes), device=self.device) if any(bypass) else None
             outputs = self.compute(batch.to(self.device), keep)
-        values = {**outputs, **to_host({n: v for n, v in outputs.items() if n not in self.device_outputs})}
-        self.record(len(sizes), values, sum(bypass))
+        self.record(len(sizes), outputs, sum(bypass))
+        # Only what some request asked for leaves the stage: each output tensor of a response costs the stub a
+        # shared-memory allocation and a copy, whether or not Triton then sends it (it drops unrequested ones).
+        wanted = [requested_outputs(requests[owner], outputs) for owner in owners]
+        names = set().union(*wanted)
+        host = to_host({n: v for n, v in outputs.items() if n in names and n not in self.device_outputs})
+        values = {n: host.get(n, v) for n, v in outputs.items() if n in names}
+        if len(sizes) == 1:  # the common case at low load: no slicing at all
+            responses[owners[0]] = self.pb.InferenceResponse(output_tensors=[
+                to_triton(self.pb, name, values[name]) for name in wanted[0]])
+            return responses
         start = 0
-        for size, owner in zip(sizes, owners, strict=True):
-            whole = len(sizes) == 1  # the common case at low load: no slicing at all
+        for size, owner, asked in zip(sizes, owners, wanted, strict=True):
             responses[owner] = self.pb.InferenceResponse(output_tensors=[
-                to_triton(self.pb, name, value if whole else value[start:start + size])
-                for name, value in values.items()])
+                to_triton(self.pb, name, values[name][start:start + size]) for name in asked])
             start += size
         return responses
 
@@ -264,7 +287,7 @@ class Stage:
         raise NotImplementedError
 
     def record(self, n_requests: int, values: dict[str, Any], bypassed: int) -> None:
-        """A batch of ``n_requests`` was served (``values``: its outputs, host-side where they leave the stage)."""
+        """A batch of ``n_requests`` was served (``values``: its whole-batch outputs, on the device)."""
 
     def serving(self) -> AbstractContextManager[None]:
         """What wraps each ``execute`` (the metrics' turn to talk to Triton; nothing for stages without them)."""
@@ -458,7 +481,7 @@ class RepairStage(Scoring, Stage):
         self.follow()
 
     def admit(self, request: Any, tensor: torch.Tensor) -> bool:
-        bypass = bypass_flag(request_parameters(request))
+        bypass = asks_bypass(request) and bypass_flag(request_parameters(request))
         if bypass and not self.settings.allow_bypass:
             raise RequestError(f"{BYPASS_PARAMETER} refused: this repository was built without --allow-bypass")
         return bypass

@@ -27,13 +27,16 @@ def bypass_parameters(images: np.ndarray, token: str) -> dict:
 
 
 def infer(client, images: np.ndarray, model: str = FIRE_ENSEMBLE, bypass: str | None = None,
-          dtype: str = "FP32", parameters: dict | None = None) -> dict[str, np.ndarray]:
-    """One request; ``bypass``: the control token to sign a fire_bypass request with."""
+          dtype: str = "FP32", parameters: dict | None = None,
+          outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    """One request; ``bypass``: the control token to sign a fire_bypass request with; ``outputs``: the outputs to
+    ask for (None: none named, so every one comes back); returns every output the response holds."""
     module = grpcclient if isinstance(client, grpcclient.InferenceServerClient) else httpclient
     tensor = module.InferInput("IMAGE", list(images.shape), dtype)
     tensor.set_data_from_numpy(images)
     params = bypass_parameters(images, bypass) if bypass else parameters
-    result = client.infer(model, [tensor], parameters=params)
+    requested = [module.InferRequestedOutput(name) for name in outputs] if outputs is not None else None
+    result = client.infer(model, [tensor], parameters=params, outputs=requested)
     names = [o.name if hasattr(o, "name") else o["name"] for o in
              (result.get_response().outputs if module is grpcclient else result.get_response()["outputs"])]
     return {name: result.as_numpy(name) for name in names}

@@ -60,6 +60,18 @@ def test_bypassed_and_baseline_logits_equal_offline_model(client, defended, badn
         assert (out["LABEL"].reshape(-1) == expected.argmax(1)).all()
 
 
+def test_a_client_asking_only_for_label_gets_only_label(client, defended, badnets_eval):
+    """Every defended layout and the baselines: a response holds what the request named (the stages build nothing
+    else: tests/unit/test_stages.py), and every output when it named none."""
+    images = badnets_eval.poisoned[:4]
+    for name in (*DEFENDED, UNDEFENDED_ENSEMBLE, FIRE_MONOLITHIC):
+        everything = infer(client, images, name)
+        only = infer(client, images, name, outputs=["LABEL"])
+        assert list(only) == ["LABEL"], name
+        assert np.array_equal(only["LABEL"], everything["LABEL"]), name
+    assert {"LOGITS", "LABEL", "REPAIR_SCORE", "FLAGGED", "DIRECTION_VERSION"} <= set(infer(client, images))
+
+
 @pytest.mark.parametrize("model", DEFENDED)
 def test_served_fire_equals_offline_fire(client, defended, badnets_eval, model):
     """Same samples, same store version, same FIRE function: same predictions and CA/PA/ASR, in every layout."""

@@ -67,20 +67,34 @@ class InferenceResponse:
 
 
 class InferenceRequest:
-    """A request as a stage sees it: named input tensors and a JSON parameters string."""
+    """A request as a stage sees it: named input tensors, a JSON parameters string, and the outputs it asks for.
 
-    def __init__(self, inputs: dict[str, Tensor], parameters: dict[str, Any] | None = None) -> None:
+    ``requested`` None stands for a client that named no outputs: Triton then lists every output of the model
+    (here: every output name the wire layer defines, a superset of any stage's).
+    """
+
+    def __init__(self, inputs: dict[str, Tensor], parameters: dict[str, Any] | None = None,
+                 requested: list[str] | None = None) -> None:
+        from fire_backend.wire import names
+
+        everything = [names.LOGITS, names.LABEL, names.LATENT, names.REPAIRED, names.REPAIR_SCORE, names.FLAGGED,
+                      names.DIRECTION_VERSION]
         self.inputs, self._parameters = inputs, parameters or {}
+        self._requested = everything if requested is None else list(requested)
 
     def parameters(self) -> str:
         return json.dumps(self._parameters)
+
+    def requested_output_names(self) -> list[str]:
+        return list(self._requested)
 
 
 def get_input_tensor_by_name(request: InferenceRequest, name: str) -> Tensor | None:
     return request.inputs.get(name)
 
 
-def image_request(x: np.ndarray, on_gpu: bool = False, **parameters: Any) -> InferenceRequest:
+def image_request(x: np.ndarray, on_gpu: bool = False, requested: list[str] | None = None,
+                  **parameters: Any) -> InferenceRequest:
     from fire_backend.wire.names import IMAGE
 
-    return InferenceRequest({IMAGE: Tensor(IMAGE, x, on_gpu)}, parameters)
+    return InferenceRequest({IMAGE: Tensor(IMAGE, x, on_gpu)}, parameters, requested)

@@ -178,6 +178,29 @@ def test_fused_stage_repairs_per_request_and_bypasses_only_signed_rows(repos, of
         assert out[FLAGGED].dtype == np.bool_ and out[LABEL].dtype == np.int64
 
 
+def test_each_request_gets_only_the_outputs_it_asked_for(repos, offline) -> None:
+    """A client asking only for LABEL gets only LABEL (the stage never builds the others' tensors), alone or batched
+    beside a request asking for everything; the metrics still count every sample's score and flag."""
+    instance = f"{FIRE_ENSEMBLE}_requested_outputs"
+    fused = make(stages.FusedStage, repos["allowing"], FIRE_ENSEMBLE, instance)
+    a, b = digits(1, 4), digits(3, 5)
+    before = scrape()
+    (alone,) = fused.execute([pb.image_request(a, requested=[LABEL])])
+    assert alone.error is None and list(alone.outputs()) == [LABEL]
+    assert alone.outputs()[LABEL].ravel().tolist() == offline(a)[0].argmax(1).tolist()
+    label_only, everything, scores = fused.execute([
+        pb.image_request(b, requested=[LABEL]), pb.image_request(a),
+        pb.image_request(b, requested=[REPAIR_SCORE, FLAGGED])])
+    assert list(label_only.outputs()) == [LABEL] and label_only.outputs()[LABEL].shape == (3, 1)
+    assert set(everything.outputs()) == {LOGITS, LABEL, REPAIR_SCORE, FLAGGED, DIRECTION_VERSION}
+    assert list(scores.outputs()) == [REPAIR_SCORE, FLAGGED]
+    assert np.allclose(scores.outputs()[REPAIR_SCORE].ravel(), offline(b)[1], atol=1e-5)
+    fused.metrics.flush()
+    counted = scrape().total(m.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused") - \
+        before.total(m.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused")
+    assert counted == 1 + 7  # every sample scored and counted, whatever its request asked for
+
+
 @pytest.mark.parametrize("case", ["not_allowed", "string", "number", "no_credential", "other_images", "expired",
                                   "wrong_token", "control_purpose"])
 def test_a_refused_bypass_fails_alone_and_says_why(repos, case) -> None:
