@@ -6,7 +6,8 @@ images) or all poisoned (``--poisoned-npz``, whose ``y`` are the true labels), p
 
 Protocol: ``--host grpc://H:P`` runs ``FireGrpcUser`` (tritonclient gRPC, made gevent-cooperative),
 ``--host http://H:P`` runs ``FireHttpUser`` (tritonclient HTTP over geventhttpclient); a bare ``H:P`` is gRPC
-unless ``--protocol http``. Users run closed loop (no wait).
+unless ``--protocol http``. Users run closed loop (no wait). Each request asks for LABEL and FLAGGED only (what the
+defense counters read), as an application asks for what it uses: the server builds no other output.
 
 Statistics: each call is one Locust entry named after the model, so Locust's totals (the Aggregated row, the
 header's RPS) count requests. Per-sample latency and samples/s are derived from that entry (``per_sample``) and
@@ -38,6 +39,7 @@ from fire_backend.wire.client import FireClient, init_grpc_gevent
 from fire_backend.wire.endpoints import parse_url
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.images import load_digits
+from fire_backend.wire.names import FLAGGED, LABEL
 
 LOGGER = logging.getLogger("fire.loadtest")
 #: key of the worker -> master report entry
@@ -47,6 +49,9 @@ REPORT_KEY = "fire_defense"
 SHUTDOWN_GRACE_S = 45.0
 
 DEFENSE = DefenseStats()
+#: the outputs a user asks for: what DEFENSE counts (the label, and the flag where the model has one), as an
+#: application asks for what it uses; the server builds no others (fire bench compares layouts on this)
+REQUESTED_OUTPUTS = (LABEL, FLAGGED)
 #: (start time, latency ms, images) per request, for --latency-file
 _LATENCIES: list[tuple[float, float, int]] = []
 _STATE: dict = {"environment": None, "grpc_gevent": False, "final_per_sample": None}
@@ -116,7 +121,7 @@ class FireUser(User):
         t0 = time.perf_counter()
         result, error = None, None
         try:
-            result = self.client.infer(x, self.model, self.bypass)
+            result = self.client.infer(x, self.model, self.bypass, outputs=REQUESTED_OUTPUTS)
         except FireClientError as exc:
             error = exc
         elapsed_ms = (time.perf_counter() - t0) * 1000.0

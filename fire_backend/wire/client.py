@@ -12,7 +12,7 @@ only, no torch, so Locust workers stay small.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,11 +140,14 @@ class FireClient(Connection):
             )
         return self._info[model]
 
-    def infer(self, images: np.ndarray, model: str = DEFAULT_MODEL, bypass: bool = False) -> InferResult:
+    def infer(self, images: np.ndarray, model: str = DEFAULT_MODEL, bypass: bool = False,
+              outputs: Collection[str] | None = None) -> InferResult:
         """One request with all ``images`` (uint8 NHWC or float NCHW in [0, 1]); at most the model's max batch.
 
         ``bypass=True`` asks fire_ensemble to skip the repair for this request (ignored by models that do not repair);
         the server honours it only when its repository allows bypass, and the request is signed with the token.
+        ``outputs``: ask only for these of the model's outputs (LABEL always comes; the result's other fields are
+        None), which the server then does not build; default: every output the model has.
         """
         x = np.ascontiguousarray(to_model_input(images), dtype=np.float32)
         info = self.model_info(model)
@@ -157,7 +160,8 @@ class FireClient(Connection):
             raise FireClientError(f"{len(x)} images in one request but {model} takes at most "
                                   f"{info.max_batch_size}: use infer_batches or a smaller --batch")
         parameters = self._bypass_parameters(x) if bypass else None
-        response = self.request(model, [self.tensor(IMAGE, x, "FP32")], info.outputs, parameters)
+        wanted = info.outputs if outputs is None else [n for n in info.outputs if n == LABEL or n in outputs]
+        response = self.request(model, [self.tensor(IMAGE, x, "FP32")], wanted, parameters)
         return InferResult.from_outputs(model, {name: response.as_numpy(name) for name in OUTPUT_FIELDS})
 
     def _bypass_parameters(self, x: np.ndarray) -> dict[str, Any]:

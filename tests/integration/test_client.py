@@ -156,6 +156,9 @@ def test_client_result_fields(served, exported):
             assert set(fire.versions.tolist()) == {1}
             plain = client.infer(to_model_input(x), model="undefended_ensemble")
             assert plain.flagged is None and plain.scores is None and plain.versions is None
+            asked = client.infer(x, outputs=("FLAGGED",))  # what Locust asks for: LABEL comes too
+            assert np.array_equal(asked.labels, fire.labels) and np.array_equal(asked.flagged, fire.flagged)
+            assert asked.logits is None and asked.scores is None and asked.versions is None
             with pytest.raises(FireClientError, match="not loaded"):
                 client.infer(x, model="no_such_model")
             with pytest.raises(FireClientError, match="at most 64"):
