@@ -355,6 +355,9 @@ def _compare(by_key: dict[tuple, BenchRow], rounds: list[int], num: tuple, den: 
                  "p95": a.p95_ms / b.p95_ms, "added_p50_ms": a.p50_ms - b.p50_ms}
         if a.cpu_ms_per_sample and b.cpu_ms_per_sample:
             ratio["cpu_per_sample"] = a.cpu_ms_per_sample / b.cpu_ms_per_sample
+        loads = [r.other_load_cores for r in (a, b) if r.other_load_cores is not None]
+        if loads:
+            ratio["other_load_cores"] = max(loads)
         per_round.append(ratio)
     return per_round
 
@@ -375,7 +378,12 @@ def ratios(rows: Sequence[BenchRow]) -> list[dict]:
             entry = {"concurrency": c, "comparison": label, "target": target, "baseline": baseline,
                      "rounds": len(per_round), **extra}
             entry.update({k: statistics.median(r[k] for r in per_round) for k in per_round[0]
-                          if all(k in r for r in per_round)})
+                          if all(k in r for r in per_round) and k != "other_load_cores"})
+            # the spread over rounds, and the most other load any of them saw: a ratio is only as good as those
+            entry["throughput_range"] = [min(r["throughput"] for r in per_round),
+                                         max(r["throughput"] for r in per_round)]
+            loads = [r["other_load_cores"] for r in per_round if "other_load_cores" in r]
+            entry["other_load_cores"] = max(loads) if loads else None
             out.append(entry)
 
     for c in sorted({r.concurrency for r in rows}):
@@ -421,12 +429,16 @@ def format_table(report: BenchReport) -> str:
     lines.append("(CPU ms/sample: what tritonserver, the HTTP front and Locust spent per sample; other load: cores "
                  "busy with anything else during the run)")
     width = max([29, *(len(e["comparison"]) for e in report.ratios)])
-    lines.append(f"{'comparison':{width}s} {'users':>5s} {'throughput':>10s} {'p50':>7s} {'p95':>7s} "
-                 f"{'added p50 ms':>12s} {'CPU/sample':>10s}")
+    lines.append(f"{'comparison':{width}s} {'users':>5s} {'throughput':>10s} {'rounds: min-max':>15s} {'p50':>7s} "
+                 f"{'p95':>7s} {'added p50 ms':>12s} {'CPU/sample':>10s} {'other load':>10s}")
     for e in report.ratios:
         cost = f"{e['cpu_per_sample']:.3f}" if "cpu_per_sample" in e else "?"
-        lines.append(f"{e['comparison']:{width}s} {e['concurrency']:5d} {e['throughput']:10.3f} {e['p50']:7.3f} "
-                     f"{e['p95']:7.3f} {e['added_p50_ms']:12.3f} {cost:>10s}")
+        low, high = e.get("throughput_range") or (e["throughput"], e["throughput"])
+        lines.append(f"{e['comparison']:{width}s} {e['concurrency']:5d} {e['throughput']:10.3f} "
+                     f"{f'{low:.3f}-{high:.3f}':>15s} {e['p50']:7.3f} {e['p95']:7.3f} {e['added_p50_ms']:12.3f} "
+                     f"{cost:>10s} {_cores(e.get('other_load_cores')):>10s}")
+    lines.append("(ratios: median over rounds of the ratio measured side by side within each round; other load: "
+                 "the most any of their runs saw, in cores; quiet means under 0.3)")
     lines.append("Triton's counters per stage (last round): mean batch, queue and compute ms per request, "
                  "compute ms per inference")
     last = max((r.round for r in report.rows), default=1)

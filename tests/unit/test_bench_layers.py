@@ -59,6 +59,7 @@ def test_protocols_are_compared_side_by_side_within_each_round() -> None:
     found = {e["comparison"]: e for e in ratios(rows)}
     front = found["HTTP front vs Triton's own HTTP [fused]"]
     assert front["rounds"] == 2 and front["throughput"] == pytest.approx((0.9 + 0.8) / 2)
+    assert front["throughput_range"] == pytest.approx([0.8, 0.9])  # the spread over the rounds
     assert front["cpu_per_sample"] == pytest.approx((1.2 + 1.3) / 2)
     assert front["protocol"] == "http" and front["baseline_protocol"] == "triton-http"
     assert found["HTTP front vs gRPC [fused]"]["rounds"] == 2
@@ -70,6 +71,7 @@ def test_protocols_are_compared_side_by_side_within_each_round() -> None:
                                      ratios=ratios(rows), settings={"protocols": ["grpc", "http", "triton-http"],
                                                                      "duration_s": 5.0, "batch": 1, "rounds": 2}))
     assert "HTTP front vs Triton's own HTTP [fused]" in table and "CPU/sample" in table
+    assert "0.800-0.900" in table and "rounds: min-max" in table
 
 
 def test_a_bench_config_names_known_protocols_only(tmp_path) -> None:
