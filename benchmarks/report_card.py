@@ -319,8 +319,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, metric in zip(axes, ("ca", "pa", "asr"), strict=True):
         for k, column in enumerate(COLUMNS):
             values = [r["rows"].get(column, {}).get(metric, np.nan) for r in rows]
-            ax.bar(np.arange(len(rows)) + (k - (len(COLUMNS) - 1) / 2) * width, values, width, color=colours[k],
-                   label=names[k])
+            where = np.arange(len(rows)) + (k - (len(COLUMNS) - 1) / 2) * width
+            ax.bar(where, values, width, color=colours[k], label=names[k])
+            for x, value in zip(where, values, strict=True):
+                if np.isnan(value):  # not measured: say so rather than draw nothing, which reads as 0
+                    ax.text(x, 0.02, "n/m", rotation=90, ha="center", va="bottom", fontsize=6, color="#757575")
         ax.set_ylabel(metric.upper())
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
@@ -330,8 +333,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if not r["verdict"].startswith("repaired"):
             axes[1].annotate("x" if r["verdict"].startswith("NOT") else "weak", (i, 1.0), ha="center", va="top",
                              color="#c62828", fontsize=8)
-    axes[0].legend(ncol=len(COLUMNS), fontsize=8, loc="lower left")
-    axes[0].set_title(title)
+    axes[0].legend(ncol=len(COLUMNS), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(title + "; n/m = not measured, x = not repaired, weak = undefended ASR < 0.85", fontsize=10)
     axes[-1].set_xticks(np.arange(len(rows)))
     axes[-1].set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
