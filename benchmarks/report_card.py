@@ -16,13 +16,22 @@ targets in one model):
 5. the evaluation: the first ``--eval-images`` of the shuffled test split without the reserve, clean, and the
    non-target ones with each trigger.
 
-Writes ``SETTING.json`` per setting and, from every ``*.json`` in ``--out``, ``report_card.md`` (the table),
-``report_card.json`` and ``report_card.png`` (the figure). An attack counts only when its undefended ASR reaches
-0.85; the targets then: PA >= 0.90 x CA and ASR <= 5% at 20 flagged.
+Writes ``SETTING.json`` per setting into the first ``--results`` directory (default ``--out``) and, from every
+``*.json`` of the ``--results`` directories, ``report_card.md`` (the table), ``report_card.csv``,
+``report_card.json`` and ``report_card.png`` (the figure) into ``--out``: rows grouped by data set, a cell that
+was not measured shown as ``-``. An attack counts only when its undefended ASR reaches 0.85; the targets then:
+PA >= 0.90 x CA and ASR <= 5% at 20 flagged.
 
     python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz          # every CIFAR-10 setting
     python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz --settings sig,wanet --train-only
     python benchmarks/report_card.py --data digits --settings badnets,blended --eval-images 400 --out /tmp/rc
+    python benchmarks/report_card.py --card-only --results docs/results/report-card/settings \
+        --out docs/results/report-card                              # render only: the committed card
+    python benchmarks/report_card.py --data cifar10 --from-check sig=sig.json --results DIR --card-only
+
+``--from-check NAME=FILE`` takes the one-line answer of ``default_config_check.py --json`` (the served default
+build, undefended and after 20 flagged images, the same evaluation) as setting NAME's result, for models measured
+that way; its ShrinkPad and 5-flagged cells stay empty.
 
 The ``shared-*`` settings import the full-size models of ../shared/models (``make_attack_result.py`` and ``fire
 import backdoorbench``, as real_data_check.py) instead of training; a CPU needs minutes per observe for them.
@@ -31,6 +40,7 @@ import backdoorbench``, as real_data_check.py) instead of training; a CPU needs 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import os
@@ -196,10 +206,36 @@ def evaluate(setting: Setting, checkpoint: Path, args: argparse.Namespace, log: 
                     t.rows[f"fire-{n}"] = figures(defended, y, poisoned, s.poisoned_y.numpy(), t.target)
     log["served"] = round(time.perf_counter() - start, 1)
     return {
-        "setting": asdict(setting), "checkpoint": str(checkpoint), "trained": {"ca": meta.ca, "asr": meta.asr},
+        "setting": asdict(setting), "data": data_name(args.data), "checkpoint": str(checkpoint),
+        "trained": {"ca": meta.ca, "asr": meta.asr},
         "extra": {k: v for k, v in meta.extra.items() if k not in ("activation",)},
         "layers_chosen": chosen, "images": len(y),
         "triggers": [{"label": t.label, "attack": t.attack, "target": t.target, "rows": t.rows} for t in triggers],
+    }
+
+
+def data_name(data: str) -> str:
+    """The data set's name without its path (``cifar10:PATH`` -> ``cifar10``): the card's row groups."""
+    return data.split(":", 1)[0]
+
+
+def from_check(check: dict, setting: Setting, data: str) -> dict:
+    """A setting's result from ``default_config_check.py --json``: the served default build measured undefended
+    (``fire_bypass``) and after 20 flagged images on the same evaluation images; nothing else was measured."""
+    served = check["served"]
+    if check.get("flagged") != max(FLAGGED):
+        raise ValueError(f"{setting.name}: the check observed {check.get('flagged')} flagged images, the card's "
+                         f"column is {max(FLAGGED)}")
+    if check.get("attack") != setting.attack:
+        raise ValueError(f"{setting.name}: the check measured attack {check.get('attack')!r}, the setting is "
+                         f"{setting.attack!r}")
+    rows = {"undefended": served["undefended"], f"fire-{max(FLAGGED)}": served["fire"]}
+    return {
+        "setting": asdict(setting), "data": data_name(data), "source": "default_config_check.py",
+        "layers_chosen": {str(max(FLAGGED)): served["layers_chosen"]}, "images": served["images"],
+        "triggers": [{"label": setting.name, "attack": setting.attack, "target": served["target_found"],
+                      "rows": rows}],
+        "timings_s": check.get("timings_s", {}), "total_s": check.get("total_s"), "machine": check.get("machine"),
     }
 
 
@@ -223,28 +259,49 @@ def verdict(rows: dict, flagged: int) -> str:
 
 
 def card_rows(results: list[dict]) -> list[dict]:
+    """One row per trigger, grouped by data set (in name order), the settings in ``SETTINGS`` order."""
     order = {s.name: i for i, s in enumerate(SETTINGS)}
     rows = []
-    for result in sorted(results, key=lambda r: order.get(r["setting"]["name"], len(order))):
+    for result in sorted(results, key=lambda r: (r.get("data", ""), order.get(r["setting"]["name"], len(order)))):
         for t in result["triggers"]:
-            rows.append({"label": t["label"], "group": result["setting"]["group"], "note": result["setting"]["note"],
-                         "rows": t["rows"], "layers": result["layers_chosen"],
-                         "verdict": verdict(t["rows"], max(FLAGGED))})
+            rows.append({"data": result.get("data", ""), "label": t["label"], "group": result["setting"]["group"],
+                         "note": result["setting"]["note"], "images": result.get("images"), "rows": t["rows"],
+                         "layers": result["layers_chosen"], "verdict": verdict(t["rows"], max(FLAGGED))})
     return rows
 
 
+def layers_cell(row: dict, flagged: int) -> str:
+    return "+".join(row["layers"].get(str(flagged), [])) or "-"
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| setting | " + " | ".join(f"{c} CA / PA / ASR" for c in COLUMNS)
+    head = ("| data | setting | " + " | ".join(f"{c} CA / PA / ASR" for c in COLUMNS)
             + " | layers at 5 / 20 | verdict (20 flagged) |")
-    lines = [head, "|" + " --- |" * (len(COLUMNS) + 3)]
+    lines = [head, "|" + " --- |" * (len(COLUMNS) + 4)]
     for row in rows:
         cells = []
         for column in COLUMNS:
             fig = row["rows"].get(column)
             cells.append("-" if fig is None else f"{fig['ca']:.3f} / {fig['pa']:.3f} / {fig['asr']:.3f}")
-        layers = " / ".join("+".join(row["layers"].get(str(n), [])) or "-" for n in FLAGGED)
-        lines.append(f"| {row['label']} | " + " | ".join(cells) + f" | {layers} | {row['verdict']} |")
+        layers = " / ".join(layers_cell(row, n) for n in FLAGGED)
+        lines.append(f"| {row['data']} | {row['label']} | " + " | ".join(cells) + f" | {layers} | {row['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """The table, one column per figure (empty where not measured), for spreadsheets and plots elsewhere."""
+    names = ["data", "setting", "group", "images",
+             *(f"{c}_{m}" for c in COLUMNS for m in ("ca", "pa", "asr")),
+             *(f"layers_{n}" for n in FLAGGED), "verdict", "note"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for row in rows:
+            figs = [("" if row["rows"].get(c) is None else f"{row['rows'][c][m]:.4f}")
+                    for c in COLUMNS for m in ("ca", "pa", "asr")]
+            writer.writerow([row["data"], row["label"], row["group"], row["images"] or "", *figs,
+                             *(("" if (v := layers_cell(row, n)) == "-" else v) for n in FLAGGED), row["verdict"],
+                             row["note"]])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -253,7 +310,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [r["label"] for r in rows]
+    several = len({r["data"] for r in rows}) > 1
+    labels = [f"{r['data']}: {r['label']}" if several else r["label"] for r in rows]
     fig, axes = plt.subplots(3, 1, figsize=(max(10, 0.75 * len(rows) + 3), 9), sharex=True)
     width = 0.8 / len(COLUMNS)
     colours = ("#9e9e9e", "#ffb74d", "#64b5f6", "#1565c0")
@@ -261,8 +319,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     for ax, metric in zip(axes, ("ca", "pa", "asr"), strict=True):
         for k, column in enumerate(COLUMNS):
             values = [r["rows"].get(column, {}).get(metric, np.nan) for r in rows]
-            ax.bar(np.arange(len(rows)) + (k - (len(COLUMNS) - 1) / 2) * width, values, width, color=colours[k],
-                   label=names[k])
+            where = np.arange(len(rows)) + (k - (len(COLUMNS) - 1) / 2) * width
+            ax.bar(where, values, width, color=colours[k], label=names[k])
+            for x, value in zip(where, values, strict=True):
+                if np.isnan(value):  # not measured: say so rather than draw nothing, which reads as 0
+                    ax.text(x, 0.02, "n/m", rotation=90, ha="center", va="bottom", fontsize=6, color="#757575")
         ax.set_ylabel(metric.upper())
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
@@ -272,8 +333,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         if not r["verdict"].startswith("repaired"):
             axes[1].annotate("x" if r["verdict"].startswith("NOT") else "weak", (i, 1.0), ha="center", va="top",
                              color="#c62828", fontsize=8)
-    axes[0].legend(ncol=len(COLUMNS), fontsize=8, loc="lower left")
-    axes[0].set_title(title)
+    axes[0].legend(ncol=len(COLUMNS), fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.suptitle(title + "; n/m = not measured, x = not repaired, weak = undefended ASR < 0.85", fontsize=10)
     axes[-1].set_xticks(np.arange(len(rows)))
     axes[-1].set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     fig.tight_layout()
@@ -281,10 +342,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_card(out: Path, title: str) -> list[dict]:
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "report_card.json"]
+def read_results(directories: list[Path]) -> list[dict]:
+    """Every setting result (``*.json`` but the card's own) of the directories."""
+    return [json.loads(p.read_text()) for d in directories for p in sorted(d.glob("*.json"))
+            if p.name != "report_card.json"]
+
+
+def write_card(results: list[dict], out: Path, title: str) -> list[dict]:
     rows = card_rows(results)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "report_card.md").write_text(markdown(rows))
+    write_csv(rows, out / "report_card.csv")
     (out / "report_card.json").write_text(json.dumps(rows, indent=1) + "\n")
     if rows:
         plot(rows, out / "report_card.png", title)
@@ -307,22 +375,41 @@ def main() -> int:
                         help="trained checkpoints, reused across runs (FIRE_BACKEND_CACHE_DIR/report-card)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "report-card", help="repositories, flagged files")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "report-card" / "card",
-                        help="per-setting JSON, the table and the figure")
+                        help="the table and the figure (and the per-setting JSON unless --results says otherwise)")
+    parser.add_argument("--results", type=Path, action="append",
+                        help="directory of per-setting JSON the card is made from (repeatable; new results go to "
+                             "the first; default --out)")
+    parser.add_argument("--from-check", action="append", default=[], metavar="NAME=FILE",
+                        help="setting NAME's result from default_config_check.py --json's answer in FILE "
+                             "(repeatable; written as DATA-NAME.json)")
     parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
                         help="the shared data and full-size models of the imported settings (FIRE_SHARED_DIR)")
     parser.add_argument("--train-only", action="store_true", help="train (or find cached) models, evaluate nothing")
-    parser.add_argument("--card-only", action="store_true", help="rebuild the table and figure from --out's JSON")
+    parser.add_argument("--card-only", action="store_true",
+                        help="run nothing: the table and figure from the --results directories' JSON")
     args = parser.parse_args()
     args.flagged = tuple(sorted(int(n) for n in args.flagged.split(",")))
     unknown = [n for n in args.settings.split(",") if n not in BY_NAME]
     if args.data == "digits" and "--settings" not in sys.argv:
         args.settings = ",".join(s.name for s in SETTINGS if s.group != "imported")
+    checks = [item.partition("=") for item in args.from_check]
+    unknown += [name for name, _, _ in checks if name not in BY_NAME]
     if unknown:
         parser.error(f"unknown settings {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.cache.mkdir(parents=True, exist_ok=True)
-    title = f"FIRE report card ({args.data.split(':')[0]}; served default build; {args.eval_images} images)"
+    if any(not file for _, _, file in checks):
+        parser.error("--from-check takes NAME=FILE")
+    results = args.results or [args.out]
+    for directory in (args.out, results[0]):
+        directory.mkdir(parents=True, exist_ok=True)
+    for name, _, file in checks:
+        check = json.loads(Path(file).read_text().strip().splitlines()[-1])
+        try:
+            result = from_check(check, BY_NAME[name], args.data)
+        except ValueError as error:
+            parser.error(str(error))
+        (results[0] / f"{result['data']}-{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     if not args.card_only:
+        args.cache.mkdir(parents=True, exist_ok=True)
         for name in args.settings.split(","):
             setting, log = BY_NAME[name], {}
             begin = time.perf_counter()
@@ -335,13 +422,16 @@ def main() -> int:
             result.update(timings_s=log, total_s=round(time.perf_counter() - begin, 1),
                           machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
                                   f"{os.getloadavg()[0]:.1f}")
-            (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            (results[0] / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
             for t in result["triggers"]:
                 cells = ", ".join(f"{k} {v['ca']:.3f}/{v['pa']:.3f}/{v['asr']:.3f}" for k, v in t["rows"].items())
                 print(f"[{name}] {t['label']}: {cells}; layers {result['layers_chosen']}; {log}", flush=True)
     if args.train_only:
         return 0
-    rows = write_card(args.out, title)
+    loaded = read_results(results)
+    sets = sorted({r.get("data", "") for r in loaded}) or [data_name(args.data)]
+    title = f"FIRE report card ({', '.join(sets)}; served default build)"
+    rows = write_card(loaded, args.out, title)
     print(markdown(rows))
     return 0
 
