@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from fire_backend.data import triggers
+import fire_backend.data.triggers as triggers
 from fire_backend.data.stored import STORED_PREFIX, StoredAttack, stored_attack
 from fire_backend.data.trigger_file import TRIGGER_PREFIX, file_trigger
 from fire_backend.defaults import ATTACK_NAMES
