@@ -322,13 +322,21 @@ class CompiledRepair:
     # Derived once here, so a served batch runs as few tensor operations as possible (on a small model each
     # operation's dispatch costs more than its arithmetic).
     neg_offsets: torch.Tensor = field(init=False, repr=False)
+    units_t: torch.Tensor = field(init=False, repr=False)  # (D, K)
     all_projection: bool = field(init=False, repr=False)
     unit_alphas: bool = field(init=False, repr=False)
+    #: with one direction (the common case): 1 / |beta| and the threshold in units of ``beyond``, as Python floats
+    inv_norm: float = field(init=False, repr=False)
+    flag_at: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.neg_offsets = -self.offsets
+        self.units_t = self.units.t()
         self.all_projection = bool(self.projection.all())
         self.unit_alphas = bool((self.alphas == 1.0).all())
+        single = self.units.shape[0] == 1
+        self.inv_norm = 1.0 / float(self.norms[0]) if single else 0.0
+        self.flag_at = float(self.thresholds[0]) * float(self.norms[0]) if single else 0.0
 
     @property
     def empty(self) -> bool:
@@ -380,7 +388,7 @@ def repair(latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tenso
         zeros = torch.zeros(n, device=latents.device)
         return latents, zeros, torch.zeros(n, dtype=torch.bool, device=latents.device)
     flat = latents.flatten(1)
-    beyond = torch.addmm(compiled.neg_offsets, flat, compiled.units.t())  # (N, K)
+    beyond = torch.addmm(compiled.neg_offsets, flat, compiled.units_t)  # (N, K)
     if compiled.all_projection:
         removed = beyond.clamp_min(0.0)
         if not compiled.unit_alphas:
@@ -390,10 +398,10 @@ def repair(latents: torch.Tensor, compiled: CompiledRepair) -> tuple[torch.Tenso
             compiled.projection, compiled.alphas * beyond.clamp_min(0.0), compiled.alphas * compiled.norms
         )
     repaired = torch.addmm(flat, removed, compiled.units, alpha=-1.0).reshape(latents.shape)
+    if beyond.shape[1] == 1:  # scalars instead of (K,) tensors: two tensor operations fewer per batch
+        along = beyond[:, 0]
+        return repaired, along * compiled.inv_norm, along > compiled.flag_at
     coefficients = beyond / compiled.norms
-    if coefficients.shape[1] == 1:
-        score = coefficients[:, 0]
-        return repaired, score, score > compiled.thresholds[0]
     flagged = (coefficients > compiled.thresholds).any(dim=1)
     return repaired, coefficients.max(dim=1).values, flagged
 
