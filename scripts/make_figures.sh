@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CIFAR=${CIFAR:-../shared/data/cifar10.npz}
+CIFAR=${CIFAR:-${FIRE_SHARED_DIR:-shared}/data/cifar10.npz}
 RUNS=${RUNS:-runs/cifar-small}
 OUT=${OUT:-docs/results}
 TRAIN=${TRAIN:-12000}

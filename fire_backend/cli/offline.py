@@ -229,7 +229,7 @@ def _shortfall(args: argparse.Namespace, part: str, written: int) -> str:
 def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
                     "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
-                    "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
+                    "  fire train --data cifar10:shared/data/cifar10.npz --attack blended --width 16 "
                     "--epochs 8 --out runs/c10\n"
                     "  fire train --attack 'blended(ratio=0.05)' --poison-rate 0.01 --out runs/faint\n"
                     "  fire train --attack sig --poisoning dirty-label --out runs/sig-poison-label\n"

@@ -1,11 +1,11 @@
 """CIFAR-10 acceptance: small PreActResNet18s backdoored with BadNets, Blended and SIG, repaired by FIRE.
 
-Needs ../shared/data/cifar10.npz (relative to the project root, or under FIRE_SHARED_DIR); skipped with the
-reason when absent. That file is sorted by class and is used as it is: the models train on a class-stratified
+Needs data/cifar10.npz under FIRE_SHARED_DIR (default shared/ in the project root; docs/data.md); skipped, naming
+the setting, when absent. That file is sorted by class and is used as it is: the models train on a class-stratified
 draw of TRAIN_SUBSET training images (`--train-subset`), the defender's reserve is a class-stratified draw of 200
 test images, and EVAL_IMAGES of the other test images are evaluated (`--eval-images`). The models (width WIDTH,
-EPOCHS epochs, no augmentation: it costs CA and plants a weaker BadNets backdoor in so few epochs) are trained
-once per module, about a minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs.
+EPOCHS epochs, no augmentation: it costs CA and plants a weaker BadNets backdoor in so few epochs) are trained once
+per module, about a minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs.
 CA/PA/ASR are printed.
 The full-size recipe for a GPU machine is scripts/train_cifar_full.sh.
 
