@@ -190,7 +190,7 @@ def register(sub) -> None:
                     "  fire ctl push directions.npz              # beta (K x D), alpha, mode, threshold, name\n"
                     "  fire ctl history                          # audit log: time (UTC), action, version, token id\n"
                     "  fire ctl rollback 1                       # a version the history lists (0: no direction)\n"
-                    "  fire ctl ACTION --help                    # each action's options and examples")
+                    "  fire ctl observe --help                   # each action has options and examples of its own")
     _connection_options(p, after_action=False)
     after = argparse.ArgumentParser(add_help=False)
     _connection_options(after, after_action=True)
