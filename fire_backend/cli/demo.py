@@ -35,9 +35,9 @@ def summary_table(summary: dict, flagged: int, users: int) -> list[str]:
         lines.append(f"{name:30s} {f['ca']:7.4f} {f['pa']:7.4f} {f['asr']:7.4f} {f['images_per_request']:11d} "
                      f"{f['in_flight']:9d} {f['p50_ms']:14.3f} "
                      f"{f['samples_per_s']:10.0f}")
-    lines.append(f"PA: the true label back on triggered evaluation images (never the {flagged} observed ones). "
-                 "The stream sends one request at a time; Locust's users keep several in flight, so its p50 "
-                 "includes waiting behind the others.")
+    lines.append(f"PA: the true label back on triggered evaluation images (never the {flagged} observed ones).")
+    lines.append("The stream sends one request at a time; Locust's users keep several in flight, so its p50 includes "
+                 "waiting behind the others.")
     return lines
 
 

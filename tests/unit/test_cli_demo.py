@@ -23,7 +23,7 @@ def test_the_table_names_the_request_size_and_concurrency_of_each_row() -> None:
     after, load = lines[3].split(), lines[4].split()
     assert after[:3] == ["after", "(20", "flagged"] and after[-4:] == ["8", "1", "6.600", "1222"]
     assert load[:4] == ["Locust", "load", "(8", "users)"] and load[-4:] == ["1", "8", "11.000", "1222"]
-    assert "never the 20 observed ones" in lines[-1]
+    assert "never the 20 observed ones" in lines[-2] and "several in flight" in lines[-1]
 
 
 def test_demo_help_has_examples(capsys) -> None:
