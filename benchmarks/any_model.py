@@ -17,11 +17,11 @@ measurement: the exit status is 0 whatever the figures. Trainings run at the pri
 (``nice -n 10`` on a shared machine); its commands get ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (on a busy
 machine spinning OpenMP threads burned ten times the CPU time of a training step, measured).
 
-    nice -n 10 python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+    nice -n 10 python benchmarks/any_model.py --data cifar10:shared/data/cifar10.npz --work runs/any-model \
         --networks resmix --train-subset 10000 --epochs 6
-    nice -n 10 python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+    nice -n 10 python benchmarks/any_model.py --data cifar10:shared/data/cifar10.npz --work runs/any-model \
         --networks vgg_small,mobile_small,vit_small --train-subset 6000 --epochs 6
-    python benchmarks/any_model.py --data cifar10:../shared/data/cifar10.npz --work runs/any-model \
+    python benchmarks/any_model.py --data cifar10:shared/data/cifar10.npz --work runs/any-model \
         --steps import,check,bench
 """
 

@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=64, help="images per forward pass (64)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch threads (2)")
     parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
-                        help="the shared data and models (FIRE_SHARED_DIR, else ../shared beside the project)")
+                        help="the CIFAR-10 file and models (FIRE_SHARED_DIR, else shared/ in the project root)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "default-check",
                         help="where the shared models' checkpoints are, or go (runs/default-check)")
     parser.add_argument("--digits", type=Path, default=Path(os.environ.get("FIRE_TEST_CACHE") or

@@ -72,7 +72,7 @@ def shared_model_parser(description: str, work: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=64, help="images per inference request (64)")
     parser.add_argument("--torch-threads", type=int, default=2, help="torch threads per served stage (2)")
     parser.add_argument("--shared", type=Path, default=shared_dir(ROOT),
-                        help="the shared data and models (FIRE_SHARED_DIR, else ../shared beside the project)")
+                        help="the CIFAR-10 file and models (FIRE_SHARED_DIR, else shared/ in the project root)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / work,
                         help=f"where the record, checkpoint, results and repository go (runs/{work})")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
@@ -86,7 +86,7 @@ def imported_checkpoint(shared: Path, attack: str, work: Path, timings: dict[str
     maker = shared / "models" / "make_attack_result.py"
     missing = [str(p) for p in (cifar, weights, maker) if not p.is_file()]
     if missing:
-        raise SystemExit(f"missing shared files: {', '.join(missing)} (set FIRE_SHARED_DIR or --shared)")
+        raise SystemExit(f"missing: {', '.join(missing)} (set FIRE_SHARED_DIR or --shared; docs/data.md)")
     record, checkpoint = work / "record", work / "checkpoint"
     step(timings, "attack result", (record / "attack_result.pt").is_file(),
          [sys.executable, str(maker), "--weights", str(weights), "--attack", attack, "--data", str(cifar),

@@ -42,15 +42,26 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-#: where the tests and benchmarks find the shared data and models (default: ``shared`` beside the project root)
+#: the one setting that says where the CIFAR-10 file and the full-size backdoored models are (docs/data.md)
 SHARED_DIR_ENV = "FIRE_SHARED_DIR"
+#: its default: this folder in the project root (ignored by git; a symbolic link to the real folder works)
+SHARED_DIR_DEFAULT = "shared"
+#: what the tests and benchmarks look for under it
+SHARED_LAYOUT = ("data/cifar10.npz (x_train, y_train, x_test, y_test: uint8 NHWC), "
+                 "models/cifar10_preactresnet18_{badnets,blended}.fp16.pt and models/make_attack_result.py")
 
 
 def shared_dir(project_root: Path) -> Path:
-    """The shared CIFAR-10 copy and backdoored models (``data/cifar10.npz``, ``models/``): ``$FIRE_SHARED_DIR``,
-    else ``../shared`` beside ``project_root``. Never downloaded; what needs it skips (tests) or stops (benchmarks)
-    with this path when it is absent."""
-    return Path(os.environ.get(SHARED_DIR_ENV) or project_root.parent / "shared").expanduser()
+    """The CIFAR-10 copy and backdoored models (``data/cifar10.npz``, ``models/``): ``$FIRE_SHARED_DIR``, else
+    ``shared/`` in ``project_root``. Never downloaded; what needs it skips (tests) or stops (benchmarks) naming the
+    setting and the missing path when it is absent."""
+    return Path(os.environ.get(SHARED_DIR_ENV) or project_root / SHARED_DIR_DEFAULT).expanduser()
+
+
+def shared_hint(missing: str, root: Path) -> str:
+    """What to do when ``missing`` (a path under the shared folder ``root``) is not there."""
+    return (f"{missing} not found under {root}: set {SHARED_DIR_ENV} to a folder holding {SHARED_LAYOUT}, or link "
+            f"one to {SHARED_DIR_DEFAULT}/ in the project root (docs/data.md); nothing is ever downloaded")
 
 
 def demo_checkpoint_dir() -> Path:

@@ -36,6 +36,8 @@ from fire_backend.wire.token import pinned_token
 
 Progress = Callable[[str], None]
 DEMO_STEPS = 9
+#: triggered evaluation images whose PA step 5 reports after each observed sample
+PROBE_IMAGES = 120
 DEMO_ATTACK = "badnets"
 
 
@@ -73,32 +75,35 @@ class StreamFigures:
     asr: float
     clean_flagged: float
     poisoned_flagged: float
-    p50_ms: float
+    p50_ms: float  #: median latency of one request (of ``images_per_request`` images), in ms
     samples_per_s: float
+    images_per_request: int
+    in_flight: int  #: requests outstanding at once (1: each waits for the last)
 
 
 def send_stream(client: FireClient, clean: np.ndarray, y_clean: np.ndarray, poisoned: np.ndarray,
                 y_poisoned: np.ndarray, target: int, batch: int = 8, seed: int = 0) -> StreamFigures:
-    """A shuffled clean/poisoned stream in small requests; figures from the responses and ground truth."""
+    """A shuffled clean/poisoned stream in requests of ``batch`` images, one at a time; figures from the responses and
+    ground truth."""
     images = np.concatenate([clean, poisoned])
     truth = np.concatenate([y_clean, y_poisoned])
     is_poisoned = np.r_[np.zeros(len(clean), bool), np.ones(len(poisoned), bool)]
     order = np.random.default_rng(seed).permutation(len(images))
-    labels, flagged, per_sample_ms = np.empty(len(images), np.int64), np.empty(len(images), bool), []
+    labels, flagged, request_ms = np.empty(len(images), np.int64), np.empty(len(images), bool), []
     start = time.perf_counter()
     for i in range(0, len(order), batch):
         idx = order[i : i + batch]
         sent = time.perf_counter()
         result = client.infer(images[idx])
-        per_sample_ms.append((time.perf_counter() - sent) * 1e3 / len(idx))
+        request_ms.append((time.perf_counter() - sent) * 1e3)
         labels[idx], flagged[idx] = result.labels, result.flagged
     elapsed = time.perf_counter() - start
     p, c = is_poisoned, ~is_poisoned
     return StreamFigures(
         ca=float((labels[c] == truth[c]).mean()), pa=float((labels[p] == truth[p]).mean()),
         asr=float((labels[p] == target).mean()), clean_flagged=float(flagged[c].mean()),
-        poisoned_flagged=float(flagged[p].mean()), p50_ms=float(np.median(per_sample_ms)),
-        samples_per_s=len(images) / elapsed,
+        poisoned_flagged=float(flagged[p].mean()), p50_ms=float(np.median(request_ms)),
+        samples_per_s=len(images) / elapsed, images_per_request=batch, in_flight=1,
     )
 
 
@@ -144,7 +149,8 @@ def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 
         observed = export_images(data, attack, target, poisoned=True, n=flagged, part="reserve").x
         clean_npz, poisoned_npz = clean.save(work / "clean.npz"), poisoned.save(work / "poisoned.npz")
 
-        step(3, f"starting tritonserver ({FIRE_ENSEMBLE} = head -> FIRE repair -> tail)")
+        step(3, f"starting tritonserver ({FIRE_ENSEMBLE}: one model that runs the network and repairs the latent "
+                "where each repair layer computes it; the fused layout)")
         token = secrets.token_urlsafe(24)
         started = time.perf_counter()
         with running_server(work / "repository", extra_env=pinned_token(token)) as server:
@@ -156,7 +162,10 @@ def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 
                 progress(f"      CA {before.ca:.4f}  PA {before.pa:.4f}  ASR {before.asr:.4f}")
 
                 step(5, f"observing {flagged} flagged poisoned samples through the control endpoint")
-                probe, probe_y = poisoned.x[:120], poisoned.y[:120]
+                # the probe: evaluation images with the trigger, never the observed reserve images
+                probe, probe_y = poisoned.x[:PROBE_IMAGES], poisoned.y[:PROBE_IMAGES]
+                progress(f"      PA (poisoned accuracy: the true label back) on a probe of {len(probe)} triggered "
+                         "evaluation images after each sample")
                 seen, curve = [], []
                 for i in range(flagged):
                     ctl.observe(observed[i : i + 1])
@@ -164,7 +173,7 @@ def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 
                     seen.append(i + 1)
                     curve.append(float((result.labels == probe_y).mean()))
                     progress(f"      {i + 1:2d} seen -> live version {int(result.versions[0])}, "
-                             f"PA on a probe {curve[-1]:.3f}")
+                             f"PA on the probe {curve[-1]:.3f}")
 
                 step(6, "the same mixed stream again, with the learned direction")
                 after = send_stream(client, clean.x, clean.y, poisoned.x, poisoned.y, target)
@@ -175,8 +184,8 @@ def run_demo(out: Path, flagged: int = 20, load_seconds: int = 15, users: int = 
             command = locust_command(f"grpc://{url}", users=users, run_time_s=load_seconds, csv_prefix=prefix,
                                      clean_npz=clean_npz, poisoned_npz=poisoned_npz, target=target)
             run_locust(command, timeout_s=load_seconds + 120)
-            load = locust_summary(prefix)
-            progress(f"      {load['samples_per_s']:.0f} samples/s, p50 {load['p50_ms']:.2f} ms/sample, "
+            load = {**locust_summary(prefix), "images_per_request": 1, "in_flight": users}
+            progress(f"      {load['samples_per_s']:.0f} samples/s, p50 {load['p50_ms']:.2f} ms/request, "
                      f"{load['failures']} failures, live PA {load['pa']:.3f}")
             time.sleep(MetricsConfig().flush_interval_s + 0.5)  # the stages' last flush
             metrics = {"url": server.urls["metrics"], "lines": summary_lines(fetch(server.urls["metrics"]))}

@@ -13,12 +13,13 @@
 #   streaming.csv, streaming.png  PA vs flagged samples: FIRE unpaired, FIRE guided by ShrinkPad-transformed
 #                                 images (augmented), ShrinkPad as a flat reference
 #   sweep.txt, eval.txt           the commands' printed tables
-#   recommended/                  eval.csv, streaming.csv/png, eval.txt at the sweep's recommended layer and alpha
+#   recommended/                  eval.csv, streaming.csv/png, eval.txt at the sweep's best single layer and alpha
+#                                 (sweep.json's recommended.layer and .alpha)
 # and $OUT/summary.csv (all eval rows). Trained weights stay in $RUNS (ignored by git).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CIFAR=${CIFAR:-../shared/data/cifar10.npz}
+CIFAR=${CIFAR:-${FIRE_SHARED_DIR:-shared}/data/cifar10.npz}
 RUNS=${RUNS:-runs/cifar-small}
 OUT=${OUT:-docs/results}
 TRAIN=${TRAIN:-12000}
@@ -38,7 +39,8 @@ for attack in $ATTACKS; do
         | tee "$OUT/$attack/eval.txt"
     # again at the layer and alpha the sweep recommends (slow when that is an early layer: the tail is the network)
     mkdir -p "$OUT/$attack/recommended"
-    read -r layer alpha < <(awk '/^recommended:/ {print $3, $5}' "$OUT/$attack/sweep.txt")
+    read -r layer alpha < <(python -c 'import json, sys; r = json.load(open(sys.argv[1]))["recommended"]
+print(r["layer"], r["alpha"])' "$OUT/$attack/sweep.json")
     fire eval --checkpoint "$checkpoint" --clean 100 --flagged 50 --eval-images "$EVAL" --layer "$layer" --alpha "$alpha" \
         --out "$OUT/$attack/recommended" | tee "$OUT/$attack/recommended/eval.txt"
 done

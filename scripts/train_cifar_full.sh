@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CIFAR=${CIFAR:-../shared/data/cifar10.npz}
+CIFAR=${CIFAR:-${FIRE_SHARED_DIR:-shared}/data/cifar10.npz}
 RUNS=${RUNS:-runs/cifar-full}
 EPOCHS=${EPOCHS:-60}
 WIDTH=${WIDTH:-64}

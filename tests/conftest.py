@@ -1,5 +1,6 @@
 """Shared fixtures: backdoored digits checkpoints, trained once per session (about 20 s each on 2 cores), and the
-shared data beside the project (../shared, or FIRE_SHARED_DIR), and the evaluation images of the digits test split.
+CIFAR-10 file and full-size models (FIRE_SHARED_DIR, default shared/ in the project root; docs/data.md), and the
+evaluation images of the digits test split.
 
 Set FIRE_TEST_CACHE=DIR to keep the checkpoints between sessions: an existing DIR/digits-ATTACK
 checkpoint is reused instead of retrained.
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import stress
 
-from fire_backend.defaults import SHARED_DIR_ENV, shared_dir
+from fire_backend.defaults import shared_dir, shared_hint
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_ATTACKS = ("badnets", "blended")
@@ -114,15 +115,14 @@ def digits_checkpoints(digits_checkpoint: Callable[[str], Path]) -> dict[str, Pa
 
 @pytest.fixture(scope="session")
 def shared_file() -> Callable[[str], Path]:
-    """relative path -> that file of the shared data (``../shared`` beside the project root, or $FIRE_SHARED_DIR);
-    the test is skipped with the reason when it is absent (it is never downloaded)."""
+    """relative path -> that file under $FIRE_SHARED_DIR (default ``shared/`` in the project root); the test is
+    skipped, naming the setting, when it is absent (it is never downloaded)."""
     root = shared_dir(ROOT)
 
     def get(relative: str) -> Path:
         path = root / relative
         if not path.exists():
-            pytest.skip(f"{relative} not found under {root} (the shared data, never downloaded; set {SHARED_DIR_ENV} "
-                        "to where it is)")
+            pytest.skip(shared_hint(relative, root))
         return path
 
     return get

@@ -17,7 +17,7 @@ numpy 2 that Triton 2.51's Python-backend stub cannot use; a call carries at mos
 
 It refuses (exit 1, with the sizes) when the bundle plus the working tree would exceed the call's limit.
 
-    python benchmarks/gpu/bundle.py --checkpoint runs/c10-badnets --data ../shared/data/cifar10.npz
+    python benchmarks/gpu/bundle.py --checkpoint runs/c10-badnets --data shared/data/cifar10.npz
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The trigger of the shared full-size BadNets model (``../shared/models/README.md``), as a ``module:function``
+"""The trigger of the shared full-size BadNets model (``shared/models/README.md``), as a ``module:function``
 attack: a 3x3 white patch in the bottom-right corner, every channel. The GPU check uses it so that no stored set
 of poisoned images has to travel; ``bundle.py`` checks it against the stored set before it packs anything."""
 

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="FIRE: repair backdoored image classifiers at inference time, served on Triton.",
         formatter_class=formatter,
         epilog="start here:\n  fire demo            # the whole story on the embedded digits data set\n"
-        "  fire <command> --help",
+        "  fire train --help    # each command's options and examples",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in COMMAND_GROUPS:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from fire_backend.cli.base import CliError, add_command
+from fire_backend.cli.base import CliError, add_command, formatter
 from fire_backend.wire.names import DEFAULT_HOST, DEFAULT_PORTS, MAX_CONTROL_REQUEST_BYTES, OBSERVE_CHUNK_IMAGES
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, read_token
 
@@ -19,15 +20,16 @@ def _print_status(status: dict[str, Any]) -> None:
     est = status.get("estimator") or {}
     live = status["version"]
     shown = live if live is not None else "UNKNOWN (the store cannot say)"
-    print(f"live version: {shown}   layer: {status['layer']} {status['latent_shape']}")
+    print(f"live version: {shown}   {_layers_heading(status)}")
     if status.get("damage"):
         verified = status.get("verified_version")
         restart = f"applies version {verified}" if verified is not None else "holds requests: nothing verifiable"
         print(f"  STORE DEGRADED (every instance keeps the version it verified; one starting now {restart}):")
         for line in status["damage"]:
             print(f"    {line}")
+    at = f" at {status['layer']}" if len(status.get("repair_layers") or ()) > 1 else ""
     for d in status["directions"]:
-        print(f"  direction {d['name']}: mode {d['mode']}, alpha {d['alpha']}, threshold {d['threshold']}, "
+        print(f"  direction {d['name']}{at}: mode {d['mode']}, alpha {d['alpha']}, threshold {d['threshold']}, "
               f"|beta| {d['norm']:.4g}")
     if est:
         print(f"  estimator {est['kind']}: {est['poisoned_count']} poisoned, {est['clean_count']} clean samples")
@@ -48,6 +50,20 @@ def _print_status(status: dict[str, Any]) -> None:
     for inst in status.get("gone", []):
         print(f"  repair instance {inst['instance']}: GONE (pid {inst.get('pid')} no longer runs; it last applied "
               f"version {inst['version']})")
+
+
+def _layers_heading(status: dict[str, Any]) -> str:
+    """Every repaired layer: the split layer with its latent shape, and each further layer ``status`` configures."""
+    split = f"{status['layer']} {status['latent_shape']}"
+    layers = status.get("repair_layers") or [status["layer"]]
+    if len(layers) == 1:
+        return f"layer: {split}"
+    return "layers: " + ", ".join(split if layer == status["layer"] else layer for layer in layers)
+
+
+def format_time(epoch_s: float) -> str:
+    """A history entry's time, in UTC to the second (``--json`` keeps the epoch seconds)."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _applied(instance: dict[str, Any], live: int | None) -> str:
@@ -93,7 +109,7 @@ def _act(client, args: argparse.Namespace) -> dict[str, Any]:
         result = client.history()
         if not args.json:
             for e in result["history"]:
-                print(f"{e['time']:.3f}  {e['action']:14s} version {e['version']:>5}  live {e['live']:>5}  "
+                print(f"{format_time(e['time'])}  {e['action']:14s} version {e['version']:>5}  live {e['live']:>5}  "
                       f"by {e['actor']}  sha256 {e.get('sha256', '')[:16]}")
     elif args.ctl_command == "rollback":
         result = client.rollback(args.version)
@@ -149,34 +165,54 @@ def _connection_options(parser: argparse.ArgumentParser, after_action: bool) -> 
                              "layers of a full-size network takes tens of seconds on a CPU)")
 
 
+#: each action's own examples (its --help), after ``fire ctl``'s connection options
+ACTION_EXAMPLES = {
+    "status": "  fire ctl status\n  fire ctl status --json\n  fire ctl --url http://127.0.0.1:8000 status",
+    "history": "  fire ctl history\n  fire ctl history --json",
+    "rollback": "  fire ctl history                  # the versions committed so far\n"
+                "  fire ctl rollback 1               # version 1 (the first commit) live again\n"
+                "  fire ctl rollback 0               # no direction at all (serve the undefended network)",
+    "push": "  fire ctl push directions.npz\n  fire ctl push directions.npz --layer block1\n"
+            "  fire ctl push directions.npz --force   # beyond --max-clean-change; the history records it",
+    "observe": "  fire data export --checkpoint runs/digits --part reserve --poisoned --n 20 --out flagged.npz\n"
+               "  fire ctl observe flagged.npz            # learn online from flagged poisoned images\n"
+               "  fire data export --checkpoint runs/digits --n 100 --out clean.npz\n"
+               "  fire ctl observe clean.npz --clean      # refine the clean centroid",
+}
+
+
 def register(sub) -> None:
     p = add_command(sub, "ctl", cmd_ctl, "operate the live FIRE directions: status, push, observe, rollback, history",
                     f"  export {TOKEN_ENV}=...    # the token `fire serve` was started with\n"
-                    "  fire ctl status --json\n"
-                    "  fire data export --checkpoint runs/d --poisoned --n 20 --out flagged.npz\n"
+                    "  fire ctl status\n"
+                    "  fire data export --checkpoint runs/digits --part reserve --poisoned --n 20 --out flagged.npz\n"
                     "  fire ctl observe flagged.npz              # learn online from flagged poisoned images\n"
-                    "  fire ctl observe clean.npz --clean        # refine the clean centroid\n"
                     "  fire ctl push directions.npz              # beta (K x D), alpha, mode, threshold, name\n"
-                    "  fire ctl history && fire ctl rollback 3")
+                    "  fire ctl history                          # audit log: time (UTC), action, version, token id\n"
+                    "  fire ctl rollback 1                       # a version the history lists (0: no direction)\n"
+                    "  fire ctl observe --help                   # each action has options and examples of its own")
     _connection_options(p, after_action=False)
     after = argparse.ArgumentParser(add_help=False)
     _connection_options(after, after_action=True)
     actions = p.add_subparsers(dest="ctl_command", metavar="ACTION", required=True)
-    actions.add_parser("status", parents=[after],
-                       help="live version, directions (per layer), estimator counts, ranking, each repair "
-                            "instance's version and lag (and instances that are gone)")
-    actions.add_parser("history", parents=[after], help="audit log: time, action, version, token id, content hash")
-    rb = actions.add_parser("rollback", parents=[after], help="make an earlier committed version live again")
-    rb.add_argument("version", type=int, help="version number (0 = no direction)")
-    push = actions.add_parser("push", parents=[after], help="push a direction set from an .npz file")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, parents=[after], help=help_text, description=help_text,
+                                  epilog=f"examples:\n{ACTION_EXAMPLES[name]}", formatter_class=formatter)
+
+    action("status", "live version, the repaired layers and their directions, estimator counts, ranking, each "
+                     "repair instance's version and lag (and instances that are gone)")
+    action("history", "audit log: time (UTC), action, version, live version, token id, content hash")
+    rb = action("rollback", "make an earlier committed version live again (0: no direction)")
+    rb.add_argument("version", type=int, help="a version `fire ctl history` lists, or 0 (no direction)")
+    push = action("push", "push a direction set from an .npz file")
     push.add_argument("file", type=Path, help=".npz with beta and optional alpha, mode, threshold, name, center")
     push.add_argument("--layer", default=None,
                       help="the layer whose set the push replaces (default: the split layer; the others are kept)")
     push.add_argument("--force", action="store_true",
                       help="commit even when the set changes more of the clean reserve's predictions than the "
                            "repository allows (`fire repo build --max-clean-change`); the history records it")
-    obs = actions.add_parser("observe", parents=[after],
-                             help="fold flagged poisoned (or --clean) images into the live estimate")
+    obs = action("observe", "fold flagged poisoned (or --clean) images into the live estimate")
     obs.add_argument("file", type=Path, help=".npz with x (uint8 N x H x W x C), as `fire data export` writes")
     obs.add_argument("--clean", action="store_true", help="the images are clean (refine the centroid)")
     obs.add_argument("--estimator", choices=["unpaired", "augmented"], default=None,

@@ -152,9 +152,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(_describe_defender(recommended["defender"]))
     print(f"{'layer':12s} {'shape':16s} {'alpha':>6s} {'CA':>7s} {'PA':>7s} {'PA/CA':>7s}")
     for r in rows:
+        best = r["layer"] == recommended["layer"] and r["alpha"] == recommended["alpha"]
         print(f"{r['layer']:12s} {str(tuple(r['shape'])):16s} {r['alpha']:6.2f} {r['ca']:7.4f} {r['pa']:7.4f} "
-              f"{r['relative']:7.4f}")
-    print(f"recommended: --layer {recommended['layer']} --alpha {recommended['alpha']}")
+              f"{r['relative']:7.4f}{'  * best single layer (labels)' if best else ''}")
     ranking = _rank(args, model, meta, data)
     recommended["layers"] = ranking[0]["layers"]
     out = _out_dir(args)
@@ -163,6 +163,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     (out / "sweep.json").write_text(json.dumps({"rows": rows, "recommended": recommended, "ranking": ranking},
                                                indent=2) + "\n")
     print(f"wrote {out}/sweep.csv, sweep.png, sweep.json")
+    print(f"recommended: fire repo build --checkpoint {args.checkpoint} --layer "
+          f"{' --layer '.join(recommended['layers'])}   (ranked first without labels: what `fire repo build` and "
+          "`fire ctl observe` choose by default)")
     emit_json(args, {"rows": rows, "recommended": recommended, "ranking": ranking})
     return 0
 
@@ -187,7 +190,6 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
         print(f"{'+'.join(score.layers):28s} {score.flip:6.2f} {score.restore:7.3f} {score.change:7.2f} "
               f"{score.clean_tv:7.4f}   "
               f"{figures.ca:7.4f} {figures.pa:7.4f} {figures.asr:7.4f}")
-    print(f"ranked first: --layer {' --layer '.join(ranking[0]['layers'])}")
     return ranking
 
 
@@ -206,17 +208,28 @@ def cmd_data_export(args: argparse.Namespace) -> int:
                            poisoned=args.poisoned, n=args.n, part=part)
     images.save(args.out)
     print(f"wrote {args.out}: {len(images)} {'poisoned' if args.poisoned else 'clean'} images {images.x.shape[1:]}")
+    if args.n is not None and len(images) < args.n:
+        print(_shortfall(args, part, len(images)))
     if images.excluded:
         print(f"left out {images.excluded} non-target images the attack does not change (a stored attack has no "
               "poisoned copy of them)")
-    emit_json(args, {"out": str(args.out), "n": len(images), "excluded": images.excluded})
+    emit_json(args, {"out": str(args.out), "n": len(images), "requested": args.n, "excluded": images.excluded})
     return 0
+
+
+def _shortfall(args: argparse.Namespace, part: str, written: int) -> str:
+    """Why an export wrote fewer images than --n asked for: what it drew from holds no more."""
+    source = "training split" if args.split == "train" else "test split" if part == "all" else \
+        f"test split's {part} part"
+    kind = "non-target images the attack changes" if args.poisoned else "images"
+    hint = " (--part all adds the defender's reserve)" if args.split == "test" and part == "evaluation" else ""
+    return f"asked for {args.n}, wrote {written}: the {source} holds only {written} {kind}{hint}"
 
 
 def register(sub) -> None:
     p = add_command(sub, "train", cmd_train, "train a backdoored classifier and save a checkpoint directory",
                     "  fire train --data digits --attack badnets --target 0 --out runs/digits-badnets\n"
-                    "  fire train --data cifar10:../shared/data/cifar10.npz --attack blended --width 16 "
+                    "  fire train --data cifar10:shared/data/cifar10.npz --attack blended --width 16 "
                     "--epochs 8 --out runs/c10\n"
                     "  fire train --attack 'blended(ratio=0.05)' --poison-rate 0.01 --out runs/faint\n"
                     "  fire train --attack sig --poisoning dirty-label --out runs/sig-poison-label\n"
@@ -258,7 +271,8 @@ def register(sub) -> None:
         ("eval", cmd_eval, "CA/PA/ASR of no defense, ShrinkPad and every FIRE variant; streaming curve; detector",
          "  fire eval --checkpoint runs/digits-badnets\n"
          "  fire eval --checkpoint runs/digits-badnets --clean 100 --flagged 20 --layer block2 --json"),
-        ("sweep", cmd_sweep, "CA and PA after FIRE at every candidate layer; recommends a layer and alpha",
+        ("sweep", cmd_sweep, "CA and PA after FIRE at every candidate layer, and the label-free ranking of layer "
+         "subsets; recommends the layers to repair",
          "  fire sweep --checkpoint runs/digits-badnets\n  fire sweep --checkpoint runs/c10 --estimator paired"),
     ):
         p = add_command(sub, name, handler, text, examples)
@@ -290,8 +304,11 @@ def register(sub) -> None:
     p = add_command(data_sub, "export", cmd_data_export,
                     "write x (uint8 NxHxWxC), y, poisoned to an .npz for the checkpoint's data set and attack",
                     "  fire data export --checkpoint runs/digits-badnets --split test --n 200 --out clean.npz\n"
-                    "  fire data export --checkpoint runs/digits-badnets --split test --poisoned --n 20 "
-                    "--out flagged.npz")
+                    "  # the defender's flagged samples (for `fire ctl observe`, `fire repo build --flagged 20`):\n"
+                    "  fire data export --checkpoint runs/digits-badnets --part reserve --poisoned --n 20 "
+                    "--out flagged.npz\n"
+                    "  # triggered evaluation images, never the reserve (poisoned traffic for Locust, `fire infer`):\n"
+                    "  fire data export --checkpoint runs/digits-badnets --poisoned --n 200 --out poisoned.npz")
     p.add_argument("--checkpoint", type=Path, required=True, help="directory written by `fire train` or `fire import`")
     p.add_argument("--split", choices=["train", "test"], default="test", help="data split (test)")
     p.add_argument("--poisoned", action="store_true", help="apply the checkpoint's trigger (non-target images)")

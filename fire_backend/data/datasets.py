@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fire_backend.defaults import digits_split
+from fire_backend.wire.images import open_npz
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,7 @@ def load_digits() -> Dataset:
 
 def read_arrays(path: Path, names: Sequence[str], what: str = ".npz file") -> dict[str, np.ndarray]:
     """The named arrays of an .npz (nothing unpickled); errors name the file and what it should have been."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what}")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, what) as data:
         missing = set(names) - set(data.files)
         if missing:
             raise ValueError(f"{path}: not a {what}: missing arrays {sorted(missing)} (has {sorted(data.files)})")
@@ -74,7 +73,8 @@ def read_arrays(path: Path, names: Sequence[str], what: str = ".npz file") -> di
 
 def load_npz(path: Path) -> Dataset:
     """Arrays x_train/y_train/x_test/y_test (uint8 NHWC), as in the shared CIFAR-10 file."""
-    arrays = read_arrays(path, ("x_train", "y_train", "x_test", "y_test"))
+    arrays = read_arrays(path, ("x_train", "y_train", "x_test", "y_test"), "data set file (x_train, y_train, x_test, "
+                         "y_test)")
     for part in ("train", "test"):
         _check_images(f"{path}:{part}", arrays[f"x_{part}"], arrays[f"y_{part}"])
     return Dataset(

@@ -17,6 +17,7 @@ import numpy as np
 from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.connection import Connection
 from fire_backend.wire.errors import FireClientError
+from fire_backend.wire.images import open_npz
 from fire_backend.wire.names import (
     DEFAULT_URL,
     FIRE_CONTROL,
@@ -35,9 +36,19 @@ class ControlClient(Connection):
     def __init__(self, url: str = DEFAULT_URL, token: str = "", timeout_s: float = 60.0) -> None:
         super().__init__(url, timeout_s=timeout_s)
         self.token = token
+        self._image_shape: tuple[int, ...] | None = None
 
     def __enter__(self) -> ControlClient:
         return self
+
+    def image_shape(self) -> tuple[int, ...] | None:
+        """The H x W x C of the images ``observe`` takes, from fire_control's config (the server checks the same);
+        None where the config leaves it open."""
+        if self._image_shape is None:
+            inputs = {i["name"]: i for i in self.model_config(FIRE_CONTROL).get("input", [])}
+            dims = tuple(int(d) for d in inputs.get(IMAGES, {}).get("dims", []))[1:]  # after the image count
+            self._image_shape = dims if len(dims) == 3 and min(dims) > 0 else ()
+        return self._image_shape or None
 
     def call(self, request: dict[str, Any], images: np.ndarray | None = None) -> dict[str, Any]:
         """Send one JSON action (with images for ``observe``), signed; the server's JSON answer."""
@@ -87,6 +98,12 @@ class ControlClient(Connection):
         if publish_every:
             request["publish_every"] = publish_every
         pixels = _pixels(images)
+        expected = self.image_shape()
+        if expected and tuple(pixels.shape[1:]) != expected:
+            raise FireClientError(
+                f"images are {' x '.join(map(str, pixels.shape[1:]))} (H x W x C) but this server's model takes "
+                f"{' x '.join(map(str, expected))}: export images for its data set (`fire data export "
+                "--checkpoint ...`)")
         per_request = observe_chunk(pixels, len(json.dumps(request).encode()), chunk)
         versions: list[int] = []
         result: dict[str, Any] = {}
@@ -131,7 +148,7 @@ def observe_chunk(images: np.ndarray, request_bytes: int, chunk: int = OBSERVE_C
 def read_direction_file(path: Path) -> tuple[list[dict[str, Any]], list[float] | None]:
     """An .npz with ``beta`` (D or K x D, or K x latent shape) and optional per-direction ``alpha``,
     ``mode``, ``threshold``, ``name`` arrays and a ``center``."""
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "direction file (beta, ...)") as data:
         if "beta" not in data.files:
             raise ValueError(f"{path}: needs an array 'beta' (has {', '.join(data.files)})")
         beta = np.asarray(data["beta"], dtype=np.float32)

@@ -7,6 +7,7 @@ numpy (and PIL for PNGs) only: no torch, so Locust workers stay small.
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,12 +64,29 @@ class Images:
         return to_model_input(self.x)
 
 
+def open_npz(path: Path | str, what: str = "FIRE image file (x, as `fire data export` writes)"
+             ) -> np.lib.npyio.NpzFile:
+    """``np.load`` of an .npz archive (nothing unpickled), for ``with``; anything else (a text file, an .npy, a
+    damaged archive) is a ValueError naming the file and ``what`` it should have been, not numpy's bare message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not an .npz archive of named arrays (as np.savez writes), so not a {what}; "
+                         f"numpy: {exc}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: one bare array (.npy), not an .npz archive of named arrays, so not a {what}")
+    return data
+
+
 def load_npz(path: Path | str) -> Images:
     """x (uint8 NHWC), optional y and poisoned, as ``fire data export`` writes them."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such .npz file (write one with `fire data export`)")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         if "x" not in data.files:
             raise ValueError(f"{path}: no array 'x' (has {sorted(data.files)}); write one with `fire data export`")
         x = data["x"]

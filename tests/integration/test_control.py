@@ -192,7 +192,8 @@ def test_100_pushes_under_load_lose_nothing(ctl, learning, badnets_eval):
 
 
 @pytest.mark.parametrize("case", ["no_token", "wrong_token", "nan", "wrong_shape", "oversized", "bad_alpha",
-                                  "bad_images", "too_many_images", "unknown_action", "bad_rollback"])
+                                  "bad_images", "bad_images_sent", "too_many_images", "unknown_action",
+                                  "bad_rollback"])
 def test_rejected_actions_change_nothing(ctl, learning, case):
     dim = ServingSettings.read(learning.repository / "artifacts").latent_dim
     ctl.push([random_direction(dim, 7, 0.01)])
@@ -209,7 +210,12 @@ def test_rejected_actions_change_nothing(ctl, learning, case):
         "wrong_shape": (lambda c: c.push([{**good, "beta": good["beta"][:-1]}]), None, f"latent has {dim}"),
         "oversized": (lambda c: c.push([{**good, "beta": [0.01] * (dim * 4000)}]), None, "bytes"),
         "bad_alpha": (lambda c: c.push([{**good, "alpha": 1e9}]), None, "alpha"),
-        "bad_images": (lambda c: c.observe(np.zeros((2, 8, 8, 3), np.uint8)), None, "unexpected shape for input"),
+        # the client reads the shape from fire_control's config and refuses before sending (issue 26) ...
+        "bad_images": (lambda c: c.observe(np.zeros((2, 8, 8, 3), np.uint8)), None,
+                       "images are 8 x 8 x 3 (H x W x C) but this server's model takes 8 x 8 x 1"),
+        # ... and the server refuses them when a client sends them anyway
+        "bad_images_sent": (lambda c: c.call({"action": "observe", "clean": False}, np.zeros((2, 8, 8, 3), np.uint8)),
+                            None, "unexpected shape for input"),
         # one request of 300 (the client would split them: 300 digits images are 19 KB)
         "too_many_images": (lambda c: c.observe(np.zeros((300, 8, 8, 1), np.uint8), chunk=300), None, "1 to 256"),
         "unknown_action": (lambda c: c.call({"action": "format-disk"}), None, "unknown action"),

@@ -1,11 +1,11 @@
 """CIFAR-10 acceptance: small PreActResNet18s backdoored with BadNets, Blended and SIG, repaired by FIRE.
 
-Needs ../shared/data/cifar10.npz (relative to the project root, or under FIRE_SHARED_DIR); skipped with the
-reason when absent. That file is sorted by class and is used as it is: the models train on a class-stratified
+Needs data/cifar10.npz under FIRE_SHARED_DIR (default shared/ in the project root; docs/data.md); skipped, naming
+the setting, when absent. That file is sorted by class and is used as it is: the models train on a class-stratified
 draw of TRAIN_SUBSET training images (`--train-subset`), the defender's reserve is a class-stratified draw of 200
 test images, and EVAL_IMAGES of the other test images are evaluated (`--eval-images`). The models (width WIDTH,
-EPOCHS epochs, no augmentation: it costs CA and plants a weaker BadNets backdoor in so few epochs) are trained
-once per module, about a minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs.
+EPOCHS epochs, no augmentation: it costs CA and plants a weaker BadNets backdoor in so few epochs) are trained once
+per module, about a minute each on 2 idle CPU cores; FIRE_TEST_CACHE=DIR keeps them between runs.
 CA/PA/ASR are printed.
 The full-size recipe for a GPU machine is scripts/train_cifar_full.sh.
 
@@ -129,12 +129,11 @@ def test_fire_repairs_cifar_backdoor(
     rows = report_rows = {row["method"]: row for row in report["rows"]}
     if layer != report["layer"]:
         rows = repair_at(checkpoint, layer)
-    with capsys.disabled():
-        print_report(attack, checkpoint, report)
-        if rows is not report_rows:
-            print(f"  at the sweep's layer {layer}:")
-            for name, row in rows.items():
-                print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    print_report(attack, checkpoint, report)
+    if rows is not report_rows:
+        print(f"  at the sweep's layer {layer}:")
+        for name, row in rows.items():
+            print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
     check_cli_report(report, tmp_path)
     undefended = rows["undefended"]
     assert undefended["ca"] >= 0.5, "the small model should still classify CIFAR-10"
@@ -150,11 +149,10 @@ def test_sig_is_reported(cifar_checkpoint, tmp_path: Path, capsys: pytest.Captur
     checkpoint = cifar_checkpoint("sig")
     report = fire_eval(capsys, checkpoint, tmp_path)
     rows = repair_at(checkpoint, SWEEP_LAYER["sig"])
-    with capsys.disabled():
-        print_report("sig", checkpoint, report)
-        print(f"  at the sweep's layer {SWEEP_LAYER['sig']}:")
-        for name, row in rows.items():
-            print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    print_report("sig", checkpoint, report)
+    print(f"  at the sweep's layer {SWEEP_LAYER['sig']}:")
+    for name, row in rows.items():
+        print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
     check_cli_report(report, tmp_path)
     for row in rows.values():
         assert 0.0 <= row["ca"] <= 1.0 and 0.0 <= row["pa"] <= 1.0 and 0.0 <= row["asr"] <= 1.0

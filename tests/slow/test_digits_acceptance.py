@@ -62,12 +62,11 @@ def test_fire_eval_repairs_the_backdoor(
 ) -> None:
     report = eval_report(capsys, digits_checkpoints[attack], tmp_path)
     rows = {row["method"]: row for row in report["rows"]}
-    with capsys.disabled():
-        print(f"\n{attack} (layer {report['layer']}):")
-        for name, row in rows.items():
-            print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
-        for kind, det in report["detector"].items():
-            print(f"  detector {kind}: TPR {det['tpr_at_1pct_fpr']:.4f} at 1% FPR")
+    print(f"\n{attack} (layer {report['layer']}):")
+    for name, row in rows.items():
+        print(f"  {name:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    for kind, det in report["detector"].items():
+        print(f"  detector {kind}: TPR {det['tpr_at_1pct_fpr']:.4f} at 1% FPR")
     undefended = rows["undefended"]
     assert undefended["ca"] >= 0.95 and undefended["asr"] >= 0.90
     expected = {"undefended", "shrinkpad"} | {
@@ -103,14 +102,13 @@ def test_fire_sweep_covers_every_candidate_layer(
     assert recommended["layer"] in layers
     assert recommended["alpha"] in (0.5, 1.0, 1.5, 2.0, 3.0)
     pick = next(row for row in result["rows"] if row["layer"] == recommended["layer"])
-    with capsys.disabled():
-        print(
-            f"\n{attack} sweep: "
-            + ", ".join(
-                f"{r['layer']} a={r['alpha']} PA {r['pa']:.3f} CA {r['ca']:.3f}" for r in result["rows"]
-            )
+    print(
+        f"\n{attack} sweep: "
+        + ", ".join(
+            f"{r['layer']} a={r['alpha']} PA {r['pa']:.3f} CA {r['ca']:.3f}" for r in result["rows"]
         )
-        print(f"  recommended {recommended}")
+    )
+    print(f"  recommended {recommended}")
     assert pick["ca"] >= recommended["undefended_ca"] - 0.01
     assert pick["pa"] >= 0.90
     assert (tmp_path / "sweep.csv").is_file() and (tmp_path / "sweep.png").is_file()
@@ -121,10 +119,9 @@ def test_sig_figures(digits_checkpoint, tmp_path: Path, capsys: pytest.CaptureFi
     checkpoint = digits_checkpoint("sig")
     _, meta = load_checkpoint(checkpoint)
     report = eval_report(capsys, checkpoint, tmp_path)
-    with capsys.disabled():
-        print(f"\nsig: trained CA {meta.ca:.4f} ASR {meta.asr:.4f}; layer {report['layer']}")
-        for row in report["rows"]:
-            print(f"  {row['method']:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
+    print(f"\nsig: trained CA {meta.ca:.4f} ASR {meta.asr:.4f}; layer {report['layer']}")
+    for row in report["rows"]:
+        print(f"  {row['method']:28s} CA {row['ca']:.4f}  PA {row['pa']:.4f}  ASR {row['asr']:.4f}")
     for row in report["rows"]:
         assert 0.0 <= row["ca"] <= 1.0 and 0.0 <= row["pa"] <= 1.0 and 0.0 <= row["asr"] <= 1.0
 

@@ -1,5 +1,5 @@
-"""Real data, as it is: a full-size BadNets PreActResNet18 from ../shared/models, the class-ordered
-../shared/data/cifar10.npz, `fire import backdoorbench` + `fire eval` + `fire repo build --flagged 20` + the real
+"""Real data, as it is: a full-size BadNets PreActResNet18 from shared/models, the class-ordered
+shared/data/cifar10.npz, `fire import backdoorbench` + `fire eval` + `fire repo build --flagged 20` + the real
 tritonserver. The served PA must be within 3 points of `fire eval`'s unpaired projection on the same layer and
 the same evaluation images (benchmarks/real_data_check.py; its full-size numbers are in benchmarks/RESULTS.md).
 

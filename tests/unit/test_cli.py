@@ -171,3 +171,85 @@ def test_ctl_observe_refuses_images_that_are_not_uint8_as_infer_does(tmp_path: P
         assert "x must be uint8" in capsys.readouterr().err
     with ControlClient("127.0.0.1:1", "t") as client, pytest.raises(ValueError, match="must be uint8"):
         client.observe(np.ones((2, 8, 8, 1), np.float32))  # refused before anything is sent
+
+
+def test_ctl_status_heads_with_every_repaired_layer(capsys) -> None:
+    """Issue 26: a two-layer server was headed `layer: block2` alone."""
+    from fire_backend.cli.ctl import _print_status
+
+    status = {"version": 1, "layer": "block2", "latent_shape": [64, 4, 4], "repair_layers": ["block1", "block2"],
+              "layers": {"block1": 1, "block2": 1}, "estimation": "independent", "flagged_kept": 20, "ranking": [],
+              "directions": [{"name": "d0", "mode": "projection", "alpha": 1.0, "threshold": 0.0, "norm": 2.0}],
+              "estimator": None, "instances": [], "gone": []}
+    _print_status(status)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "live version: 1   layers: block1, block2 [64, 4, 4]"
+    assert lines[1].startswith("  direction d0 at block2: mode projection")
+    _print_status({**status, "repair_layers": ["block2"], "layers": {"block2": 1}})
+    assert capsys.readouterr().out.splitlines()[0] == "live version: 1   layer: block2 [64, 4, 4]"
+
+
+def test_ctl_history_times_are_readable_utc() -> None:
+    from fire_backend.cli.ctl import format_time
+
+    assert format_time(1796554385.25) == "2026-12-06 10:53:05Z"
+
+
+@pytest.mark.parametrize("action", ["status", "history", "rollback", "push", "observe"])
+def test_every_ctl_action_has_examples_of_its_own(action: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["ctl", action, "--help"])
+    assert info.value.code == 0
+    examples = capsys.readouterr().out.split("examples:\n", 1)[1]
+    assert f"fire ctl {action}" in examples or (action == "observe" and "fire ctl observe" in examples)
+
+
+def test_ctl_help_does_not_roll_back_to_a_version_a_first_observe_never_made(capsys) -> None:
+    """Issue 26: `fire ctl rollback 3` after one observe said "version 3 was never committed". An observe commits
+    version 1 first (and 0 is always there): the examples use only those."""
+    import re
+
+    with pytest.raises(SystemExit):
+        main(["ctl", "--help"])
+    with pytest.raises(SystemExit):
+        main(["ctl", "rollback", "--help"])
+    versions = {int(v) for v in re.findall(r"fire ctl rollback (\d+)", capsys.readouterr().out)}
+    assert versions and versions <= {0, 1}
+
+
+def test_an_npz_that_is_not_one_names_the_file(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 26: a text file given as an npz gave numpy's bare "pickled data" message."""
+    import numpy as np
+
+    text = tmp_path / "notes.npz"
+    text.write_text("not an archive\n")
+    bare = tmp_path / "bare.npz"
+    with bare.open("wb") as handle:
+        np.save(handle, np.zeros((2, 8, 8, 1), np.uint8))
+    monkeypatch.setenv("FIRE_CONTROL_TOKEN", "t")
+    for path, says in ((text, "not an .npz archive"), (bare, "one bare array (.npy)")):
+        assert main(["ctl", "--url", "127.0.0.1:1", "observe", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and says in err
+        assert main(["infer", "--url", "127.0.0.1:1", "--npz", str(path)]) == 2
+        assert str(path) in capsys.readouterr().err
+    assert main(["train", "--data", f"npz:{text}", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(text) in err and "not an .npz archive" in err and "x_train" in err
+
+
+def test_data_export_says_when_it_writes_fewer_than_asked(digits_checkpoint, tmp_path: Path, capsys) -> None:
+    """Issue 26: `--n 500` silently wrote the 400 images the digits evaluation part holds."""
+    import json
+
+    out = tmp_path / "clean.npz"
+    assert main(["data", "export", "--checkpoint", str(digits_checkpoint("badnets")), "--n", "500", "--out", str(out),
+                 "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    summary = json.loads(lines[-1])
+    assert summary["requested"] == 500 and summary["n"] < 500
+    assert (f"asked for 500, wrote {summary['n']}: the test split's evaluation part holds only {summary['n']} images "
+            "(--part all adds the defender's reserve)") in lines
+    assert main(["data", "export", "--checkpoint", str(digits_checkpoint("badnets")), "--n", "20", "--out",
+                 str(out)]) == 0
+    assert "asked for" not in capsys.readouterr().out

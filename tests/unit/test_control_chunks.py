@@ -10,7 +10,7 @@ import pytest
 
 from fire_backend.wire.control import ControlClient, observe_chunk
 from fire_backend.wire.errors import FireClientError
-from fire_backend.wire.names import MAX_CONTROL_REQUEST_BYTES, OBSERVE_CHUNK_IMAGES
+from fire_backend.wire.names import FIRE_CONTROL, IMAGES, MAX_CONTROL_REQUEST_BYTES, OBSERVE_CHUNK_IMAGES
 
 
 @pytest.mark.parametrize(("shape", "expected"), [
@@ -35,10 +35,16 @@ def test_an_image_larger_than_a_request_is_refused_before_anything_is_sent() -> 
 class Recording(ControlClient):
     """A ControlClient whose server is a list: each call is recorded and answered as fire_control would."""
 
-    def __init__(self, refuse_at: int | None = None) -> None:
+    def __init__(self, refuse_at: int | None = None, image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__("grpc://127.0.0.1:1", "token")
         self.sent: list[tuple[dict, np.ndarray]] = []
         self.refuse_at = refuse_at
+        self.image_dims = [-1, *(image_shape or (-1, -1, -1))]
+
+    def model_config(self, model: str) -> dict:
+        """fire_control's config as `fire repo build` writes it: IMAGES is N x H x W x C (open with a -1)."""
+        assert model == FIRE_CONTROL
+        return {"name": model, "input": [{"name": "REQUEST", "dims": [1]}, {"name": IMAGES, "dims": self.image_dims}]}
 
     def call(self, request: dict, images: np.ndarray | None = None) -> dict:
         assert images is not None
@@ -66,3 +72,14 @@ def test_a_refusal_after_commits_names_what_was_committed() -> None:
         client.observe(np.zeros((200, 8, 8, 1), np.uint8))
     with pytest.raises(FireClientError, match="^fire_control: observe"):  # nothing committed: the server's words
         Recording(refuse_at=0).observe(np.zeros((10, 8, 8, 1), np.uint8))
+
+
+def test_images_of_another_shape_than_the_servers_are_refused_before_anything_is_sent() -> None:
+    """Issue 26: 32 x 32 x 3 images observed on a digits server got Triton's raw text back; the client reads the
+    shape from fire_control's config and names both shapes and the fix."""
+    client = Recording(image_shape=(8, 8, 1))
+    with pytest.raises(FireClientError, match=r"images are 32 x 32 x 3 \(H x W x C\) but this server's model "
+                                              r"takes 8 x 8 x 1: export images for its data set"):
+        client.observe(np.zeros((4, 32, 32, 3), np.uint8))
+    assert client.sent == []
+    assert client.observe(np.zeros((4, 8, 8, 1), np.uint8))["versions"] == [1]

@@ -29,7 +29,7 @@ def test_the_sample_of_a_class_ordered_split_has_every_class_equally() -> None:
 
 
 def test_the_trigger_module_is_the_shared_models_documented_patch() -> None:
-    """../shared/models/README.md: BadNets is a 3x3 white patch at the bottom right (x[:, -3:, -3:, :] = 255)."""
+    """shared/models/README.md: BadNets is a 3x3 white patch at the bottom right (x[:, -3:, -3:, :] = 255)."""
     triggers = load("triggers")
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     expected = x.copy()

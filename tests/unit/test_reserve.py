@@ -1,6 +1,6 @@
 """The defender's reserve (one seeded, class-stratified draw from the test split), flagged samples only from images
 the attack changes, stored attacks that never pass a clean image off as poisoned, and repository builds that touch
-only the reserve images they use. On a class-ordered file (as ../shared/data/cifar10.npz is) and a shuffled one.
+only the reserve images they use. On a class-ordered file (as shared/data/cifar10.npz is) and a shuffled one.
 
 The command-line checks run the `fire` console script.
 """

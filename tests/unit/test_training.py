@@ -115,6 +115,7 @@ def test_data_export(tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
         "out": str(tmp_path / "c.npz"),
         "n": 7,
+        "requested": 7,
         "excluded": 0,
     }
     with np.load(tmp_path / "c.npz") as clean:
