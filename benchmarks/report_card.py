@@ -22,8 +22,8 @@ Writes ``SETTING.json`` per setting into the first ``--results`` directory (defa
 was not measured shown as ``-``. An attack counts only when its undefended ASR reaches 0.85; the targets then:
 PA >= 0.90 x CA and ASR <= 5% at 20 flagged.
 
-    python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz          # every CIFAR-10 setting
-    python benchmarks/report_card.py --data cifar10:../shared/data/cifar10.npz --settings sig,wanet --train-only
+    python benchmarks/report_card.py --data cifar10:shared/data/cifar10.npz          # every CIFAR-10 setting
+    python benchmarks/report_card.py --data cifar10:shared/data/cifar10.npz --settings sig,wanet --train-only
     python benchmarks/report_card.py --data digits --settings badnets,blended --eval-images 400 --out /tmp/rc
     python benchmarks/report_card.py --card-only --results docs/results/report-card/settings \
         --out docs/results/report-card                              # render only: the committed card
@@ -33,8 +33,9 @@ PA >= 0.90 x CA and ASR <= 5% at 20 flagged.
 build, undefended and after 20 flagged images, the same evaluation) as setting NAME's result, for models measured
 that way; its ShrinkPad and 5-flagged cells stay empty.
 
-The ``shared-*`` settings import the full-size models of ../shared/models (``make_attack_result.py`` and ``fire
-import backdoorbench``, as real_data_check.py) instead of training; a CPU needs minutes per observe for them.
+The ``shared-*`` settings import the full-size models in the shared folder's ``models/`` (``FIRE_SHARED_DIR``,
+docs/data.md; ``make_attack_result.py`` and ``fire import backdoorbench``, as real_data_check.py) instead of
+training; a CPU needs minutes per observe for them.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ SETTINGS = (
     Setting("badnets-5pct", "badnets", "adaptive", poison_rate=0.05, note="5% poisoned"),
     Setting("badnets-1pct", "badnets", "adaptive", poison_rate=0.01, note="1% poisoned"),
     Setting("two-targets", "badnets", "adaptive", also=(("blended", 1),), note="badnets -> 0 and blended -> 1"),
-    Setting("shared-badnets", "badnets", "imported", note="full-size PreActResNet18 (../shared/models), imported"),
-    Setting("shared-blended", "blended", "imported", note="full-size PreActResNet18 (../shared/models), imported"),
+    Setting("shared-badnets", "badnets", "imported", note="full-size PreActResNet18 (shared models/), imported"),
+    Setting("shared-blended", "blended", "imported", note="full-size PreActResNet18 (shared models/), imported"),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
