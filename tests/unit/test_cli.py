@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,9 +65,11 @@ def test_sweep_help_does_not_offer_eval_only_options(capsys: pytest.CaptureFixtu
     assert "--layer" not in out and "--alpha" not in out
 
 
-@pytest.mark.skipif(shutil.which("fire") is None, reason="console script not installed")
 def test_console_script_help() -> None:
-    result = subprocess.run(["fire", "--help"], capture_output=True, text=True, timeout=120)
+    """The `fire` script the install put beside this interpreter (on PATH or not)."""
+    script = Path(sys.executable).with_name("fire")
+    assert script.is_file(), f"no console script {script}: install the package (pip install -e .)"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "train" in result.stdout and "eval" in result.stdout
 
