@@ -62,7 +62,7 @@ class TritonPythonModel:
         self.live = 0
         self.batch = BatchMetrics(pb_utils, name, instance, layout="probe", config=config)
         self.batch.applied(1)
-        self.control = ControlMetrics(pb_utils, name, instance, {ACTIONS!r}, live_version=lambda: self.live,
+        self.control = ControlMetrics(pb_utils, name, instance, {ACTIONS!r}, store_view=lambda: (self.live, False),
                                       config=config)
 
     def execute(self, requests):
