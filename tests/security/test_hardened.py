@@ -405,7 +405,11 @@ def test_finding4_a_killed_stage_is_replaced_while_readiness_says_so(hardened: H
     with ControlClient(hardened.grpc, hardened.token) as ctl:
         instances = ctl.status()["instances"]
     names = sorted(i["instance"].rsplit("-", 1)[0] for i in instances)
-    assert names == [f"{FIRE_ENSEMBLE}_0_0", f"{FIRE_ENSEMBLE}_0_1"]
+    # Both instances are listed, the killed one never again. Under traffic Triton 2.51 may keep the replaced copy of
+    # the model, with its surviving stub (fire_ensemble_0_0 of the old copy), until the next restart: it serves
+    # nothing but runs, so status lists it too (docs/limits.md).
+    assert set(names) == {f"{FIRE_ENSEMBLE}_0_0", f"{FIRE_ENSEMBLE}_0_1"} and len(names) <= 3, names
+    assert names.count(f"{FIRE_ENSEMBLE}_0_1") == 1, names
     assert all(is_running(i["pid"]) and i["pid"] != victim.pid for i in instances)
     assert hardened.event(f"{FIRE_ENSEMBLE} recovered in") is not None
 
