@@ -134,9 +134,7 @@ class Directory:
         tmp = f"{TMP_PREFIX}{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=parent)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            _write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -194,9 +192,7 @@ class Directory:
             size = os.fstat(fd).st_size
             data = b"\n" + line if size and os.pread(fd, 1, size - 1) != b"\n" else line
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_all(fd, data)
                 os.fsync(fd)
             except BaseException:
                 os.ftruncate(fd, size)
@@ -231,3 +227,10 @@ class Directory:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd`` (``os.write`` may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
