@@ -66,7 +66,7 @@ def export_program(checkpoint: Path, out: Path) -> None:
     """What a user runs to ship the trained network as a .pt2: eval mode, a dynamic batch dimension."""
     import torch
 
-    from fire_backend.checkpoint import load_checkpoint
+    from fire_backend.offline.checkpoint import load_checkpoint
 
     network, meta = load_checkpoint(checkpoint)
     example = (torch.rand(2, *meta.spec.input_shape),)

@@ -32,10 +32,10 @@ from pathlib import Path
 
 from real_data_check import FIRE, figures, imported_checkpoint, shared_model_parser, step
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack
-from fire_backend.evaluation import evaluation_set
-from fire_backend.serving.server import running_server
+from fire_backend.launcher.server import running_server
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import evaluation_set
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, pinned_token
 

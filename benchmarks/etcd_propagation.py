@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from fire_backend.demo import demo_repository
-from fire_backend.etcd.local import LocalEtcd
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.propagation import percentile, push_and_wait
-from fire_backend.serving.repository import RepositoryOptions, rebuild_repository
-from fire_backend.serving.server import running_server
-from fire_backend.store_backends import STORE_URL_ENV
+from fire_backend.launcher.server import running_server
+from fire_backend.repository.build import RepositoryOptions, rebuild_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
+from fire_backend.stores.backends import STORE_URL_ENV
+from fire_backend.stores.etcd.local import LocalEtcd
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
+from fire_backend.wire.propagation import percentile, push_and_wait
 from fire_backend.wire.token import pinned_token
 
 

@@ -27,9 +27,9 @@ sys.path[:0] = [str(ROOT / "tests" / "unit"), str(ROOT / "tests")]  # pb_double,
 import pb_double as pb  # noqa: E402
 from test_stages import stage_args  # noqa: E402
 
-from fire_backend.serving import stages  # noqa: E402
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings  # noqa: E402
-from fire_backend.serving.repository import HEAD, stage_name  # noqa: E402
+from fire_backend.repository.build import HEAD, stage_name  # noqa: E402
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings  # noqa: E402
+from fire_backend.stub import stages  # noqa: E402
 from fire_backend.wire.names import FIRE_ENSEMBLE, FIRE_INLINE, FIRE_MONOLITHIC, UNDEFENDED_ENSEMBLE  # noqa: E402
 
 #: (repairing stage, its undefended twin) as a bench repository names them

@@ -5,16 +5,16 @@ defender's first n flagged reserve images (no second FIRE implementation):
 
 - the network's default repair layers (:func:`fire_backend.multilayer.default_layers`) and the
   estimation settings a default ``fire repo build`` writes, read back as the control endpoint reads them
-  (:func:`fire_backend.serving.controller.estimation_settings`);
+  (:meth:`fire_backend.multilayer.EstimationSettings.of`);
 - the evidence: the 100 clean reserve images (``clean_samples``) and the first n flagged reserve images, passed
   through uint8 as ``fire data export`` / ``observe`` pass them; :func:`fire_backend.multilayer.learn` ranks the
   layer subsets without labels (n >= 5; below that every default layer is repaired, unranked, as served) and
   estimates the directions; the evaluation repairs with :func:`fire_backend.multilayer.repairs_of` (fire.py's
-  repair, the fused layout's hooks) via :func:`fire_backend.evaluation.subset_metrics`;
+  repair, the fused layout's hooks) via :func:`fire_backend.offline.evaluation.subset_metrics`;
 - ShrinkPad (:func:`fire_backend.data.augment.shrinkpad_defense`) on the same evaluation images: a reference line
   (it needs no flagged sample);
 - the evaluation images: the first N of the seeded, class-stratified order of the test split without the reserve
-  (:func:`fire_backend.evaluation.evaluation_set`), clean and the non-target ones with the trigger.
+  (:func:`fire_backend.offline.evaluation.evaluation_set`), clean and the non-target ones with the trigger.
 
 Models: the shared full-size BadNets and Blended PreActResNet18 (checkpoints from ``make_attack_result.py`` + ``fire
 import backdoorbench``, reused from --work as ``benchmarks/default_config_check.py`` leaves them; the script stops
@@ -41,18 +41,17 @@ import torch
 from real_data_check import ATTACKS as SHARED_ATTACKS
 from real_data_check import ROOT, imported_checkpoint
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack, to_tensor
 from fire_backend.data.augment import shrinkpad_defense
 from fire_backend.data.datasets import to_uint8
 from fire_backend.data.reserve import defender_samples
 from fire_backend.defaults import shared_dir
-from fire_backend.evaluation import accuracy_figures, evaluation_set, predict, subset_metrics
-from fire_backend.multilayer import Evidence, default_layers, learn
-from fire_backend.network import Network
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.controller import estimation_settings
-from fire_backend.serving.repository import RepositoryOptions
+from fire_backend.models.network import Network
+from fire_backend.multilayer import EstimationSettings, Evidence, default_layers, learn
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import accuracy_figures, evaluation_set, predict, subset_metrics
+from fire_backend.repository.build import RepositoryOptions
+from fire_backend.repository.layout import ServingSettings
 
 #: the flagged counts of the curve (the defender's reserve holds at least 20 usable images for every attack here)
 CURVE = (1, 2, 3, 5, 10, 20)
@@ -69,7 +68,7 @@ def default_estimation(model: Network, meta) -> tuple[tuple[str, ...], object]:
         num_classes=meta.spec.classes, arch=meta.spec.label, repair_layers=layers,
         layer_shapes={name: shapes[name] for name in layers}, default_alpha=options.alpha,
         default_threshold=options.flag_threshold, estimation=options.estimation)
-    return layers, estimation_settings(settings)
+    return layers, EstimationSettings.of(settings)
 
 
 def curve(checkpoint: Path, eval_images: int | None, batch: int) -> dict:
@@ -108,7 +107,7 @@ DIGITS_ATTACKS = {"badnets": ("badnets", "auto"), "blended": ("blended", "auto")
 
 def digits_checkpoint(root: Path, name: str) -> Path:
     """``root/digits-NAME`` (the tests' FIRE_TEST_CACHE layout for badnets and blended), trained once when absent."""
-    from fire_backend.training import TrainConfig, train_backdoored
+    from fire_backend.offline.training import TrainConfig, train_backdoored
 
     attack, poisoning = DIGITS_ATTACKS[name]
     out = root / (f"digits-{name}" if poisoning == "auto" else f"digits-{name}-{poisoning}")

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack
 from fire_backend.defaults import shared_dir
-from fire_backend.evaluation import evaluation_set
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.server import running_server
+from fire_backend.launcher.server import running_server
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import evaluation_set
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.names import FIRE_ENSEMBLE
 from fire_backend.wire.token import pinned_token

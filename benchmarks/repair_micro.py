@@ -23,9 +23,10 @@ import torch
 
 from fire_backend.fire import Direction, RepairPass, compile_directions, compile_plan, repair
 from fire_backend.models import DigitsCNN, PreActResNet18
+from fire_backend.models.network import Network
 from fire_backend.multilayer import default_layers
-from fire_backend.network import Network
-from fire_backend.store import DirectionSet, DirectionStore, StoreFollower
+from fire_backend.stores.files import DirectionStore, StoreFollower
+from fire_backend.stores.format import DirectionSet
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -56,14 +56,14 @@ import numpy as np
 from default_config_check import ctl
 from real_data_check import FIRE, figures, imported_checkpoint, step
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack
 from fire_backend.data.augment import shrinkpad_defense
 from fire_backend.data.export import export_images
 from fire_backend.defaults import cache_dir, shared_dir
-from fire_backend.evaluation import evaluation_set, predict
-from fire_backend.serving.server import running_server
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.launcher.server import running_server
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import evaluation_set, predict
+from fire_backend.offline.training import TrainConfig, train_backdoored
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.token import pinned_token
 

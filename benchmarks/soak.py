@@ -33,11 +33,11 @@ import psutil
 from fire_backend.data import load_dataset, resolve_attack, to_uint8
 from fire_backend.data.reserve import flagged_samples
 from fire_backend.demo import demo_checkpoint
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.ports import free_ports
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import ServerConfig, TritonServer
-from fire_backend.serving.supervisor import Supervisor
+from fire_backend.launcher.ports import free_ports
+from fire_backend.launcher.server import ServerConfig, TritonServer
+from fire_backend.launcher.supervisor import Supervisor
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.names import MAX_CONTROL_REQUEST_BYTES

@@ -1,6 +1,6 @@
 """File-store push cost against the history's length: is a push after 1,000 versions as cheap as one of the first 10?
 
-Drives the control logic in-process (:class:`fire_backend.serving.controller.Controller`, as the control stage runs
+Drives the control logic in-process (:class:`fire_backend.stub.controller.Controller`, as the control stage runs
 it: credential, nonce record, live version, validation, commit) on a file store in a temporary directory, with a
 latent of ``--dim`` values and no network (the clean-image guard, a constant cost per push, is left out: this
 measures what grows with the store). The issue-25 target: push p50 after 1,000 versions within 1.5x of the first 10
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fire_backend.serving.artifacts import STORE_DIR, Limits, ServingSettings, save_centroid
-from fire_backend.serving.controller import Controller
-from fire_backend.store import DirectionStore
+from fire_backend.repository.layout import STORE_DIR, Limits, ServingSettings, save_centroid
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stub.controller import Controller
 from fire_backend.wire.auth import CONTROL, digest, sign
 
 TOKEN = "benchmark-token"

@@ -7,7 +7,7 @@ mitigations, on the real tritonserver, beside busy processes:
   answers.
 * ``metrics-reload``: the same echo model reloaded ``--rounds`` times under traffic, each instance keeping one custom
   counter labelled by model and instance (``--metrics none|deleted|kept``: no metric; deleted at finalize, as the
-  Python backend's examples do; kept for the process's life, as serving/metrics.py does).
+  Python backend's examples do; kept for the process's life, as stub/metrics.py does).
 * ``reload``: this project's digits repository, ``--model`` reloaded ``--rounds`` times under traffic.
 
     python benchmarks/triton_faults.py stall --seconds 10 [--without-keeper] [--hogs 2]
@@ -33,10 +33,10 @@ import psutil
 import tritonclient.grpc as grpcclient
 
 from fire_backend.demo import demo_checkpoint
+from fire_backend.launcher.server import TritonServer, running_server
+from fire_backend.launcher.stub_health import stub_args
 from fire_backend.procfs import child_processes
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import TritonServer, running_server
-from fire_backend.serving.stub_health import stub_args
+from fire_backend.repository.build import build_repository
 from fire_backend.wire.names import FIRE_ENSEMBLE, IMAGE, LABEL
 
 ECHO_CONFIG = ('backend: "python" max_batch_size: 8 instance_group [ { kind: KIND_CPU count: 2 } ]\n'

@@ -85,7 +85,7 @@ def bench_layouts(repair_layers: int, cut: bool = True) -> tuple[str, ...]:
 def bench_targets(layouts: Sequence[str], cut: bool = True) -> list[Target]:
     """The targets of a bench repository, in the order they run (the models come from the repository builder); no
     undefended split for a network that cannot be cut (``cut`` false)."""
-    from fire_backend.serving.repository import LAYOUT_MODELS, served_models
+    from fire_backend.repository.build import LAYOUT_MODELS, served_models
     from fire_backend.wire.names import FIRE_ENSEMBLE
 
     targets = []
@@ -528,9 +528,9 @@ def _run(config: BenchConfig, locustfile: Path, url: str, model: str, users: int
 def bench_repository(config: BenchConfig, progress: Progress) -> Path:
     """The repository with every target (``config.out/repository``), built from the checkpoint or rebuilt from the
     given repository (which is left as it is)."""
-    from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings
-    from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository
-    from fire_backend.store import DirectionStore
+    from fire_backend.repository.build import RepositoryOptions, build_repository, rebuild_repository
+    from fire_backend.repository.layout import ARTIFACTS_DIR, STORE_DIR, ServingSettings
+    from fire_backend.stores.files import DirectionStore
 
     out = config.out / "repository"
     if config.checkpoint is not None:
@@ -565,25 +565,24 @@ def _synthetic_direction(store, settings) -> None:
     import torch
 
     from fire_backend.fire import Direction
-    from fire_backend.serving.artifacts import load_centroid
-    from fire_backend.store import DirectionSet, LayeredSet
+    from fire_backend.repository.layout import load_centroid
+    from fire_backend.stores.format import DirectionSet, LayeredSet
 
     center, _ = load_centroid(store.root.parent)
     generator = torch.Generator().manual_seed(0)
     sets = {layer: DirectionSet(center if layer == settings.layer else np.zeros(dim, np.float32),
                                 [Direction(torch.randn(dim, generator=generator))])
             for layer, dim in settings.layer_dims.items()}
-    store.commit(sets[settings.layer] if len(sets) == 1 else LayeredSet(sets), action="push", actor="fire bench",
-                 note={"synthetic": True})
+    store.commit(LayeredSet(sets), action="push", actor="fire bench", note={"synthetic": True})
 
 
 def run_bench(config: BenchConfig, progress: Progress) -> BenchReport:
     """Build the bench repository, serve it, and measure every target at every concurrency, ``rounds`` times."""
     from fire_backend.data import load_dataset
     from fire_backend.data.export import write_traffic
-    from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-    from fire_backend.serving.ports import free_port
-    from fire_backend.serving.server import running_server
+    from fire_backend.launcher.ports import free_port
+    from fire_backend.launcher.server import running_server
+    from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
     from fire_backend.wire.client import FireClient
 
     locustfile = (config.locustfile or LOCUSTFILE).resolve()

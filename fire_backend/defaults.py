@@ -30,7 +30,7 @@ MAX_CLEAN_CHANGE = 0.05
 ARCHITECTURE_NAMES = ("digits_cnn", "preact_resnet18", "vgg19_bn", "mobilenet_v3_large")
 #: the built-in triggers, each a function of that name in fire_backend.data.triggers (torch-free here for the CLI)
 ATTACK_NAMES = ("badnets", "blended", "sig", "wanet", "input_aware", "low_frequency", "label_consistent")
-#: how ``fire train`` labels the poisoned images: the attack's own way (auto), or forced (fire_backend.poisoning)
+#: how ``fire train`` labels the poisoned images: the attack's own way (auto), or forced (offline.poisoning)
 POISONINGS = ("auto", "dirty-label", "clean-label")
 
 

@@ -23,12 +23,13 @@ import numpy as np
 from fire_backend.data import load_dataset
 from fire_backend.data.export import export_images
 from fire_backend.defaults import demo_checkpoint_dir, demo_repository_dir
+from fire_backend.launcher.server import running_server
 from fire_backend.loadtest.command import locust_command, locust_summary, run_locust
-from fire_backend.serving.artifacts import is_fire_repository
-from fire_backend.serving.metrics import MetricsConfig, summary_lines
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import running_server
+from fire_backend.metric_families import summary_lines
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import is_fire_repository
 from fire_backend.stage_metrics import fetch
+from fire_backend.stub.metrics import MetricsConfig
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.names import FIRE_ENSEMBLE
@@ -50,7 +51,7 @@ def demo_checkpoint(progress: Progress = _silent, bars: bool = False) -> Path:
 
     ``bars``: show the training progress bar.
     """
-    from fire_backend.training import TrainConfig, train_backdoored
+    from fire_backend.offline.training import TrainConfig, train_backdoored
 
     checkpoint = demo_checkpoint_dir()
     if not (checkpoint / "meta.json").is_file():

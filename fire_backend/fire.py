@@ -443,7 +443,7 @@ def compile_plan(
 class RepairPass:
     """Applies a plan to one batch while the network runs, and collects the per-sample outputs.
 
-    ``hooks`` go to :meth:`fire_backend.split.Part.forward`, which calls each at its layer. Per sample, the score
+    ``hooks`` go to :meth:`fire_backend.models.split.Part.forward`, which calls each at its layer. Per sample, the score
     is the largest over the repaired layers and a sample is flagged when any layer flags it; with nothing to
     repair the score is 0. ``keep`` (bool, one per row) marks rows that keep their unrepaired latent at every
     layer (bypassing requests); their scores are still computed (shadow mode).

@@ -17,14 +17,18 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from fire_backend.defaults import ESTIMATION_MODES
 from fire_backend.fire import Direction, UnpairedOptions, centroid, compile_directions, repair, unpaired_direction
-from fire_backend.layers import Layer
-from fire_backend.network import Network
+from fire_backend.models.layers import Layer
+from fire_backend.models.network import Network
+
+if TYPE_CHECKING:
+    from fire_backend.repository.layout import ServingSettings
 
 MODES = ESTIMATION_MODES
 #: folds of the label-free ranking, and the weight of a changed clean prediction against a flipped flagged one
@@ -51,6 +55,12 @@ class EstimationSettings:
         if self.mode not in MODES:
             raise ValueError(f"estimation mode must be one of {', '.join(MODES)}, not {self.mode!r}")
 
+    @classmethod
+    def of(cls, settings: ServingSettings) -> EstimationSettings:
+        """How a repository estimates: its serving settings, typed (the builder and the control endpoint alike)."""
+        return cls(settings.estimation, UnpairedOptions(settings.estimation_z or None, settings.nontarget_reference),
+                   settings.default_alpha, settings.default_threshold, settings.max_batch_size)
+
 
 def _weight_layer(layer: Layer) -> bool:
     name = layer.module_type.lower()
@@ -59,7 +69,7 @@ def _weight_layer(layer: Layer) -> bool:
 
 def default_layers(stages: Sequence[Layer]) -> tuple[str, ...]:
     """The layers ``fire repo build`` repairs at when none is named: an early and a deep one, chosen from the
-    network's stages (:meth:`fire_backend.network.Network.stages`) by one rule for any network; the label-free
+    network's stages (:meth:`fire_backend.models.network.Network.stages`) by one rule for any network; the label-free
     ranking then picks among their subsets online.
 
     - **early**: the first stage that is a block (a module with submodules: a residual block, a conv-norm-activation

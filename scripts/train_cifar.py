@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.offline.training import TrainConfig, train_backdoored
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ def _is_checkpoint(directory: Path, attack: str) -> bool:
 @pytest.fixture(scope="session")
 def digits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """attack name -> checkpoint directory of a digits model backdoored with it (target 0), trained lazily."""
-    from fire_backend.training import TrainConfig, train_backdoored
+    from fire_backend.offline.training import TrainConfig, train_backdoored
 
     cache = os.environ.get("FIRE_TEST_CACHE")
     root = Path(cache).expanduser() if cache else tmp_path_factory.mktemp("digits-checkpoints")

@@ -84,7 +84,7 @@ def _xz(members: dict[str, Path | bytes], out: Path, strip: bool = False) -> int
 
 
 def triton_tree(out: Path) -> int:
-    from fire_backend.serving.server_tree import _pytriton_root, libs_dir
+    from fire_backend.launcher.server_tree import _pytriton_root, libs_dir
 
     root = _pytriton_root()
     tree = root / "tritonserver"

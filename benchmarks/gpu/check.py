@@ -21,11 +21,11 @@ import numpy as np
 
 from fire_backend import stage_metrics
 from fire_backend.bench import bench_layouts, bench_targets, machine_info
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data import load_dataset
 from fire_backend.data.export import export_images
-from fire_backend.serving.repository import RepositoryOptions, build_repository
-from fire_backend.serving.server import running_server
+from fire_backend.launcher.server import running_server
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.repository.build import RepositoryOptions, build_repository
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.names import FIRE_ENSEMBLE, UNDEFENDED_ENSEMBLE

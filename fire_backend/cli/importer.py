@@ -11,7 +11,7 @@ from fire_backend.defaults import ATTACK_NAMES
 
 
 def cmd_import_backdoorbench(args: argparse.Namespace) -> int:
-    from fire_backend.backdoorbench import import_backdoorbench
+    from fire_backend.offline.backdoorbench import import_backdoorbench
 
     if args.attack is not None and args.target is None:
         raise CliError("--attack needs --target (the label the trigger flips to)")
@@ -51,14 +51,14 @@ def _input_shape(text: str | None) -> tuple[int, int, int] | None:
 
 def _source(args: argparse.Namespace):
     from fire_backend.cli.offline import parse_kwargs
-    from fire_backend.model_import import UserNetwork
+    from fire_backend.offline.model_import import UserNetwork
 
     return UserNetwork(module=args.module, weights=args.weights, kwargs=parse_kwargs(args.kwargs),
                        exported=args.exported)
 
 
 def _list_layers(args: argparse.Namespace) -> int:
-    from fire_backend.model_import import layer_rows, load_user_network
+    from fire_backend.offline.model_import import layer_rows, load_user_network
 
     shape = _input_shape(args.input_shape)
     classes = args.classes
@@ -91,7 +91,7 @@ def _list_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:
-    from fire_backend.model_import import import_model
+    from fire_backend.offline.model_import import import_model
 
     if args.list_layers:
         return _list_layers(args)

@@ -11,7 +11,7 @@ from fire_backend.defaults import ARCHITECTURE_NAMES, ATTACK_NAMES, ESTIMATION_M
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fire_backend.training import TrainConfig, train_backdoored
+    from fire_backend.offline.training import TrainConfig, train_backdoored
 
     options = ("data", "attack", "target", "poison_rate", "seed", "epochs", "arch", "width", "train_subset",
                "batch_size", "device", "module", "poisoning")
@@ -67,9 +67,9 @@ def _load_eval_inputs(args: argparse.Namespace, n_flagged: int):
         raise CliError("--clean and --flagged must be at least 1")
     if args.eval_images is not None and args.eval_images < 1:
         raise CliError("--eval-images must be at least 1")
-    from fire_backend.checkpoint import load_checkpoint, read_meta
     from fire_backend.device import check_batch_size, resolve_device
-    from fire_backend.evaluation import load_for_eval
+    from fire_backend.offline.checkpoint import load_checkpoint, read_meta
+    from fire_backend.offline.evaluation import load_for_eval
 
     check_batch_size(args.batch_size)
     if not read_meta(args.checkpoint).has_attack:
@@ -93,8 +93,8 @@ def _out_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fire_backend.checkpoint import read_meta
-    from fire_backend.evaluation import default_layer, evaluate, plot_streaming, write_csv
+    from fire_backend.offline.checkpoint import read_meta
+    from fire_backend.offline.evaluation import default_layer, evaluate, plot_streaming, write_csv
 
     if not read_meta(args.checkpoint).has_attack:
         return _clean_accuracy(args)
@@ -124,11 +124,11 @@ def _clean_accuracy(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from fire_backend.checkpoint import load_checkpoint
     from fire_backend.data import load_dataset, to_tensor
     from fire_backend.defaults import evaluation_indices
     from fire_backend.device import check_batch_size, resolve_device
-    from fire_backend.evaluation import predict
+    from fire_backend.offline.checkpoint import load_checkpoint
+    from fire_backend.offline.evaluation import predict
 
     check_batch_size(args.batch_size)
     model, meta = load_checkpoint(args.checkpoint, resolve_device(args.device))
@@ -144,7 +144,7 @@ def _clean_accuracy(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from fire_backend.evaluation import plot_sweep, sweep, write_csv
+    from fire_backend.offline.evaluation import plot_sweep, sweep, write_csv
 
     model, meta, data = _load_eval_inputs(args, args.flagged)
     rows, recommended = sweep(model, data, meta.target, n_flagged=args.flagged, estimator=args.estimator,
@@ -173,8 +173,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
     """The label-free ranking of the layer subsets the control endpoint ranks online (the same code), each with
     the CA/PA/ASR its repair reaches on the evaluation images (labels used for these figures only)."""
-    from fire_backend.evaluation import subset_metrics
     from fire_backend.multilayer import EstimationSettings, Evidence, default_layers, estimate, rank_subsets
+    from fire_backend.offline.evaluation import subset_metrics
 
     layers = args.rank_layers or list(default_layers(model.stages()))
     settings = EstimationSettings(args.estimation, batch=args.batch_size)
@@ -194,9 +194,9 @@ def _rank(args: argparse.Namespace, model, meta, data) -> list[dict]:
 
 
 def cmd_data_export(args: argparse.Namespace) -> int:
-    from fire_backend.checkpoint import read_meta
     from fire_backend.data import load_dataset
     from fire_backend.data.export import export_images
+    from fire_backend.offline.checkpoint import read_meta
 
     if args.n is not None and args.n < 1:
         raise CliError("--n must be at least 1")

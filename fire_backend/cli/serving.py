@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING
 
 from fire_backend.cli.base import CliError, add_command, add_device_options, add_group, say
 from fire_backend.defaults import ESTIMATION_MODES, MAX_CLEAN_CHANGE, RETAIN_VERSIONS
-from fire_backend.serving.artifacts import DEFAULT_LAYOUT, LAYOUTS
-from fire_backend.store_backends import STORE_URL_ENV
+from fire_backend.repository.layout import DEFAULT_LAYOUT, LAYOUTS
+from fire_backend.stores.backends import STORE_URL_ENV
 from fire_backend.wire import names
 from fire_backend.wire.token import TOKEN_ENV, TOKEN_FILE_ENV, stub_environment
 
 if TYPE_CHECKING:
-    from fire_backend.serving.server import ServerConfig
+    from fire_backend.launcher.server import ServerConfig
 
 
 def cmd_repo_build(args: argparse.Namespace) -> int:
-    from fire_backend.serving.repository import RepositoryOptions, build_repository
+    from fire_backend.repository.build import RepositoryOptions, build_repository
 
     try:
         options = RepositoryOptions(
@@ -51,8 +51,8 @@ def cmd_repo_build(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fire_backend.serving.artifacts import require_fire_repository
-    from fire_backend.serving.server import ServerConfig
+    from fire_backend.launcher.server import ServerConfig
+    from fire_backend.repository.layout import require_fire_repository
 
     if args.repository is None:
         from fire_backend.demo import demo_repository
@@ -82,8 +82,8 @@ def check_store(url: str) -> str:
     exit: the server starts, its repair stages hold requests (``/ready`` 503) and keep trying until it answers.
     Nothing is created here: a missing file store is named, never replaced by a new one at version 0 (``fire repo
     build --store`` creates one)."""
-    from fire_backend.store import StoreError
-    from fire_backend.store_backends import open_store
+    from fire_backend.stores.backends import open_store
+    from fire_backend.stores.format import StoreError
 
     try:
         store = open_store(url)
@@ -121,9 +121,9 @@ def serve_forever(config: ServerConfig, health_port: int | None = None) -> int:
     gave up restarting it (only with a restart limit; none by default). ``health_port``: serve /live and /ready
     there (on ``config.host``).
     """
-    from fire_backend.serving.health import HealthServer
-    from fire_backend.serving.server import TritonServer, TritonServerError
-    from fire_backend.serving.supervisor import State, Supervisor
+    from fire_backend.launcher.health import HealthServer
+    from fire_backend.launcher.server import TritonServer, TritonServerError
+    from fire_backend.launcher.supervisor import State, Supervisor
 
     supervisor = Supervisor(TritonServer(config), report=_event)
     server = supervisor.server

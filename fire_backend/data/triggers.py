@@ -6,7 +6,7 @@ or a load test applies are identical, for any image size and channel count. Each
 description (written here, not taken from another code base); where the paper trains or optimises something that a
 plain function cannot carry, the docstring says what stands in for it. Training-time parts of an attack (WaNet's
 noise mode, the input-aware attack's cross-trigger mode, label-consistent's adversarial perturbation, TrojanNN's
-patch optimisation) live with the poisoning, :mod:`fire_backend.poisoning`.
+patch optimisation) live with the poisoning, :mod:`fire_backend.offline.poisoning`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 names (PreActResNet18, VGG19-BN, MobileNetV3-Large), so their attack results load without renaming or torchvision.
 
 Any other network comes in as the user's own (:mod:`fire_backend.models.user`); every network, these included, runs
-through :class:`fire_backend.network.Network`.
+through :class:`fire_backend.models.network.Network`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fire_backend.models import build_model
+from fire_backend.models.network import Network
 from fire_backend.models.user import (
     MODULE_FILE,
     PROGRAM_FILE,
@@ -31,7 +32,6 @@ from fire_backend.models.user import (
     load_program,
     load_strict,
 )
-from fire_backend.network import Network
 
 #: the ``arch`` of user networks: a module file with a factory, or a torch.export program
 MODULE_ARCH, EXPORTED_ARCH = "module", "exported"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fire_backend.layers import near
+from fire_backend.models.layers import near
 
 #: the names a user network's file takes inside a checkpoint or repository
 MODULE_FILE = "network.py"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from helpers import EVERY_LAYOUT
 
-from fire_backend.etcd.local import LocalEtcd, etcd_binary
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import TritonServer, running_server
+from fire_backend.launcher.server import TritonServer, running_server
+from fire_backend.repository.build import build_repository
+from fire_backend.stores.etcd.local import LocalEtcd, etcd_binary
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.token import pinned_token
 

@@ -9,7 +9,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from fire_backend.serving.repository import RepositoryOptions
+from fire_backend.repository.build import RepositoryOptions
 from fire_backend.wire.auth import BYPASS, digest, sign
 from fire_backend.wire.names import BYPASS_PARAMETER, CREDENTIAL_PARAMETER, FIRE_ENSEMBLE, FIRE_INLINE, FIRE_SEPARATE
 

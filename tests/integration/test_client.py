@@ -43,8 +43,8 @@ def exported(checkpoint: Path, tmp_path_factory) -> dict[str, Path]:
 def offline_labels(checkpoint: Path, x_uint8: np.ndarray) -> np.ndarray:
     import torch
 
-    from fire_backend.checkpoint import load_checkpoint
     from fire_backend.data import to_tensor
+    from fire_backend.offline.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     model.eval()
@@ -167,7 +167,7 @@ def test_client_result_fields(served, exported):
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unreachable_server_names_the_fix(capsys, protocol):
-    from fire_backend.serving.ports import free_port
+    from fire_backend.launcher.ports import free_port
 
     port = free_port()
     code, _, err = run_infer(capsys, ["--url", f"{protocol}://127.0.0.1:{port}", "--digits", "2"])

@@ -19,11 +19,11 @@ from helpers import DEFENDED, EVERY_LAYOUT, infer, labels
 
 from fire_backend.data import load_dataset, resolve_attack, to_uint8
 from fire_backend.data.reserve import flagged_samples
+from fire_backend.launcher.server import STUB_REGION_BYTES, running_server
+from fire_backend.launcher.stub_health import stub_args
 from fire_backend.procfs import child_processes, is_running
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.server import STUB_REGION_BYTES, running_server
-from fire_backend.serving.stub_health import stub_args
-from fire_backend.store import DirectionStore
+from fire_backend.repository.layout import ServingSettings
+from fire_backend.stores.files import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.names import FIRE_CONTROL, FIRE_ENSEMBLE, MAX_CONTROL_REQUEST_BYTES

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from helpers import wait_for
 
-from fire_backend.etcd.local import LocalEtcd, etcd_binary
-from fire_backend.serving.propagation import percentile, push_and_wait
-from fire_backend.serving.repository import RepositoryOptions, build_repository
-from fire_backend.serving.server import TritonServer, running_server
-from fire_backend.store_backends import StoreBackend, open_store
+from fire_backend.launcher.server import TritonServer, running_server
+from fire_backend.repository.build import RepositoryOptions, build_repository
+from fire_backend.stores.backends import StoreBackend, open_store
+from fire_backend.stores.etcd.local import LocalEtcd, etcd_binary
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
+from fire_backend.wire.propagation import percentile, push_and_wait
 from fire_backend.wire.token import pinned_token
 
 pytestmark = [pytest.mark.integration, pytest.mark.etcd]
@@ -199,10 +199,10 @@ def test_a_replica_started_while_etcd_is_down_holds_ready_at_503_and_serves_once
     import urllib.error
     import urllib.request
 
-    from fire_backend.serving.health import HealthServer
-    from fire_backend.serving.ports import free_ports
-    from fire_backend.serving.server import ServerConfig
-    from fire_backend.serving.supervisor import Supervisor
+    from fire_backend.launcher.health import HealthServer
+    from fire_backend.launcher.ports import free_ports
+    from fire_backend.launcher.server import ServerConfig
+    from fire_backend.launcher.supervisor import Supervisor
     from fire_backend.wire.errors import FireClientError, ServerUnreachable
     from fire_backend.wire.names import HOLDING
 

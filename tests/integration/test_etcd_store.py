@@ -16,19 +16,19 @@ import pytest
 import torch
 from helpers import wait_for
 
-from fire_backend.etcd.client import EngineUnavailable, EtcdClient
-from fire_backend.etcd.follower import EtcdFollower
-from fire_backend.etcd.local import LocalEtcd, etcd_binary
-from fire_backend.etcd.store import CHUNK, EtcdStore
 from fire_backend.fire import Direction
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, save_centroid
-from fire_backend.serving.controller import AuthRefused, Controller, token_id
-from fire_backend.serving.live_plan import LivePlan
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.stages import load_network
-from fire_backend.store import MAGIC_LAYERED, Conflict, DirectionSet, LayeredSet, StoreError
-from fire_backend.store_backends import STORE_URL_ENV, open_store
-from fire_backend.store_damage import CHECKSUM
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings, save_centroid
+from fire_backend.stores.backends import STORE_URL_ENV, open_store
+from fire_backend.stores.damage import CHECKSUM
+from fire_backend.stores.etcd.client import EngineUnavailable, EtcdClient
+from fire_backend.stores.etcd.follower import EtcdFollower
+from fire_backend.stores.etcd.local import LocalEtcd, etcd_binary
+from fire_backend.stores.etcd.store import CHUNK, EtcdStore
+from fire_backend.stores.format import MAGIC_LAYERED, Conflict, DirectionSet, LayeredSet, StoreError
+from fire_backend.stub.controller import AuthRefused, Controller, token_id
+from fire_backend.stub.live_plan import LivePlan
+from fire_backend.stub.stages import load_network
 from fire_backend.wire.auth import CONTROL, digest, sign
 
 pytestmark = pytest.mark.etcd
@@ -56,7 +56,7 @@ def test_versions_history_and_rollback(etcd: LocalEtcd) -> None:
     big = direction_set(1, dim=300_000)  # 1.2 MB of center alone: several chunks
     assert store.commit(big, "push", "op") == 1
     assert store.commit(direction_set(2), "push", "op") == 2
-    assert len(big.to_bytes()) > 2 * CHUNK
+    assert len(LayeredSet.of(big).to_bytes()) > 2 * CHUNK
     assert np.array_equal(store.read_version(1).directions.center, big.center)
     assert store.rollback(1, "op") == 1
     assert store.resolve().version == 1 and store.resolve().verified == 1
@@ -375,8 +375,8 @@ def test_several_layer_control_actions_run_again_after_a_lost_race(etcd: LocalEt
     live_layers = controller._live_layers
     raced = []
 
-    def racing() -> LayeredSet:
-        live = live_layers()
+    def racing(intact: bool = True) -> LayeredSet:
+        live = live_layers(intact)
         if not raced:  # another replica commits after this block read the live version
             raced.append(other.commit(LayeredSet(dict(live.sets)), "push", "other"))
         return live

@@ -1,4 +1,4 @@
-"""Integration tests for fire_backend.serving.server and `fire serve`'s foreground loop: they start the real
+"""Integration tests for fire_backend.launcher.server and `fire serve`'s foreground loop: they start the real
 tritonserver from the nvidia-pytriton wheel with a tiny Python-backend model (CPU only, ~2 s per start)."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 import psutil
 import pytest
 
-from fire_backend.serving.ports import free_ports
-from fire_backend.serving.server import ServerConfig, TritonServer, TritonServerError, running_server
+from fire_backend.launcher.ports import free_ports
+from fire_backend.launcher.server import ServerConfig, TritonServer, TritonServerError, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -252,7 +252,7 @@ def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
         import sys
         from pathlib import Path
         from fire_backend.cli.serving import serve_forever
-        from fire_backend.serving.server import ServerConfig
+        from fire_backend.launcher.server import ServerConfig
         cfg = ServerConfig(Path({str(repo)!r}), http_port={http_port}, grpc_port={grpc_port},
                            metrics_port={metrics_port})
         sys.exit(serve_forever(cfg))
@@ -289,3 +289,31 @@ def test_serve_forever_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_repository_built_before_the_layout_by_process_still_serves(production: Path, badnets_eval,
+                                                                       tmp_path: Path) -> None:
+    """Its model.py files import ``fire_backend.serving.triton_models``, the stub entry point's old path."""
+    import shutil
+
+    import tritonclient.grpc as grpcclient
+    from helpers import labels
+
+    from fire_backend.wire.control import ControlClient
+    from fire_backend.wire.token import pinned_token
+
+    repository = tmp_path / "old"
+    shutil.copytree(production, repository)
+    model_files = sorted((repository / "models").glob("*/1/model.py"))
+    assert model_files
+    for model_py in model_files:
+        text = model_py.read_text()
+        assert "fire_backend.stub.triton_models" in text  # what `fire repo build` writes now
+        model_py.write_text(text.replace("fire_backend.stub.triton_models", "fire_backend.serving.triton_models"))
+    with running_server(repository, extra_env=pinned_token("old-token")) as server:
+        with grpcclient.InferenceServerClient(server.urls["grpc"]) as client:
+            predicted = labels(client, badnets_eval.clean[::4])
+        with ControlClient(server.urls["grpc"], "old-token") as ctl:
+            status = ctl.status()
+    assert float(np.mean(predicted == badnets_eval.labels[::4])) > 0.9
+    assert status["version"] == 1 and status["directions"]

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 from helpers import infer, labels
 from test_control import flagged_images
 
-from fire_backend.store import DirectionStore
+from fire_backend.stores.files import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from fire_backend.cli import main as fire_main
+from fire_backend.launcher.ports import free_port
 from fire_backend.loadtest.defense import WINDOW_S
-from fire_backend.serving.ports import free_port
 from fire_backend.wire.control import ControlClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

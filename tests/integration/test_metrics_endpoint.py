@@ -1,5 +1,5 @@
 """FIRE's metrics module inside the real tritonserver: a throwaway Python model in a temporary repository uses
-fire_backend.serving.metrics as a stage will, clients send a known mix, and the real /metrics is scraped.
+fire_backend.stub.metrics as a stage will, clients send a known mix, and the real /metrics is scraped.
 
 The model stands in for a repair stage (scores arrive as its input; FLAGGED = score > 0.5) and, driven by request
 parameters, for the rare events (a version applied, a control action, a store error, a new live version). Where
@@ -26,10 +26,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from observability import ALERTS, Exposition, alert_rules, dashboard_queries, load_dashboard, promql_metric_names
 
-from fire_backend.serving import metrics as m
-from fire_backend.serving.artifacts import models_dir
-from fire_backend.serving.ports import free_port
-from fire_backend.serving.server import TritonServer, running_server
+from fire_backend import metric_families as mf
+from fire_backend.launcher.ports import free_port
+from fire_backend.launcher.server import TritonServer, running_server
+from fire_backend.repository.layout import models_dir
+from fire_backend.stub import metrics as m
 from fire_backend.wire.names import BYPASS_PARAMETER
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from fire_backend.serving.metrics import BatchMetrics, ControlMetrics, MetricsConfig
+from fire_backend.stub.metrics import BatchMetrics, ControlMetrics, MetricsConfig
 
 
 class TritonPythonModel:
@@ -126,13 +127,13 @@ def client(server: TritonServer) -> Iterator[grpcclient.InferenceServerClient]:
 
 
 def test_every_series_is_there_from_the_start(server: TritonServer) -> None:
-    page = wait_for(server, lambda p: p.total(m.APPLIED_VERSION.name, model=MODEL) == 2, "the start-up version")
+    page = wait_for(server, lambda p: p.total(mf.APPLIED_VERSION.name, model=MODEL) == 2, "the start-up version")
     for instance in ("metrics_probe_0_0", "metrics_probe_0_1"):
-        assert page.one(m.APPLIED_VERSION.name, model_instance=instance, layout="probe") == 1
-        assert math.isnan(page.one(m.APPLY_LAG_SECONDS.name, model_instance=instance))
-        assert len(page.select(m.SCORE_BUCKET.name, model_instance=instance)) == len(m.SCORE_BUCKETS) + 1
-    assert page.types[m.SCORE_BUCKET.name] == "counter" and page.types[m.SCORE_SUM.name] == "gauge"
-    assert m.exported_names() <= page.names()
+        assert page.one(mf.APPLIED_VERSION.name, model_instance=instance, layout="probe") == 1
+        assert math.isnan(page.one(mf.APPLY_LAG_SECONDS.name, model_instance=instance))
+        assert len(page.select(mf.SCORE_BUCKET.name, model_instance=instance)) == len(mf.SCORE_BUCKETS) + 1
+    assert page.types[mf.SCORE_BUCKET.name] == "counter" and page.types[mf.SCORE_SUM.name] == "gauge"
+    assert mf.exported_names() <= page.names()
 
 
 def test_fire_counters_equal_what_the_clients_saw(server: TritonServer, client) -> None:
@@ -161,45 +162,45 @@ def test_fire_counters_equal_what_the_clients_saw(server: TritonServer, client) 
     def delta(page: Exposition, name: str, **labels: str) -> float:
         return page.total(name, model=MODEL, **labels) - before.total(name, model=MODEL, **labels)
 
-    wait_for(server, lambda p: delta(p, m.REQUESTS_TOTAL.name) >= seen["requests"], "the mix")
+    wait_for(server, lambda p: delta(p, mf.REQUESTS_TOTAL.name) >= seen["requests"], "the mix")
     time.sleep(2 * FLUSH_S)  # whatever else would arrive (it must not) has arrived
     page = scrape(server)
-    got = {"requests": delta(page, m.REQUESTS_TOTAL.name), "samples": delta(page, m.SAMPLES_TOTAL.name),
-           "flagged": delta(page, m.FLAGGED_SAMPLES_TOTAL.name),
-           "bypassed": delta(page, m.BYPASSED_REQUESTS_TOTAL.name)}
+    got = {"requests": delta(page, mf.REQUESTS_TOTAL.name), "samples": delta(page, mf.SAMPLES_TOTAL.name),
+           "flagged": delta(page, mf.FLAGGED_SAMPLES_TOTAL.name),
+           "bypassed": delta(page, mf.BYPASSED_REQUESTS_TOTAL.name)}
     assert got == seen
-    for bound in (*m.SCORE_BUCKETS, math.inf):
+    for bound in (*mf.SCORE_BUCKETS, math.inf):
         le = m.le_label(bound)
         expected = len(sent) if bound == math.inf else int(np.sum(sent <= bound))
-        assert delta(page, m.SCORE_BUCKET.name, le=le) == expected, le
-    assert delta(page, m.SCORE_COUNT.name) == len(sent)
+        assert delta(page, mf.SCORE_BUCKET.name, le=le) == expected, le
+    assert delta(page, mf.SCORE_COUNT.name) == len(sent)
     finite = sent[np.isfinite(sent)]
-    assert delta(page, m.SCORE_SUM.name) == pytest.approx(finite.sum(), abs=1e-3)
+    assert delta(page, mf.SCORE_SUM.name) == pytest.approx(finite.sum(), abs=1e-3)
 
 
 def test_versions_lag_control_actions_and_store_errors(server: TritonServer, client) -> None:
     before = scrape(server)
     committed = time.time() - 1.5
     send(client, np.array([0.1]), applied=5, committed_at=str(committed))
-    send(client, np.array([0.1]), control="push", result=m.RESULT_REFUSED_AUTH)
-    send(client, np.array([0.1]), control="drop table", result=m.RESULT_REFUSED_VALIDATION)
-    send(client, np.array([0.1]), store_error=m.STORE_CHECKSUM)
+    send(client, np.array([0.1]), control="push", result=mf.RESULT_REFUSED_AUTH)
+    send(client, np.array([0.1]), control="drop table", result=mf.RESULT_REFUSED_VALIDATION)
+    send(client, np.array([0.1]), store_error=mf.STORE_CHECKSUM)
     send(client, np.array([0.1]), live=7)
 
     def grew(page: Exposition, name: str, **labels: str) -> float:
         return page.total(name, **labels) - before.total(name, **labels)
 
-    page = wait_for(server, lambda p: 5 in {s.value for s in p.select(m.APPLIED_VERSION.name, model=MODEL)}
-                    and grew(p, m.STORE_ERRORS_TOTAL.name, kind="checksum") == 1
-                    and grew(p, m.CONTROL_ACTIONS_TOTAL.name) == 2
-                    and 7 in {s.value for s in p.select(m.LIVE_VERSION.name, model=MODEL)}, "the events")
-    moved = [s for s in page.select(m.APPLIED_VERSION.name, model=MODEL) if s.value == 5]
+    page = wait_for(server, lambda p: 5 in {s.value for s in p.select(mf.APPLIED_VERSION.name, model=MODEL)}
+                    and grew(p, mf.STORE_ERRORS_TOTAL.name, kind="checksum") == 1
+                    and grew(p, mf.CONTROL_ACTIONS_TOTAL.name) == 2
+                    and 7 in {s.value for s in p.select(mf.LIVE_VERSION.name, model=MODEL)}, "the events")
+    moved = [s for s in page.select(mf.APPLIED_VERSION.name, model=MODEL) if s.value == 5]
     assert len(moved) == 1, "one instance applied version 5"
-    lag = page.one(m.APPLY_LAG_SECONDS.name, model_instance=moved[0].labels[m.INSTANCE_LABEL])
+    lag = page.one(mf.APPLY_LAG_SECONDS.name, model_instance=moved[0].labels[mf.INSTANCE_LABEL])
     assert 1.5 <= lag < 1.5 + 10
-    assert grew(page, m.CONTROL_ACTIONS_TOTAL.name, action="push", result="refused_auth") == 1
-    assert grew(page, m.CONTROL_ACTIONS_TOTAL.name, action=m.OTHER_ACTION, result="refused_validation") == 1
-    assert not page.select(m.CONTROL_ACTIONS_TOTAL.name, action="drop table")
+    assert grew(page, mf.CONTROL_ACTIONS_TOTAL.name, action="push", result="refused_auth") == 1
+    assert grew(page, mf.CONTROL_ACTIONS_TOTAL.name, action=mf.OTHER_ACTION, result="refused_validation") == 1
+    assert not page.select(mf.CONTROL_ACTIONS_TOTAL.name, action="drop table")
 
 
 def test_dashboard_and_alerts_query_only_metrics_this_server_exports(server: TritonServer, client) -> None:

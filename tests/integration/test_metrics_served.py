@@ -25,10 +25,11 @@ from observability import (
 )
 from tritonclient.utils import InferenceServerException
 
-from fire_backend.serving import metrics as m
-from fire_backend.serving.live_plan import WATCH_INTERVAL_S
-from fire_backend.serving.repository import HEAD, REPAIR, stage_name
+from fire_backend import metric_families as mf
+from fire_backend.repository.build import HEAD, REPAIR, stage_name
 from fire_backend.stage_metrics import fetch
+from fire_backend.stub import metrics as m
+from fire_backend.stub.live_plan import WATCH_INTERVAL_S
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.names import BYPASS_PARAMETER, FIRE_ENSEMBLE, FIRE_INLINE, FIRE_SEPARATE
@@ -92,40 +93,40 @@ def test_fire_counters_equal_what_the_clients_saw(defended, badnets_eval) -> Non
         tally["bypassed"] += bypass
         tally["scores"].append(scores)
 
-    def delta(page: Exposition, family: m.Family, model: str, **labels: str) -> float:
+    def delta(page: Exposition, family: mf.Family, model: str, **labels: str) -> float:
         mine = {"model": SCORING[model], "layout": LAYOUT[model], **labels}
         return page.total(family.name, **mine) - before.total(family.name, **mine)
 
     url = defended.server.urls["metrics"]
-    wait_for(url, lambda p: all(delta(p, m.REQUESTS_TOTAL, model) >= seen[model]["requests"] for model in DEFENDED),
+    wait_for(url, lambda p: all(delta(p, mf.REQUESTS_TOTAL, model) >= seen[model]["requests"] for model in DEFENDED),
              "the mix")
     page = settled(defended)  # whatever else would arrive (it must not) has arrived
     for model in DEFENDED:
         tally = seen[model]
         scores = np.concatenate(tally.pop("scores")).astype(np.float64)
         assert 0 < tally["flagged"] < tally["samples"], model  # the mix has both
-        got = {"requests": delta(page, m.REQUESTS_TOTAL, model), "samples": delta(page, m.SAMPLES_TOTAL, model),
-               "flagged": delta(page, m.FLAGGED_SAMPLES_TOTAL, model),
-               "bypassed": delta(page, m.BYPASSED_REQUESTS_TOTAL, model)}
+        got = {"requests": delta(page, mf.REQUESTS_TOTAL, model), "samples": delta(page, mf.SAMPLES_TOTAL, model),
+               "flagged": delta(page, mf.FLAGGED_SAMPLES_TOTAL, model),
+               "bypassed": delta(page, mf.BYPASSED_REQUESTS_TOTAL, model)}
         assert got == tally, model
         for le in ("0", "0.5", "1", "+Inf"):
             expected = len(scores) if le == "+Inf" else int(np.sum(scores <= float(le)))
-            assert delta(page, m.SCORE_BUCKET, model, le=le) == expected, (model, le)
-        assert delta(page, m.SCORE_SUM, model) == pytest.approx(scores.sum(), abs=1e-3)
+            assert delta(page, mf.SCORE_BUCKET, model, le=le) == expected, (model, le)
+        assert delta(page, mf.SCORE_SUM, model) == pytest.approx(scores.sum(), abs=1e-3)
     # What `fire demo` prints at its end: each scoring stage's traffic is among the lines.
-    lines = m.summary_lines(fetch(url))
+    lines = mf.summary_lines(fetch(url))
     for model in DEFENDED:
-        assert any(line.startswith(f"{m.REQUESTS_TOTAL.name}{{") and f'model="{SCORING[model]}"' in line
+        assert any(line.startswith(f"{mf.REQUESTS_TOTAL.name}{{") and f'model="{SCORING[model]}"' in line
                    for line in lines), model
 
 
 def test_the_dashboard_and_alerts_query_what_the_wired_stages_export(defended) -> None:
     page = settled(defended)
     names = page.names()
-    assert m.exported_names() <= names, sorted(m.exported_names() - names)
+    assert mf.exported_names() <= names, sorted(mf.exported_names() - names)
     for model, stage in SCORING.items():  # each layout's scoring stage exports every serving family
         exported = {s.name for s in page.samples if s.labels.get("model") == stage}
-        assert {f.name for f in m.BATCH_FAMILIES} <= exported, model
+        assert {f.name for f in mf.BATCH_FAMILIES} <= exported, model
     recorded = {rule["record"] for rule in alert_rules() if "record" in rule}
     queries = dashboard_queries(load_dashboard()) + [rule["expr"] for rule in alert_rules()]
     missing = {q: sorted(promql_metric_names(q) - names - recorded) for q in queries}
@@ -140,15 +141,15 @@ def test_the_version_gauge_follows_a_push_without_traffic(defended) -> None:
         beta = np.random.default_rng(3).standard_normal(int(np.prod(dim))) * 0.01
         began = time.monotonic()
         pushed = ctl.push([{"beta": beta.astype(np.float32).tolist(), "name": "metrics-test"}])["version"]
-        page = wait_for(url, lambda p: [s.value for s in p.select(m.APPLIED_VERSION.name)] == [pushed] *
+        page = wait_for(url, lambda p: [s.value for s in p.select(mf.APPLIED_VERSION.name)] == [pushed] *
                         SCORING_INSTANCES, "every instance on the pushed version", timeout_s=30, every_s=0.02)
         followed = time.monotonic() - began
         print(f"version gauge of {SCORING_INSTANCES} idle instances followed the push in {followed:.3f} s "
               f"(limit {PROPAGATION_LIMIT_S} s)")
         assert followed <= PROPAGATION_LIMIT_S
         # The control stage reads the store's live version every flush (1 s).
-        wait_for(url, lambda p: p.one(m.LIVE_VERSION.name) == pushed, "the live version", timeout_s=FLUSH_S + 5)
-        lags = [s.value for s in page.select(m.APPLY_LAG_SECONDS.name)]
+        wait_for(url, lambda p: p.one(mf.LIVE_VERSION.name) == pushed, "the live version", timeout_s=FLUSH_S + 5)
+        lags = [s.value for s in page.select(mf.APPLY_LAG_SECONDS.name)]
         assert len(lags) == SCORING_INSTANCES and all(0 <= lag <= PROPAGATION_LIMIT_S for lag in lags), lags
 
         status = ctl.status()  # what `fire ctl status` prints
@@ -170,11 +171,12 @@ def test_control_actions_are_counted_by_result(defended) -> None:
 
     def grew(page: Exposition, action: str, result: str) -> float:
         labels = {"action": action, "result": result}
-        return page.total(m.CONTROL_ACTIONS_TOTAL.name, **labels) - before.total(m.CONTROL_ACTIONS_TOTAL.name, **labels)
+        name = mf.CONTROL_ACTIONS_TOTAL.name
+        return page.total(name, **labels) - before.total(name, **labels)
 
-    wait_for(url, lambda p: grew(p, "status", m.RESULT_OK) >= 1, "the status action")
+    wait_for(url, lambda p: grew(p, "status", mf.RESULT_OK) >= 1, "the status action")
     page = settled(defended)
     counted = {(s.labels["action"], s.labels["result"]): grew(page, s.labels["action"], s.labels["result"])
-               for s in page.select(m.CONTROL_ACTIONS_TOTAL.name)}
+               for s in page.select(mf.CONTROL_ACTIONS_TOTAL.name)}
     assert {key: n for key, n in counted.items() if n} == {
-        ("push", m.RESULT_REFUSED_AUTH): 1, ("rollback", m.RESULT_REFUSED_VALIDATION): 1, ("status", m.RESULT_OK): 1}
+        ("push", mf.RESULT_REFUSED_AUTH): 1, ("rollback", mf.RESULT_REFUSED_VALIDATION): 1, ("status", mf.RESULT_OK): 1}

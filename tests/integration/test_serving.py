@@ -20,11 +20,11 @@ import tritonclient.http as httpclient
 from helpers import DEFENDED, bypass_parameters, infer, labels
 from tritonclient.utils import InferenceServerException
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.fire import compile_directions, repair
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.ports import free_ports
-from fire_backend.store import DirectionStore
+from fire_backend.launcher.ports import free_ports
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.repository.layout import ServingSettings
+from fire_backend.stores.files import DirectionStore
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError
 from fire_backend.wire.names import (

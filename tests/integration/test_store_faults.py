@@ -28,14 +28,15 @@ import pytest
 import torch
 
 from fire_backend.fire import Direction
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.health import HealthServer
-from fire_backend.serving.metrics import STORE_DEGRADED
-from fire_backend.serving.ports import free_ports
-from fire_backend.serving.repository import RepositoryOptions, build_repository
-from fire_backend.serving.server import ServerConfig, TritonServer
-from fire_backend.serving.supervisor import Supervisor
-from fire_backend.store import DirectionSet, DirectionStore
+from fire_backend.launcher.health import HealthServer
+from fire_backend.launcher.ports import free_ports
+from fire_backend.launcher.server import ServerConfig, TritonServer
+from fire_backend.launcher.supervisor import Supervisor
+from fire_backend.metric_families import STORE_DEGRADED
+from fire_backend.repository.build import RepositoryOptions, build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stores.format import DirectionSet
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.errors import FireClientError

@@ -16,16 +16,16 @@ import torch
 from helpers import infer
 from test_control import flagged_images
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.fire import RepairPass
+from fire_backend.launcher.server import running_server
 from fire_backend.models.user import load_module_file
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.live_plan import plan_of
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import running_server
-from fire_backend.store import DirectionStore
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.training import TrainConfig, train_backdoored
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stub.live_plan import plan_of
 from fire_backend.wire.control import ControlClient
 from fire_backend.wire.token import pinned_token
 

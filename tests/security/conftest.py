@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from probes import RESTART_BUDGET_S, Hardened
 
-from fire_backend.serving.health import HealthServer
-from fire_backend.serving.ports import free_ports
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.server import ServerConfig, TritonServer
-from fire_backend.serving.supervisor import Supervisor
+from fire_backend.launcher.health import HealthServer
+from fire_backend.launcher.ports import free_ports
+from fire_backend.launcher.server import ServerConfig, TritonServer
+from fire_backend.launcher.supervisor import Supervisor
+from fire_backend.repository.build import build_repository
 from fire_backend.wire.token import pinned_token
 
 

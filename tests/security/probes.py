@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fire_backend.serving.health import HealthServer
-from fire_backend.serving.server import TritonServer
-from fire_backend.serving.supervisor import Supervisor
-from fire_backend.store import DirectionStore
+from fire_backend.launcher.health import HealthServer
+from fire_backend.launcher.server import TritonServer
+from fire_backend.launcher.supervisor import Supervisor
+from fire_backend.stores.files import DirectionStore
 from fire_backend.wire.client import FireClient, InferResult
 
 #: longest a supervised restart may take here (a loaded 2-core box needs 20-80 s for the 7-model repository)

@@ -26,9 +26,9 @@ import tritonclient.grpc as grpcclient
 from probes import Hardened, http_status, served
 from tritonclient.utils import InferenceServerException
 
+from fire_backend.launcher.server import UNSENDABLE_HEADER, UNSENDABLE_VALUE
 from fire_backend.procfs import child_processes, is_running
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.server import UNSENDABLE_HEADER, UNSENDABLE_VALUE
+from fire_backend.repository.layout import ServingSettings
 from fire_backend.wire.auth import CONTROL, digest, sign
 from fire_backend.wire.client import FireClient
 from fire_backend.wire.control import ControlClient

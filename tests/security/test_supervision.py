@@ -22,13 +22,13 @@ import tritonclient.grpc as grpcclient
 from probes import http_status, tiny_repository
 from tritonclient.utils import InferenceServerException
 
+from fire_backend.launcher.health import HealthServer
+from fire_backend.launcher.ports import free_ports
+from fire_backend.launcher.server import ServerConfig, TritonServer, running_server
+from fire_backend.launcher.shm import HOST_SHM, private_shm_unavailable
+from fire_backend.launcher.stub_health import stub_args
+from fire_backend.launcher.supervisor import State, Supervisor, SupervisorPolicy
 from fire_backend.procfs import child_processes, children
-from fire_backend.serving.health import HealthServer
-from fire_backend.serving.ports import free_ports
-from fire_backend.serving.server import ServerConfig, TritonServer, running_server
-from fire_backend.serving.shm import HOST_SHM, private_shm_unavailable
-from fire_backend.serving.stub_health import stub_args
-from fire_backend.serving.supervisor import State, Supervisor, SupervisorPolicy
 
 pytestmark = [pytest.mark.security, pytest.mark.integration]
 
@@ -73,7 +73,7 @@ def test_finding1_a_crash_is_restarted_and_said_while_the_front_answers_503(tmp_
         import sys
         from pathlib import Path
         from fire_backend.cli.serving import serve_forever
-        from fire_backend.serving.server import ServerConfig
+        from fire_backend.launcher.server import ServerConfig
         config = ServerConfig(Path({str(repository)!r}), http_port={http}, grpc_port={grpc}, metrics_port={metrics})
         sys.exit(serve_forever(config, {health}))
         """)
@@ -313,7 +313,7 @@ def test_finding8_kill_9_leaves_no_shared_memory_behind(tmp_path: Path, private:
     launcher = python(f"""
         import time
         from pathlib import Path
-        from fire_backend.serving.server import running_server
+        from fire_backend.launcher.server import running_server
         with running_server(Path({str(repository)!r}), private_shm={private}) as server:
             print("SERVER", server.pid, server.shm_prefix, flush=True)
             time.sleep(600)

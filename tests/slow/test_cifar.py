@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
+from fire_backend.offline.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ SWEEP_LAYER = {"badnets": "layer4.0", "blended": "conv1", "sig": "conv1"}
 @pytest.fixture(scope="module")
 def cifar_checkpoint(shared_file, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """attack -> checkpoint of a width-WIDTH PreActResNet18 backdoored with it (target 0), trained lazily."""
-    from fire_backend.training import TrainConfig, train_backdoored
+    from fire_backend.offline.training import TrainConfig, train_backdoored
 
     data = f"npz:{shared_file('data/cifar10.npz')}"
     cache = os.environ.get("FIRE_TEST_CACHE")
@@ -95,8 +95,8 @@ def print_report(attack: str, checkpoint: Path, report: dict) -> dict[str, dict]
 def repair_at(checkpoint: Path, layer: str) -> dict[str, dict]:
     """Undefended and FIRE projection (alpha 1, FLAGGED flagged samples) figures at ``layer``, as `fire eval`
     computes them (same defender data and evaluation split), without its streaming curve."""
-    from fire_backend.evaluation import LayerView, load_for_eval
     from fire_backend.fire import Direction
+    from fire_backend.offline.evaluation import LayerView, load_for_eval
 
     model, meta = load_checkpoint(checkpoint)
     data = load_for_eval(meta.dataset, meta.attack, meta.target, 100, FLAGGED, EVAL_IMAGES)

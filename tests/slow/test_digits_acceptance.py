@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
 from fire_backend.defaults import evaluation_indices, stratified_order
+from fire_backend.offline.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

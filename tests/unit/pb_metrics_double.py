@@ -1,7 +1,7 @@
 """A faithful double of the Python backend's custom-metrics API (``pb_utils.MetricFamily``/``Metric``), Triton 2.51.
 
 Used where the real tritonserver would make a test slow or could not show the failure: it behaves as measured
-on the real server (see fire_backend/serving/metrics.py) -- including the misuses that kill tritonserver, which
+on the real server (see fire_backend/stub/metrics.py) -- including the misuses that kill tritonserver, which
 here raise ``ServerAborted`` (a test never catches it, so such a misuse fails the test):
 
 * a counter incremented by a negative value (real: the call fails, then tritonserver aborts);

@@ -18,21 +18,21 @@ import pytest
 import torch
 from PIL import Image
 
-from fire_backend.backdoorbench import (
+from fire_backend.cli import main
+from fire_backend.data import resolve_attack, to_tensor, to_uint8
+from fire_backend.data.stored import stored_attack
+from fire_backend.defaults import RESERVE, evaluation_indices
+from fire_backend.models import MobileNetV3Large, PreActResNet18
+from fire_backend.models.spec import load_network_file
+from fire_backend.offline.backdoorbench import (
     NORMALIZATION,
     POISONED_FILE,
     import_backdoorbench,
     load_attack_result,
 )
-from fire_backend.checkpoint import load_checkpoint
-from fire_backend.cli import main
-from fire_backend.data import resolve_attack, to_tensor, to_uint8
-from fire_backend.data.stored import stored_attack
-from fire_backend.defaults import RESERVE, evaluation_indices
-from fire_backend.evaluation import batched
-from fire_backend.models import MobileNetV3Large, PreActResNet18
-from fire_backend.models.spec import load_network_file
-from fire_backend.serving.artifacts import FULL_FILE, ServingSettings
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import batched
+from fire_backend.repository.layout import FULL_FILE, ServingSettings
 
 TARGET = 0
 # A width-64 PreActResNet18 is slow on a CPU: few images, most of them in the target class, so that the

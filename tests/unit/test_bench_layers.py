@@ -21,9 +21,9 @@ from fire_backend.bench import (
     ratios,
     summary_rows,
 )
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir
-from fire_backend.serving.repository import build_repository
-from fire_backend.store import DirectionStore
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings, models_dir
+from fire_backend.stores.files import DirectionStore
 
 
 def test_the_separate_layout_is_left_out_only_for_several_layers() -> None:

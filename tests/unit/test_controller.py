@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from fire_backend.procfs import this_host
-from fire_backend.serving import controller as controller_module
-from fire_backend.serving.artifacts import STORE_DIR, ServingSettings, save_centroid
-from fire_backend.serving.controller import ControlError, Controller, token_id
-from fire_backend.store import Conflict, DirectionStore
+from fire_backend.repository.layout import STORE_DIR, ServingSettings, save_centroid
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stores.format import Conflict
+from fire_backend.stub import controller as controller_module
+from fire_backend.stub.controller import ControlError, Controller, token_id
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 
 TOKEN = "s3cret-token"
@@ -151,7 +152,8 @@ def test_a_read_only_request_is_served_when_the_store_cannot_record_its_nonce(ar
 
 def test_push_commits_a_version(controller: Controller, artifacts: Path) -> None:
     result = act(controller, "push", directions=[direction(1, alpha=0.5, mode="constant", threshold=0.3)])
-    assert result == {"version": 1, "action": "push", "clean_change": None}  # no network here: not measured
+    # no network here: the clean change is not measured
+    assert result == {"version": 1, "action": "push", "layer": "block", "clean_change": None}
     status = act(controller, "status")
     (d,) = status["directions"]
     assert status["version"] == 1
@@ -329,9 +331,10 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     from observability import Exposition
     from pb_metrics_double import PbMetrics
 
-    from fire_backend.serving import metrics as m
-    from fire_backend.serving.control_stage import REFUSED_LABEL_BYTES, ControlStage
-    from fire_backend.serving.controller import ACTIONS
+    from fire_backend import metric_families as mf
+    from fire_backend.stub import metrics as m
+    from fire_backend.stub.control_stage import REFUSED_LABEL_BYTES, ControlStage
+    from fire_backend.stub.controller import ACTIONS
 
     server = PbMetrics()
     stage = ControlStage.__new__(ControlStage)
@@ -372,10 +375,10 @@ def test_the_control_stage_answers_refusals_and_failures_without_tracebacks(cont
     stage.metrics.flush()
     page = Exposition(server.exposition())
     counted = {(s.labels["action"], s.labels["result"]): s.value
-               for s in page.select(m.CONTROL_ACTIONS_TOTAL.name) if s.value}
-    assert counted == {("status", m.RESULT_OK): 1, ("status", m.RESULT_REFUSED_AUTH): 1,
-                       ("status", m.RESULT_REFUSED_VALIDATION): 1, (m.OTHER_ACTION, m.RESULT_REFUSED_AUTH): 2,
-                       ("status", m.RESULT_ERROR): 1}
+               for s in page.select(mf.CONTROL_ACTIONS_TOTAL.name) if s.value}
+    assert counted == {("status", mf.RESULT_OK): 1, ("status", mf.RESULT_REFUSED_AUTH): 1,
+                       ("status", mf.RESULT_REFUSED_VALIDATION): 1, (mf.OTHER_ACTION, mf.RESULT_REFUSED_AUTH): 2,
+                       ("status", mf.RESULT_ERROR): 1}
     stage.metrics.close()
 
 

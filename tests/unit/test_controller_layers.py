@@ -11,14 +11,14 @@ import pytest
 import torch
 from test_controller import TOKEN, act, snapshot
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.data.datasets import to_uint8
-from fire_backend.evaluation import load_defender_samples
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.controller import ControlError, Controller
-from fire_backend.serving.live_plan import plan_of
-from fire_backend.serving.repository import build_repository
-from fire_backend.serving.stages import load_network
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import load_defender_samples
+from fire_backend.repository.build import build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
+from fire_backend.stub.controller import ControlError, Controller
+from fire_backend.stub.live_plan import plan_of
+from fire_backend.stub.stages import load_network
 
 LAYERS = ("block1", "block2")
 
@@ -100,7 +100,7 @@ def test_refusals_change_nothing(controller, built) -> None:
 
 
 def test_build_with_flagged_samples_ranks_and_learns_every_layer_offline(digits_checkpoint, tmp_path) -> None:
-    from fire_backend.store import DirectionStore
+    from fire_backend.stores.files import DirectionStore
 
     build_repository(digits_checkpoint("badnets"), tmp_path / "repo", flagged=20)
     store = DirectionStore(tmp_path / "repo" / ARTIFACTS_DIR / "store")

@@ -11,10 +11,10 @@ import yaml
 
 from fire_backend.cli import build_parser
 from fire_backend.models import DigitsCNN
-from fire_backend.network import Network
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
-from fire_backend.serving.repository import RepositoryOptions, write_configs
-from fire_backend.store_backends import STORE_URL_ENV, TLS_OPTIONS
+from fire_backend.models.network import Network
+from fire_backend.repository.build import RepositoryOptions, write_configs
+from fire_backend.repository.layout import ARTIFACTS_DIR, MODELS_DIR, ServingSettings
+from fire_backend.stores.backends import STORE_URL_ENV, TLS_OPTIONS
 from fire_backend.wire.names import DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_PORTS
 
 ROOT = Path(__file__).resolve().parents[2]

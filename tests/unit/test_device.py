@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import load_dataset, resolve_attack
 from fire_backend.data.reserve import defender_samples
 from fire_backend.device import resolve_device
-from fire_backend.evaluation import LayerView, batched, evaluation_set, module_device
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.evaluation import LayerView, batched, evaluation_set, module_device
+from fire_backend.offline.training import TrainConfig, train_backdoored
 
 FIRE = Path(sys.executable).with_name("fire")
 no_gpu_here = pytest.mark.skipif(torch.cuda.is_available(), reason="a real GPU is present: the double is not needed")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fire_backend.serving.front import BindError, Front, Upstream
-from fire_backend.serving.ports import free_ports
+from fire_backend.front.proxy import BindError, Front, Upstream
+from fire_backend.launcher.ports import free_ports
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}  # curl --data-binary's default
 

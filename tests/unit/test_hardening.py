@@ -14,23 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from fire_backend.models import DigitsCNN
-from fire_backend.network import Network
-from fire_backend.procfs import children, cmdline, is_running, process_state
-from fire_backend.serving import shm
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.health import HealthServer
-from fire_backend.serving.model_configs import instance_names, stub_models
-from fire_backend.serving.ports import free_port
-from fire_backend.serving.repository import RepositoryOptions, write_configs
-from fire_backend.serving.server import (
+from fire_backend.launcher import shm
+from fire_backend.launcher.health import HealthServer
+from fire_backend.launcher.model_configs import instance_names, stub_models
+from fire_backend.launcher.ports import free_port
+from fire_backend.launcher.server import (
     UNSENDABLE_HEADER,
     ServerConfig,
     TritonServer,
     TritonServerError,
     precompile_models,
 )
-from fire_backend.serving.supervisor import describe_exit
+from fire_backend.launcher.supervisor import describe_exit
+from fire_backend.models import DigitsCNN
+from fire_backend.models.network import Network
+from fire_backend.procfs import children, cmdline, is_running, process_state
+from fire_backend.repository.build import RepositoryOptions, write_configs
+from fire_backend.repository.layout import ServingSettings
 from fire_backend.wire.names import DEFAULT_PORTS, FIRE_CONTROL, FIRE_ENSEMBLE
 
 

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from fire_backend.serving.kserve import MAX_BODY_BYTES, Checked, Checker, ModelSpec, RequestError, check_infer
+from fire_backend.front.kserve import MAX_BODY_BYTES, Checked, Checker, ModelSpec, RequestError, check_infer
 
 #: fire_ensemble's config as Triton's HTTP API returns it (digits: FP32 [1, 8, 8], max batch 64)
 ENSEMBLE = {"name": "fire_ensemble", "max_batch_size": 64,

@@ -1,5 +1,6 @@
-"""The package's shape, checked: no import circles, the library never imports the CLI, the Triton stubs and the
-wire layer import only what their process needs, and each wire name is spelled once (in fire_backend.wire)."""
+"""The package's shape, checked: no import circles, the library never imports the CLI, each process's package (the
+Triton stubs, the launcher, the HTTP front, the repository builder, the stores, the wire layer) imports only what
+its process runs, no package outgrows its share, and each wire name is spelled once (in fire_backend.wire)."""
 
 from __future__ import annotations
 
@@ -100,23 +101,97 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 STUB = """
 import sys, types
 sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")  # a stub's own module
-import fire_backend.serving.triton_models
-loaded = [m for m in ("fire_backend.evaluation", "fire_backend.serving.repository", "fire_backend.cli",
-                      "fire_backend.training") if m in sys.modules]
+import {entry}
+loaded = sorted({{m for m in sys.modules for p in {forbidden!r} if m == p or m.startswith(p + ".")}})
 print("LOADED", loaded)
 """
+#: what a stub process must never load: another process's code, or the offline tools
+STUB_NEVER_LOADS = ("fire_backend.launcher", "fire_backend.front", "fire_backend.repository.build",
+                    "fire_backend.offline", "fire_backend.cli", "fire_backend.loadtest")
 
 
-def test_triton_stubs_import_neither_evaluation_nor_the_repository_builder() -> None:
-    proc = run_python(STUB)
+@pytest.mark.parametrize("entry", ["fire_backend.stub.triton_models", "fire_backend.serving.triton_models"])
+def test_a_stub_loads_only_what_runs_inside_tritonserver(entry: str) -> None:
+    """Through the entry point built repositories name (``fire_backend.serving.triton_models`` in those built before
+    the package was laid out by process: it must keep loading)."""
+    proc = run_python(STUB.format(entry=entry, forbidden=STUB_NEVER_LOADS))
     assert proc.returncode == 0, proc.stderr
     assert "LOADED []" in proc.stdout, proc.stdout
+
+
+def test_the_old_entry_point_is_the_stub_s_own() -> None:
+    proc = run_python('import sys, types\nsys.modules["triton_python_backend_utils"] = types.ModuleType("pb")\n'
+                      "from fire_backend.serving import triton_models as old\n"
+                      "from fire_backend.stub import triton_models as new\n"
+                      "names = [n for n in dir(new) if n.endswith('Model') and not n.startswith('_')]\n"
+                      "print('SAME', bool(names) and all(getattr(old, n) is getattr(new, n) for n in names))")
+    assert "SAME True" in proc.stdout, proc.stdout + proc.stderr
+
+
+# -- the package by process -----------------------------------------------------------------------
+#: package -> packages (or modules) it must never import, anywhere in its code: each process loads its own code
+#: only. The stub reads a built repository through repository.layout alone; the builder and the launcher run none
+#: of the stub's code; the stores know nothing of serving.
+NEVER_IMPORTS = {
+    "fire_backend.stub": ("fire_backend.launcher", "fire_backend.front", "fire_backend.repository.build",
+                          "fire_backend.offline", "fire_backend.cli", "fire_backend.loadtest"),
+    "fire_backend.repository": ("fire_backend.stub", "fire_backend.launcher", "fire_backend.front",
+                                "fire_backend.cli"),
+    "fire_backend.launcher": ("fire_backend.stub", "fire_backend.repository.build", "fire_backend.offline",
+                              "fire_backend.cli", "fire_backend.loadtest"),
+    "fire_backend.front": ("fire_backend.stub", "fire_backend.launcher", "fire_backend.repository",
+                           "fire_backend.stores", "fire_backend.cli"),
+    "fire_backend.stores": ("fire_backend.stub", "fire_backend.launcher", "fire_backend.front",
+                            "fire_backend.repository", "fire_backend.offline", "fire_backend.cli",
+                            "fire_backend.models"),
+}
+#: no package (with its subpackages) holds more than this share of the package's lines
+MAX_PACKAGE_SHARE = 0.15
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def rule_breaches(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} imports {target}" for name, targets in graph.items() for target in targets
+                  for package, never in NEVER_IMPORTS.items() if within(name, package)
+                  for banned in never if within(target, banned))
+
+
+def test_each_process_package_imports_only_what_its_process_runs() -> None:
+    assert rule_breaches(import_graph()) == []
+
+
+def test_the_rule_check_finds_a_stub_importing_the_launcher() -> None:
+    graph = {"fire_backend.stub.stages": {"fire_backend.launcher.server", "fire_backend.repository.layout"},
+             "fire_backend.repository.build": {"fire_backend.stub.controller"}}
+    assert rule_breaches(graph) == ["fire_backend.repository.build imports fire_backend.stub.controller",
+                                    "fire_backend.stub.stages imports fire_backend.launcher.server"]
+
+
+def package_shares() -> dict[str, float]:
+    """Each package's share of the package's lines, its subpackages included (the root: its own modules)."""
+    lines = {path: len(path.read_text().splitlines()) for path in PACKAGE.rglob("*.py")}
+    total = sum(lines.values())
+    shares = {}
+    for folder in {path.parent for path in lines}:
+        inside = folder.rglob("*.py") if folder != PACKAGE else folder.glob("*.py")
+        shares[".".join(folder.relative_to(ROOT).parts)] = sum(lines[p] for p in inside) / total
+    return shares
+
+
+def test_no_package_holds_more_than_its_share_of_the_code() -> None:
+    shares = package_shares()
+    assert len(shares) >= 10, shares
+    big = {name: f"{share:.1%}" for name, share in shares.items() if share > MAX_PACKAGE_SHARE}
+    assert big == {}
 
 
 FROZEN = """
 import gc, sys, types
 sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
-from fire_backend.serving import triton_models
+from fire_backend.stub import triton_models
 
 class Built:  # a stage double: what a stage builds at load stays referenced by the model
     def __init__(self, args, pb_utils):
@@ -159,7 +234,7 @@ TORCH_FREE = {
 @pytest.mark.parametrize("what", sorted(TORCH_FREE))
 def test_client_side_runs_without_torch(what: str) -> None:
     """The client side (nothing listens at the port: the command fails cleanly) never imports torch."""
-    from fire_backend.serving.ports import free_port
+    from fire_backend.launcher.ports import free_port
 
     code = "import sys\n" + TORCH_FREE[what].format(port=free_port()) + "\n" \
            "print('TORCH', 'torch' in sys.modules)\n"
@@ -180,7 +255,7 @@ for _module in (names, token):
 DISTINCT = [v for v in WIRE_NAMES if "_" in v and (v.islower() or v.startswith("FIRE_"))]
 SCANNED = [PACKAGE, ROOT / "benchmarks", ROOT / "clients", ROOT / "loadtest", ROOT / "scripts"]
 #: (file, text) of strings that spell a wire name for another reason
-ALLOWED = {("fire_backend/serving/server.py", "TOKEN")}  # a marker of secret variable names, redacted from logs
+ALLOWED = {("fire_backend/launcher/server.py", "TOKEN")}  # a marker of secret variable names, redacted from logs
 
 
 def string_constants(path: Path):

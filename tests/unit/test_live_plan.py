@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fire_backend.fire import Direction
-from fire_backend.serving.artifacts import ServingSettings
-from fire_backend.serving.live_plan import plan_of
-from fire_backend.store import DirectionSet, DirectionStore, LayeredSet
+from fire_backend.repository.layout import ServingSettings
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stores.format import DirectionSet, LayeredSet
+from fire_backend.stub.live_plan import plan_of
 
 SHAPES = {"block1": (2, 2), "block2": (3,)}
 

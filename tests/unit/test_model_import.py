@@ -15,18 +15,18 @@ import tiny_networks
 import torch
 from test_stages import stage_args
 
-from fire_backend.checkpoint import MODEL_FILE, load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import load_dataset, to_tensor
 from fire_backend.defaults import evaluation_indices
 from fire_backend.fire import RepairPass
-from fire_backend.layers import LayerError
+from fire_backend.models.layers import LayerError
 from fire_backend.models.user import MODULE_FILE, PROGRAM_FILE, file_sha256
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings
-from fire_backend.serving.live_plan import plan_of
-from fire_backend.serving.repository import RepositoryOptions, build_repository
-from fire_backend.serving.stages import FusedStage
-from fire_backend.store import DirectionStore
+from fire_backend.offline.checkpoint import MODEL_FILE, load_checkpoint
+from fire_backend.repository.build import RepositoryOptions, build_repository
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stub.live_plan import plan_of
+from fire_backend.stub.stages import FusedStage
 from fire_backend.wire.names import FIRE_ENSEMBLE, FIRE_MONOLITHIC, LABEL, LOGITS, UNDEFENDED_ENSEMBLE
 
 HERE = Path(__file__).resolve().parent

@@ -16,6 +16,7 @@ from fire_backend.fire import (
     significant,
     unpaired_direction,
 )
+from fire_backend.models.network import Network
 from fire_backend.multilayer import (
     CHANGE_WEIGHT,
     EstimationSettings,
@@ -27,7 +28,6 @@ from fire_backend.multilayer import (
     ranked,
     targets_of,
 )
-from fire_backend.network import Network
 
 D = 32
 
@@ -230,8 +230,8 @@ def test_restore_weighs_each_flipped_image_by_the_confidence_of_its_new_predicti
 
 
 def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_working_subset(digits_checkpoint) -> None:
-    from fire_backend.checkpoint import load_checkpoint
-    from fire_backend.evaluation import load_defender_samples
+    from fire_backend.offline.checkpoint import load_checkpoint
+    from fire_backend.offline.evaluation import load_defender_samples
 
     model, meta = load_checkpoint(digits_checkpoint("badnets"))
     samples = load_defender_samples(meta.dataset, meta.attack, meta.target, 100, 20)
@@ -250,9 +250,9 @@ def test_ranking_on_a_backdoored_digits_model_needs_no_labels_and_picks_a_workin
 def test_fire_sweep_ranks_with_the_same_code_as_the_control_endpoint(digits_checkpoint, tmp_path, capsys) -> None:
     import json
 
-    from fire_backend.checkpoint import load_checkpoint
     from fire_backend.cli import main
-    from fire_backend.evaluation import load_defender_samples
+    from fire_backend.offline.checkpoint import load_checkpoint
+    from fire_backend.offline.evaluation import load_defender_samples
 
     checkpoint = digits_checkpoint("badnets")
     assert main(["sweep", "--checkpoint", str(checkpoint), "--eval-images", "100", "--out", str(tmp_path),

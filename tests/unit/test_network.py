@@ -10,11 +10,11 @@ import pytest
 import torch
 from tiny_networks import SkipAround, TinyRes, Twice
 
-from fire_backend.layers import CutError, LayerError
 from fire_backend.models import ARCHITECTURES, VGG19BN, DigitsCNN, MobileNetV3Large, PreActResNet18, build_model
+from fire_backend.models.layers import CutError, LayerError
+from fire_backend.models.network import Network
 from fire_backend.models.spec import PART_FORMAT, ModelSpec, load_network_file, save_network_file
 from fire_backend.multilayer import default_layers
-from fire_backend.network import Network
 
 SPECS = {
     "digits_cnn": ModelSpec("digits_cnn", {"in_channels": 1, "num_classes": 10, "width": 8}, (1, 8, 8)),

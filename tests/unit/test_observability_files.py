@@ -25,7 +25,7 @@ from observability import (
     promql_metric_names,
 )
 
-from fire_backend.serving import metrics as m
+from fire_backend import metric_families as mf
 from fire_backend.wire.names import DEFAULT_METRICS_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,8 +103,8 @@ def test_every_panel_is_placed_typed_and_queries_the_placeholder_datasource() ->
 
 def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
     used = set().union(*map(promql_metric_names, dashboard_queries(load_dashboard())))
-    assert {m.FLAGGED_SAMPLES_TOTAL.name, m.SAMPLES_TOTAL.name, m.SCORE_BUCKET.name, m.APPLIED_VERSION.name,
-            m.LIVE_VERSION.name, m.APPLY_LAG_SECONDS.name, m.CONTROL_ACTIONS_TOTAL.name} <= used
+    assert {mf.FLAGGED_SAMPLES_TOTAL.name, mf.SAMPLES_TOTAL.name, mf.SCORE_BUCKET.name, mf.APPLIED_VERSION.name,
+            mf.LIVE_VERSION.name, mf.APPLY_LAG_SECONDS.name, mf.CONTROL_ACTIONS_TOTAL.name} <= used
     assert {"nv_inference_request_duration_us", "nv_inference_queue_duration_us",
             "nv_inference_compute_infer_duration_us"} <= used
     heatmaps = [p for p in panels(load_dashboard()) if p["type"] == "heatmap"]
@@ -112,7 +112,7 @@ def test_the_dashboard_shows_what_the_issue_asks_for() -> None:
 
 
 def test_every_dashboard_query_names_only_exported_metrics() -> None:
-    exported = m.exported_names() | TRITON_METRICS
+    exported = mf.exported_names() | TRITON_METRICS
     for query in dashboard_queries(load_dashboard()):
         names = promql_metric_names(query)
         assert names, f"no metric in {query!r}"
@@ -122,7 +122,7 @@ def test_every_dashboard_query_names_only_exported_metrics() -> None:
 # -- alert rules and scrape configs ------------------------------------------------------------------------------
 
 def test_alert_rules_name_only_exported_or_recorded_metrics() -> None:
-    known = m.exported_names() | TRITON_METRICS | recorded()
+    known = mf.exported_names() | TRITON_METRICS | recorded()
     for rule in alert_rules():
         names = promql_metric_names(rule["expr"])
         assert names and names <= known, f"{rule.get('alert') or rule['record']}: {sorted(names - known)}"
@@ -136,7 +136,7 @@ def test_the_two_alerts_the_operator_guide_explains() -> None:
         assert rule["labels"]["severity"] in ("page", "warning"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         assert name in guide, f"docs/operator-guide.md does not explain {name}"
-    for family in m.FAMILIES:
+    for family in mf.FAMILIES:
         assert f"`{family.name}" in guide, f"docs/operator-guide.md does not explain {family.name}"
 
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fire_backend.checkpoint import load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import resolve_attack
 from fire_backend.data.trigger_file import TRIGGER_PREFIX
 from fire_backend.models import build_model
-from fire_backend.network import Network
-from fire_backend.poisoning import (
+from fire_backend.models.network import Network
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.offline.poisoning import (
     TRIGGER_FILE,
     adversarial,
     attack_family,
@@ -24,7 +24,7 @@ from fire_backend.poisoning import (
     poisoned_rows,
     trojan_patch,
 )
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.offline.training import TrainConfig, train_backdoored
 
 
 def data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 
 from fire_backend.fire import Direction, RepairPass, RepairPlan, compile_directions, compile_plan, repair
 from fire_backend.models import DigitsCNN
-from fire_backend.network import Network
+from fire_backend.models.network import Network
 
 INPUT = (1, 8, 8)
 

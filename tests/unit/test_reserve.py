@@ -18,16 +18,16 @@ import pytest
 import torch
 from torch._subclasses import FakeTensor
 
-from fire_backend.checkpoint import META_FILE, load_checkpoint
 from fire_backend.data import load_dataset, resolve_attack, to_tensor, to_uint8
 from fire_backend.data.reserve import defender_samples, flagged_samples
 from fire_backend.data.stored import write_stored_set
 from fire_backend.defaults import RESERVE, RESERVE_SEED, evaluation_indices, reserve_indices, stratified_order
-from fire_backend.evaluation import LayerView, evaluation_set
-from fire_backend.network import PROBE_BATCH
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, STORE_DIR, ServingSettings
-from fire_backend.store import DirectionStore
-from fire_backend.training import TrainConfig, train_backdoored
+from fire_backend.models.network import PROBE_BATCH
+from fire_backend.offline.checkpoint import META_FILE, load_checkpoint
+from fire_backend.offline.evaluation import LayerView, evaluation_set
+from fire_backend.offline.training import TrainConfig, train_backdoored
+from fire_backend.repository.layout import ARTIFACTS_DIR, STORE_DIR, ServingSettings
+from fire_backend.stores.files import DirectionStore
 
 HERE = Path(__file__).resolve().parent
 FIRE = Path(sys.executable).with_name("fire")
@@ -163,7 +163,7 @@ def test_a_repository_build_reads_only_the_reserve_images_it_uses(
     """About 19,600 CIFAR-10 images went through the head (and the attack) to get a centroid of 100."""
     import fire_test_triggers
 
-    from fire_backend.serving import repository
+    from fire_backend.repository import build
 
     monkeypatch.syspath_prepend(str(HERE))
     checkpoint = with_attack(ordered_checkpoint, "fire_test_triggers:counted", tmp_path / "counted")
@@ -177,9 +177,9 @@ def test_a_repository_build_reads_only_the_reserve_images_it_uses(
         model.model.block1.register_forward_pre_hook(count)
         return model, meta
 
-    monkeypatch.setattr(repository, "load_checkpoint", counting_load)
+    monkeypatch.setattr(build, "load_checkpoint", counting_load)
     monkeypatch.setitem(fire_test_triggers.SEEN, "images", 0)
-    repository.build_repository(checkpoint, tmp_path / "repo", "block2", flagged=20)
+    build.build_repository(checkpoint, tmp_path / "repo", "block2", flagged=20)
     # the layers' one probe + 100 clean + 20 flagged images, and only those 20 through the attack
     assert seen["head"] == PROBE_BATCH + 100 + 20
     assert fire_test_triggers.SEEN["images"] == 20

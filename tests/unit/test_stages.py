@@ -21,17 +21,17 @@ import pytest
 import torch
 from observability import Exposition
 
-from fire_backend.checkpoint import load_checkpoint
+from fire_backend import metric_families as mf
 from fire_backend.fire import compile_directions, repair
-from fire_backend.instances import INSTANCES_DIR, InstanceRegistry
-from fire_backend.serving import live_plan as stages_live_plan
-from fire_backend.serving import metrics as m
-from fire_backend.serving import stages
-from fire_backend.serving.artifacts import ARTIFACTS_DIR, ServingSettings, models_dir, require_fire_repository
-from fire_backend.serving.control_stage import ControlStage
-from fire_backend.serving.repository import RepositoryOptions, build_repository, rebuild_repository, write_configs
-from fire_backend.serving.tensors import from_triton, pack, to_host, unpack
-from fire_backend.store import DirectionStore
+from fire_backend.offline.checkpoint import load_checkpoint
+from fire_backend.repository.build import RepositoryOptions, build_repository, rebuild_repository, write_configs
+from fire_backend.repository.layout import ARTIFACTS_DIR, ServingSettings, models_dir, require_fire_repository
+from fire_backend.stores.files import DirectionStore
+from fire_backend.stores.instances import INSTANCES_DIR, InstanceRegistry
+from fire_backend.stub import live_plan as stages_live_plan
+from fire_backend.stub import stages
+from fire_backend.stub.control_stage import ControlStage
+from fire_backend.stub.tensors import from_triton, pack, to_host, unpack
 from fire_backend.wire.auth import BYPASS, CONTROL, digest, sign
 from fire_backend.wire.names import (
     BYPASS_PARAMETER,
@@ -196,8 +196,8 @@ def test_each_request_gets_only_the_outputs_it_asked_for(repos, offline) -> None
     assert list(scores.outputs()) == [REPAIR_SCORE, FLAGGED]
     assert np.allclose(scores.outputs()[REPAIR_SCORE].ravel(), offline(b)[1], atol=1e-5)
     fused.metrics.flush()
-    counted = scrape().total(m.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused") - \
-        before.total(m.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused")
+    counted = scrape().total(mf.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused") - \
+        before.total(mf.SAMPLES_TOTAL.name, model=FIRE_ENSEMBLE, model_instance=instance, layout="fused")
     assert counted == 1 + 7  # every sample scored and counted, whatever its request asked for
 
 
@@ -309,22 +309,22 @@ def test_every_scoring_stage_exports_what_its_clients_saw(repos, badnets_eval, l
     stage.metrics.flush()
     page = scrape()
 
-    def delta(family: m.Family, **labels: str) -> float:
+    def delta(family: mf.Family, **labels: str) -> float:
         return page.total(family.name, **mine, **labels) - before.total(family.name, **mine, **labels)
 
     scores = np.concatenate([r.outputs()[REPAIR_SCORE].ravel() for r in served]).astype(np.float64)
     flagged = sum(int(r.outputs()[FLAGGED].sum()) for r in served)
     assert 0 < flagged < len(scores)  # the mix has both
-    assert delta(m.REQUESTS_TOTAL) == len(served) == 6
-    assert delta(m.SAMPLES_TOTAL) == len(scores)
-    assert delta(m.FLAGGED_SAMPLES_TOTAL) == flagged
-    assert delta(m.BYPASSED_REQUESTS_TOTAL) == 1
-    assert delta(m.SCORE_BUCKET, le="0.5") == int(np.sum(scores <= 0.5))
-    assert delta(m.SCORE_COUNT) == len(scores)
-    assert page.one(m.APPLIED_VERSION.name, **mine) == 1
+    assert delta(mf.REQUESTS_TOTAL) == len(served) == 6
+    assert delta(mf.SAMPLES_TOTAL) == len(scores)
+    assert delta(mf.FLAGGED_SAMPLES_TOTAL) == flagged
+    assert delta(mf.BYPASSED_REQUESTS_TOTAL) == 1
+    assert delta(mf.SCORE_BUCKET, le="0.5") == int(np.sum(scores <= 0.5))
+    assert delta(mf.SCORE_COUNT) == len(scores)
+    assert page.one(mf.APPLIED_VERSION.name, **mine) == 1
     stage.finalize()
-    # its series stay (a reloaded copy counts on in them: serving/metrics.py), at their last values
-    assert scrape().one(m.REQUESTS_TOTAL.name, model_instance=instance) == page.one(m.REQUESTS_TOTAL.name, **mine)
+    # its series stay (a reloaded copy counts on in them: stub/metrics.py), at their last values
+    assert scrape().one(mf.REQUESTS_TOTAL.name, model_instance=instance) == page.one(mf.REQUESTS_TOTAL.name, **mine)
 
 
 def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage(repos, tmp_path) -> None:
@@ -351,12 +351,12 @@ def test_an_idle_instance_applies_a_push_reports_its_lag_and_counts_store_damage
     assert not store.instances_dir.exists()  # nothing written into the store by an instance
     fused.metrics.flush()
     page = scrape()
-    assert page.one(m.APPLIED_VERSION.name, **mine) == pushed
-    assert 0 <= page.one(m.APPLY_LAG_SECONDS.name, **mine) < 5
-    damaged = page.total(m.STORE_ERRORS_TOTAL.name, kind=m.STORE_UNREADABLE_POINTER, **mine)
+    assert page.one(mf.APPLIED_VERSION.name, **mine) == pushed
+    assert 0 <= page.one(mf.APPLY_LAG_SECONDS.name, **mine) < 5
+    damaged = page.total(mf.STORE_ERRORS_TOTAL.name, kind=mf.STORE_UNREADABLE_POINTER, **mine)
     store.current_path.write_bytes(b"{torn")
     deadline = time.monotonic() + 5
-    while scrape().total(m.STORE_ERRORS_TOTAL.name, kind=m.STORE_UNREADABLE_POINTER, **mine) == damaged:
+    while scrape().total(mf.STORE_ERRORS_TOTAL.name, kind=mf.STORE_UNREADABLE_POINTER, **mine) == damaged:
         assert time.monotonic() < deadline, "the unreadable CURRENT was not counted"
         time.sleep(0.05)
     assert fused.live.plan.version == pushed  # fails closed: the history still names the pushed version
@@ -380,7 +380,7 @@ def test_a_stage_without_a_verified_version_refuses_requests_and_recovers_withou
     (refused,) = fused.execute([pb.image_request(x)])
     assert refused.error.code == pb.TritonError.UNAVAILABLE and refused.error.message().startswith(HOLDING)
     fused.metrics.flush()
-    assert scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) == 1 and scrape().one(m.STORE_DEGRADED.name, **mine) == 1
+    assert scrape().one(mf.REPAIR_UNAVAILABLE.name, **mine) == 1 and scrape().one(mf.STORE_DEGRADED.name, **mine) == 1
     away.rename(store_dir)  # the volume is mounted: the watcher notices within its interval
     deadline = time.monotonic() + 10
     while fused.live.held:
@@ -393,7 +393,7 @@ def test_a_stage_without_a_verified_version_refuses_requests_and_recovers_withou
         (served,) = fused.execute([pb.image_request(x)])
         assert served.error is None and served.outputs()[DIRECTION_VERSION].ravel().tolist() == [1, 1]
     deadline = time.monotonic() + 10
-    while scrape().one(m.STORE_DEGRADED.name, **mine) != 1 or scrape().one(m.REPAIR_UNAVAILABLE.name, **mine) != 0:
+    while scrape().one(mf.STORE_DEGRADED.name, **mine) != 1 or scrape().one(mf.REPAIR_UNAVAILABLE.name, **mine) != 0:
         assert time.monotonic() < deadline, "the instance did not say the store is degraded"
         fused.metrics.flush()
         time.sleep(0.05)
@@ -496,7 +496,7 @@ def test_a_repository_of_the_previous_release_with_a_flattened_latent_still_serv
     returns [C, 1, 1] now. A repository built then declares LATENT as [C]: its head and tail still serve it."""
     from fire_backend.models import PreActResNet18
     from fire_backend.models.spec import PART_FORMAT, ModelSpec
-    from fire_backend.serving.artifacts import FULL_FILE
+    from fire_backend.repository.layout import FULL_FILE
     from fire_backend.wire.names import LATENT
 
     torch.manual_seed(0)

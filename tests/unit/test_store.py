@@ -3,6 +3,7 @@ the follower a repair instance uses, and the estimator state a version carries."
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
@@ -13,15 +14,16 @@ import pytest
 import torch
 
 from fire_backend.fire import AugmentedEstimator, Direction, EstimatorState, RunningMean, UnpairedEstimator
-from fire_backend.store import (
+from fire_backend.stores import files as file_engine
+from fire_backend.stores.files import DirectionStore, StoreFollower
+from fire_backend.stores.format import (
     MAGIC,
     MAGIC_LAYERED,
+    SPLIT,
     DirectionSet,
-    DirectionStore,
     LayeredSet,
     LiveState,
     StoreError,
-    StoreFollower,
     validate_direction_set,
 )
 
@@ -209,7 +211,7 @@ def test_the_instance_registry_lists_running_instances_only(store: DirectionStor
 
 
 def test_damage_is_reported_by_kind_once_per_distinct_damage(tmp_path: Path) -> None:
-    from fire_backend.store_damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER
+    from fire_backend.stores.damage import CHECKSUM, TORN_LINE, UNREADABLE_POINTER
 
     met: list[str] = []
     store = DirectionStore(tmp_path / "store", met.append).ensure()
@@ -370,11 +372,31 @@ def test_several_layers_commit_as_one_version_and_round_trip(store: DirectionSto
         _ = version.directions
 
 
-def test_a_version_of_the_one_layer_format_loads_as_the_split_layer(store: DirectionStore) -> None:
-    ds = direction_set(3)
+def test_a_bare_set_is_committed_in_the_one_written_format_as_the_split_layer(store: DirectionStore) -> None:
+    ds = direction_set(2)
     store.commit(ds, "push")
     version = store.read_version(1)
-    assert version.header["magic"] == MAGIC  # one set is still written in the first format, byte for byte
+    assert version.header["magic"] == MAGIC_LAYERED and list(version.layered.at("layer4.0")) == ["layer4.0"]
+    assert torch.equal(version.directions.directions[0].beta, ds.directions[0].beta)
+
+
+class OneLayerFormat(LayeredSet):
+    """What fire-backend wrote for one set before every version was layered: the set's arrays alone."""
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, **self.sets[SPLIT].arrays())
+        return buffer.getvalue()
+
+
+def test_a_version_of_the_one_layer_format_loads_as_the_split_layer(store: DirectionStore,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = direction_set(3)
+    with monkeypatch.context() as old_writer:
+        old_writer.setattr(file_engine, "MAGIC_LAYERED", MAGIC)
+        store.commit(OneLayerFormat({SPLIT: ds}), "push")
+    version = store.read_version(1)
+    assert version.header["magic"] == MAGIC
     assert version.directions.center.tobytes() == ds.center.tobytes()
     sets = version.layered.at("layer4.0")
     assert list(sets) == ["layer4.0"] and torch.equal(sets["layer4.0"].directions[0].beta, ds.directions[0].beta)

@@ -10,11 +10,11 @@ import pytest
 
 from fire_backend.cli import main
 from fire_backend.cli.serving import check_store
-from fire_backend.etcd.local import free_port
-from fire_backend.etcd.store import EtcdStore
-from fire_backend.serving.artifacts import MODELS_DIR, STORE_DIR, ServingSettings, repository_store
-from fire_backend.store import DirectionStore
-from fire_backend.store_backends import STORE_URL_ENV, open_store
+from fire_backend.repository.layout import MODELS_DIR, STORE_DIR, ServingSettings, repository_store
+from fire_backend.stores.backends import STORE_URL_ENV, open_store
+from fire_backend.stores.etcd.local import free_port
+from fire_backend.stores.etcd.store import EtcdStore
+from fire_backend.stores.files import DirectionStore
 from fire_backend.wire.names import FIRE_ENSEMBLE
 
 

@@ -25,19 +25,9 @@ import torch
 
 from fire_backend import nofollow
 from fire_backend.fire import Direction
-from fire_backend.instances import InstanceRegistry
-from fire_backend.store import (
-    BUILD_ACTION,
-    CURRENT,
-    HISTORY,
-    DirectionSet,
-    DirectionStore,
-    InstanceFollower,
-    LayeredSet,
-    StoreError,
-    StoreFollower,
-    fits_network,
-)
+from fire_backend.stores.files import BUILD_ACTION, CURRENT, HISTORY, DirectionStore, InstanceFollower, StoreFollower
+from fire_backend.stores.format import DirectionSet, LayeredSet, StoreError, fits_network
+from fire_backend.stores.instances import InstanceRegistry
 
 DIM = 6
 
@@ -147,7 +137,7 @@ def unreadable(path: Path) -> None:
 
 READ_AS_SERVER = """
 import json, sys
-from fire_backend.store import DirectionStore
+from fire_backend.stores.files import DirectionStore
 state = DirectionStore(sys.argv[1]).resolve()
 print(json.dumps([state.version, state.verified, list(state.damage)]))
 """

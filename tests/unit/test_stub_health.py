@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from fire_backend.launcher.stub_health import StubHealthKeeper, control_block_problem, stub_args
 from fire_backend.procfs import Process
-from fire_backend.serving.stub_health import StubHealthKeeper, control_block_problem, stub_args
 
 BINARY = "/opt/tritonserver/backends/python/triton_python_backend_stub"
 HANDLE = 336

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from fire_backend.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, load_checkpoint
 from fire_backend.cli import main
 from fire_backend.data import resolve_attack
 from fire_backend.data.augment import shrink_pad, shrinkpad_defense
 from fire_backend.defaults import evaluation_indices
-from fire_backend.evaluation import accuracy_figures, detector_tpr
-from fire_backend.training import TrainConfig, default_spec, poison_training_set, train_backdoored
+from fire_backend.offline.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, load_checkpoint
+from fire_backend.offline.evaluation import accuracy_figures, detector_tpr
+from fire_backend.offline.training import TrainConfig, default_spec, poison_training_set, train_backdoored
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,3 +1,3 @@
 """Triton entry point of fire_control; the logic lives in fire_backend (see triton_models)."""
 
-from fire_backend.serving.triton_models import ControlModel as TritonPythonModel  # noqa: F401
+from fire_backend.stub.triton_models import ControlModel as TritonPythonModel  # noqa: F401

@@ -1,3 +1,3 @@
 """Triton entry point of fire_ensemble; the logic lives in fire_backend (see triton_models)."""
 
-from fire_backend.serving.triton_models import FusedModel as TritonPythonModel  # noqa: F401
+from fire_backend.stub.triton_models import FusedModel as TritonPythonModel  # noqa: F401
