@@ -173,3 +173,14 @@ def test_the_skip_message_names_the_setting(monkeypatch: pytest.MonkeyPatch, tmp
     hint = shared_hint("data/cifar10.npz", tmp_path)
     assert "FIRE_SHARED_DIR" in hint and "data/cifar10.npz" in hint and str(tmp_path) in hint
     assert "shared/" in hint and "docs/data.md" in hint and os.path.isfile(ROOT / "docs" / "data.md")
+
+
+def unfilled_placeholders(text: str) -> list[str]:
+    """Lines that are a bare upper-case token (``EVAL_OUTPUT``): output a document promised and never showed."""
+    return [line for line in text.splitlines() if re.fullmatch(r"[A-Z][A-Z0-9]*_[A-Z0-9_]+", line.strip())]
+
+
+def test_every_document_shows_its_outputs() -> None:
+    assert unfilled_placeholders("$ fire eval\nEVAL_OUTPUT\nCA 0.99\n") == ["EVAL_OUTPUT"]
+    found = {str(path.relative_to(ROOT)): unfilled_placeholders(path.read_text()) for path in DOCUMENTS}
+    assert {name: lines for name, lines in found.items() if lines} == {}
