@@ -61,6 +61,7 @@ from fire_backend.stores.format import (
     LiveState,
     StoreError,
     Version,
+    committable,
 )
 from fire_backend.stores.instances import INSTANCES_DIR, InstanceRegistry
 
@@ -573,14 +574,7 @@ class DirectionStore:
                note: dict | None = None) -> int:
         """Write a new version and make it live: every layer's set at once under one number (a bare set is the split
         layer's). Returns its number once it is durable; StoreError (nothing committed) otherwise."""
-        layered = LayeredSet.of(directions)
-        if self.fits is not None:
-            try:
-                self.fits(layered)
-            except ValueError as exc:
-                raise StoreError(f"refused: the set does not fit the served network ({exc}); nothing was committed"
-                                 ) from None
-        payload = layered.to_bytes()
+        payload = committable(directions, self.fits).to_bytes()
         with self.locked():
             tail = self._tail()
             if not tail.readable and tail.problem != f"{HISTORY} missing":

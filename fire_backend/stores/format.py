@@ -187,6 +187,19 @@ class LiveState:
 
 
 
+def committable(directions: DirectionSet | LayeredSet, fits: FitCheck | None) -> LayeredSet:
+    """What an engine commits: ``directions`` as layered, checked with ``fits`` first (StoreError, nothing
+    committed, when it does not fit)."""
+    layered = LayeredSet.of(directions)
+    if fits is not None:
+        try:
+            fits(layered)
+        except ValueError as exc:
+            raise StoreError(f"refused: the set does not fit the served network ({exc}); nothing was committed"
+                             ) from None
+    return layered
+
+
 def fits_network(layer_dims: Mapping[str, int], split_layer: str, max_norm: float, max_alpha: float,
                  max_directions: int) -> FitCheck:
     """A check that a version's sets fit the network being served: every layer one it repairs, each set of that

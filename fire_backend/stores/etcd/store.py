@@ -56,6 +56,7 @@ from fire_backend.stores.format import (
     StoreError,
     StoreUnavailable,
     Version,
+    committable,
 )
 
 LOG = logging.getLogger("fire_backend.store")
@@ -298,14 +299,7 @@ class EtcdStore:
         Inside :meth:`locked` it commits only on top of the version the block read (else Conflict); outside, on
         top of whatever is live. Retries while the engine is unreachable, up to COMMIT_DEADLINE_S.
         """
-        layered = LayeredSet.of(directions)
-        if self.fits is not None:
-            try:
-                self.fits(layered)
-            except ValueError as exc:
-                raise StoreError(f"refused: the set does not fit the served network ({exc}); nothing was committed"
-                                 ) from None
-        payload = layered.to_bytes()
+        payload = committable(directions, self.fits).to_bytes()
         sha = hashlib.sha256(payload).hexdigest()
         chunks = max(1, -(-len(payload) // CHUNK))
         commit_id = uuid.uuid4().hex
