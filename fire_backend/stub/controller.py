@@ -510,9 +510,9 @@ class Controller:
         except (OverflowError, ValueError) as exc:
             raise ControlError(f"push: center: {exc}") from None
 
-    def _validate(self, ds: DirectionSet, layer: str | None = None) -> None:
+    def _validate(self, ds: DirectionSet, layer: str) -> None:
         try:
-            validate_direction_set(ds, self.settings.layer_dims[layer or self.settings.layer],
+            validate_direction_set(ds, self.settings.layer_dims[layer],
                                    self.limits.max_direction_norm, self.limits.max_alpha, self.limits.max_directions)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
