@@ -290,25 +290,21 @@ class Controller:
                 time.sleep(random.uniform(0.0, min(CONFLICT_BACKOFF_S, 0.005 * 2 ** attempt)))
 
     # -- the live version -----------------------------------------------------------------------
-    def _verified(self, intact: bool) -> tuple[int, LayeredSet | None]:
-        """The newest verified committed version's number and sets (None for version 0 or none verifying), read
-        once; ``intact``: refuse when the committed version itself is damaged."""
+    def _layered(self, verified: int | None) -> LayeredSet | None:
+        """Every layer's set of the verified version (None for version 0 or none verifying)."""
+        return self.store.read_version(verified).layered if verified else None
+
+    def _live_layers(self, intact: bool = True) -> LayeredSet:
+        """The newest verified committed version over every configured layer, what every writer starts from: a layer
+        it lacks (version 0, or a version without that layer) has its clean centroid and no direction. ``intact``:
+        refuse when the committed version itself is damaged."""
         state = self.store.resolve()
         if state.version is None:
             raise ControlError(f"the store is damaged ({'; '.join(state.damage)}); nothing was changed")
         if intact and state.verified != state.version:
             raise ControlError(f"the live version {state.version} is damaged ({'; '.join(state.damage)}); roll back "
                                "to a verified version or push a direction set first")
-        return state.verified or 0, self._layered(state.verified)
-
-    def _layered(self, verified: int | None) -> LayeredSet | None:
-        """Every layer's set of the verified version (None for version 0 or none verifying)."""
-        return self.store.read_version(verified).layered if verified else None
-
-    def _live_layers(self, intact: bool = True) -> LayeredSet:
-        """The live version over every configured layer, what every writer starts from: a layer it lacks (version 0,
-        or a version without that layer) has its clean centroid and no direction."""
-        _, live = self._verified(intact)
+        live = self._layered(state.verified)
         sets = live.at(self.settings.layer) if live else {}
         sets.update(self._clean_sets([layer for layer in self.settings.repair_layers if layer not in sets]))
         return LayeredSet({layer: sets[layer] for layer in self.settings.repair_layers},
